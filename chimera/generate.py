@@ -1,0 +1,192 @@
+"""The decoding loop: draft a tree, verify it in one base forward, accept, compact, repeat.
+
+With no drafter the tree is just its root and the loop is plain autoregressive decoding through the same
+code, which makes it the fair baseline for speed ("our own autoregressive loop").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from . import base, cache as kv
+from .errors import ChimeraError
+from .models import context_limit
+from .text import StopCondition, encode_prompt, eos_token_ids
+from .tree import DEFAULT_TOPOLOGY, TreeBuffers, TreeTopology, get_topology
+from .verify import greedy_accept
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    steps: int  # base forwards, the prefill included
+    seconds: float
+    accepted: list[int] = field(default_factory=list)  # tokens emitted by each base forward
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_other: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tau(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": self.new_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "steps": self.steps,
+            "tau": round(self.tau, 4),
+            "seconds": round(self.seconds, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "time_split": {
+                "prefill": round(self.time_prefill, 4),
+                "draft": round(self.time_draft, 4),
+                "verify": round(self.time_verify, 4),
+                "other": round(self.time_other, 4),
+            },
+        }
+
+
+class GenerationStream:
+    """Iterate to receive text as it is produced; ``result`` is set once the iteration ends."""
+
+    def __init__(self, chunks: Iterator[str]):
+        self._chunks = chunks
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        self.result = yield from self._chunks
+
+
+class SpeculativeDecoder:
+    """Lossless decoding of one base model, accelerated by an optional drafter.
+
+    >>> model, tokenizer = chimera.load_base("smollm2-135m-instruct")
+    >>> decoder = SpeculativeDecoder(model, tokenizer, drafter)
+    >>> decoder.generate("Hi!", max_new_tokens=64).text
+    """
+
+    def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = DEFAULT_TOPOLOGY,
+                 sync_timing: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.device = next(model.parameters()).device
+        topology = get_topology(tree) if isinstance(tree, str) else tree
+        self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)
+        self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.limit = context_limit(model)
+        self.sync_timing = sync_timing and self.device.type == "cuda"
+
+    def _clock(self) -> float:
+        if self.sync_timing:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def prepare(self, prompt=None, input_ids=None, raw: bool = False) -> list[int]:
+        if input_ids is not None:
+            ids = input_ids.reshape(-1).tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+            if not ids:
+                raise ChimeraError("empty prompt")
+        elif prompt is None:
+            raise ChimeraError("give a prompt, chat messages or input_ids")
+        else:
+            ids = encode_prompt(self.tokenizer, prompt, raw=raw)
+        if len(ids) >= self.limit:
+            raise ChimeraError(f"the prompt is {len(ids)} tokens but the model's context is {self.limit} tokens")
+        return ids
+
+    def stream(self, prompt=None, *, input_ids=None, max_new_tokens: int = 256, stop=(), raw: bool = False
+               ) -> GenerationStream:
+        ids = self.prepare(prompt, input_ids, raw)
+        return GenerationStream(self._decode(ids, max_new_tokens, stop))
+
+    def generate(self, prompt=None, *, input_ids=None, max_new_tokens: int = 256, stop=(), raw: bool = False
+                 ) -> GenerationResult:
+        stream = self.stream(prompt, input_ids=input_ids, max_new_tokens=max_new_tokens, stop=stop, raw=raw)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop) -> Iterator[str]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ChimeraError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stop = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
+        budget = min(max_new_tokens, self.limit - len(prompt_ids))
+        stopper = StopCondition(self.tokenizer, self.eos_ids, budget, stop)
+        t0 = self._clock()
+        cache = kv.new_cache()
+        prompt = torch.tensor(prompt_ids, device=self.device)
+        out = base.forward(self.model, cache, prompt)
+        root = out.logits[-1].argmax(-1, keepdim=True)
+        state = self.drafter.start(prompt, out.hidden) if self.drafter is not None else None
+        del out
+        t1 = self._clock()
+        result = GenerationResult("", stopper.tokens, len(prompt_ids), "", steps=1, seconds=0.0, accepted=[1])
+        result.time_prefill = t1 - t0
+        root_token = int(root)
+        while True:
+            delta = stopper.push(root_token)
+            if delta:
+                yield delta
+            if stopper.done:
+                break
+            prefix = cache.get_seq_length()
+            tree = self.tree if prefix + self.tree.topology.max_depth < self.limit else self.root_only
+            ta = self._clock()
+            if tree.topology.size == 1:
+                tokens = root
+                out = base.forward(self.model, cache, tokens)
+            else:
+                tokens = self.drafter.propose(state, root, tree)
+                tb = self._clock()
+                result.time_draft += tb - ta
+                ta = tb
+                out = base.forward_tree(self.model, cache, tokens, tree.depths, tree.ancestors)
+            tb = self._clock()
+            result.time_verify += tb - ta
+            path, next_token = greedy_accept(tokens, out.logits, tree)
+            emitted = 0
+            for token in tokens[path[1:]].tolist():
+                delta = stopper.push(token)
+                emitted += 1
+                if delta:
+                    yield delta
+                if stopper.done:
+                    break
+            result.steps += 1
+            result.accepted.append(emitted if stopper.done else emitted + 1)  # + the next root, pushed next
+            if stopper.done:
+                result.time_other += self._clock() - tb
+                break
+            if tree.topology.size > 1:
+                kv.keep_path(cache, prefix, path)
+            if state is not None:
+                self.drafter.advance(state, tokens[path], out.hidden[path])
+            root = next_token.reshape(1)
+            root_token = int(next_token)
+            result.time_other += self._clock() - tb
+        result.seconds = self._clock() - t0
+        result.finish_reason = stopper.finish_reason
+        result.text = stopper.text
+        return result

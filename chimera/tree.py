@@ -1,0 +1,180 @@
+"""Draft-tree topologies as data, and the masks and positions that let one forward pass score a whole tree.
+
+A topology lists its nodes in breadth-first order. Node 0 is the root (the base model's own next token);
+node i > 0 is the ``ranks[i]``-th best candidate that the drafter proposes after ``parents[i]``. Because
+every level is contiguous, drafting a level is one batched drafter call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeTopology:
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.parents) != len(self.ranks) or not self.parents or self.parents[0] != -1:
+            raise ValueError("a topology needs a root (parent -1) and one rank per node")
+        seen = set()
+        for i, (p, r) in enumerate(zip(self.parents[1:], self.ranks[1:]), start=1):
+            if not 0 <= p < i:
+                raise ValueError(f"node {i} has parent {p}: parents must come earlier (breadth-first order)")
+            if self.depths[p] + 1 < self.depths[i - 1]:
+                raise ValueError("nodes must be in breadth-first order")
+            if (p, r) in seen or r < 0:
+                raise ValueError(f"node {i} repeats rank {r} under parent {p}")
+            seen.add((p, r))
+
+    @classmethod
+    def from_paths(cls, paths) -> "TreeTopology":
+        """Build from rank paths (Medusa-style 'choices'): (0,) is the drafter's top candidate after the root,
+        (0, 1) the second candidate after that one. Every prefix of a path must be a path too."""
+        paths = sorted({tuple(p) for p in paths if len(p) > 0}, key=lambda p: (len(p), p))
+        index = {(): 0}
+        parents, ranks = [-1], [0]
+        for path in paths:
+            if path[:-1] not in index:
+                raise ValueError(f"path {path} lacks its prefix {path[:-1]}")
+            index[path] = len(parents)
+            parents.append(index[path[:-1]])
+            ranks.append(path[-1])
+        return cls(tuple(parents), tuple(ranks))
+
+    @classmethod
+    def chain(cls, depth: int) -> "TreeTopology":
+        return cls.from_paths([(0,) * k for k in range(1, depth + 1)])
+
+    @classmethod
+    def full(cls, widths) -> "TreeTopology":
+        """Every node at level k has widths[k] children (the top-w candidates)."""
+        paths, level = [], [()]
+        for width in widths:
+            level = [p + (r,) for p in level for r in range(width)]
+            paths += level
+        return cls.from_paths(paths)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    @cached_property
+    def depths(self) -> tuple[int, ...]:
+        depths = [0]
+        for p in self.parents[1:]:
+            depths.append(depths[p] + 1)
+        return tuple(depths)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    @cached_property
+    def levels(self) -> tuple[range, ...]:
+        """Node index range of each depth 0..max_depth."""
+        bounds, out = self.depths, []
+        for d in range(self.max_depth + 1):
+            idx = [i for i, x in enumerate(bounds) if x == d]
+            out.append(range(idx[0], idx[-1] + 1))
+        return tuple(out)
+
+    def ancestor_matrix(self) -> torch.Tensor:
+        """A[i, j] is True when node j is node i or one of its ancestors."""
+        n = self.size
+        anc = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                anc[i, j] = True
+                j = self.parents[j]
+        return anc
+
+    def describe(self) -> str:
+        widths = [len(r) for r in self.levels]
+        return f"{self.size} nodes, depth {self.max_depth}, level widths {widths}"
+
+
+@dataclass
+class TreeBuffers:
+    """Device tensors for one topology, built once and reused every step."""
+
+    topology: TreeTopology
+    depths: torch.Tensor  # (n,) long
+    parents: torch.Tensor  # (n,) long, root points at itself
+    ancestors: torch.Tensor  # (n, n) bool
+    max_children: int
+
+    @classmethod
+    def build(cls, topology: TreeTopology, device) -> "TreeBuffers":
+        parents = torch.tensor([max(p, 0) for p in topology.parents], device=device)
+        max_children = max(topology.ranks) + 1 if topology.size > 1 else 1
+        return cls(
+            topology=topology,
+            depths=torch.tensor(topology.depths, device=device),
+            parents=parents,
+            ancestors=topology.ancestor_matrix().to(device),
+            max_children=max_children,
+        )
+
+    def level_children(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the nodes of depth ``level``: the index of each one's parent within the previous level,
+        and its rank among that parent's candidates."""
+        topo = self.topology
+        prev = topo.levels[level - 1]
+        nodes = topo.levels[level]
+        slots = torch.tensor([topo.parents[i] - prev.start for i in nodes], device=self.depths.device)
+        ranks = torch.tensor([topo.ranks[i] for i in nodes], device=self.depths.device)
+        return slots, ranks
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (q, k) → additive float (1, 1, q, k) mask: 0 where allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def tree_attention_mask(prefix_len: int, ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Tree nodes see the whole verified prefix and their own ancestors (and themselves)."""
+    n = ancestors.shape[0]
+    allowed = torch.cat(
+        [torch.ones(n, prefix_len, dtype=torch.bool, device=ancestors.device), ancestors], dim=1
+    )
+    return additive_mask(allowed, dtype)
+
+
+# Default shapes, from small to large. "default" was chosen by measurement (see docs/benchmarks.md).
+TOPOLOGIES = {
+    "chain4": TreeTopology.chain(4),
+    "small": TreeTopology.from_paths(
+        [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0), (0, 0, 0, 0, 0)]
+    ),
+    "medium": TreeTopology.from_paths(
+        [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
+         (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 2),
+         (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0),
+         (0, 0, 0, 0, 0), (0, 0, 0, 0, 1), (0, 0, 0, 0, 0, 0)]
+    ),
+    "large": TreeTopology.from_paths(
+        [(0,), (1,), (2,), (3,), (4,),
+           (0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (3, 0),
+           (0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (2, 0, 0),
+           (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0), (0, 0, 0, 2),
+           (0, 0, 0, 0, 0), (0, 0, 0, 0, 1), (0, 0, 0, 1, 0), (0, 0, 1, 0, 0),
+           (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 0, 0, 0, 0)]
+    ),
+}
+DEFAULT_TOPOLOGY = "medium"
+
+
+def get_topology(name: str) -> TreeTopology:
+    from .errors import ChimeraError
+
+    if name not in TOPOLOGIES:
+        raise ChimeraError(f"unknown tree {name!r}: choose one of {', '.join(TOPOLOGIES)}")
+    return TOPOLOGIES[name]

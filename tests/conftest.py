@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models of several families (built here, no downloads) and the real default."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "qwen2", "mistral", "gemma")
+
+
+def tiny_config(family: str, vocab_size: int = 128, attn: str = "sdpa", **overrides):
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common.update(overrides)
+    if family == "llama":
+        config = LlamaConfig(**common)
+    elif family == "qwen2":
+        config = Qwen2Config(**common, use_sliding_window=False)
+    elif family == "mistral":
+        config = MistralConfig(**common, sliding_window=256)
+    elif family == "gemma":
+        config = GemmaConfig(**common, head_dim=16)
+    else:
+        raise ValueError(family)
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_model(family: str, seed: int = 0, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real embedded default model in float32 (converted once into the user cache)."""
+    from chimera import load_base
+
+    return load_base("smollm2-135m-instruct", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model):
+    """A tiny random Llama that uses the default model's tokenizer and chat template, saved as an HF dir."""
+    _, tokenizer = default_model
+    model = tiny_model("llama", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

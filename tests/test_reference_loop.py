@@ -1,0 +1,92 @@
+"""Our autoregressive loop equals transformers' greedy generate, and stops where it should."""
+
+import pytest
+import torch
+
+from chimera import SpeculativeDecoder
+from chimera.text import StopCondition
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain recursion to a child.",
+    "List three uses of a paperclip.",
+    "Translate 'good morning' into Spanish and German.",
+]
+
+
+def hf_greedy(model, ids, max_new_tokens):
+    ids = torch.tensor([ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_reference_loop_equals_generate_on_default_model(default_model):
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer)
+    for prompt in PROMPTS:
+        result = decoder.generate(prompt, max_new_tokens=64)
+        assert result.token_ids == hf_greedy(model, decoder.prepare(prompt), 64), prompt
+        assert result.steps == result.new_tokens  # one base forward per token
+        assert sum(result.accepted) == result.new_tokens
+
+
+def test_streamed_text_equals_final_text(default_model):
+    model, tokenizer = default_model
+    stream = SpeculativeDecoder(model, tokenizer).stream(PROMPTS[1], max_new_tokens=40)
+    chunks = list(stream)
+    assert "".join(chunks) == stream.result.text
+    assert stream.result.text == tokenizer.decode(stream.result.token_ids, skip_special_tokens=True)
+
+
+def test_stop_string_cuts_text_and_tokens(default_model):
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer)
+    full = decoder.generate(PROMPTS[0], max_new_tokens=30)
+    assert "Paris" in full.text
+    stopped = decoder.generate(PROMPTS[0], max_new_tokens=30, stop=["Paris"])
+    assert stopped.finish_reason == "stop"
+    assert "Paris" not in stopped.text and full.text.startswith(stopped.text)
+    assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)]
+    assert len(stopped.token_ids) < len(full.token_ids)
+
+
+def test_max_new_tokens_and_eos(default_model):
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer)
+    short = decoder.generate(PROMPTS[2], max_new_tokens=5)
+    assert short.new_tokens == 5 and short.finish_reason == "length"
+    done = decoder.generate(PROMPTS[0], max_new_tokens=64)
+    assert done.finish_reason == "stop" and done.token_ids[-1] in decoder.eos_ids
+
+
+class _CharTokenizer:
+    """Token i decodes to chr(ord('a') + i): enough to test the stop logic token by token."""
+
+    def decode(self, ids, **_):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+@pytest.mark.parametrize("stop,expected_text,expected_tokens", [
+    (("cd",), "ab", 4),          # stop spans two tokens: text cut before it, generation ends at its last token
+    (("x",), "abcdef", 6),       # never found: budget ends it
+    (("bcz", "d"), "abc", 4),    # a held-back prefix that does not complete is released
+])
+def test_stop_condition_holds_back_possible_stop_prefixes(stop, expected_text, expected_tokens):
+    cond = StopCondition(_CharTokenizer(), eos_ids={25}, max_new_tokens=6, stop_strings=stop)
+    released = ""
+    for token in range(6):
+        released += cond.push(token)
+        if cond.done:
+            break
+    assert released == cond.text == expected_text
+    assert len(cond.tokens) == expected_tokens
+
+
+def test_eos_inside_budget_stops():
+    cond = StopCondition(_CharTokenizer(), eos_ids={2}, max_new_tokens=10)
+    for token in [0, 1, 2, 3]:
+        cond.push(token)
+        if cond.done:
+            break
+    assert cond.tokens == [0, 1, 2] and cond.finish_reason == "stop"

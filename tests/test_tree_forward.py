@@ -1,0 +1,98 @@
+"""The tree forward scores every node exactly as sequential decoding of its path would, on four families."""
+
+import random
+
+import pytest
+import torch
+
+from chimera import base, cache as kv
+from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
+from conftest import FAMILIES, tiny_model
+
+
+def random_topology(rng: random.Random, size: int, max_depth: int, max_width: int) -> TreeTopology:
+    paths = [()]
+    children = {(): 0}
+    while len(paths) < size:
+        parent = rng.choice([p for p in paths if len(p) < max_depth and children[p] < max_width])
+        child = parent + (children[parent],)
+        children[parent] += 1
+        children[child] = 0
+        paths.append(child)
+    return TreeTopology.from_paths(paths[1:])
+
+
+def sequential_logits(model, prefix, path_tokens):
+    cache = kv.new_cache()
+    out = base.forward(model, cache, prefix)
+    for token in path_tokens:
+        out = base.forward(model, cache, token.reshape(1))
+    return out
+
+
+SHAPES = [(6, 5, 1), (12, 3, 4), (20, 6, 3), (30, 4, 5)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tree_logits_equal_sequential(family, attn):
+    model = tiny_model(family, attn=attn)
+    rng = random.Random(hash((family, attn)) % 1000)
+    for size, depth, width in SHAPES:
+        topology = random_topology(rng, size, depth, width)
+        tree = TreeBuffers.build(topology, "cpu")
+        prefix = torch.randint(3, 128, (rng.randint(1, 20),))
+        tokens = torch.randint(3, 128, (topology.size,))
+        cache = kv.new_cache()
+        base.forward(model, cache, prefix)
+        out = base.forward_tree(model, cache, tokens, tree.depths, tree.ancestors)
+        assert cache.get_seq_length() == prefix.numel() + topology.size
+        for node in range(topology.size):
+            path = tree.ancestors[node].nonzero().squeeze(-1)
+            ref = sequential_logits(model, prefix, tokens[path])
+            torch.testing.assert_close(out.logits[node], ref.logits[-1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.hidden[node], ref.hidden[-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compaction_then_next_forward_equals_fresh_forward(family):
+    model = tiny_model(family)
+    rng = random.Random(7)
+    for size, depth, width in SHAPES:
+        topology = random_topology(rng, size, depth, width)
+        tree = TreeBuffers.build(topology, "cpu")
+        prefix = torch.randint(3, 128, (rng.randint(2, 15),))
+        tokens = torch.randint(3, 128, (topology.size,))
+        cache = kv.new_cache()
+        base.forward(model, cache, prefix)
+        base.forward_tree(model, cache, tokens, tree.depths, tree.ancestors)
+        node = rng.randrange(topology.size)
+        path = tree.ancestors[node].nonzero().squeeze(-1)
+        kv.keep_path(cache, prefix.numel(), path)
+        assert cache.get_seq_length() == prefix.numel() + path.numel()
+        nxt = torch.randint(3, 128, (3,))
+        after = base.forward(model, cache, nxt)
+        fresh = base.forward(model, kv.new_cache(), torch.cat([prefix, tokens[path], nxt]))
+        torch.testing.assert_close(after.logits, fresh.logits[-3:], atol=1e-5, rtol=0)
+
+
+def test_topology_from_paths_is_breadth_first_and_validated():
+    topo = TreeTopology.from_paths([(0, 0), (0,), (1,), (0, 1), (0, 0, 0)])
+    assert topo.parents == (-1, 0, 0, 1, 1, 3)
+    assert topo.ranks == (0, 0, 1, 0, 1, 0)
+    assert topo.depths == (0, 1, 1, 2, 2, 3)
+    assert [list(r) for r in topo.levels] == [[0], [1, 2], [3, 4], [5]]
+    with pytest.raises(ValueError):
+        TreeTopology.from_paths([(0, 0)])  # missing prefix
+    with pytest.raises(ValueError):
+        TreeTopology((-1, 0, 0), (0, 1, 1))  # repeated rank
+
+
+def test_tree_mask_allows_prefix_and_ancestors_only():
+    topo = TreeTopology.from_paths([(0,), (1,), (0, 0)])
+    mask = tree_attention_mask(3, topo.ancestor_matrix(), torch.float32)[0, 0]
+    allowed = mask == 0
+    assert allowed[:, :3].all()
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(allowed[:, 3:], expected)
+    assert (mask[~allowed] == torch.finfo(torch.float32).min).all()
