@@ -34,7 +34,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
 
 
+def add_drafter_args(parser: argparse.ArgumentParser) -> None:
+    from .tree import DEFAULT_TOPOLOGY, TOPOLOGIES
+
+    parser.add_argument("--drafter", default="auto",
+                        help="drafter directory, 'auto' (the shipped drafter for the model, if any), "
+                             "'none' (plain decoding) or 'random' (untrained, for testing)")
+    parser.add_argument("--tree", default=DEFAULT_TOPOLOGY, choices=list(TOPOLOGIES),
+                        help=f"draft tree shape (default: {DEFAULT_TOPOLOGY})")
+
+
 def cmd_generate(args) -> int:
+    from .drafters import resolve_drafter
     from .generate import SpeculativeDecoder
     from .models import load_base, resolve_device, resolve_dtype
 
@@ -43,7 +54,8 @@ def cmd_generate(args) -> int:
     resolve_dtype(args.dtype)
     resolve_device(args.device)
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
-    decoder = SpeculativeDecoder(model, tokenizer)
+    drafter = resolve_drafter(args.drafter, model)
+    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree)
     stream = decoder.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, raw=args.raw)
     if args.json:
         for _ in stream:
@@ -67,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt, streaming it")
     gen.add_argument("prompt")
     add_model_args(gen)
+    add_drafter_args(gen)
     gen.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")

@@ -90,6 +90,8 @@ class SpeculativeDecoder:
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
+        if drafter is not None and hasattr(drafter, "prepare_inference"):
+            drafter.prepare_inference()  # one-time precomputation, kept out of every request's time
         self.device = next(model.parameters()).device
         topology = get_topology(tree) if isinstance(tree, str) else tree
         self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)

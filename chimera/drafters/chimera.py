@@ -1,0 +1,503 @@
+"""The Chimera drafter: trigram encoder, one full-context layer over the base's hidden states, residual heads.
+
+Notation (DESIGN.md): ``h_t`` is the base's final-norm hidden state after token ``x_t``; ``E`` its frozen
+embeddings, ``W`` its frozen ``lm_head``.
+
+- Trigram encoder: ``g_t = W2 act(W1 [E x_{t-2}; E x_{t-1}; E x_t] + b1)``. ``W1`` splits into three
+  blocks, so at inference ``W1 [..]`` is three rows looked up in precomputed ``E W1_i^T`` tables.
+- Full-context layer: one pre-norm decoder layer. A verified position ``t`` enters it as
+  ``fuse([h_t; g_t])``, a draft position as ``g_t`` alone (its ``h`` is unknown). Draft positions attend to
+  the verified prefix and to their own tree ancestors; the output ``u_t`` estimates ``h_t``.
+- Residual heads: head k scores the token after a depth-(k-1) node as ``lm_head(norm(u + R_k([h_n; u])))``
+  with ``h_n`` the last verified hidden state and ``R_k``'s last layer zero-initialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ChimeraError
+from ..tree import TreeBuffers
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def embedding_fingerprint(model) -> str:
+    """A short hash of the base's embedding matrix: a drafter is only valid for the base it was trained on."""
+    weight = model.get_input_embeddings().weight.detach()
+    rows = weight[:: max(1, weight.shape[0] // 64)].float().cpu()
+    h = hashlib.sha256(str(tuple(weight.shape)).encode())
+    h.update(rows.round(decimals=4).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ChimeraConfig:
+    hidden_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    num_draft_heads: int = 6
+    untied_heads: bool = False
+    base: dict = field(default_factory=dict)  # name, model_type, hidden_size, vocab_size, embedding_fingerprint
+
+    @classmethod
+    def from_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False) -> "ChimeraConfig":
+        cfg = model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        return cls(
+            hidden_size=cfg.hidden_size,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            intermediate_size=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+            rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6) or 1e-6),
+            rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)) or 10000.0),
+            num_draft_heads=num_draft_heads,
+            untied_heads=untied_heads,
+            base=base_identity(model),
+        )
+
+
+def base_identity(model) -> dict:
+    cfg = model.config.get_text_config()
+    return {
+        "name": getattr(model.config, "chimera_source", None) or getattr(model.config, "_name_or_path", ""),
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": model.get_output_embeddings().weight.shape[0],
+        "embedding_fingerprint": embedding_fingerprint(model),
+    }
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, half-split convention. x (..., seq, head_dim), positions broadcastable to (..., seq)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class FullContextLayer(nn.Module):
+    """A pre-norm decoder layer whose keys/values can come from elsewhere (the verified prefix)."""
+
+    def __init__(self, c: ChimeraConfig):
+        super().__init__()
+        self.c = c
+        d, hd = c.hidden_size, c.head_dim
+        self.input_norm = RMSNorm(d, c.rms_norm_eps)
+        self.q_proj = nn.Linear(d, c.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, c.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, c.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
+        self.post_norm = RMSNorm(d, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, d, bias=False)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
+        """x (..., s, d) → keys, values (..., kv_heads, s, head_dim), keys rotated to their positions."""
+        c = self.c
+        h = self.input_norm(x)
+        k = self.k_proj(h).unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(-3, -2)
+        v = self.v_proj(h).unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(-3, -2)
+        return rope(k, positions[..., None, :], c.rope_theta), v
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor):
+        """x (..., s, d) → (..., kv_heads, group, s, head_dim), grouped for GQA."""
+        c = self.c
+        q = self.q_proj(self.input_norm(x)).unflatten(-1, (c.num_heads, c.head_dim)).transpose(-3, -2)
+        q = rope(q, positions[..., None, :], c.rope_theta)
+        return q.unflatten(-3, (c.num_kv_heads, c.num_heads // c.num_kv_heads))
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """attn (..., kv_heads, group, s, head_dim) → layer output (..., s, d): residuals and the MLP."""
+        attn = attn.flatten(-4, -3).transpose(-3, -2).flatten(-2)
+        x = x + self.o_proj(attn)
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class ResidualHead(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * d, d)
+        self.fc2 = nn.Linear(d, d)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, h_last, u):
+        return u + self.fc2(F.silu(self.fc1(torch.cat([h_last.expand_as(u), u], dim=-1))))
+
+
+@dataclass
+class DraftState:
+    """Per-sequence drafting state: the layer's KV over the verified prefix, the last two verified tokens
+    (for the root's trigram) and the last verified hidden state (for the residual heads)."""
+
+    keys: torch.Tensor  # (kv_heads, capacity, head_dim)
+    values: torch.Tensor
+    length: int
+    history: torch.Tensor  # (2,) last two verified tokens, pad id where the sequence is shorter
+    last_hidden: torch.Tensor  # (d,)
+
+
+class ChimeraDrafter(nn.Module):
+    def __init__(self, config: ChimeraConfig, embeddings: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        c = self.config = config
+        d = c.hidden_size
+        # frozen base pieces, shared by reference and never saved with the drafter
+        self._frozen = {"embed": embeddings, "lm_head": lm_head}
+        self.trigram_in = nn.Linear(3 * d, d)
+        self.trigram_out = nn.Linear(d, d)
+        self.fuse = nn.Linear(2 * d, d)
+        self.layer = FullContextLayer(c)
+        self.heads = nn.ModuleList(ResidualHead(d) for _ in range(c.num_draft_heads))
+        self.head_norm = RMSNorm(d, c.rms_norm_eps)
+        self.head_lm = None
+        if c.untied_heads:
+            self.head_lm = nn.ModuleList(nn.Linear(d, c.vocab_size, bias=False) for _ in range(c.num_draft_heads))
+            for head in self.head_lm:
+                head.weight.data.copy_(lm_head.weight.data)
+        self._tables = None
+        self._tables_version = None
+
+    @classmethod
+    def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0):
+        """A fresh drafter sized from the base model's config (random weights)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        config = ChimeraConfig.from_base(model, num_draft_heads, untied_heads)
+        drafter = cls(config, model.get_input_embeddings(), model.get_output_embeddings())
+        weight = model.get_input_embeddings().weight
+        return drafter.to(device=weight.device, dtype=weight.dtype)
+
+    def forward(self, tokens, hidden, depth, roots=None):
+        """Training entry point (what DDP wraps): the unrolled chains."""
+        return self.unrolled_forward(tokens, hidden, depth, roots)
+
+    @torch.no_grad()
+    def calibrate_head_norm(self, hidden: torch.Tensor) -> None:
+        """Start the head norm at the scale of the base's hidden states, so that with zero-initialised
+        residual heads a perfect estimate u = h scores tokens as the base does, at the base's temperature."""
+        rms = hidden.float().pow(2).mean(-1).sqrt().mean()
+        self.head_norm.weight.fill_(float(rms))
+
+    # ----- pieces shared by training and inference -------------------------------------------------------
+
+    @property
+    def pad_id(self) -> int:
+        return self.config.vocab_size  # an extra all-zero embedding row for positions before the start
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = self._frozen["embed"].weight
+        padded = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
+        return F.embedding(tokens, padded)
+
+    def trigram(self, t0, t1, t2) -> torch.Tensor:
+        """g for token triples (x_{t-2}, x_{t-1}, x_t), by direct computation (training)."""
+        x = torch.cat([self.embed(t0), self.embed(t1), self.embed(t2)], dim=-1)
+        return self.trigram_out(F.silu(self.trigram_in(x)))
+
+    def trigram_tables(self) -> torch.Tensor:
+        """(3, vocab + 1, d): row i of table j is E x_i · W1_j^T; recomputed only when the weights change."""
+        version = self.trigram_in.weight._version
+        if self._tables is None or self._tables_version != version or self._tables.device != self.trigram_in.weight.device:
+            with torch.no_grad():
+                d = self.config.hidden_size
+                emb = self.embed(torch.arange(self.pad_id + 1, device=self.trigram_in.weight.device))
+                w = self.trigram_in.weight.view(d, 3, d)
+                self._tables = torch.stack([emb @ w[:, j].T for j in range(3)])
+            self._tables_version = version
+        return self._tables
+
+    def prepare_inference(self) -> None:
+        self.trigram_tables()
+
+    def trigram_lookup(self, t0, t1, t2) -> torch.Tensor:
+        """g for token triples through the precomputed tables: no embedding matmul at draft time."""
+        tables = self.trigram_tables()
+        pre = tables[0][t0] + tables[1][t1] + tables[2][t2] + self.trigram_in.bias
+        return self.trigram_out(F.silu(pre))
+
+    def verified_input(self, hidden, g):
+        return self.fuse(torch.cat([hidden, g], dim=-1))
+
+    def head_logits(self, k: int, h_last, u) -> torch.Tensor:
+        """Logits of head k (1-based: the token k steps after the last verified one)."""
+        z = self.head_norm(self.heads[k - 1](h_last, u))
+        lm = self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"]
+        return lm(z)
+
+    # ----- inference ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def start(self, prompt_ids: torch.Tensor, hidden: torch.Tensor) -> DraftState:
+        c = self.config
+        capacity = max(256, 2 * prompt_ids.numel())
+        keys = hidden.new_empty(c.num_kv_heads, capacity, c.head_dim)
+        values = torch.empty_like(keys)
+        pad = torch.full((2,), self.pad_id, device=prompt_ids.device, dtype=torch.long)
+        state = DraftState(keys, values, 0, pad, hidden[-1])
+        self.advance(state, prompt_ids, hidden)
+        return state
+
+    @torch.inference_mode()
+    def advance(self, state: DraftState, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+        n = tokens.numel()
+        ext = torch.cat([state.history, tokens])
+        g = self.trigram_lookup(ext[:-2], ext[1:-1], ext[2:])
+        positions = torch.arange(state.length, state.length + n, device=tokens.device)
+        k, v = self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), positions)
+        if state.length + n > state.keys.shape[1]:
+            grow = max(state.keys.shape[1], n)
+            state.keys = torch.cat([state.keys, state.keys.new_empty(state.keys.shape[0], grow, state.keys.shape[2])], 1)
+            state.values = torch.cat([state.values, torch.empty_like(state.keys[:, -grow:])], 1)
+        state.keys[:, state.length:state.length + n] = k
+        state.values[:, state.length:state.length + n] = v
+        state.length += n
+        state.history = ext[-2:]
+        state.last_hidden = hidden[-1].to(g.dtype)
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
+        topo = tree.topology
+        if topo.max_depth > self.config.num_draft_heads:
+            raise ChimeraError(f"the tree is {topo.max_depth} deep but the drafter has "
+                               f"{self.config.num_draft_heads} heads")
+        plan = _tree_plan(tree)
+        tokens = root.new_empty(topo.size)
+        tokens[0] = root[0]
+        ext = torch.cat([state.history, tokens])  # ext[i + 2] is node i
+        n = topo.size
+        draft_k = state.keys.new_empty(self.config.num_kv_heads, n, self.config.head_dim)
+        draft_v = torch.empty_like(draft_k)
+        prefix_k = state.keys[:, : state.length]
+        prefix_v = state.values[:, : state.length]
+        for level in range(topo.max_depth):
+            nodes = topo.levels[level]
+            lo, hi = nodes.start, nodes.stop
+            idx = plan.trigram_index[lo:hi]
+            ext[2:] = tokens
+            g = self.trigram_lookup(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]])
+            positions = state.length + tree.depths[lo:hi]
+            k, v = self.layer.keys_values(g, positions)
+            draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
+            q = self.layer.queries(g, positions)
+            attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi])
+            u = self.layer.finish(g, attn)
+            logits = self.head_logits(level + 1, state.last_hidden, u)
+            top = logits.topk(plan.width[level + 1], dim=-1).indices
+            slots, ranks = plan.children[level + 1]
+            tokens[topo.levels[level + 1].start: topo.levels[level + 1].stop] = top[slots, ranks]
+        return tokens
+
+    # ----- training ----------------------------------------------------------------------------------------
+
+    def unrolled_forward(self, tokens: torch.Tensor, hidden: torch.Tensor, depth: int,
+                         roots: torch.Tensor | None = None):
+        """Draft chains from many roots at once, exactly as inference drafts a chain.
+
+        tokens (B, L) and the base's hidden states (B, L, d). The chain rooted at r has verified prefix
+        x_0..x_{r-1}; at depth k it queries position r+k-1 with the trigram of its own chain (true tokens up to
+        x_r, then its own top-1 drafts), attends to the verified keys before r and to its own depth 1..k draft
+        keys, and head k predicts x_{r+k}. ``roots`` (B, m) picks the chains (default: every position), which
+        keeps the vocabulary projection, the dominant cost, proportional to m. Returns per-depth lists of
+        logits (B, m, V) and u (B, m, d).
+        """
+        B, L = tokens.shape
+        if roots is None:
+            roots = torch.arange(L, device=tokens.device).expand(B, L)
+        pad = torch.full((B, 2), self.pad_id, dtype=tokens.dtype, device=tokens.device)
+        ext = torch.cat([pad, tokens], 1)  # ext[:, t + 2] is x_t
+        g_all = self.trigram(ext[:, :-2], ext[:, 1:-1], ext[:, 2:])
+        pos = torch.arange(L, device=tokens.device)
+        ver_k, ver_v = self.layer.keys_values(self.verified_input(hidden.to(g_all.dtype), g_all), pos)
+        gather = lambda x, idx: torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+        # h_{r-1} for chain r (a chain at r = 0 has no verified prefix; the trainer masks it)
+        h_last = gather(hidden.to(g_all.dtype), (roots - 1).clamp(min=0))
+        visible = pos[None, None, :] < roots[:, :, None]  # (B, m, L): verified key p visible iff p < r
+        prev2, prev1 = torch.gather(ext, 1, roots + 1), torch.gather(tokens, 1, roots)
+        g = gather(g_all, roots)
+        draft_k, draft_v, all_logits, all_u = [], [], [], []
+        for k in range(1, depth + 1):
+            qpos = roots + (k - 1)
+            dk, dv = self.layer.keys_values(g, qpos)
+            draft_k.append(dk)
+            draft_v.append(dv)
+            q = self.layer.queries(g, qpos)  # (B, kvh, grp, m, hd)
+            u = self.layer.finish(g, _attend_chains(q, ver_k, ver_v, visible, draft_k, draft_v))
+            logits = self.head_logits(k, h_last, u)
+            all_logits.append(logits)
+            all_u.append(u)
+            if k < depth:
+                drafted = logits.detach().argmax(-1)
+                g = self.trigram(prev2, prev1, drafted)
+                prev2, prev1 = prev1, drafted
+        return all_logits, all_u
+
+    # ----- persistence -------------------------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+
+    def save(self, directory, extra_config: dict | None = None) -> None:
+        """config.json + model.safetensors, written to a temporary directory and renamed into place."""
+        import os
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        try:
+            config = {"architecture": "chimera", **asdict(self.config), **(extra_config or {})}
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            save_file(self.trainable_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if directory.exists():
+                old = directory.with_name(directory.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class _TreePlan:
+    trigram_index: torch.Tensor  # (n, 3) indices into [history[0], history[1], node tokens...]
+    width: list[int]  # candidates needed per level (max rank + 1), level 0 unused
+    children: list  # per level >= 1: (slot of parent within previous level, rank)
+
+
+_PLANS: dict = {}
+
+
+def _tree_plan(tree: TreeBuffers) -> _TreePlan:
+    """Static indices for drafting a topology, cached per topology and device."""
+    key = (tree.topology, str(tree.depths.device))
+    if key not in _PLANS:
+        topo = tree.topology
+        ext_parent = [1] + [p + 2 for p in topo.parents[1:]]  # root's parent is history[1]
+        rows = []
+        for i in range(topo.size):
+            p = ext_parent[i]
+            gp = 0 if i == 0 else (ext_parent[p - 2] if p >= 2 else 0)
+            rows.append((gp, p, i + 2))
+        width = [1] + [max(topo.ranks[j] for j in topo.levels[lv]) + 1 for lv in range(1, topo.max_depth + 1)]
+        device = tree.depths.device
+        _PLANS[key] = _TreePlan(
+            trigram_index=torch.tensor(rows, device=device),
+            width=width,
+            children=[None] + [tree.level_children(lv) for lv in range(1, topo.max_depth + 1)],
+        )
+    return _PLANS[key]
+
+
+def _attend(q, prefix_k, prefix_v, draft_k, draft_v, draft_allowed):
+    """Tree-node queries q (kvh, grp, m, hd) over the whole verified prefix (kvh, s, hd) and the draft nodes
+    they may see (kvh, n, hd; ``draft_allowed`` (m, n)). Scores are joined, keys are never copied."""
+    scale = q.shape[-1] ** -0.5
+    s_prefix = torch.einsum("hgmd,hsd->hgms", q, prefix_k) * scale
+    s_draft = torch.einsum("hgmd,hnd->hgmn", q, draft_k) * scale
+    s_draft = s_draft.masked_fill(~draft_allowed, float("-inf"))
+    probs = torch.cat([s_prefix, s_draft], -1).float().softmax(-1).to(q.dtype)
+    s = prefix_k.shape[-2]
+    return (torch.einsum("hgms,hsd->hgmd", probs[..., :s], prefix_v)
+            + torch.einsum("hgmn,hnd->hgmd", probs[..., s:], draft_v))
+
+
+def _attend_chains(q, ver_k, ver_v, visible, draft_k, draft_v):
+    """Chain attention for training: q (B, kvh, grp, m, hd), one query per chain; verified keys (B, kvh, L, hd)
+    masked by ``visible`` (B, m, L); plus each chain's own draft keys (B, kvh, m, hd), one per depth so far."""
+    scale = q.shape[-1] ** -0.5
+    s_ver = torch.einsum("bhgmd,bhsd->bhgms", q, ver_k) * scale
+    s_ver = s_ver.masked_fill(~visible[:, None, None], float("-inf"))
+    s_own = torch.stack([torch.einsum("bhgmd,bhmd->bhgm", q, dk) for dk in draft_k], -1) * scale
+    probs = torch.cat([s_ver, s_own], -1).float().softmax(-1).to(q.dtype)
+    L = ver_k.shape[-2]
+    out = torch.einsum("bhgms,bhsd->bhgmd", probs[..., :L], ver_v)
+    own_v = torch.stack(draft_v, -2)  # (B, kvh, m, depth, hd)
+    return out + torch.einsum("bhgmk,bhmkd->bhgmd", probs[..., L:], own_v)
+
+
+def load_drafter(path, model) -> ChimeraDrafter:
+    """Load a saved drafter for ``model``; refuse one built for another base."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise ChimeraError(f"drafter path {path} does not exist")
+    if not path.is_dir():
+        raise ChimeraError(f"drafter path {path} is not a directory")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise ChimeraError(f"drafter directory {path} is missing {name}")
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+        raw.pop("architecture", None)
+        known = {f for f in ChimeraConfig.__dataclass_fields__}
+        config = ChimeraConfig(**{k: v for k, v in raw.items() if k in known})
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ChimeraError(f"drafter config {path / CONFIG_NAME} is invalid: {exc}") from None
+    expected = base_identity(model)
+    got = config.base
+    if (got.get("hidden_size"), got.get("vocab_size"), got.get("embedding_fingerprint")) != (
+            expected["hidden_size"], expected["vocab_size"], expected["embedding_fingerprint"]):
+        raise ChimeraError(
+            f"drafter {path} was built for base {got.get('name')!r} (hidden {got.get('hidden_size')}, vocab "
+            f"{got.get('vocab_size')}, embeddings {got.get('embedding_fingerprint')}) but the loaded base is "
+            f"{expected['name']!r} (hidden {expected['hidden_size']}, vocab {expected['vocab_size']}, "
+            f"embeddings {expected['embedding_fingerprint']})")
+    drafter = ChimeraDrafter(config, model.get_input_embeddings(), model.get_output_embeddings())
+    try:
+        state = load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ChimeraError(f"drafter weights {path / WEIGHTS_NAME} are unreadable: {exc}") from None
+    own = drafter.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(x for x in [
+            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+            f"wrong shapes {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:2]]}" if wrong else ""]
+            if x)
+        raise ChimeraError(f"drafter weights in {path} do not match its config: {detail}")
+    drafter.load_state_dict(state)
+    weight = model.get_input_embeddings().weight
+    return drafter.to(device=weight.device, dtype=weight.dtype).eval().requires_grad_(False)

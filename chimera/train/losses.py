@@ -1,0 +1,56 @@
+"""The drafter's training objective over unrolled draft chains (see ChimeraDrafter.unrolled_forward)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    per_depth_ce: list[float]
+    per_depth_top1: list[float]  # agreement of the head's argmax with the base's argmax
+    per_depth_count: list[int]
+    regression: float
+
+
+def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_logits=None,
+               depth_decay: float = 0.8, regression_weight: float = 0.1) -> LossOutput:
+    """Loss for the chains rooted at ``roots`` (B, m).
+
+    At depth k the chain rooted at r predicts the token after position t = r+k-1, so it is compared with the
+    base at t: its argmax ``base_targets[:, t]`` (cross-entropy) or its full distribution ``teacher_logits``
+    (KL), and ``u`` with the base hidden state ``hidden[:, t]``. Only positions with ``loss_mask`` set
+    (an assistant token follows them) and roots r >= 1 (a verified prefix exists) count.
+    """
+    B, L = base_targets.shape
+    total = logits[0].new_zeros((), dtype=torch.float32)
+    ce_log, top1_log, counts, reg_total = [], [], [], 0.0
+    for k, (lg, u) in enumerate(zip(logits, us), start=1):
+        t = roots + (k - 1)
+        inside = t < L
+        t = t.clamp(max=L - 1)
+        valid = inside & (roots >= 1) & torch.gather(loss_mask, 1, t)
+        if not valid.any():
+            ce_log.append(0.0), top1_log.append(0.0), counts.append(0)
+            continue
+        lg_v = lg[valid].float()
+        target = torch.gather(base_targets, 1, t)[valid]
+        if teacher_logits is not None:
+            teacher = teacher_logits[torch.arange(B, device=t.device)[:, None].expand_as(t)[valid], t[valid]]
+            ce = F.kl_div(lg_v.log_softmax(-1), teacher.float().log_softmax(-1), log_target=True,
+                          reduction="batchmean")
+        else:
+            ce = F.cross_entropy(lg_v, target)
+        h_t = torch.gather(hidden, 1, t.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))[valid]
+        reg = F.smooth_l1_loss(u[valid].float(), h_t.float())
+        weight = depth_decay ** (k - 1)
+        total = total + weight * (ce + regression_weight * reg)
+        ce_log.append(float(ce.detach()))
+        top1_log.append(float((lg_v.detach().argmax(-1) == target).float().mean()))
+        counts.append(int(valid.sum()))
+        reg_total += float(reg.detach())
+    return LossOutput(total, ce_log, top1_log, counts, reg_total / max(1, len(logits)))
