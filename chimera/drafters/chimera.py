@@ -366,10 +366,10 @@ class ChimeraDrafter(nn.Module):
 
     # ----- persistence -------------------------------------------------------------------------------------
 
-    def trainable_state_dict(self) -> dict:
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+    def trainable_state_dict(self, dtype: torch.dtype | None = None) -> dict:
+        return {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
 
-    def save(self, directory, extra_config: dict | None = None) -> None:
+    def save(self, directory, extra_config: dict | None = None, dtype: torch.dtype | None = None) -> None:
         """config.json + model.safetensors, written to a temporary directory and renamed into place."""
         import os
         import shutil
@@ -383,7 +383,7 @@ class ChimeraDrafter(nn.Module):
         try:
             config = {"architecture": "chimera", **asdict(self.config), **(extra_config or {})}
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            save_file(self.trainable_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(self.trainable_state_dict(dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if directory.exists():
                 old = directory.with_name(directory.name + ".old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -454,7 +454,7 @@ def _attend_chains(q, ver_k, ver_v, visible, draft_k, draft_v):
     return out + torch.einsum("bhgmk,bhmkd->bhgmd", probs[..., L:], own_v)
 
 
-def load_drafter(path, model) -> ChimeraDrafter:
+def load_drafter(path, model, dtype: torch.dtype | None = None) -> ChimeraDrafter:
     """Load a saved drafter for ``model``; refuse one built for another base."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -500,4 +500,4 @@ def load_drafter(path, model) -> ChimeraDrafter:
         raise ChimeraError(f"drafter weights in {path} do not match its config: {detail}")
     drafter.load_state_dict(state)
     weight = model.get_input_embeddings().weight
-    return drafter.to(device=weight.device, dtype=weight.dtype).eval().requires_grad_(False)
+    return drafter.to(device=weight.device, dtype=dtype or weight.dtype).eval().requires_grad_(False)

@@ -1,0 +1,315 @@
+"""Train a Chimera drafter against its frozen base on distilled data.
+
+Exact resume: the data order and the sampled chain roots are pure functions of (seed, step), and a
+checkpoint holds the drafter, the optimizer moments and the step, so a run killed and resumed follows the
+same trajectory as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..drafters.chimera import ChimeraDrafter, base_identity, load_drafter
+from ..errors import ChimeraError
+from .losses import chain_loss
+
+STATE_WEIGHTS = "optimizer.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 16
+    max_len: int = 512
+    roots_per_seq: int = 64  # chains sampled per sequence and step
+    depth: int = 6  # draft heads trained (and tree depth usable at inference)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    depth_decay: float = 0.8
+    regression_weight: float = 0.1
+    kl: bool = False  # KL to the base distribution instead of cross-entropy on its argmax
+    cache_base: bool = False  # keep each sample's base hidden states/argmax in memory (small data, CPU)
+    heldout_fraction: float = 0.02
+    eval_every: int = 250
+    eval_samples: int = 64
+    save_every: int = 500
+    seed: int = 0
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed + 12345).permutation(n)
+    held = max(1, int(round(n * fraction))) if n > 1 and fraction > 0 else 0
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def batch_indices(train_ids: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Which samples step ``step`` trains on: epoch-wise permutations, a pure function of (seed, step)."""
+    per_epoch = max(1, len(train_ids) // batch_size)
+    epoch, slot = divmod(step, per_epoch)
+    order = np.random.default_rng(seed * 1_000_003 + epoch).permutation(len(train_ids))
+    return train_ids[order[slot * batch_size: (slot + 1) * batch_size]]
+
+
+def collate(samples, ids, max_len: int, pad_id: int, device):
+    """Right-pad to the longest sample (at most max_len). loss_mask[t]: the token after t is an assistant one."""
+    seqs = [samples[i] for i in ids]
+    width = min(max_len, max(len(t) for t, _ in seqs))
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (t, m) in enumerate(seqs):
+        n = min(width, len(t))
+        tokens[row, :n] = torch.from_numpy(t[:n])
+        attention[row, :n] = 1
+        loss_mask[row, : n - 1] = torch.from_numpy(m[1:n])
+    return tokens.to(device), attention.to(device), loss_mask.to(device)
+
+
+def sample_roots(loss_mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Pick ``count`` chain roots per row, uniformly among positions whose chains have a target."""
+    B, L = loss_mask.shape
+    if count >= L:
+        return torch.arange(L, device=loss_mask.device).expand(B, L)
+    weights = loss_mask.float().cpu() + 1e-6  # rows without targets still sample (and are masked later)
+    roots = torch.multinomial(weights, count, replacement=False, generator=generator)
+    return roots.sort(-1).values.to(loss_mask.device)
+
+
+@torch.no_grad()
+def base_targets(model, tokens, attention):
+    out = model(input_ids=tokens, attention_mask=attention, output_hidden_states=True)
+    return out.hidden_states[-1], out.logits
+
+
+class BaseOutputCache:
+    """The frozen base's hidden states and argmax per sample, computed once. With right padding a sample's
+    outputs do not depend on its batch, so cached and fresh batches are identical."""
+
+    def __init__(self, model):
+        self.model = model
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, ids, tokens, attention):
+        missing = [row for row, i in enumerate(ids) if int(i) not in self.store]
+        if missing:
+            hidden, logits = base_targets(self.model, tokens[missing], attention[missing])
+            for j, row in enumerate(missing):
+                n = int(attention[row].sum())
+                self.store[int(ids[row])] = (hidden[j, :n].clone(), logits[j, :n].argmax(-1))
+        B, L = tokens.shape
+        d = self.store[int(ids[0])][0].shape[-1]
+        hidden = tokens.new_zeros((B, L, d), dtype=self.store[int(ids[0])][0].dtype)
+        targets = tokens.new_zeros((B, L))
+        for row, i in enumerate(ids):
+            h, t = self.store[int(i)]
+            hidden[row, : h.shape[0]] = h
+            targets[row, : t.shape[0]] = t
+        return hidden, targets
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(out_dir: Path, drafter, optimizer, step: int, cfg: TrainConfig, evals: dict) -> Path:
+    """Write step-N/ atomically (temporary dir, then rename), point ``latest`` at it, drop older ones."""
+    from safetensors.torch import save_file
+
+    name = f"step-{step:07d}"
+    final = out_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
+    try:
+        drafter.save(tmp / "drafter", extra_config={"training": {**asdict(cfg), "step": step, "eval": evals}})
+        for item in (tmp / "drafter").iterdir():
+            os.replace(item, tmp / item.name)
+        (tmp / "drafter").rmdir()
+        tensors, groups = optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / STATE_WEIGHTS))
+        (tmp / STATE_JSON).write_text(json.dumps({"step": step, "param_groups": groups, "config": asdict(cfg)}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    latest = out_dir / "latest"
+    (out_dir / "latest.tmp").write_text(name + "\n")
+    os.replace(out_dir / "latest.tmp", latest)
+    for old in out_dir.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def optimizer_tensors(optimizer) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, values in state["state"].items():
+        for key, value in values.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{pid}.{key}"] = tensor.detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(optimizer, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / STATE_WEIGHTS))
+    groups = json.loads((directory / STATE_JSON).read_text())["param_groups"]
+    state: dict = {}
+    for name, tensor in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "latest"
+    if not pointer.is_file():
+        return None
+    path = out_dir / pointer.read_text().strip()
+    return path if (path / STATE_JSON).is_file() else None
+
+
+@torch.no_grad()
+def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device) -> dict:
+    """Per-depth top-1 agreement with the base on held-out samples, over every chain root."""
+    if len(ids) == 0:
+        return {}
+    hits = np.zeros(cfg.depth)
+    counts = np.zeros(cfg.depth)
+    for start in range(0, len(ids), cfg.batch_size):
+        tokens, attention, loss_mask = collate(samples, ids[start: start + cfg.batch_size], cfg.max_len, pad_id,
+                                               device)
+        hidden, logits = base_targets(model, tokens, attention)
+        roots = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+        out_logits, out_u = drafter(tokens, hidden, cfg.depth, roots)
+        loss = chain_loss(out_logits, out_u, roots, logits.argmax(-1), hidden, loss_mask)
+        hits += np.array(loss.per_depth_top1) * np.array(loss.per_depth_count)
+        counts += np.array(loss.per_depth_count)
+    return {"top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts)],
+            "chains": [int(c) for c in counts]}
+
+
+def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None = None, resume: bool = True,
+          progress: bool = True, accelerator=None, max_steps_this_run: int | None = None,
+          export_dtype: torch.dtype | None = None) -> dict:
+    """Train (or resume) a drafter; returns the final held-out evaluation. ``max_steps_this_run`` stops early
+    after that many steps (used to test resume)."""
+    from accelerate import Accelerator
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-test").write_text("ok")
+        (out_dir / ".write-test").unlink()
+    except OSError as exc:
+        raise ChimeraError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+    if data_meta is not None:
+        identity = base_identity(model)
+        if data_meta.get("base", {}).get("embedding_fingerprint") != identity["embedding_fingerprint"]:
+            raise ChimeraError(f"the data was made with base {data_meta.get('base', {}).get('name')!r}, "
+                               f"but the loaded base is {identity['name']!r}")
+    if len(samples) < 2:
+        raise ChimeraError(f"need at least 2 training samples, got {len(samples)}")
+    device_type = next(model.parameters()).device.type
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision="bf16" if device_type == "cuda" else "no", cpu=device_type == "cpu")
+    device = accelerator.device
+    pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+    train_ids, held_ids = split_heldout(len(samples), cfg.heldout_fraction, cfg.seed)
+    held_ids = held_ids[: cfg.eval_samples]
+
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / STATE_JSON).read_text())
+        if saved["config"] != asdict(cfg):
+            changed = sorted(k for k in saved["config"] if saved["config"][k] != asdict(cfg).get(k))
+            raise ChimeraError(f"{out_dir} holds a run with other settings ({', '.join(changed)}): "
+                               "use the same settings to resume, or another --out directory")
+        drafter = load_drafter(checkpoint, model, dtype=torch.float32).requires_grad_(True)
+        start_step = saved["step"]
+    else:
+        drafter = ChimeraDrafter.for_base(model, num_draft_heads=cfg.depth, seed=cfg.seed).float()
+        tokens, attention, _ = collate(samples, train_ids[: cfg.batch_size], cfg.max_len, pad_id, device)
+        drafter.calibrate_head_norm(base_targets(model, tokens, attention)[0][attention.bool()])
+        start_step = 0
+    drafter.train()
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95))
+    if checkpoint is not None:
+        load_optimizer(optimizer, checkpoint)
+    drafter, optimizer = accelerator.prepare(drafter, optimizer)
+    if cfg.cache_base and cfg.kl:
+        raise ChimeraError("cache_base keeps only the base's argmax: it cannot be combined with kl")
+    base_cache = BaseOutputCache(model) if cfg.cache_base else None
+    log_path = out_dir / "log.jsonl"
+    evals = {}
+    end_step = cfg.steps if max_steps_this_run is None else min(cfg.steps, start_step + max_steps_this_run)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not progress or not accelerator.is_main_process)
+    t0 = time.perf_counter()
+    for step in range(start_step, end_step):
+        for group in optimizer.param_groups:  # the schedule is a pure function of the step
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        ids = batch_indices(train_ids, step, cfg.batch_size, cfg.seed)
+        ids = ids[accelerator.process_index:: accelerator.num_processes]
+        tokens, attention, loss_mask = collate(samples, ids, cfg.max_len, pad_id, device)
+        if base_cache is not None:
+            hidden, targets = base_cache(ids, tokens, attention)
+            logits = None
+        else:
+            hidden, logits = base_targets(model, tokens, attention)
+            targets = logits.argmax(-1)
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        roots = sample_roots(loss_mask, cfg.roots_per_seq, generator)
+        with accelerator.autocast():
+            out_logits, out_u = drafter(tokens, hidden, cfg.depth, roots)
+            loss = chain_loss(out_logits, out_u, roots, targets, hidden, loss_mask,
+                              teacher_logits=logits if cfg.kl else None, depth_decay=cfg.depth_decay,
+                              regression_weight=cfg.regression_weight)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss.loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        record = {"step": done, "loss": round(float(loss.loss.detach()), 5), "lr": optimizer.param_groups[0]["lr"],
+                  "ce": [round(x, 4) for x in loss.per_depth_ce], "top1": [round(x, 4) for x in loss.per_depth_top1],
+                  "elapsed_s": round(time.perf_counter() - t0, 2)}
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            drafter.eval()
+            with accelerator.autocast():
+                evals = evaluate(model, accelerator.unwrap_model(drafter), samples, held_ids, cfg, pad_id, device)
+            drafter.train()
+            record["heldout"] = evals
+        if accelerator.is_main_process:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if done % cfg.save_every == 0 or done == end_step:
+                save_checkpoint(out_dir, accelerator.unwrap_model(drafter), optimizer, done, cfg, evals)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{loss.per_depth_top1[0]:.2f}")
+    bar.close()
+    if accelerator.is_main_process and end_step == cfg.steps:
+        export = out_dir / "drafter"
+        accelerator.unwrap_model(drafter).save(
+            export, extra_config={"training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
+                                               "data": (data_meta or {}).get("source")}}, dtype=export_dtype)
+    return {"step": end_step, "heldout": evals}
