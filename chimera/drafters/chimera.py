@@ -14,7 +14,6 @@ embeddings, ``W`` its frozen ``lm_head``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,19 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ChimeraError
+from ..identity import base_identity, describe, same_base
 from ..tree import TreeBuffers
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def embedding_fingerprint(model) -> str:
-    """A short hash of the base's embedding matrix: a drafter is only valid for the base it was trained on."""
-    weight = model.get_input_embeddings().weight.detach()
-    rows = weight[:: max(1, weight.shape[0] // 64)].float().cpu()
-    h = hashlib.sha256(str(tuple(weight.shape)).encode())
-    h.update(rows.round(decimals=4).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -51,7 +42,7 @@ class ChimeraConfig:
     rope_theta: float = 10000.0
     num_draft_heads: int = 6
     untied_heads: bool = False
-    base: dict = field(default_factory=dict)  # name, model_type, hidden_size, vocab_size, embedding_fingerprint
+    base: dict = field(default_factory=dict)  # identity.base_identity of the base it was built for
 
     @classmethod
     def from_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False) -> "ChimeraConfig":
@@ -71,17 +62,6 @@ class ChimeraConfig:
             untied_heads=untied_heads,
             base=base_identity(model),
         )
-
-
-def base_identity(model) -> dict:
-    cfg = model.config.get_text_config()
-    return {
-        "name": getattr(model.config, "chimera_source", None) or getattr(model.config, "_name_or_path", ""),
-        "model_type": cfg.model_type,
-        "hidden_size": cfg.hidden_size,
-        "vocab_size": model.get_output_embeddings().weight.shape[0],
-        "embedding_fingerprint": embedding_fingerprint(model),
-    }
 
 
 class RMSNorm(nn.Module):
@@ -475,14 +455,9 @@ def load_drafter(path, model, dtype: torch.dtype | None = None) -> ChimeraDrafte
     except (json.JSONDecodeError, TypeError) as exc:
         raise ChimeraError(f"drafter config {path / CONFIG_NAME} is invalid: {exc}") from None
     expected = base_identity(model)
-    got = config.base
-    if (got.get("hidden_size"), got.get("vocab_size"), got.get("embedding_fingerprint")) != (
-            expected["hidden_size"], expected["vocab_size"], expected["embedding_fingerprint"]):
-        raise ChimeraError(
-            f"drafter {path} was built for base {got.get('name')!r} (hidden {got.get('hidden_size')}, vocab "
-            f"{got.get('vocab_size')}, embeddings {got.get('embedding_fingerprint')}) but the loaded base is "
-            f"{expected['name']!r} (hidden {expected['hidden_size']}, vocab {expected['vocab_size']}, "
-            f"embeddings {expected['embedding_fingerprint']})")
+    if not same_base(config.base, expected):
+        raise ChimeraError(f"drafter {path} was built for base {describe(config.base)} but the loaded base is "
+                           f"{describe(expected)} with different weights")
     drafter = ChimeraDrafter(config, model.get_input_embeddings(), model.get_output_embeddings())
     try:
         state = load_file(str(path / WEIGHTS_NAME))

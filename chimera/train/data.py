@@ -155,11 +155,12 @@ class DistillStore:
 
 
 def _check_same(existing: dict, wanted: dict, directory: Path) -> None:
+    from ..identity import describe, same_base
+
     base_old, base_new = existing.get("base", {}), wanted.get("base", {})
-    if base_old.get("embedding_fingerprint") != base_new.get("embedding_fingerprint"):
-        raise ChimeraError(
-            f"{directory} holds data made with base {base_old.get('name')!r}, not {base_new.get('name')!r}: "
-            "use another --out directory")
+    if not same_base(base_old, base_new):
+        raise ChimeraError(f"{directory} holds data made with base {describe(base_old)}, not "
+                           f"{describe(base_new)}: use another --out directory")
     for key in ("max_new_tokens", "temperature", "prompts_sha256"):
         if existing.get(key) != wanted.get(key):
             raise ChimeraError(f"{directory} was made with {key}={existing.get(key)!r}, not {wanted.get(key)!r}: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..drafters.chimera import base_identity
+from ..identity import base_identity
 from ..text import encode_prompt, eos_token_ids
 from .data import DistillStore, Prompt, file_sha256
 

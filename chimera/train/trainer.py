@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..drafters.chimera import ChimeraDrafter, base_identity, load_drafter
+from ..drafters.chimera import ChimeraDrafter, load_drafter
+from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
 from .losses import chain_loss
 
@@ -224,9 +225,9 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         raise ChimeraError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     if data_meta is not None:
         identity = base_identity(model)
-        if data_meta.get("base", {}).get("embedding_fingerprint") != identity["embedding_fingerprint"]:
-            raise ChimeraError(f"the data was made with base {data_meta.get('base', {}).get('name')!r}, "
-                               f"but the loaded base is {identity['name']!r}")
+        if not same_base(data_meta.get("base", {}), identity):
+            raise ChimeraError(f"the data was made with base {describe(data_meta.get('base', {}))}, "
+                               f"but the loaded base is {describe(identity)}")
     if len(samples) < 2:
         raise ChimeraError(f"need at least 2 training samples, got {len(samples)}")
     device_type = next(model.parameters()).device.type
