@@ -94,6 +94,10 @@ class SpeculativeDecoder:
             drafter.prepare_inference()  # one-time precomputation, kept out of every request's time
         self.device = next(model.parameters()).device
         topology = get_topology(tree) if isinstance(tree, str) else tree
+        heads = getattr(getattr(drafter, "config", None), "num_draft_heads", None)
+        if drafter is not None and heads is not None and topology.max_depth > heads:
+            raise ChimeraError(f"the tree is {topology.max_depth} deep but the drafter has {heads} heads: "
+                               "choose a shallower --tree")
         self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.eos_ids = eos_token_ids(model, tokenizer)

@@ -198,9 +198,10 @@ class ChimeraDrafter(nn.Module):
         return self.config.vocab_size  # an extra all-zero embedding row for positions before the start
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Base embeddings, with the pad id (one past the vocabulary) mapped to zeros."""
         weight = self._frozen["embed"].weight
-        padded = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
-        return F.embedding(tokens, padded)
+        is_pad = tokens == self.pad_id
+        return F.embedding(tokens.masked_fill(is_pad, 0), weight).masked_fill(is_pad[..., None], 0)
 
     def trigram(self, t0, t1, t2) -> torch.Tensor:
         """g for token triples (x_{t-2}, x_{t-1}, x_t), by direct computation (training)."""

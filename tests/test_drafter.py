@@ -1,0 +1,159 @@
+"""The Chimera drafter on tiny models: tables, training/inference agreement, persistence, bad directories."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chimera import ChimeraError, SpeculativeDecoder, base, cache as kv
+from chimera.drafters import load_any
+from chimera.drafters.chimera import ChimeraDrafter, load_drafter
+from chimera.train.trainer import TrainConfig, train
+from chimera.tree import TreeBuffers, TreeTopology
+from conftest import FAMILIES, tiny_model
+
+
+def perturbed_drafter(model, heads=4):
+    drafter = ChimeraDrafter.for_base(model, num_draft_heads=heads)
+    for head in drafter.heads:  # heads start as the identity; make them matter
+        torch.nn.init.normal_(head.fc2.weight, std=0.2)
+    return drafter.eval()
+
+
+def test_trigram_tables_equal_direct_computation():
+    drafter = perturbed_drafter(tiny_model("llama"))
+    t0, t1, t2 = torch.randint(0, drafter.pad_id + 1, (3, 200))
+    torch.testing.assert_close(drafter.trigram_lookup(t0, t1, t2), drafter.trigram(t0, t1, t2), atol=1e-5, rtol=0)
+    tables = drafter.trigram_tables()
+    assert tables.shape == (3, drafter.pad_id + 1, drafter.config.hidden_size)
+    assert torch.count_nonzero(tables[:, drafter.pad_id]) == 0  # the padding token contributes nothing
+
+
+def test_tables_follow_weight_updates():
+    drafter = perturbed_drafter(tiny_model("llama"))
+    before = drafter.trigram_tables().clone()
+    with torch.no_grad():
+        drafter.trigram_in.weight.mul_(2)
+    assert not torch.allclose(drafter.trigram_tables(), before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_forward_drafts_exactly_what_inference_drafts(family):
+    """The unrolled training chains see the same attention pattern and inputs as inference drafting."""
+    model = tiny_model(family)
+    drafter = perturbed_drafter(model)
+    L, depth = 24, 4
+    tokens = torch.randint(3, 128, (1, L))
+    hidden = base.forward(model, kv.new_cache(), tokens[0]).hidden
+    with torch.no_grad():
+        logits, _ = drafter.unrolled_forward(tokens, hidden[None], depth)
+    tree = TreeBuffers.build(TreeTopology.chain(depth), "cpu")
+    for root in range(1, L - 1):
+        state = drafter.start(tokens[0, :root], hidden[:root])
+        proposed = drafter.propose(state, tokens[0, root:root + 1], tree)
+        assert proposed[1:].tolist() == [int(logits[k][0, root].argmax()) for k in range(depth)], root
+
+
+def test_advance_equals_start_over_the_longer_prefix():
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model)
+    tokens = torch.randint(3, 128, (30,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    grown = drafter.start(tokens[:10], hidden[:10])
+    for lo, hi in [(10, 13), (13, 14), (14, 30)]:
+        drafter.advance(grown, tokens[lo:hi], hidden[lo:hi])
+    fresh = drafter.start(tokens, hidden)
+    assert grown.length == fresh.length == 30
+    torch.testing.assert_close(grown.keys[:, :30], fresh.keys[:, :30])
+    assert torch.equal(grown.history, fresh.history)
+
+
+def briefly_trained(model, tmp_path, prompts, steps=40, depth=4):
+    """Train on the model's own greedy continuations of ``prompts`` so that long paths get accepted."""
+    samples = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=48)[0]
+        mask = np.array([0] * len(ids) + [1] * (out.numel() - len(ids)), dtype=bool)
+        samples.append((out.numpy(), mask))
+    cfg = TrainConfig(steps=steps, batch_size=2, max_len=128, roots_per_seq=32, depth=depth, lr=1e-2,
+                      warmup_steps=5, heldout_fraction=0, eval_every=10**6, save_every=10**6, cache_base=True)
+    train(model, samples, tmp_path / "run", cfg, resume=False, progress=False)
+    return load_drafter(tmp_path / "run" / "drafter", model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_model):
+    _, tokenizer = default_model  # decodes the tiny vocabulary's ids; its EOS id (2) is the tiny models' too
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 128, (int(n),), generator=gen).tolist() for n in (5, 9, 14, 20)]
+    for drafter, tree in [(perturbed_drafter(model, heads=5), "small"),
+                          (briefly_trained(model, tmp_path, prompts), "chain4")]:
+        decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+        taus = []
+        for ids in prompts:
+            x = torch.tensor([ids])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=48)
+            result = decoder.generate(input_ids=ids, max_new_tokens=48)
+            assert result.token_ids == ref[0, len(ids):].tolist()
+            assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
+            taus.append(result.tau)
+    assert max(taus) > 1.5  # the trained drafter's paths were accepted
+
+
+def test_save_load_roundtrip_proposes_the_same(tmp_path):
+    model = tiny_model("qwen2")
+    drafter = perturbed_drafter(model)
+    drafter.save(tmp_path / "d")
+    loaded = load_any(tmp_path / "d", model)
+    tokens = torch.randint(3, 128, (12,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]), "cpu")
+    a = drafter.propose(drafter.start(tokens[:-1], hidden[:-1]), tokens[-1:], tree)
+    b = loaded.propose(loaded.start(tokens[:-1], hidden[:-1]), tokens[-1:], tree)
+    assert torch.equal(a, b)
+
+
+def test_drafter_for_another_base_is_refused(tmp_path):
+    perturbed_drafter(tiny_model("llama", seed=0)).save(tmp_path / "d")
+    with pytest.raises(ChimeraError, match="built for base"):
+        load_drafter(tmp_path / "d", tiny_model("llama", seed=1))
+    with pytest.raises(ChimeraError, match="built for base"):
+        load_drafter(tmp_path / "d", tiny_model("llama", hidden_size=32, vocab_size=128))
+
+
+def test_broken_drafter_directories(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ChimeraError, match="does not exist"):
+        load_any(tmp_path / "nowhere", model)
+    good = tmp_path / "good"
+    perturbed_drafter(model).save(good)
+    for missing in ("config.json", "model.safetensors"):
+        broken = tmp_path / f"no-{missing}"
+        perturbed_drafter(model).save(broken)
+        (broken / missing).unlink()
+        with pytest.raises(ChimeraError, match=f"missing {missing}"):
+            load_any(broken, model)
+    wrong = tmp_path / "wrong-shapes"
+    perturbed_drafter(model).save(wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["intermediate_size"] = 64
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ChimeraError, match="wrong shapes"):
+        load_any(wrong, model)
+    garbage = tmp_path / "garbage"
+    perturbed_drafter(model).save(garbage)
+    (garbage / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ChimeraError, match="unreadable"):
+        load_any(garbage, model)
+    (garbage / "config.json").write_text("{not json")
+    with pytest.raises(ChimeraError, match="not valid JSON"):
+        load_any(garbage, model)
+
+
+def test_tree_deeper_than_heads_is_an_error():
+    model = tiny_model("llama")
+    with pytest.raises(ChimeraError, match="heads"):
+        SpeculativeDecoder(model, None, perturbed_drafter(model, heads=2), tree="small")
