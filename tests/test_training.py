@@ -1,0 +1,188 @@
+"""Self-distillation and drafter training: end to end on CPU, crash-safe resume, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from chimera import ChimeraError, SpeculativeDecoder, load_base
+from chimera.cli import main
+from chimera.drafters import load_any
+from chimera.train import distill as distill_mod
+from chimera.train.data import DistillStore, Prompt, read_prompts
+from chimera.train.trainer import TrainConfig, latest_checkpoint, train
+from conftest import tiny_model
+
+
+def write_prompts(path, n, extra_lines=()):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": i, "prompt": f"Question number {i}: say something about {i * 7}."}) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def test_end_to_end_distill_train_decode(tmp_path, tiny_model_dir, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", 6, extra_lines=["{not json", json.dumps({"no_prompt": 1})])
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["distill", "--prompts", str(prompts), "--out", str(data), "--model", str(tiny_model_dir),
+                 "--max-new-tokens", "24", "--batch-size", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "skipped 2 malformed" in out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["samples"] == 6
+    assert main(["train", "--data", str(data), "--out", str(run), "--model", str(tiny_model_dir),
+                 "--steps", "6", "--batch-size", "2", "--max-len", "96", "--roots-per-seq", "16", "--depth", "3",
+                 "--eval-every", "3", "--save-every", "3", "--heldout-fraction", "0.2", "--device", "cpu"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert len(log[-1]["heldout"]["top1"]) == 3
+    model, tokenizer = load_base(str(tiny_model_dir), device="cpu")
+    drafter = load_any(run / "drafter", model)
+    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree="chain4" if False else "small") \
+        if drafter.config.num_draft_heads >= 5 else SpeculativeDecoder(model, tokenizer, drafter, tree=_chain(3))
+    for prompt in ["hello there", "what is two plus two"]:
+        ids = decoder.prepare(prompt)
+        x = torch.tensor([ids])
+        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30)
+        assert decoder.generate(prompt, max_new_tokens=30).token_ids == ref[0, len(ids):].tolist()
+
+
+def _chain(depth):
+    from chimera.tree import TreeTopology
+
+    return TreeTopology.chain(depth)
+
+
+def test_distill_resumes_after_a_crash_without_loss_or_duplicates(tmp_path, tiny_model_dir, monkeypatch):
+    model, tokenizer = load_base(str(tiny_model_dir), device="cpu")
+    prompts = [Prompt(str(i), f"prompt {i} about {i * 3}") for i in range(7)]
+    clean = distill_mod.distill(model, tokenizer, prompts, tmp_path / "clean", max_new_tokens=12, batch_size=2,
+                                progress=False)
+    assert clean["samples"] == 7
+
+    crashed = tmp_path / "crashed"
+    real_append = DistillStore.append
+    calls = {"n": 0}
+
+    def dying_append(self, sample_id, tokens, mask):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed mid-write: tokens hit the disk, the index line only half
+            with (self.dir / "tokens.bin").open("ab") as f:
+                f.write(np.asarray(tokens, dtype=np.uint32).tobytes())
+            with (self.dir / "index.jsonl").open("a") as f:
+                f.write('{"id": "half')
+            raise KeyboardInterrupt
+        return real_append(self, sample_id, tokens, mask)
+
+    monkeypatch.setattr(DistillStore, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        distill_mod.distill(model, tokenizer, prompts, crashed, max_new_tokens=12, batch_size=2, progress=False)
+    monkeypatch.setattr(DistillStore, "append", real_append)
+    assert len(DistillStore(crashed)) == 3
+    resumed = distill_mod.distill(model, tokenizer, prompts, crashed, max_new_tokens=12, batch_size=2,
+                                  progress=False)
+    assert resumed["samples"] == 7 and resumed["new"] == 4
+    a, b = DistillStore(tmp_path / "clean"), DistillStore(crashed)
+    assert sorted(e["id"] for e in b.index) == sorted(e["id"] for e in a.index)
+    by_id = lambda store: {e["id"]: s for e, s in zip(store.index, store.load())}  # noqa: E731
+    clean_samples, crashed_samples = by_id(a), by_id(b)
+    for key in clean_samples:
+        assert np.array_equal(clean_samples[key][0], crashed_samples[key][0])
+        assert np.array_equal(clean_samples[key][1], crashed_samples[key][1])
+
+
+def make_samples(model, n=6, length=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        tokens = torch.randint(3, 128, (length,), generator=gen).numpy()
+        mask = np.zeros(length, dtype=bool)
+        mask[length // 3:] = True
+        samples.append((tokens, mask))
+    return samples
+
+
+def test_train_resume_continues_exactly(tmp_path):
+    model = tiny_model("llama")
+    samples = make_samples(model)
+    cfg = TrainConfig(steps=6, batch_size=2, max_len=64, roots_per_seq=8, depth=3, lr=5e-3, warmup_steps=2,
+                      heldout_fraction=0, eval_every=100, save_every=2)
+    train(model, samples, tmp_path / "straight", cfg, progress=False)
+    train(model, samples, tmp_path / "resumed", cfg, progress=False, max_steps_this_run=3)  # "killed" at 3
+    checkpoint = latest_checkpoint(tmp_path / "resumed")
+    assert checkpoint.name == "step-0000003"
+    assert not (tmp_path / "resumed" / "drafter").exists()
+    train(model, samples, tmp_path / "resumed", cfg, progress=False)
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a = load_file(str(tmp_path / "straight" / "step-0000006" / name))
+        b = load_file(str(tmp_path / "resumed" / "step-0000006" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    log = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]
+
+
+def test_train_refuses_other_settings_in_the_same_run_directory(tmp_path):
+    model = tiny_model("llama")
+    samples = make_samples(model)
+    cfg = TrainConfig(steps=2, batch_size=2, max_len=64, roots_per_seq=8, depth=2, heldout_fraction=0,
+                      save_every=1)
+    train(model, samples, tmp_path / "run", cfg, progress=False, max_steps_this_run=1)
+    with pytest.raises(ChimeraError, match="other settings"):
+        train(model, samples, tmp_path / "run", TrainConfig(**{**cfg.__dict__, "lr": 0.5}), progress=False)
+
+
+def test_prompt_file_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ChimeraError, match="is empty"):
+        read_prompts(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n[1, 2]\n" + json.dumps({"prompt": ""}) + "\n")
+    with pytest.raises(ChimeraError, match="no valid lines"):
+        read_prompts(bad)
+    with pytest.raises(ChimeraError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+    mixed = write_prompts(tmp_path / "mixed.jsonl", 3, extra_lines=["nope", json.dumps({"id": 0, "prompt": "dup"})])
+    prompts, skipped = read_prompts(mixed)
+    assert len(prompts) == 3 and skipped == 2
+
+
+def test_data_directory_of_another_base_is_refused(tmp_path, tiny_model_dir, capsys):
+    model, tokenizer = load_base(str(tiny_model_dir), device="cpu")
+    prompts = [Prompt("a", "hello"), Prompt("b", "world")]
+    distill_mod.distill(model, tokenizer, prompts, tmp_path / "data", max_new_tokens=4, progress=False)
+    other = tiny_model("llama", seed=5, vocab_size=len(tokenizer))
+    with pytest.raises(ChimeraError, match="holds data made with base"):
+        distill_mod.distill(other, tokenizer, prompts, tmp_path / "data", max_new_tokens=4, progress=False)
+    store = DistillStore(tmp_path / "data")
+    with pytest.raises(ChimeraError, match="the data was made with base"):
+        train(other, store.load(), tmp_path / "run", TrainConfig(steps=1), data_meta=store.meta, progress=False)
+    with pytest.raises(ChimeraError, match="max_new_tokens"):
+        distill_mod.distill(model, tokenizer, prompts, tmp_path / "data", max_new_tokens=8, progress=False)
+    assert len(DistillStore(tmp_path / "data")) == 2  # untouched
+
+
+def test_unwritable_output_paths(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    code = main(["distill", "--prompts", str(prompts), "--out", str(blocker / "data"), "--model",
+                 "smollm2-135m-instruct", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to" in err and "Traceback" not in err
+    model = tiny_model("llama")
+    with pytest.raises(ChimeraError, match="cannot write to"):
+        train(model, make_samples(model), blocker / "run", TrainConfig(steps=1), progress=False)
+    assert blocker.read_text() == "not a directory"
+
+
+def test_train_on_a_directory_that_is_not_data(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "not a chimera data directory" in capsys.readouterr().err
