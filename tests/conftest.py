@@ -12,6 +12,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma")
 
+# chat prompts for the exactness tests on the real default model
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain recursion to a child.",
+    "List three uses of a paperclip.",
+    "Translate 'good morning' into Spanish and German.",
+    "Give me a recipe for pancakes.",
+    "Why do cats purr?",
+    "Describe a sunset in two sentences.",
+    "What is photosynthesis?",
+    "Name five famous painters and one work of each.",
+]
+
 
 def tiny_config(family: str, vocab_size: int = 128, attn: str = "sdpa", **overrides):
     from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config

@@ -5,14 +5,9 @@ import torch
 
 from chimera import SpeculativeDecoder
 from chimera.text import StopCondition
+from conftest import CHAT_PROMPTS
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain recursion to a child.",
-    "List three uses of a paperclip.",
-    "Translate 'good morning' into Spanish and German.",
-]
+PROMPTS = CHAT_PROMPTS[:5]
 
 
 def hf_greedy(model, ids, max_new_tokens):

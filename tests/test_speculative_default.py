@@ -5,19 +5,9 @@ import torch
 
 from chimera import SpeculativeDecoder
 from chimera.drafters import resolve_drafter, shipped_drafter_path
+from conftest import CHAT_PROMPTS
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain recursion to a child.",
-    "List three uses of a paperclip.",
-    "Translate 'good morning' into Spanish and German.",
-    "Give me a recipe for pancakes.",
-    "Why do cats purr?",
-    "Describe a sunset in two sentences.",
-    "What is photosynthesis?",
-    "Name five famous painters and one work of each.",
-]
+PROMPTS = CHAT_PROMPTS
 MAX_NEW = 128
 
 

@@ -13,6 +13,7 @@ from chimera.drafters import load_any
 from chimera.train import distill as distill_mod
 from chimera.train.data import DistillStore, Prompt, read_prompts
 from chimera.train.trainer import TrainConfig, latest_checkpoint, train
+from chimera.tree import TreeTopology
 from conftest import tiny_model
 
 
@@ -41,19 +42,12 @@ def test_end_to_end_distill_train_decode(tmp_path, tiny_model_dir, capsys):
     assert len(log[-1]["heldout"]["top1"]) == 3
     model, tokenizer = load_base(str(tiny_model_dir), device="cpu")
     drafter = load_any(run / "drafter", model)
-    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree="chain4" if False else "small") \
-        if drafter.config.num_draft_heads >= 5 else SpeculativeDecoder(model, tokenizer, drafter, tree=_chain(3))
+    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=TreeTopology.chain(3))
     for prompt in ["hello there", "what is two plus two"]:
         ids = decoder.prepare(prompt)
         x = torch.tensor([ids])
         ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30)
         assert decoder.generate(prompt, max_new_tokens=30).token_ids == ref[0, len(ids):].tolist()
-
-
-def _chain(depth):
-    from chimera.tree import TreeTopology
-
-    return TreeTopology.chain(depth)
 
 
 def test_distill_resumes_after_a_crash_without_loss_or_duplicates(tmp_path, tiny_model_dir, monkeypatch):

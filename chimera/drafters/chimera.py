@@ -236,6 +236,8 @@ class ChimeraDrafter(nn.Module):
         """Logits of head k (1-based: the token k steps after the last verified one)."""
         z = self.head_norm(self.heads[k - 1](h_last, u))
         lm = self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"]
+        if z.dim() == 2 and z.device.type == "cpu" and lm.bias is None and not torch.is_grad_enabled():
+            return _few_rows_times_vocab(z, lm.weight)
         return lm(z)
 
     # ----- inference ---------------------------------------------------------------------------------------
@@ -375,6 +377,15 @@ class ChimeraDrafter(nn.Module):
                 os.replace(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _few_rows_times_vocab(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """z (m, d) @ weight (V, d).T for a handful of rows on CPU. ``F.linear`` takes a slow path there for small
+    m (measured on 2 cores, V = 49152, d = 576: 30-40 ms at m = 2..3, 14 ms at m = 1) that ``weight @ z.T``
+    with m >= 2 avoids (5-8 ms)."""
+    if z.shape[0] == 1:
+        return (weight @ z.repeat(2, 1).T).T[:1]  # a contiguous copy: an expanded view is slower
+    return (weight @ z.T).T
 
 
 @dataclass
