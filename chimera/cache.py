@@ -34,9 +34,3 @@ def keep_path(cache: DynamicCache, prefix_len: int, nodes: torch.Tensor) -> None
         layer.keys = layer.keys[..., :new_len, :]
         layer.values = layer.values[..., :new_len, :]
 
-
-def truncate(cache: DynamicCache, length: int) -> None:
-    """Drop every entry past ``length`` (used when a stop ends decoding inside a tree)."""
-    excess = cache.get_seq_length() - length
-    if excess > 0:
-        cache.crop(-excess)

@@ -133,7 +133,8 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
             raise ChimeraError(f"could not read GGUF file {gguf}: {_first_line(exc)}") from None
         save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        if not target.exists():  # another process may have finished the same conversion first
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

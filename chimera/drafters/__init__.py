@@ -20,7 +20,7 @@ def shipped_drafter_path(model) -> Path | None:
 
 def resolve_drafter(spec: str | None, model):
     """'auto' (the shipped drafter when one exists, else none), 'none', 'random', or a drafter directory."""
-    from .chimera import ChimeraDrafter, load_drafter
+    from .chimera import ChimeraDrafter
 
     if spec is None or spec == "none":
         return None
