@@ -14,10 +14,6 @@ def new_cache() -> DynamicCache:
     return DynamicCache()
 
 
-def cache_length(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
-
-
 @torch.inference_mode()
 def keep_path(cache: DynamicCache, prefix_len: int, nodes: torch.Tensor) -> None:
     """After a tree forward the cache holds prefix + all tree nodes; keep prefix + ``nodes`` (in order).

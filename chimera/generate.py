@@ -172,8 +172,9 @@ class SpeculativeDecoder:
             tb = self._clock()
             result.time_verify += tb - ta
             path, next_token = greedy_accept(tokens, out.logits, tree)
+            *accepted_tokens, root_token = torch.cat([tokens[path[1:]], next_token.reshape(1)]).tolist()
             emitted = 0
-            for token in tokens[path[1:]].tolist():
+            for token in accepted_tokens:
                 delta = stopper.push(token)
                 emitted += 1
                 if delta:
@@ -190,7 +191,6 @@ class SpeculativeDecoder:
             if state is not None:
                 self.drafter.advance(state, tokens[path], out.hidden[path])
             root = next_token.reshape(1)
-            root_token = int(next_token)
             result.time_other += self._clock() - tb
         result.seconds = self._clock() - t0
         result.finish_reason = stopper.finish_reason

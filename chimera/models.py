@@ -7,7 +7,6 @@ loads take seconds instead of the ~25 s a GGUF conversion costs.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import os
 import re
@@ -272,9 +271,3 @@ def context_limit(model) -> int:
         limit = min(limit, int(window))
     return int(limit)
 
-
-def package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"

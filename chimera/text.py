@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .errors import ChimeraError
 
 
@@ -115,6 +113,3 @@ class StopCondition:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-
-def as_tensor(ids, device) -> torch.Tensor:
-    return torch.as_tensor(ids, dtype=torch.long, device=device)

@@ -107,18 +107,15 @@ class TreeBuffers:
     depths: torch.Tensor  # (n,) long
     parents: torch.Tensor  # (n,) long, root points at itself
     ancestors: torch.Tensor  # (n, n) bool
-    max_children: int
 
     @classmethod
     def build(cls, topology: TreeTopology, device) -> "TreeBuffers":
         parents = torch.tensor([max(p, 0) for p in topology.parents], device=device)
-        max_children = max(topology.ranks) + 1 if topology.size > 1 else 1
         return cls(
             topology=topology,
             depths=torch.tensor(topology.depths, device=device),
             parents=parents,
             ancestors=topology.ancestor_matrix().to(device),
-            max_children=max_children,
         )
 
     def level_children(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -272,10 +272,7 @@ class ChimeraDrafter(nn.Module):
 
     @torch.inference_mode()
     def propose(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
-        topo = tree.topology
-        if topo.max_depth > self.config.num_draft_heads:
-            raise ChimeraError(f"the tree is {topo.max_depth} deep but the drafter has "
-                               f"{self.config.num_draft_heads} heads")
+        topo = tree.topology  # SpeculativeDecoder checked that the heads cover its depth
         plan = _tree_plan(tree)
         tokens = root.new_empty(topo.size)
         tokens[0] = root[0]
