@@ -35,13 +35,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_drafter_args(parser: argparse.ArgumentParser) -> None:
-    from .tree import DEFAULT_TOPOLOGY, TOPOLOGIES
+    from .tree import TOPOLOGIES
 
     parser.add_argument("--drafter", default="auto",
                         help="drafter directory, 'auto' (the shipped drafter for the model, if any), "
                              "'none' (plain decoding) or 'random' (untrained, for testing)")
-    parser.add_argument("--tree", default=DEFAULT_TOPOLOGY, choices=list(TOPOLOGIES),
-                        help=f"draft tree shape (default: {DEFAULT_TOPOLOGY})")
+    parser.add_argument("--tree", default="auto",
+                        help=f"draft tree: {', '.join(TOPOLOGIES)}, a node count built from the drafter's "
+                             "measured acceptance, or auto (a size suited to the device; default)")
 
 
 def cmd_generate(args) -> int:
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.trainer import TrainConfig
 
     defaults = TrainConfig()
-    tr = sub.add_parser("train", help="train a Chimera drafter on distilled data")
+    tr = sub.add_parser("train", help="train a drafter (Chimera, or Medusa heads) on distilled data")
     tr.add_argument("--data", required=True, help="a directory written by 'chimera distill'")
     tr.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, drafter/")
     add_model_args(tr)
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute the base's outputs once per sample and keep them in memory (small data)")
     tr.add_argument("--export-dtype", default="float32", help="dtype of the exported drafter/ (default: float32)")
     tr.add_argument("--kl", action="store_true", help="match the base distribution (KL) instead of its argmax")
+    tr.add_argument("--architecture", choices=["chimera", "medusa"], default="chimera",
+                    help="chimera (default) or medusa (the baseline heads, for comparison in 'chimera bench')")
     tr.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
     tr.set_defaults(func=cmd_train)
     return parser

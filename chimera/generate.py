@@ -1,7 +1,9 @@
 """The decoding loop: draft a tree, verify it in one base forward, accept, compact, repeat.
 
 With no drafter the tree is just its root and the loop is plain autoregressive decoding through the same
-code, which makes it the fair baseline for speed ("our own autoregressive loop").
+code, which makes it the fair baseline for speed ("our own autoregressive loop"). Temperature 0 accepts by
+greedy matching; a positive temperature by rejection sampling (verify.sample_accept), driven by one seeded
+``torch.Generator`` per request.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 from . import base, cache as kv
 from .errors import ChimeraError
 from .models import context_limit
+from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, encode_prompt, eos_token_ids
-from .tree import DEFAULT_TOPOLOGY, TreeBuffers, TreeTopology, get_topology
-from .verify import greedy_accept
+from .tree import TreeBuffers, TreeTopology, get_topology
+from .verify import greedy_accept, sample_accept
 
 
 @dataclass
@@ -83,9 +86,13 @@ class SpeculativeDecoder:
     >>> model, tokenizer = chimera.load_base("smollm2-135m-instruct")
     >>> decoder = SpeculativeDecoder(model, tokenizer, drafter)
     >>> decoder.generate("Hi!", max_new_tokens=64).text
+    >>> decoder.generate("Hi!", temperature=0.7, top_p=0.9, seed=0).text  # sampled, reproducible
+
+    Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
+    temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
     """
 
-    def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = DEFAULT_TOPOLOGY,
+    def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False):
         self.model = model
         self.tokenizer = tokenizer
@@ -93,7 +100,7 @@ class SpeculativeDecoder:
         if drafter is not None and hasattr(drafter, "prepare_inference"):
             drafter.prepare_inference()  # one-time precomputation, kept out of every request's time
         self.device = next(model.parameters()).device
-        topology = get_topology(tree) if isinstance(tree, str) else tree
+        topology = get_topology(tree, drafter, self.device) if isinstance(tree, str) else tree
         heads = getattr(getattr(drafter, "config", None), "num_draft_heads", None)
         if drafter is not None and heads is not None and topology.max_depth > heads:
             raise ChimeraError(f"the tree is {topology.max_depth} deep but the drafter has {heads} heads: "
@@ -122,29 +129,38 @@ class SpeculativeDecoder:
             raise ChimeraError(f"the prompt is {len(ids)} tokens but the model's context is {self.limit} tokens")
         return ids
 
-    def stream(self, prompt=None, *, input_ids=None, max_new_tokens: int = 256, stop=(), raw: bool = False
+    def stream(self, prompt=None, *, input_ids=None, max_new_tokens: int = 256, stop=(), raw: bool = False,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
                ) -> GenerationStream:
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.prepare(prompt, input_ids, raw)
-        return GenerationStream(self._decode(ids, max_new_tokens, stop))
+        return GenerationStream(self._decode(ids, max_new_tokens, stop, sampling))
 
-    def generate(self, prompt=None, *, input_ids=None, max_new_tokens: int = 256, stop=(), raw: bool = False
+    def generate(self, prompt=None, *, input_ids=None, max_new_tokens: int = 256, stop=(), raw: bool = False,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
                  ) -> GenerationResult:
-        stream = self.stream(prompt, input_ids=input_ids, max_new_tokens=max_new_tokens, stop=stop, raw=raw)
+        stream = self.stream(prompt, input_ids=input_ids, max_new_tokens=max_new_tokens, stop=stop, raw=raw,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         for _ in stream:
             pass
         return stream.result
 
-    def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop) -> Iterator[str]:
+    def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop, sampling: SamplingConfig
+                ) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ChimeraError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
         budget = min(max_new_tokens, self.limit - len(prompt_ids))
         stopper = StopCondition(self.tokenizer, self.eos_ids, budget, stop)
+        generator = None if sampling.greedy else sampling.generator(self.device)
         t0 = self._clock()
         cache = kv.new_cache()
         prompt = torch.tensor(prompt_ids, device=self.device)
         out = base.forward(self.model, cache, prompt)
-        root = out.logits[-1].argmax(-1, keepdim=True)
+        if generator is None:
+            root = out.logits[-1].argmax(-1, keepdim=True)
+        else:
+            root = torch.multinomial(target_probs(out.logits[-1:], sampling)[0], 1, generator=generator)
         state = self.drafter.start(prompt, out.hidden) if self.drafter is not None else None
         del out
         t1 = self._clock()
@@ -171,7 +187,10 @@ class SpeculativeDecoder:
                 out = base.forward_tree(self.model, cache, tokens, tree.depths, tree.ancestors)
             tb = self._clock()
             result.time_verify += tb - ta
-            path, next_token = greedy_accept(tokens, out.logits, tree)
+            if generator is None:
+                path, next_token = greedy_accept(tokens, out.logits, tree)
+            else:
+                path, next_token = sample_accept(tokens, out.logits, tree, sampling, generator)
             *accepted_tokens, root_token = torch.cat([tokens[path[1:]], next_token.reshape(1)]).tolist()
             emitted = 0
             for token in accepted_tokens:

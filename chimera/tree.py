@@ -59,6 +59,35 @@ class TreeTopology:
             paths += level
         return cls.from_paths(paths)
 
+    @classmethod
+    def from_profile(cls, profile, size: int) -> "TreeTopology":
+        """The ``size``-node tree with the most expected accepted tokens under an acceptance profile
+        (``profile[k][r]``: probability that head k+1's rank-r candidate is right, given its parent was).
+
+        A path's value is the product of its steps' probabilities, and a child is never worth more than its
+        parent, so taking paths best-first keeps every prefix and is optimal under that independence model.
+        """
+        import heapq
+
+        heap = [(-profile[0][r], (r,)) for r in range(len(profile[0])) if profile[0][r] > 0]
+        heapq.heapify(heap)
+        chosen = []
+        while heap and len(chosen) < size - 1:
+            neg, path = heapq.heappop(heap)
+            chosen.append(path)
+            if len(path) < len(profile):
+                for r, p in enumerate(profile[len(path)]):
+                    if p > 0:
+                        heapq.heappush(heap, (neg * p, path + (r,)))
+        return cls.from_paths(chosen)
+
+    def expected_accepted(self, profile) -> float:
+        """Expected tokens per step (tau) of this tree under an acceptance profile, root included."""
+        value = [1.0]
+        for i in range(1, self.size):
+            value.append(value[self.parents[i]] * profile[self.depths[i] - 1][self.ranks[i]])
+        return sum(value)
+
     @property
     def size(self) -> int:
         return len(self.parents)
@@ -166,12 +195,27 @@ TOPOLOGIES = {
            (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 0, 1, 0)]
     ),
 }
-DEFAULT_TOPOLOGY = "medium"
+DEFAULT_TOPOLOGY = "medium"  # what "auto" uses for a drafter without an acceptance profile
 
 
-def get_topology(name: str) -> TreeTopology:
+AUTO_TREE_SIZE = {"cuda": 64, "cpu": 12}  # nodes; verification is nearly free on a GPU, not on a CPU
+
+
+def get_topology(name: str, drafter=None, device=None) -> TreeTopology:
+    """A named topology; a node count ("32"), or "auto", built from the drafter's acceptance profile.
+
+    Without a profile (an untrained or older drafter) a number or "auto" falls back to the named shapes."""
     from .errors import ChimeraError
 
-    if name not in TOPOLOGIES:
-        raise ChimeraError(f"unknown tree {name!r}: choose one of {', '.join(TOPOLOGIES)}")
-    return TOPOLOGIES[name]
+    if name in TOPOLOGIES:
+        return TOPOLOGIES[name]
+    if name != "auto" and not name.isdigit():
+        raise ChimeraError(f"unknown tree {name!r}: choose one of {', '.join(TOPOLOGIES)}, auto, or a node count")
+    size = int(name) if name.isdigit() else AUTO_TREE_SIZE.get(getattr(device, "type", device), 12)
+    if size < 2:
+        raise ChimeraError(f"a tree needs at least 2 nodes, got {size}")
+    profile = getattr(drafter, "acceptance_profile", None)
+    if not profile:
+        return TOPOLOGIES[DEFAULT_TOPOLOGY]
+    heads = getattr(getattr(drafter, "config", None), "num_draft_heads", len(profile))
+    return TreeTopology.from_profile(profile[:heads], size)

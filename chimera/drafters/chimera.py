@@ -14,20 +14,15 @@ embeddings, ``W`` its frozen ``lm_head``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ChimeraError
-from ..identity import base_identity, describe, same_base
+from ..identity import base_identity
 from ..tree import TreeBuffers
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from . import persist
 
 
 @dataclass
@@ -168,6 +163,7 @@ class ChimeraDrafter(nn.Module):
             for head in self.head_lm:
                 head.weight.data.copy_(lm_head.weight.data)
         self._tables = None
+        self.acceptance_profile = None  # measured per head and rank; trees are built from it
         self._tables_version = None
 
     @classmethod
@@ -235,10 +231,7 @@ class ChimeraDrafter(nn.Module):
     def head_logits(self, k: int, h_last, u) -> torch.Tensor:
         """Logits of head k (1-based: the token k steps after the last verified one)."""
         z = self.head_norm(self.heads[k - 1](h_last, u))
-        lm = self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"]
-        if z.dim() == 2 and z.device.type == "cpu" and lm.bias is None and not torch.is_grad_enabled():
-            return _few_rows_times_vocab(z, lm.weight)
-        return lm(z)
+        return vocab_logits(z, self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"])
 
     # ----- inference ---------------------------------------------------------------------------------------
 
@@ -347,33 +340,19 @@ class ChimeraDrafter(nn.Module):
     # ----- persistence -------------------------------------------------------------------------------------
 
     def trainable_state_dict(self, dtype: torch.dtype | None = None) -> dict:
-        return {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
+        return persist.trainable_state(self, dtype)
 
     def save(self, directory, extra_config: dict | None = None, dtype: torch.dtype | None = None) -> None:
-        """config.json + model.safetensors, written to a temporary directory and renamed into place."""
-        import os
-        import shutil
-        import tempfile
+        config = {"architecture": "chimera", **asdict(self.config), "acceptance": self.acceptance_profile,
+                  **(extra_config or {})}
+        persist.save_directory(directory, config, self.trainable_state_dict(dtype))
 
-        from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        try:
-            config = {"architecture": "chimera", **asdict(self.config), **(extra_config or {})}
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            save_file(self.trainable_state_dict(dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if directory.exists():
-                old = directory.with_name(directory.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+def vocab_logits(z: torch.Tensor, lm: nn.Module) -> torch.Tensor:
+    """``lm(z)``, with a faster route for a handful of rows on CPU at inference."""
+    if z.dim() == 2 and z.device.type == "cpu" and lm.bias is None and not torch.is_grad_enabled():
+        return _few_rows_times_vocab(z, lm.weight)
+    return lm(z)
 
 
 def _few_rows_times_vocab(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -445,43 +424,11 @@ def _attend_chains(q, ver_k, ver_v, visible, draft_k, draft_v):
 
 def load_drafter(path, model, dtype: torch.dtype | None = None) -> ChimeraDrafter:
     """Load a saved drafter for ``model``; refuse one built for another base."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise ChimeraError(f"drafter path {path} does not exist")
-    if not path.is_dir():
-        raise ChimeraError(f"drafter path {path} is not a directory")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise ChimeraError(f"drafter directory {path} is missing {name}")
-    try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
-        raw.pop("architecture", None)
-        known = {f for f in ChimeraConfig.__dataclass_fields__}
-        config = ChimeraConfig(**{k: v for k, v in raw.items() if k in known})
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ChimeraError(f"drafter config {path / CONFIG_NAME} is invalid: {exc}") from None
-    expected = base_identity(model)
-    if not same_base(config.base, expected):
-        raise ChimeraError(f"drafter {path} was built for base {describe(config.base)} but the loaded base is "
-                           f"{describe(expected)} with different weights")
+    raw = persist.read_config(path)
+    config = persist.build_config(ChimeraConfig, raw, path)
+    persist.check_base(config.base, model, path)
     drafter = ChimeraDrafter(config, model.get_input_embeddings(), model.get_output_embeddings())
-    try:
-        state = load_file(str(path / WEIGHTS_NAME))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ChimeraError(f"drafter weights {path / WEIGHTS_NAME} are unreadable: {exc}") from None
-    own = drafter.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(x for x in [
-            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"wrong shapes {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:2]]}" if wrong else ""]
-            if x)
-        raise ChimeraError(f"drafter weights in {path} do not match its config: {detail}")
-    drafter.load_state_dict(state)
+    persist.load_weights(drafter, path)
+    drafter.acceptance_profile = persist.acceptance_profile(raw, config.num_draft_heads)
     weight = model.get_input_embeddings().weight
     return drafter.to(device=weight.device, dtype=dtype or weight.dtype).eval().requires_grad_(False)

@@ -45,12 +45,36 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
                           reduction="batchmean")
         else:
             ce = F.cross_entropy(lg_v, target)
-        h_t = torch.gather(hidden, 1, t.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))[valid]
-        reg = F.smooth_l1_loss(u[valid].float(), h_t.float())
         weight = depth_decay ** (k - 1)
+        if u is None:  # drafters without a hidden-state estimate (Medusa heads)
+            reg = torch.zeros((), device=ce.device)
+        else:
+            h_t = torch.gather(hidden, 1, t.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))[valid]
+            reg = F.smooth_l1_loss(u[valid].float(), h_t.float())
         total = total + weight * (ce + regression_weight * reg)
         ce_log.append(float(ce.detach()))
         top1_log.append(float((lg_v.detach().argmax(-1) == target).float().mean()))
         counts.append(int(valid.sum()))
         reg_total += float(reg.detach())
     return LossOutput(total, ce_log, top1_log, counts, reg_total / max(1, len(logits)))
+
+
+@torch.no_grad()
+def acceptance_counts(logits, roots, base_targets, loss_mask, max_rank: int) -> torch.Tensor:
+    """(depth, max_rank + 1) counts of the rank of the base's token among head k's candidates, over chains
+    whose drafts were right up to depth k - 1 (the event that a tree node at depth k is reached). The last
+    column counts ranks >= max_rank."""
+    B, L = base_targets.shape
+    alive = roots >= 1
+    counts = torch.zeros(len(logits), max_rank + 1, dtype=torch.long)
+    for k, lg in enumerate(logits, start=1):
+        t = roots + (k - 1)
+        inside = t < L
+        t = t.clamp(max=L - 1)
+        alive = alive & inside & torch.gather(loss_mask, 1, t)
+        target = torch.gather(base_targets, 1, t)
+        score = torch.gather(lg, -1, target.unsqueeze(-1))
+        rank = (lg > score).sum(-1).clamp(max=max_rank)
+        counts[k - 1] = torch.bincount(rank[alive].cpu(), minlength=max_rank + 1)
+        alive = alive & (rank == 0)
+    return counts

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..drafters.chimera import ChimeraDrafter, load_drafter
+from ..drafters import load_any, new_drafter
 from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
-from .losses import chain_loss
+from .losses import acceptance_counts, chain_loss
 
 STATE_WEIGHTS = "optimizer.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -36,6 +36,7 @@ class TrainConfig:
     max_len: int = 512
     roots_per_seq: int = 64  # chains sampled per sequence and step
     depth: int = 6  # draft heads trained (and tree depth usable at inference)
+    architecture: str = "chimera"  # or "medusa": the baseline heads, trained by the same pipeline
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -196,6 +197,7 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
         return {}
     hits = np.zeros(cfg.depth)
     counts = np.zeros(cfg.depth)
+    ranks = np.zeros((cfg.depth, MAX_RANK + 1))
     for start in range(0, len(ids), cfg.batch_size):
         tokens, attention, loss_mask = collate(samples, ids[start: start + cfg.batch_size], cfg.max_len, pad_id,
                                                device)
@@ -205,8 +207,19 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
         loss = chain_loss(out_logits, out_u, roots, logits.argmax(-1), hidden, loss_mask)
         hits += np.array(loss.per_depth_top1) * np.array(loss.per_depth_count)
         counts += np.array(loss.per_depth_count)
+        ranks += acceptance_counts(out_logits, roots, logits.argmax(-1), loss_mask, MAX_RANK).cpu().numpy()
     return {"top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts)],
-            "chains": [int(c) for c in counts]}
+            "chains": [int(c) for c in counts], "acceptance": acceptance_profile(ranks)}
+
+
+MAX_RANK = 8  # candidates per node whose acceptance the evaluation records
+
+
+def acceptance_profile(ranks: np.ndarray) -> list[list[float]]:
+    """p[k][r]: how often head k+1's rank-r candidate is the base's token, given the chain so far was right
+    (the last column counts "not among the first MAX_RANK"). Trees are built from it (tree.from_profile)."""
+    totals = ranks.sum(-1, keepdims=True)
+    return np.round(ranks[:, :MAX_RANK] / np.maximum(totals, 1), 5).tolist()
 
 
 def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None = None, resume: bool = True,
@@ -245,10 +258,10 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
             changed = sorted(k for k in saved["config"] if saved["config"][k] != asdict(cfg).get(k))
             raise ChimeraError(f"{out_dir} holds a run with other settings ({', '.join(changed)}): "
                                "use the same settings to resume, or another --out directory")
-        drafter = load_drafter(checkpoint, model, dtype=torch.float32).requires_grad_(True)
+        drafter = load_any(checkpoint, model, dtype=torch.float32).requires_grad_(True)
         start_step = saved["step"]
     else:
-        drafter = ChimeraDrafter.for_base(model, num_draft_heads=cfg.depth, seed=cfg.seed).float()
+        drafter = new_drafter(cfg.architecture, model, num_draft_heads=cfg.depth, seed=cfg.seed).float()
         tokens, attention, _ = collate(samples, train_ids[: cfg.batch_size], cfg.max_len, pad_id, device)
         drafter.calibrate_head_norm(base_targets(model, tokens, attention)[0][attention.bool()])
         start_step = 0
@@ -311,6 +324,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     if accelerator.is_main_process and end_step == cfg.steps:
         export = out_dir / "drafter"
         accelerator.unwrap_model(drafter).save(
-            export, extra_config={"training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
+            export, extra_config={"acceptance": evals.get("acceptance"),
+                                  "training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
                                                "data": (data_meta or {}).get("source")}}, dtype=export_dtype)
     return {"step": end_step, "heldout": evals}

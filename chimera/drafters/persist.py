@@ -1,0 +1,113 @@
+"""Saving and loading drafter directories (config.json + model.safetensors), shared by every drafter kind.
+
+Writes go to a temporary directory that is renamed into place, so an interrupted save never leaves a
+directory that a later load would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ChimeraError
+from ..identity import base_identity, describe, same_base
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_directory(directory, config: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_config(path) -> dict:
+    """The raw config of a drafter directory, with clear errors for every way it can be unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise ChimeraError(f"drafter path {path} does not exist")
+    if not path.is_dir():
+        raise ChimeraError(f"drafter path {path} is not a directory")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise ChimeraError(f"drafter directory {path} is missing {name}")
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+    except json.JSONDecodeError:
+        raise ChimeraError(f"drafter config {path / CONFIG_NAME} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ChimeraError(f"drafter config {path / CONFIG_NAME} is not a JSON object")
+    return raw
+
+
+def build_config(cls, raw: dict, path):
+    """A config dataclass from the raw JSON, ignoring extra keys (training records, trees)."""
+    known = set(cls.__dataclass_fields__)
+    try:
+        return cls(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as exc:
+        raise ChimeraError(f"drafter config {Path(path) / CONFIG_NAME} is invalid: {exc}") from None
+
+
+def check_base(config_base: dict, model, path) -> None:
+    expected = base_identity(model)
+    if not same_base(config_base, expected):
+        raise ChimeraError(f"drafter {path} was built for base {describe(config_base)} but the loaded base is "
+                           f"{describe(expected)} with different weights")
+
+
+def load_weights(module: torch.nn.Module, path) -> None:
+    """Load model.safetensors into ``module``, refusing missing, unexpected or mis-shaped tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ChimeraError(f"drafter weights {path / WEIGHTS_NAME} are unreadable: {exc}") from None
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(x for x in [
+            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+            f"wrong shapes {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:2]]}" if wrong else ""]
+            if x)
+        raise ChimeraError(f"drafter weights in {path} do not match its config: {detail}")
+    module.load_state_dict(state)
+
+
+def trainable_state(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    return {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in module.state_dict().items()}
+
+
+def acceptance_profile(raw: dict, heads: int) -> list[list[float]] | None:
+    """The measured acceptance profile saved with a drafter (see trainer.acceptance_profile), if well-formed."""
+    profile = raw.get("acceptance")
+    ok = (isinstance(profile, list) and 0 < len(profile) <= heads
+          and all(isinstance(row, list) and row and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in row)
+                  for row in profile))
+    return profile if ok else None

@@ -1,0 +1,126 @@
+"""Medusa heads beside the Chimera drafter (same interface, same trainer), and trees built from measured
+acceptance."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from chimera import ChimeraError, SpeculativeDecoder, base, cache as kv
+from chimera.drafters import load_any, new_drafter
+from chimera.drafters.medusa import MedusaDrafter
+from chimera.train.losses import acceptance_counts
+from chimera.train.trainer import TrainConfig, train
+from chimera.tree import TreeBuffers, TreeTopology, get_topology
+from conftest import FAMILIES, tiny_model
+
+
+def perturbed_medusa(model, heads=4):
+    drafter = MedusaDrafter.for_base(model, num_draft_heads=heads)
+    for block in drafter.blocks:
+        torch.nn.init.normal_(block.linear.weight, std=0.3)
+    drafter.calibrate_head_norm(torch.randn(8, model.config.hidden_size))
+    return drafter.eval()
+
+
+def test_medusa_training_forward_matches_inference():
+    model = tiny_model("llama")
+    drafter = perturbed_medusa(model)
+    tokens = torch.randint(3, 128, (1, 20))
+    hidden = base.forward(model, kv.new_cache(), tokens[0]).hidden
+    with torch.no_grad():
+        logits, us = drafter(tokens, hidden[None], 4)
+    assert us == [None] * 4
+    tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (1, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0)]),
+                             "cpu")
+    for root in range(1, 19):
+        proposed = drafter.propose(drafter.start(tokens[0, :root], hidden[:root]), tokens[0, root:root + 1], tree)
+        top = [logits[k][0, root].topk(2).indices.tolist() for k in range(4)]
+        depth_rank = [(1, 0), (1, 1), (2, 0), (2, 1), (2, 0), (3, 0), (4, 0)]  # BFS: (0,0) (0,1) (1,0)
+        assert proposed[1:].tolist() == [top[d - 1][r] for d, r in depth_rank]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_medusa_decoding_equals_generate(family, default_model, tmp_path):
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (int(n),), generator=gen).tolist() for n in (6, 11, 17)]
+    samples = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)[0]
+        samples.append((out.numpy(), np.array([0] * len(ids) + [1] * (out.numel() - len(ids)), dtype=bool)))
+    cfg = TrainConfig(steps=30, batch_size=2, max_len=96, roots_per_seq=24, depth=3, lr=2e-2, warmup_steps=3,
+                      heldout_fraction=0, eval_every=10**6, save_every=10**6, cache_base=True, architecture="medusa")
+    train(model, samples, tmp_path / "run", cfg, resume=False, progress=False)
+    trained = load_any(tmp_path / "run" / "drafter", model)
+    assert isinstance(trained, MedusaDrafter)
+    taus = []
+    for drafter in (perturbed_medusa(model, heads=3), trained):
+        decoder = SpeculativeDecoder(model, tokenizer, drafter, tree="small" if drafter.config.num_draft_heads > 4
+                                     else TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 0, 0)]))
+        for ids in prompts:
+            x = torch.tensor([ids])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)
+            result = decoder.generate(input_ids=ids, max_new_tokens=40)
+            assert result.token_ids == ref[0, len(ids):].tolist()
+            taus.append(result.tau)
+    assert max(taus) > 1.2  # the trained heads' drafts were accepted
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    with pytest.raises(ChimeraError, match="unknown drafter architecture 'eagle'"):
+        new_drafter("eagle", tiny_model("llama"))
+    model = tiny_model("llama")
+    perturbed_medusa(model).save(tmp_path / "d")
+    config = (tmp_path / "d" / "config.json")
+    config.write_text(config.read_text().replace('"medusa"', '"hydra"'))
+    with pytest.raises(ChimeraError, match="unknown architecture 'hydra'"):
+        load_any(tmp_path / "d", model)
+
+
+def test_acceptance_counts_follow_the_chain():
+    # one row, depth 2, vocab 4. Chain rooted at 1: depth 1 looks at t=1, depth 2 at t=2.
+    targets = torch.tensor([[0, 2, 3, 1]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    roots = torch.tensor([[1, 2]])
+    d1 = torch.tensor([[[0., 0, 5, 1], [0, 0, 0, 0]]])  # chain 1: target 2 is rank 0; chain 2: ties, rank 0
+    d1[0, 1] = torch.tensor([4., 3, 2, 1])  # chain 2 (t=2): target 3 has rank 3
+    d2 = torch.tensor([[[1., 0, 0, 9], [0, 0, 0, 0]]])  # chain 1 (t=2): target 3 is rank 0
+    counts = acceptance_counts([d1, d2], roots, targets, mask, max_rank=2)
+    assert counts.tolist() == [[1, 0, 1], [1, 0, 0]]  # chain 2 stopped at depth 1 (rank 3 >= 2)
+
+
+def test_tree_from_profile_is_optimal_among_trees_of_its_size():
+    profile = [[0.7, 0.15, 0.05], [0.6, 0.2, 0.1], [0.55, 0.2], [0.5]]
+    for size in (2, 5, 9, 14):
+        tree = TreeTopology.from_profile(profile, size)
+        assert tree.size == size and tree.max_depth <= len(profile)
+        best = tree.expected_accepted(profile)
+        rng = random.Random(size)
+        all_paths = [p for n in range(1, 5) for p in itertools.product(*[range(len(profile[k])) for k in range(n)])]
+        for _ in range(200):  # random prefix-closed trees of the same size never do better
+            chosen = {()}
+            while len(chosen) < size:
+                p = rng.choice(all_paths)
+                if p[:-1] in chosen:
+                    chosen.add(p)
+            other = TreeTopology.from_paths([p for p in chosen if p])
+            assert other.expected_accepted(profile) <= best + 1e-9
+    assert TreeTopology.chain(3).expected_accepted(profile) == pytest.approx(1 + 0.7 + 0.42 + 0.231)
+
+
+def test_tree_specs_resolve_with_and_without_a_profile():
+    model = tiny_model("llama")
+    drafter = new_drafter("chimera", model, num_draft_heads=3)
+    assert get_topology("auto", drafter, torch.device("cpu")).size == 23  # no profile: the named default
+    drafter.acceptance_profile = [[0.5, 0.2, 0.1], [0.5, 0.2, 0.1], [0.5, 0.2], [0.5]]
+    assert get_topology("auto", drafter, torch.device("cpu")).size == 12
+    tree = get_topology("7", drafter, "cpu")
+    assert tree.size == 7 and tree.max_depth <= 3  # never deeper than the heads
+    for bad, message in [("huge", "unknown tree"), ("1", "at least 2 nodes")]:
+        with pytest.raises(ChimeraError, match=message):
+            get_topology(bad, drafter, "cpu")
