@@ -49,15 +49,19 @@ def cmd_generate(args) -> int:
     from .drafters import resolve_drafter
     from .generate import SpeculativeDecoder
     from .models import load_base, resolve_device, resolve_dtype
+    from .sampling import SamplingConfig
 
     if not args.prompt.strip():
         raise ChimeraError("empty prompt")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     resolve_dtype(args.dtype)
     resolve_device(args.device)
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     drafter = resolve_drafter(args.drafter, model)
     decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree)
-    stream = decoder.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, raw=args.raw)
+    stream = decoder.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, raw=args.raw,
+                            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                            seed=sampling.seed)
     if args.json:
         for _ in stream:
             pass
@@ -123,6 +127,56 @@ def cmd_train(args) -> int:
     return 0
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
+    return value
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import Engine, ServerConfig, serve_forever
+        from .server.run import bind
+    except ImportError as exc:
+        raise ChimeraError(f"chimera serve needs the serve extra ({exc.name} is missing): "
+                           "pip install 'chimera-decoding[serve]'") from None
+    from .drafters import resolve_drafter
+    from .generate import SpeculativeDecoder
+    from .models import load_base, resolve_device, resolve_dtype
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("CHIMERA_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise ChimeraError("the API key is empty: give a non-empty --api-key or leave it out")
+    if args.timeout <= 0:
+        raise ChimeraError("--timeout must be positive")
+    resolve_dtype(args.dtype)
+    resolve_device(args.device)
+    sock = bind(args.host, args.port)  # a busy port fails now, not after loading the model
+    model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(args.drafter, model), tree=args.tree)
+    engine = Engine(decoder, max_queue=args.max_queue, timeout=args.timeout)
+    config = ServerConfig(model_name=args.model, api_key=api_key, default_max_tokens=args.default_max_tokens,
+                          default_temperature=args.default_temperature)
+    serve_forever(engine, config, sock)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.command import bench
+
+    summary = bench(args)
+    print(json.dumps({scope: {m: {"tokens_per_s": round(s["tokens_per_s"], 2), "tau": round(s["tau"], 3),
+                                  "speedup": s["speedup"] and round(s["speedup"], 3)}
+                              for m, s in methods.items()}
+                      for scope, methods in summary["categories"].items()}))
+    print(f"chimera: report in {args.out}/report.md", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="chimera", description="Lossless speculative decoding for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -135,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 = greedy (default); > 0 samples, losslessly, from the base's distribution")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="makes a sampled run reproducible (default: random)")
     gen.set_defaults(func=cmd_generate)
 
     dis = sub.add_parser("distill", help="have the base answer training prompts (self-distillation data)")
@@ -171,6 +230,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="chimera (default) or medusa (the baseline heads, for comparison in 'chimera bench')")
     tr.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
     tr.set_defaults(func=cmd_train)
+
+    from .bench.methods import METHODS
+
+    be = sub.add_parser("bench", help="Spec-Bench protocol: every method on the same questions, one report")
+    be.add_argument("--questions", required=True, help="Spec-Bench style JSONL (question_id, category, turns)")
+    be.add_argument("--categories", nargs="+", help="Spec-Bench categories (mt_bench, translation, ...) or finer "
+                                                    "ones (writing, coding, ...); default: all")
+    be.add_argument("--limit", type=positive_int, help="at most N questions per category")
+    be.add_argument("--max-new-tokens", type=positive_int, default=256)
+    be.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)} (default: all)")
+    add_model_args(be)
+    be.add_argument("--chimera-drafter", default="auto", help="drafter directory for 'chimera' (default: shipped)")
+    be.add_argument("--medusa-drafter", default="auto", help="drafter directory for 'medusa' (default: shipped)")
+    be.add_argument("--tree", default="auto", help="draft tree for chimera and medusa (as in 'generate')")
+    be.add_argument("--warmup", type=int, default=2, help="untimed rounds of every method first (default: 2)")
+    be.add_argument("--out", required=True, help="results directory (resumed when it holds this configuration)")
+    be.set_defaults(func=cmd_bench)
+
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_model_args(srv)
+    add_drafter_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=port_number, default=8000, help="(default: 8000; 0 picks a free port)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' (default: $CHIMERA_API_KEY, else no key)")
+    srv.add_argument("--max-queue", type=positive_int, default=16,
+                     help="requests that may wait for the decoder; more are refused with 429 (default: 16)")
+    srv.add_argument("--timeout", type=non_negative_float, default=120.0,
+                     help="seconds a request may take, queueing included (default: 120)")
+    srv.add_argument("--default-max-tokens", type=positive_int, default=256,
+                     help="new tokens when a request gives no max_tokens (default: 256)")
+    srv.add_argument("--default-temperature", type=non_negative_float, default=0.0,
+                     help="temperature when a request gives none (default: 0, greedy; OpenAI's is 1)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,77 @@
+"""Start a server: from the command line (blocking) or in a background thread (tests, the load script).
+
+The listening socket is bound here, before uvicorn starts, so a busy port fails with one clear line and
+port 0 yields a real port that can be printed.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from ..errors import ChimeraError
+from .app import ServerConfig, create_app
+from .engine import Engine
+
+
+def bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ChimeraError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ChimeraError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _uvicorn_server(app, log_level: str):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5))
+
+
+def serve_forever(engine: Engine, config: ServerConfig, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve on an already bound socket until interrupted (bind first, so a busy port fails before loading)."""
+    app = create_app(engine, config)
+    print(f"chimera: serving {config.model_name!r} on {url_of(sock)} (OpenAI API under /v1)", flush=True)
+    _uvicorn_server(app, log_level).run(sockets=[sock])
+
+
+class BackgroundServer:
+    """A server on a loopback port in a daemon thread; ``with BackgroundServer(...) as url: ...``."""
+
+    def __init__(self, engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning"):
+        self.app = create_app(engine, config)
+        self.sock = bind(host, port)
+        self.url = url_of(self.sock)
+        self.server = _uvicorn_server(self.app, log_level)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="chimera-server")
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ChimeraError("the server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
