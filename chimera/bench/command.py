@@ -1,0 +1,78 @@
+"""``chimera bench`` end to end: check every input, load once, run, summarise, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import ChimeraError
+from .methods import METHODS, PLD_TOKENS, HFGenerate, OurDecoder
+from .questions import load_questions, select
+from .report import environment, summarize, write_report
+from .run import BenchConfig, prepare_out_dir, run_bench
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_methods(methods) -> list[str]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ChimeraError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafter="auto", tree="auto"):
+    """The method callables, and what the report should say about their drafters and trees."""
+    from ..drafters import resolve_drafter
+    from ..drafters.medusa import MedusaDrafter
+
+    methods, drafters = {}, {}
+    for name in names:
+        if name in ("hf", "hf-pld"):
+            methods[name] = HFGenerate(model, tokenizer, PLD_TOKENS if name == "hf-pld" else None)
+        elif name == "ar":
+            methods[name] = OurDecoder(model, tokenizer)
+        else:
+            spec = chimera_drafter if name == "chimera" else medusa_drafter
+            drafter = resolve_drafter(spec, model, architecture=name)
+            if drafter is None:
+                raise ChimeraError(f"method {name} needs a drafter: none is shipped for this model, so train one "
+                                   f"('chimera train --architecture {name}') and pass --{name}-drafter DIR")
+            kind = "medusa" if isinstance(drafter, MedusaDrafter) else "chimera"
+            if kind != name:
+                raise ChimeraError(f"--{name}-drafter {spec} is a {kind} drafter")
+            methods[name] = OurDecoder(model, tokenizer, drafter, tree=tree)
+            topology = methods[name].tree
+            drafters[name] = {"drafter": spec, "tree": f"{tree} ({topology.describe()})"}
+    return methods, drafters
+
+
+def bench(args, progress: bool = True) -> dict:
+    from ..models import load_base, resolve_device, resolve_dtype
+
+    methods = check_methods(args.methods)
+    questions = select(load_questions(args.questions), args.categories, args.limit)
+    resolve_dtype(args.dtype)
+    resolve_device(args.device)
+    out = Path(args.out)
+    model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
+    runners, drafters = build_methods(methods, model, tokenizer, args.chimera_drafter, args.medusa_drafter,
+                                      args.tree)
+    device = next(model.parameters()).device
+    config = BenchConfig(questions=str(args.questions), questions_sha256=file_sha256(args.questions),
+                         categories=sorted(args.categories) if args.categories else None, limit=args.limit,
+                         max_new_tokens=args.max_new_tokens, methods=methods, model=args.model,
+                         dtype=args.dtype, device=str(device), drafters=drafters, warmup=args.warmup)
+    resumed = prepare_out_dir(out, config)
+    if resumed and progress:
+        print(f"chimera: resuming the benchmark in {out}")
+    run_bench(runners, tokenizer, questions, out, config, progress=progress)
+    summary = summarize(out, methods)
+    summary["environment"] = environment(model, device)
+    summary["settings"] = json.loads((out / "bench_config.json").read_text())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out, summary, summary["settings"])
+    return summary

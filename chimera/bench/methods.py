@@ -1,0 +1,99 @@
+"""The decoding methods a benchmark compares, behind one call: prompt ids in, one timed turn out.
+
+Every method gets the same prompt ids, and is timed the same way: the device is synchronised before the
+clock starts and before it stops, so queued GPU work is never counted to the wrong method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..generate import SpeculativeDecoder
+from ..text import eos_token_ids
+
+METHODS = ("hf", "hf-pld", "ar", "chimera", "medusa")
+PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in transformers' documentation and Spec-Bench's PLD runs
+
+
+@dataclass
+class Turn:
+    token_ids: list[int]
+    seconds: float
+    steps: int  # base forwards, the prefill included
+    accept_lengths: list[int] | None  # tokens emitted by each base forward, when known
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HFGenerate:
+    """transformers' ``generate``, greedy, optionally with prompt lookup decoding.
+
+    A forward pre-hook (a public nn.Module hook) reads the cache length at each base forward: the growth
+    between forwards is what each one emitted, so tau and accept lengths come out for prompt lookup too."""
+
+    def __init__(self, model, tokenizer, prompt_lookup: int | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.eos = sorted(eos_token_ids(model, tokenizer))
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.prompt_lookup = prompt_lookup
+        self._starts: list[int | None] = []
+
+    def _record(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        self._starts.append(cache.get_seq_length() if cache is not None else None)
+
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int) -> Turn:
+        x = torch.tensor([prompt_ids], device=self.device)
+        options = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos,
+                       pad_token_id=self.pad, temperature=None, top_p=None, top_k=None)
+        if self.prompt_lookup:
+            options["prompt_lookup_num_tokens"] = self.prompt_lookup
+        self._starts = []
+        handle = self.model.register_forward_pre_hook(self._record, with_kwargs=True)
+        try:
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(x, attention_mask=torch.ones_like(x), **options)
+            synchronize(self.device)
+            seconds = time.perf_counter() - t0
+        finally:
+            handle.remove()
+        tokens = out[0, len(prompt_ids):].tolist()
+        return Turn(tokens, seconds, len(self._starts), emitted_per_forward(self._starts, len(prompt_ids),
+                                                                            len(tokens)))
+
+
+def emitted_per_forward(starts: list[int | None], prompt_len: int, new_tokens: int) -> list[int] | None:
+    """Forward i is fed the last emitted token at cache position starts[i] (the prefill emits the token at
+    position prompt_len), so forward i emitted up to the position the next forward starts from."""
+    if not starts or any(s is None for s in starts[1:]):
+        return None
+    marks = [prompt_len - 1] + list(starts[1:]) + [prompt_len + new_tokens - 1]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+class OurDecoder:
+    """Our loop: plain autoregressive (no drafter) or speculative with a drafter and tree."""
+
+    def __init__(self, model, tokenizer, drafter=None, tree="auto"):
+        self.decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+        self.device = self.decoder.device
+
+    @property
+    def tree(self):
+        return self.decoder.tree.topology
+
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int) -> Turn:
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        result = self.decoder.generate(input_ids=prompt_ids, max_new_tokens=max_new_tokens)
+        synchronize(self.device)
+        return Turn(result.token_ids, time.perf_counter() - t0, result.steps, list(result.accepted))

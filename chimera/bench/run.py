@@ -1,0 +1,144 @@
+"""The benchmark loop: questions × methods, interleaved per question, appended to one JSONL per method.
+
+Resume: ``bench_config.json`` records the settings; a later run with the same settings skips what every
+file already holds, and one with other settings is refused rather than mixed into the same tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import ChimeraError
+from ..text import encode_prompt
+from .methods import Turn
+from .questions import Question
+
+CONFIG_FILE = "bench_config.json"
+
+
+@dataclass
+class BenchConfig:
+    questions: str
+    questions_sha256: str
+    categories: list[str] | None
+    limit: int | None
+    max_new_tokens: int
+    methods: list[str]
+    model: str
+    dtype: str
+    device: str
+    drafters: dict = field(default_factory=dict)  # method -> drafter path and tree
+    warmup: int = 2
+
+
+def prepare_out_dir(out: Path, config: BenchConfig) -> bool:
+    """Create ``out`` or check that it holds this configuration's results; True when resuming."""
+    path = out / CONFIG_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ChimeraError(f"{path} is not valid JSON: use another --out directory") from None
+        mine = asdict(config)
+        changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if changed:
+            raise ChimeraError(f"{out} holds results of another benchmark configuration (differs in "
+                               f"{', '.join(changed)}): use another --out directory")
+        return True
+    if out.exists() and any(out.glob("*.jsonl")):
+        raise ChimeraError(f"{out} holds result files but no {CONFIG_FILE}: use another --out directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ChimeraError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    return False
+
+
+def done_questions(file: Path) -> set:
+    """Question ids already answered in a method's file; a torn last line (a kill mid-write) is cut off."""
+    if not file.is_file():
+        return set()
+    data = file.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(file, "r+b") as f:
+            f.truncate(len(keep))
+    done = set()
+    for line in keep.decode("utf-8").splitlines():
+        done.add(json.loads(line)["question_id"])
+    return done
+
+
+def append_line(file: Path, record: dict) -> None:
+    with open(file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def answer_question(method, tokenizer, question: Question, max_new_tokens: int) -> list[tuple[str, Turn]]:
+    """All turns of one question; later turns see the method's own earlier answers (Spec-Bench)."""
+    messages, turns = [], []
+    for text in question.turns:
+        messages.append({"role": "user", "content": text})
+        turn = method(encode_prompt(tokenizer, messages), max_new_tokens)
+        answer = tokenizer.decode(turn.token_ids, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        turns.append((answer, turn))
+    return turns
+
+
+def warm_up(methods: dict, tokenizer, rounds: int) -> None:
+    """Run each method a few times untimed: first calls pay for kernel selection, allocator growth, caches."""
+    prompt = encode_prompt(tokenizer, [{"role": "user", "content": "Tell me about the history of tea."}])
+    for _ in range(rounds):
+        for method in methods.values():
+            method(prompt, 32)
+
+
+def spec_bench_record(question: Question, model_id: str, turns: list[tuple[str, Turn]]) -> dict:
+    """One line of Spec-Bench's answer format, plus the token ids (for the exact-match check)."""
+    return {
+        "question_id": question.question_id,
+        "category": question.category,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "choices": [{
+            "index": 0,
+            "turns": [answer for answer, _ in turns],
+            "decoding_steps": [t.steps for _, t in turns],
+            "new_tokens": [len(t.token_ids) for _, t in turns],
+            "wall_time": [round(t.seconds, 6) for _, t in turns],
+            "accept_lengths": [t.accept_lengths for _, t in turns],
+            "token_ids": [t.token_ids for _, t in turns],
+        }],
+        "tstamp": time.time(),
+    }
+
+
+def run_bench(methods: dict, tokenizer, questions: list[Question], out: Path, config: BenchConfig,
+              progress: bool = True) -> None:
+    files = {name: out / f"{name}.jsonl" for name in methods}
+    done = {name: done_questions(file) for name, file in files.items()}
+    todo = [(q, name) for q in questions for name in methods if q.question_id not in done[name]]
+    if not todo:
+        return
+    warm_up(methods, tokenizer, config.warmup)
+    bar = tqdm(total=len(questions) * len(methods), initial=len(questions) * len(methods) - len(todo),
+               desc="bench", disable=not progress)
+    for question, name in todo:
+        bar.set_postfix(method=name, category=question.category)
+        turns = answer_question(methods[name], tokenizer, question, config.max_new_tokens)
+        append_line(files[name], spec_bench_record(question, f"{config.model}:{name}", turns))
+        bar.update(1)
+    bar.close()

@@ -1,0 +1,123 @@
+"""`chimera bench` on a tiny model: every file, numbers that agree with each other, resume, bad input."""
+
+import json
+
+import pytest
+
+from chimera.bench.methods import emitted_per_forward
+from chimera.bench.questions import load_questions, select
+from chimera.cli import main
+
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a short poem about rain.", "Now make it rhyme."]},
+    {"question_id": 101, "category": "coding", "turns": ["Write a function that adds two numbers."]},
+    {"question_id": 200, "category": "translation", "turns": ["Translate to French: good night."]},
+    {"question_id": 300, "category": "qa", "turns": ["Who wrote Hamlet?"]},
+]
+METHODS = ["hf", "hf-pld", "ar", "chimera", "medusa"]
+
+
+def write_questions(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def bench_args(questions, out, model_dir, *extra):
+    return ["bench", "--questions", str(questions), "--out", str(out), "--model", str(model_dir), "--device", "cpu",
+            "--chimera-drafter", "random", "--medusa-drafter", "random", "--tree", "small", "--max-new-tokens", "10",
+            "--warmup", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("bench")
+    questions = write_questions(tmp / "q.jsonl", QUESTIONS)
+    out = tmp / "out"
+    assert main(bench_args(questions, out, tiny_model_dir, "--limit", "1")) == 0
+    return questions, out
+
+
+def test_a_tiny_run_writes_consistent_files(finished_run):
+    _, out = finished_run
+    for name in [f"{m}.jsonl" for m in METHODS] + ["summary.json", "report.md", "report.png", "bench_config.json"]:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    table = summary["categories"]
+    assert set(table) == {"mt_bench", "translation", "qa", "overall"}  # --limit 1: one MT question
+    for method in METHODS:
+        rows = [json.loads(line) for line in (out / f"{method}.jsonl").read_text().splitlines()]
+        assert [r["question_id"] for r in rows] == [81, 200, 300]
+        for r in rows:
+            c = r["choices"][0]
+            assert len(c["turns"]) == len(c["new_tokens"]) == len(c["wall_time"]) == len(c["token_ids"])
+            for steps, tokens, accepted, ids in zip(c["decoding_steps"], c["new_tokens"], c["accept_lengths"],
+                                                    c["token_ids"]):
+                assert tokens == len(ids) and sum(accepted) == tokens and len(accepted) == steps
+        speeds = [sum(r["choices"][0]["new_tokens"]) / sum(r["choices"][0]["wall_time"]) for r in rows]
+        s = table["overall"][method]
+        assert s["tokens_per_s"] == pytest.approx(sum(speeds) / len(speeds))
+        assert s["tau"] * s["steps"] == pytest.approx(s["new_tokens"])
+        assert s["step_seconds"] * s["steps"] == pytest.approx(s["seconds"], rel=1e-3)
+        assert s["speedup"] == pytest.approx(s["tokens_per_s"] / table["overall"]["hf"]["tokens_per_s"])
+        assert s["r"] == pytest.approx(s["step_seconds"] / table["overall"]["ar"]["step_seconds"])
+        if method != "hf":
+            expected = 1.0 if method != "hf-pld" else s["exact_match"]  # float32: our methods are exact
+            assert s["exact_match"] == expected
+    assert table["overall"]["hf"]["tau"] == table["overall"]["ar"]["tau"] == 1.0
+    report = (out / "report.md").read_text()
+    assert "CPU:" in report and "transformers" in report and "| chimera |" in report and "## overall" in report
+
+
+def test_rerun_resumes_and_a_torn_file_is_completed(finished_run, tiny_model_dir, capsys):
+    questions, out = finished_run
+    before = {m: (out / f"{m}.jsonl").read_text() for m in METHODS}
+    assert main(bench_args(questions, out, tiny_model_dir, "--limit", "1")) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert {m: (out / f"{m}.jsonl").read_text() for m in METHODS} == before  # nothing was run again
+    lines = before["chimera"].splitlines(keepends=True)
+    (out / "chimera.jsonl").write_text(lines[0] + lines[1][:40])  # killed while writing the second line
+    assert main(bench_args(questions, out, tiny_model_dir, "--limit", "1")) == 0
+    rows = [json.loads(line) for line in (out / "chimera.jsonl").read_text().splitlines()]
+    assert sorted(r["question_id"] for r in rows) == [81, 200, 300]
+
+
+def test_other_configuration_in_the_output_directory_is_refused(finished_run, tiny_model_dir, capsys):
+    questions, out = finished_run
+    assert main(bench_args(questions, out, tiny_model_dir, "--limit", "1", "--max-new-tokens", "11")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another benchmark configuration" in err and "max_new_tokens" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question_id": 1, "turns": ["hi"]}], "missing field category"),
+    ([{"question_id": 1, "category": "qa", "turns": []}], "non-empty list"),
+    ([{"question_id": 1, "category": "qa", "turns": ["a"]}, {"question_id": 1, "category": "qa", "turns": ["b"]}],
+     "duplicate question_id"),
+])
+def test_bad_question_files(tmp_path, rows, message, capsys):
+    questions = write_questions(tmp_path / "q.jsonl", rows)
+    assert main(["bench", "--questions", str(questions), "--out", str(tmp_path / "o"), "--methods", "hf"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_method_or_category(tmp_path, capsys):
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    assert main(["bench", "--questions", str(questions), "--out", str(tmp_path / "o"), "--methods", "hf", "eagle"]) == 2
+    assert "unknown method eagle" in capsys.readouterr().err
+    assert main(["bench", "--questions", str(questions), "--out", str(tmp_path / "o"), "--categories", "poetry"]) == 2
+    assert "unknown category poetry" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_limited_mt_bench_covers_its_categories(tmp_path):
+    rows = [{"question_id": i, "category": c, "turns": ["x"]}
+            for i, c in enumerate(["writing"] * 3 + ["coding"] * 3 + ["qa"] * 3)]
+    chosen = select(load_questions(write_questions(tmp_path / "q.jsonl", rows)), ["mt_bench"], limit=2)
+    assert [q.category for q in chosen] == ["writing", "coding"]
+
+
+def test_emitted_per_forward_from_cache_lengths():
+    # prompt of 12; forwards start at cache lengths 0, 12, 13, 16 and 12 + 6 - 1 is the last token's position
+    assert emitted_per_forward([0, 12, 13, 16], 12, 6) == [1, 1, 3, 1]
+    assert emitted_per_forward([None, None], 12, 2) is None
