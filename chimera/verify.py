@@ -1,9 +1,14 @@
-"""Which drafted tokens the base model accepts."""
+"""Which drafted tokens the base model accepts: greedy matching, or lossless multi-draft rejection sampling.
+
+Both return (path node indices in order, the base's next token) and use tensor ops only, so the caller syncs
+with the host once when it reads the result (plus the data-dependent ``nonzero`` that names the path).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from .sampling import SamplingConfig, target_probs
 from .tree import TreeBuffers
 
 
@@ -22,3 +27,68 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
     deepest = torch.where(accepted, tree.depths, -1).argmax()
     path = tree.ancestors[deepest].nonzero().squeeze(-1)  # BFS order is depth order
     return path, pred[deepest]
+
+
+def earlier_siblings(tree: TreeBuffers) -> torch.Tensor:
+    """S[i, j] is True when node j has node i's parent and comes before it: j is tried before i."""
+    n = tree.parents.numel()
+    idx = torch.arange(n, device=tree.parents.device)
+    same_parent = tree.parents[:, None] == tree.parents[None, :]
+    return same_parent & (idx[None, :] < idx[:, None]) & (idx[None, :] > 0) & (idx[:, None] > 0)
+
+
+def draft_accept_probs(tokens: torch.Tensor, probs: torch.Tensor, tree: TreeBuffers, before: torch.Tensor
+                       ) -> torch.Tensor:
+    """The probability that node i is accepted once its parent is accepted and its earlier siblings rejected.
+
+    A drafted token is a point mass, so rejection sampling accepts it with its share of the parent's residual:
+    p(t_i) / (1 - mass of the earlier siblings' tokens), each rejection having removed one token from p.
+    A token that repeats an earlier sibling's has probability 0 in the residual (drafters should not do that).
+    ``before`` is ``earlier_siblings(tree)``.
+    """
+    q = probs[tree.parents, tokens]
+    repeated = (before & (tokens[:, None] == tokens[None, :])).any(-1)
+    q = torch.where(repeated, 0.0, q)
+    tried = (before.to(q.dtype) * q[None, :]).sum(-1)
+    rest = (1.0 - tried - q).clamp_min(0.0)  # the mass still untried after node i, were it rejected
+    return torch.where(q > 0, q / (q + rest), 0.0)
+
+
+def accepted_path(accept: torch.Tensor, tree: TreeBuffers, before: torch.Tensor, generator: torch.Generator
+                  ) -> torch.Tensor:
+    """Try every node's children in order, accepting child i with probability ``accept[i]``: the first accepted
+    child is taken. One uniform per non-root node, all drawn at once (the draws of untried nodes are simply
+    unused); the path is the chain of first-accepted children. Returns its last node."""
+    u = torch.rand(accept.numel() - 1, generator=generator, device=accept.device, dtype=accept.dtype)
+    accepted = torch.cat([accept.new_ones(1, dtype=torch.bool), u < accept[1:]])
+    first = accepted & ~(before & accepted[None, :]).any(-1)
+    on_path = ~(tree.ancestors & ~first[None, :]).any(-1)
+    return torch.where(on_path, tree.depths, -1).argmax()
+
+
+def residual(probs: torch.Tensor, tokens: torch.Tensor, tried: torch.Tensor) -> torch.Tensor:
+    """``probs`` (vocab,) with the tokens of the ``tried`` nodes removed (unnormalised: multinomial normalises).
+
+    Falls back to ``probs`` if nothing is left, which exact arithmetic never allows (the last untried token
+    is accepted with probability 1) but float rounding could, with probability ~1e-7."""
+    removed = torch.zeros_like(probs).index_add_(0, tokens, tried.to(probs.dtype)) > 0
+    left = probs.masked_fill(removed, 0.0)
+    return torch.where(left.sum() > 0, left, probs)
+
+
+def sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers, config: SamplingConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-draft rejection sampling over the tree (SpecInfer / EAGLE style, point-mass drafts).
+
+    From the root, try the children of the current node in order: accept child c with probability
+    p(c) / (residual mass), else remove c from p. On acceptance move to c; when every child is rejected
+    (or the node is a leaf) draw the next token from what is left of p. Every emitted token is then
+    distributed exactly as p, the base's processed distribution (proof: docs/sampling.md).
+    """
+    probs = target_probs(logits, config)
+    before = earlier_siblings(tree)
+    deepest = accepted_path(draft_accept_probs(tokens, probs, tree, before), tree, before, generator)
+    path = tree.ancestors[deepest].nonzero().squeeze(-1)  # BFS order is depth order
+    children = (tree.parents == deepest) & (tree.depths > 0)
+    next_token = torch.multinomial(residual(probs[deepest], tokens, children), 1, generator=generator)
+    return path, next_token.reshape(())
