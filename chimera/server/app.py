@@ -122,7 +122,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         sample = sampling(req)
         limit, param = req.token_limit()
         budget = prompter.budget(prompt_ids, limit, param, prompt_param)
-        job = engine.submit(prompt_ids, budget, stop, sample)
+        job = engine.submit(prompt_ids, budget, stop, sample, stream=req.stream)
         reply = Reply(chat, config.model_name, len(prompt_ids))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -151,7 +151,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                         getter.cancel()
                         metrics.generation("cancelled")
                         raise APIError(499, "the client disconnected", code="client_closed")
-                kind, value = getter.result()
+                kind, value = getter.result()  # a non-streaming job sends no deltas: "done" or "error"
                 if kind == "done":
                     finished(job, reply, value)
                     return reply.complete(value, job.queue_seconds)

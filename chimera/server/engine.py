@@ -36,6 +36,7 @@ class Job:
     sampling: dict
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
+    stream: bool = True  # False: only the final result crosses to the loop, not every text delta
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0
@@ -119,12 +120,12 @@ class Engine:
             self._thread = None
 
     def submit(self, input_ids: list[int], max_new_tokens: int, stop: tuple[str, ...] = (),
-               sampling: dict | None = None) -> Job:
+               sampling: dict | None = None, stream: bool = True) -> Job:
         """Queue a job, or refuse at once: 429 when the queue is full, 503 when the engine is stopping."""
         if self._stopping.is_set():
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         job = Job(input_ids, max_new_tokens, stop, dict(sampling or {}), time.monotonic() + self.timeout,
-                  asyncio.get_running_loop(), id=next(self._ids))
+                  asyncio.get_running_loop(), stream, id=next(self._ids))
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -158,7 +159,8 @@ class Engine:
                                          **job.sampling)
             chunks = iter(stream)
             for text in chunks:
-                job.delta(text)
+                if job.stream:
+                    job.delta(text)
                 if job.cancelled.is_set():
                     return
                 if time.monotonic() > job.deadline:

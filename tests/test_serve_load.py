@@ -1,0 +1,162 @@
+"""`chimera serve` under load: concurrent streams, queue overflow, client disconnects, deadlines, memory.
+
+Plain decoding of the tiny random Llama keeps each request around a tenth of a second, so 160 streams fit
+in a test. Every loop is bounded in count and in time, and only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from chimera import load_base
+from chimera.generate import SpeculativeDecoder
+from chimera.server import BackgroundServer, Engine, ServerConfig
+
+MODEL = "tiny"
+QUEUE = 16
+PROMPTS = ["Name a color.", "Count to five.", "Say hello.", "What is two plus two?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_base(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    engine = Engine(SpeculativeDecoder(*tiny, None), max_queue=QUEUE, timeout=60)
+    with BackgroundServer(engine, ServerConfig(MODEL)) as url:
+        yield url, engine
+
+
+def wait_idle(engine: Engine, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not engine.busy and engine.queued == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def stream_one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) -> tuple[str, str]:
+    """One streamed chat answer, checked chunk by chunk; returns (text, finish_reason)."""
+    stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=max_tokens, temperature=0, stream=True)
+    ids, parts, finish = set(), [], []
+    async for chunk in stream:
+        ids.add(chunk.id)
+        assert chunk.object == "chat.completion.chunk" and len(chunk.choices) == 1
+        choice = chunk.choices[0]
+        assert not finish, "a chunk after the finish_reason"
+        if choice.finish_reason is not None:
+            finish.append(choice.finish_reason)
+        parts.append(choice.delta.content or "")
+    assert len(ids) == 1 and len(finish) == 1
+    return "".join(parts), finish[0]
+
+
+async def run_clients(url: str, clients: int, requests: int, max_tokens: int, expected: dict) -> int:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    async def worker(i: int) -> int:
+        done = 0
+        for j in range(requests):
+            prompt = PROMPTS[(i + j) % len(PROMPTS)]
+            text, finish = await stream_one(client, prompt, max_tokens)
+            assert (text, finish) == expected[prompt]
+            done += 1
+        return done
+
+    try:
+        return sum(await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(clients))), timeout=240))
+    finally:
+        await client.close()
+
+
+def test_concurrent_streams_complete_and_memory_is_steady(server):
+    url, engine = server
+    sync = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    expected = {}
+    for prompt in PROMPTS:
+        r = sync.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12,
+                                         temperature=0)
+        expected[prompt] = (r.choices[0].message.content, r.choices[0].finish_reason)
+    process = psutil.Process()
+    assert asyncio.run(run_clients(url, 16, 2, 12, expected)) == 32  # warm-up: allocator and caches settle
+    gc.collect()
+    before = process.memory_info().rss
+    assert asyncio.run(run_clients(url, 16, 10, 12, expected)) == 160
+    gc.collect()
+    growth = process.memory_info().rss - before
+    assert growth < 48 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 160 streamed requests"
+    assert wait_idle(engine, 5)
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_queue_overflow_answers_429(server):
+    url, engine = server
+
+    async def burst(n: int):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 48,
+                    "temperature": 0}
+            return await asyncio.wait_for(asyncio.gather(*(http.post("/v1/chat/completions", json=body)
+                                                           for _ in range(n))), timeout=120)
+
+    responses = asyncio.run(burst(3 * QUEUE))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 1 and statuses.count(200) >= QUEUE
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+    assert wait_idle(engine, 10)
+    ok = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+    assert metric(url, 'chimera_requests_total{route="/v1/chat/completions",status="429"}') >= 1
+
+
+def test_disconnect_cancels_generation(server):
+    url, engine = server
+    cancelled = metric(url, 'chimera_generations_total{outcome="cancelled"}')
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 460,
+            "temperature": 0, "stream": True}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert engine.busy
+    # the stream is closed after one event: the worker must stop long before 460 tokens (over 1.4 s here)
+    assert wait_idle(engine, 0.8)
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is noticed too
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+    assert wait_idle(engine, 0.8)  # noticed at the next disconnect poll (every 0.5 s)
+    assert metric(url, 'chimera_generations_total{outcome="cancelled"}') >= cancelled + 2
+
+
+def test_request_timeout(tiny):
+    engine = Engine(SpeculativeDecoder(*tiny, None), max_queue=4, timeout=0.3)
+    with BackgroundServer(engine, ServerConfig(MODEL)) as url:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 460}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIError, match="timeout"):
+            for _ in client.chat.completions.create(**body, stream=True):
+                pass
+        assert wait_idle(engine, 2)
+        quick = client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert quick.choices[0].finish_reason in ("length", "stop")
