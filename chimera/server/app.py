@@ -126,8 +126,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         reply = Reply(chat, config.model_name, len(prompt_ids))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, reply, include_usage, t0), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _JobStream(job, _stream(job, reply, include_usage, t0), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(await _collect(request, job, reply))
 
     async def _next(job: Job):
@@ -229,6 +229,21 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+class _JobStream(StreamingResponse):
+    """Cancels its job however the response ends, even when the client leaves before the first chunk
+    (an async generator that never started never runs its ``finally``)."""
+
+    def __init__(self, job: Job, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 class _RequestMetrics:

@@ -114,7 +114,10 @@ class Engine:
                 break
             if job is not None:
                 job.fail(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
-        self._queue.put(None)  # wakes the worker; the queue was just drained so this cannot block
+        try:
+            self._queue.put(None, timeout=1.0)  # wakes an idle worker; a busy one sees the stop flag next
+        except queue.Full:
+            pass
         if self._thread is not None:
             self._thread.join(wait)
             self._thread = None
