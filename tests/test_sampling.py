@@ -20,7 +20,7 @@ from chimera.cli import main as cli_main
 from chimera.errors import ChimeraError
 from chimera.sampling import SamplingConfig, target_probs
 from chimera.tree import TreeBuffers, TreeTopology
-from chimera.verify import accepted_path, earlier_siblings, sample_accept
+from chimera.verify import accepted_path, draft_accept_probs, earlier_siblings, residual, sample_accept
 from conftest import tiny_model
 
 V = 8  # vocabulary: small enough to enumerate every 3-token continuation
@@ -57,20 +57,34 @@ def chi2_critical(df: int, alpha: float = ALPHA) -> float:
     return hi
 
 
+def bins(expected: dict, n: int) -> tuple[dict, torch.Tensor]:
+    """Outcome → bin, and each bin's probability, for a sample of size n: one bin per outcome expected at least
+    MIN_EXPECTED times; the others, and any outcome the law does not allow, share a last bin, folded into the
+    smallest bin when even together they are expected fewer than MIN_EXPECTED times."""
+    big = sorted((k for k, p in expected.items() if n * p >= MIN_EXPECTED), key=lambda k: -expected[k])
+    index = {k: i for i, k in enumerate(big)}
+    probs = [expected[k] for k in big]
+    rest = max(0.0, 1.0 - sum(probs))
+    if n * rest >= MIN_EXPECTED:
+        probs.append(rest)
+    else:
+        probs[-1] += rest
+    return index, torch.tensor(probs, dtype=torch.float64)
+
+
+def chi_square_stat(counts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Pearson's statistic of bin counts (..., bins) against bin probabilities."""
+    n = counts.sum(-1, keepdim=True)
+    return ((counts - n * probs) ** 2 / (n * probs)).sum(-1)
+
+
 def chi_square(samples: list, expected: dict) -> tuple[float, int, float]:
     """(statistic, df, p-value) of ``samples`` (hashable outcomes) against exact probabilities ``expected``."""
-    n = len(samples)
-    big = {k for k, p in expected.items() if n * p >= MIN_EXPECTED}
-    counts = Counter(k if k in big else "rest" for k in samples)
-    probs = {k: expected[k] for k in big}
-    rest = max(0.0, 1.0 - sum(probs.values()))
-    if n * rest >= MIN_EXPECTED:
-        probs["rest"] = rest
-    else:  # the pooled mass is too small for a bin of its own: fold it into the smallest bin
-        smallest = min(big, key=lambda k: expected[k])
-        counts[smallest] += counts.pop("rest", 0)
-        probs[smallest] += rest
-    stat = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in probs.items())
+    index, probs = bins(expected, len(samples))
+    counts = torch.zeros_like(probs)
+    for k, c in Counter(samples).items():
+        counts[index.get(k, len(probs) - 1)] += c
+    stat = float(chi_square_stat(counts, probs))
     df = len(probs) - 1
     return stat, df, chi2_sf(stat, df)
 
@@ -120,13 +134,16 @@ def peaked_model():
     return model
 
 
+def model_and_drafter(device="cpu"):
+    model = peaked_model().to(device)
+    with torch.inference_mode():
+        table = model(torch.arange(V, device=model.device)[:, None]).logits[:, -1]  # one token alone
+    return model, TableDrafter(table)
+
+
 @pytest.fixture(scope="module")
 def setup():
-    model = peaked_model()
-    with torch.inference_mode():
-        table = model(torch.arange(V)[:, None]).logits[:, -1]  # the model's view of one token alone
-    drafter = TableDrafter(table)
-    return model, drafter
+    return model_and_drafter()
 
 
 def exact_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
@@ -138,7 +155,7 @@ def exact_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
 def sequence_logits(model, prefixes: list[list[int]]) -> torch.Tensor:
     """Next-token logits after each prefix (all the same length), in one plain batched forward."""
     with torch.inference_mode():
-        return model(torch.tensor(prefixes)).logits[:, -1].float()
+        return model(torch.tensor(prefixes, device=model.device)).logits[:, -1].float()
 
 
 def exact_continuations(model, config: SamplingConfig, k: int = LOOP_TOKENS) -> dict:
@@ -154,9 +171,9 @@ def exact_continuations(model, config: SamplingConfig, k: int = LOOP_TOKENS) -> 
 def tree_step(model, drafter):
     """The tokens of one drafted tree after PROMPT + its greedy root, and the base's logits at every node."""
     cache = kv.new_cache()
-    out = base.forward(model, cache, torch.tensor(PROMPT))
+    out = base.forward(model, cache, torch.tensor(PROMPT, device=model.device))
     root = out.logits[-1].argmax(-1, keepdim=True)
-    tree = TreeBuffers.build(TREE, "cpu")
+    tree = TreeBuffers.build(TREE, model.device)
     tokens = drafter.propose(None, root, tree)
     return tree, tokens, base.forward_tree(model, cache, tokens, tree.depths, tree.ancestors).logits
 
@@ -178,6 +195,36 @@ def exact_step(tree: TreeBuffers, tokens: torch.Tensor, probs: torch.Tensor) -> 
             if t not in children and p > 0:
                 dist[path_tokens[node] + (t,)] = p
     return dist
+
+
+def rule_law(tree: TreeBuffers, tokens: torch.Tensor, accept: torch.Tensor, final: torch.Tensor) -> dict:
+    """P(emitted tokens) for one step of a rule that accepts node i with probability accept[i] once its parent
+    was accepted and its earlier siblings rejected, and draws the last token from final[v] at the last node v."""
+    topo, toks = tree.topology, tokens.tolist()
+    law = Counter()
+
+    def visit(node, reach, prefix):
+        for child in (c for c in range(1, topo.size) if topo.parents[c] == node):
+            visit(child, reach * float(accept[child]), prefix + (toks[child],))
+            reach *= 1 - float(accept[child])
+        for t in range(final.shape[1]):
+            if reach * float(final[node, t]) > 0:
+                law[prefix + (t,)] += reach * float(final[node, t])
+
+    visit(0, 1.0, ())
+    return dict(law)
+
+
+def sample_accept_law(tree: TreeBuffers, tokens: torch.Tensor, probs: torch.Tensor) -> dict:
+    """The exact law of one step of ``sample_accept``, built from its own parts (acceptance, residual)."""
+    accept = draft_accept_probs(tokens, probs, tree, earlier_siblings(tree))
+    final = torch.stack([residual(probs[v], tokens, (tree.parents == v) & (tree.depths > 0))
+                         for v in range(tree.topology.size)])
+    return rule_law(tree, tokens, accept, final / final.sum(-1, keepdim=True))
+
+
+def without_residual_law(tree: TreeBuffers, tokens: torch.Tensor, probs: torch.Tensor) -> dict:
+    return rule_law(tree, tokens, probs[tree.parents, tokens], probs)
 
 
 def emitted(tokens, path, next_token) -> tuple:
@@ -207,7 +254,7 @@ def typical_accept(tokens, logits, tree, config, generator, epsilon=0.3, delta=0
 
 
 def step_samples(rule, tree, tokens, logits, config, draws=STEP_DRAWS, seed=0) -> list:
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(logits.device).manual_seed(seed)
     return [emitted(tokens, *rule(tokens, logits, tree, config, generator)) for _ in range(draws)]
 
 
@@ -385,3 +432,29 @@ def test_exact_laws_are_distributions(setup):
         probs = torch.rand(tree.topology.size, V, dtype=torch.float64).softmax(-1)
         assert abs(sum(exact_step(tree, tokens, probs).values()) - 1) < 1e-9
     assert abs(sum(exact_continuations(model, CONFIGS["T1"]).values()) - 1) < 1e-9
+
+
+TREES = [[(0,)], [(0,), (1,), (2,), (3,)], [(0,), (0, 0), (0, 0, 0)],
+         [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_rule_s_exact_law_is_the_target_law(setup, name):
+    """The proof, checked in float64 arithmetic: the law of one step of the rule, computed exactly from the
+    acceptance probabilities and residuals it uses, equals the autoregressive law cut at the tree."""
+    model, drafter = setup
+    torch.manual_seed(0)
+    wrong_tv = []
+    for paths in TREES:
+        tree = TreeBuffers.build(TreeTopology.from_paths(paths), "cpu")
+        tokens = drafter.propose(None, torch.tensor([3]), tree)
+        logits = 3 * torch.randn(tree.topology.size, V)
+        logits[tree.parents[1:], tokens[1:]] += 3  # drafts the base likes, as from a good drafter
+        probs = exact_probs(logits, CONFIGS[name])
+        target = exact_step(tree, tokens, probs)
+        law = sample_accept_law(tree, tokens, probs)
+        assert law.keys() == target.keys()
+        assert max(abs(law[k] - target[k]) for k in law) < 1e-12
+        wrong = without_residual_law(tree, tokens, probs)
+        wrong_tv.append(0.5 * sum(abs(wrong.get(k, 0) - target.get(k, 0)) for k in wrong.keys() | target.keys()))
+    assert max(wrong_tv) > 0.05, wrong_tv  # while the wrong rule's law is not
