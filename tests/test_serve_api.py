@@ -254,3 +254,22 @@ def test_unknown_routes_and_methods(http):
 def test_still_serving_after_bad_input(client):
     response = client.chat.completions.create(model=MODEL, messages=OK_MESSAGES, max_tokens=3, temperature=0)
     assert response.choices[0].finish_reason in ("length", "stop")
+
+
+def test_serve_cli_errors_are_one_line(capsys):
+    import socket
+
+    from chimera.cli import main
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        for argv, needle in [(["--port", "70000"], "--port"), (["--api-key", " "], "API key"),
+                             (["--max-queue", "0"], "--max-queue"),
+                             (["--port", str(busy.getsockname()[1])], "cannot listen")]:
+            assert main(["serve", *argv]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and err.startswith("chimera: error:") and needle in err, err
+    finally:
+        busy.close()

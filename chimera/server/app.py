@@ -142,24 +142,23 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         metrics.generation(result.finish_reason, reply.prompt_tokens, result.new_tokens, result.steps)
 
     async def _collect(request: Request, job: Job, reply: Reply) -> dict:
+        """Wait for a non-streaming job's one event ("done" or "error"), polling for a client that left."""
+        getter = asyncio.ensure_future(_next(job))
         try:
-            while True:
-                getter = asyncio.ensure_future(_next(job))
-                while not getter.done():
-                    await asyncio.wait([getter], timeout=DISCONNECT_POLL_S)
-                    if not getter.done() and await request.is_disconnected():
-                        getter.cancel()
-                        metrics.generation("cancelled")
-                        raise APIError(499, "the client disconnected", code="client_closed")
-                kind, value = getter.result()  # a non-streaming job sends no deltas: "done" or "error"
-                if kind == "done":
-                    finished(job, reply, value)
-                    return reply.complete(value, job.queue_seconds)
-                if kind == "error":
-                    metrics.generation(value.code or "error")
-                    raise value
+            while not getter.done():
+                await asyncio.wait([getter], timeout=DISCONNECT_POLL_S)
+                if not getter.done() and await request.is_disconnected():
+                    metrics.generation("cancelled")
+                    raise APIError(499, "the client disconnected", code="client_closed")
+            kind, value = getter.result()
         finally:
+            getter.cancel()
             job.cancel()  # a no-op once the job is done; stops the worker if this handler was abandoned
+        if kind == "error":
+            metrics.generation(value.code or "error")
+            raise value
+        finished(job, reply, value)
+        return reply.complete(value, job.queue_seconds)
 
     async def _stream(job: Job, reply: Reply, include_usage: bool, t0: float):
         completed = False

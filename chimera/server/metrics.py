@@ -30,7 +30,8 @@ class Histogram:
 
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {count}' for bound, count in zip(self.buckets, self.counts)]
+        out = [f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {count}'
+               for bound, count in zip(self.buckets, self.counts)]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
         suffix = f"{{{labels}}}" if labels else ""
         out += [f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {self.total}"]
@@ -71,7 +72,8 @@ class Metrics:
         with self._lock:
             out = ["# HELP chimera_requests_total HTTP requests by route and status code.",
                    "# TYPE chimera_requests_total counter"]
-            out += [f'chimera_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+            out += [f'chimera_requests_total{{route="{r}",status="{s}"}} {n}'
+                    for (r, s), n in sorted(self.requests.items())]
             out += ["# HELP chimera_request_duration_seconds Time from request to the end of the response.",
                     "# TYPE chimera_request_duration_seconds histogram"]
             for route, hist in sorted(self.latency.items()):

@@ -147,7 +147,8 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)]
+    prompt: (StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+             | Annotated[list[StrictInt], Field(min_length=1)])
     max_tokens: StrictInt | None = None
     echo: StrictBool | None = None
     logprobs: StrictInt | None = None
