@@ -198,7 +198,7 @@ TOPOLOGIES = {
 DEFAULT_TOPOLOGY = "medium"  # what "auto" uses for a drafter without an acceptance profile
 
 
-AUTO_TREE_SIZE = {"cuda": 64, "cpu": 12}  # nodes; verification is nearly free on a GPU, not on a CPU
+AUTO_TREE_SIZE = {"cuda": 64, "cpu": 5}  # nodes: verifying is nearly free on a GPU, not on a CPU (docs/benchmarks.md)
 
 
 def get_topology(name: str, drafter=None, device=None) -> TreeTopology:
@@ -211,7 +211,7 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology:
         return TOPOLOGIES[name]
     if name != "auto" and not name.isdigit():
         raise ChimeraError(f"unknown tree {name!r}: choose one of {', '.join(TOPOLOGIES)}, auto, or a node count")
-    size = int(name) if name.isdigit() else AUTO_TREE_SIZE.get(getattr(device, "type", device), 12)
+    size = int(name) if name.isdigit() else AUTO_TREE_SIZE.get(getattr(device, "type", device), AUTO_TREE_SIZE["cpu"])
     if size < 2:
         raise ChimeraError(f"a tree needs at least 2 nodes, got {size}")
     profile = getattr(drafter, "acceptance_profile", None)

@@ -13,7 +13,7 @@ from chimera.drafters import load_any, new_drafter
 from chimera.drafters.medusa import MedusaDrafter
 from chimera.train.losses import acceptance_counts
 from chimera.train.trainer import TrainConfig, train
-from chimera.tree import TreeBuffers, TreeTopology, get_topology
+from chimera.tree import AUTO_TREE_SIZE, TreeBuffers, TreeTopology, get_topology
 from conftest import FAMILIES, tiny_model
 
 
@@ -118,7 +118,8 @@ def test_tree_specs_resolve_with_and_without_a_profile():
     drafter = new_drafter("chimera", model, num_draft_heads=3)
     assert get_topology("auto", drafter, torch.device("cpu")).size == 23  # no profile: the named default
     drafter.acceptance_profile = [[0.5, 0.2, 0.1], [0.5, 0.2, 0.1], [0.5, 0.2], [0.5]]
-    assert get_topology("auto", drafter, torch.device("cpu")).size == 12
+    assert get_topology("auto", drafter, torch.device("cpu")).size == AUTO_TREE_SIZE["cpu"]
+    assert get_topology("auto", drafter, torch.device("cuda")).size == AUTO_TREE_SIZE["cuda"]
     tree = get_topology("7", drafter, "cpu")
     assert tree.size == 7 and tree.max_depth <= 3  # never deeper than the heads
     for bad, message in [("huge", "unknown tree"), ("1", "at least 2 nodes")]:

@@ -45,6 +45,9 @@ def _stats(rows: list[dict], reference: dict | None) -> dict:
 
 def summarize(out: Path, methods: list[str]) -> dict:
     answers = {m: read_answers(out / f"{m}.jsonl") for m in methods if (out / f"{m}.jsonl").is_file()}
+    # only questions every method answered: an interrupted run must not compare different question sets
+    common = set.intersection(*({r["question_id"] for r in rows} for rows in answers.values())) if answers else set()
+    answers = {m: [r for r in rows if r["question_id"] in common] for m, rows in answers.items()}
     reference = {r["question_id"]: r for r in answers.get("hf", [])}
     groups = [g for g in GROUPS if any(group_of(r["category"]) == g for rows in answers.values() for r in rows)]
     groups += sorted({group_of(r["category"]) for rows in answers.values() for r in rows} - set(groups))

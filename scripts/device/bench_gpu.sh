@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session behind docs/benchmarks.md: run on the device machine after the staging calls (see
-# docs/training.md), from a snapshot of the repository, in the background, logging to $HOME/bench.log.
+# docs/training.md), from a snapshot of the repository, detached with setsid (a plain background job ends
+# with the device call that started it), logging to $HOME/bench.log.
 #   0. a one-question smoke run of every bench method (fails fast on a device-specific bug),
 #   1. self-distillation of the first prompts for DISTILL_SECONDS, and of the last HELDOUT prompts, which the
 #      shipped drafter never saw (its acceptance profile is measured on those),
@@ -21,9 +22,11 @@ SHIPPED=chimera/assets/drafters/smollm2-135m-instruct
 Q=$HOME/stage/spec_bench.jsonl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 -m chimera.cli bench --questions "$Q" --categories qa --limit 1 --max-new-tokens 16 --device cuda \
-  --chimera-drafter random --medusa-drafter random --warmup 1 --out "$RUN/smoke"
-echo SMOKE_DONE
+if [ -z "${SKIP_SMOKE:-}" ]; then
+  python3 -m chimera.cli bench --questions "$Q" --categories qa --limit 1 --max-new-tokens 16 --device cuda \
+    --chimera-drafter random --medusa-drafter random --warmup 1 --out "$RUN/smoke"
+  echo SMOKE_DONE
+fi
 tail -n "$HELDOUT" "$HOME/stage/train.jsonl" > "$RUN/heldout.jsonl"
 python3 -m chimera.cli distill --prompts "$RUN/heldout.jsonl" --out "$RUN/heldout" --max-new-tokens 256 \
   --batch-size 512 --dtype bfloat16 --device cuda
