@@ -16,6 +16,7 @@ import torch
 
 from . import base, cache as kv
 from .errors import ChimeraError
+from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, encode_prompt, eos_token_ids
@@ -93,7 +94,7 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
-                 sync_timing: bool = False):
+                 sync_timing: bool = False, cuda_graphs: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
@@ -106,6 +107,9 @@ class SpeculativeDecoder:
             raise ChimeraError(f"the tree is {topology.max_depth} deep but the drafter has {heads} heads: "
                                "choose a shallower --tree")
         self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)
+        if (cuda_graphs and drafter is not None and self.tree.topology.size > 1
+                and GraphedDrafter.supported(drafter, self.device, context_limit(model))):
+            self.drafter = GraphedDrafter(drafter, self.tree, capacity=context_limit(model))
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.limit = context_limit(model)

@@ -157,3 +157,26 @@ def test_tree_deeper_than_heads_is_an_error():
     model = tiny_model("llama")
     with pytest.raises(ChimeraError, match="heads"):
         SpeculativeDecoder(model, None, perturbed_drafter(model, heads=2), tree="small")
+
+
+def test_static_drafting_equals_drafting_and_states_refill_in_place():
+    """propose_static (fixed shapes, what the CUDA graph replays) drafts what propose drafts, and a reused
+    state keeps its buffers (the graph reads them) while holding the new prompt's values."""
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=4)
+    tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]),
+                             "cpu")
+    tokens = torch.randint(3, 128, (40,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    static = drafter.start(tokens[:5], hidden[:5], capacity=64)
+    buffers = (static.keys, static.values, static.history, static.last_hidden)
+    for lo, hi in [(5, 9), (9, 10), (10, 31)]:
+        drafter.advance(static, tokens[lo:hi], hidden[lo:hi])
+        fresh = drafter.start(tokens[:hi], hidden[:hi])
+        root = tokens[hi:hi + 1]
+        assert torch.equal(drafter.propose_static(static, root, tree), drafter.propose(fresh, root, tree))
+    refilled = drafter.start(tokens[:12], hidden[:12], reuse=static)
+    assert refilled is static and static.length == 12 and int(static.length_on_device) == 12
+    assert all(a is b for a, b in zip(buffers, (static.keys, static.values, static.history, static.last_hidden)))
+    fresh = drafter.start(tokens[:12], hidden[:12])
+    assert torch.equal(drafter.propose_static(static, tokens[12:13], tree), drafter.propose(fresh, tokens[12:13], tree))

@@ -142,6 +142,7 @@ class DraftState:
     length: int
     history: torch.Tensor  # (2,) last two verified tokens, pad id where the sequence is shorter
     last_hidden: torch.Tensor  # (d,)
+    length_on_device: torch.Tensor  # () the same length, for drafting without reading it on the host
 
 
 class ChimeraDrafter(nn.Module):
@@ -236,13 +237,21 @@ class ChimeraDrafter(nn.Module):
     # ----- inference ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def start(self, prompt_ids: torch.Tensor, hidden: torch.Tensor) -> DraftState:
+    def start(self, prompt_ids: torch.Tensor, hidden: torch.Tensor, capacity: int | None = None,
+              reuse: DraftState | None = None) -> DraftState:
+        """A fresh state for a prompt. ``capacity`` fixes the KV buffers' size (a state that never grows keeps
+        its tensors, which a captured CUDA graph needs); ``reuse`` refills an existing state in place."""
         c = self.config
-        capacity = max(256, 2 * prompt_ids.numel())
-        keys = hidden.new_empty(c.num_kv_heads, capacity, c.head_dim)
-        values = torch.empty_like(keys)
-        pad = torch.full((2,), self.pad_id, device=prompt_ids.device, dtype=torch.long)
-        state = DraftState(keys, values, 0, pad, hidden[-1])
+        if reuse is not None:
+            state = reuse
+            state.length = 0
+            state.history.fill_(self.pad_id)
+        else:
+            capacity = capacity or max(256, 2 * prompt_ids.numel())
+            keys = hidden.new_empty(c.num_kv_heads, capacity, c.head_dim)
+            pad = torch.full((2,), self.pad_id, device=prompt_ids.device, dtype=torch.long)
+            state = DraftState(keys, torch.empty_like(keys), 0, pad, hidden[-1].to(self.fuse.weight.dtype).clone(),
+                               torch.zeros((), dtype=torch.long, device=prompt_ids.device))
         self.advance(state, prompt_ids, hidden)
         return state
 
@@ -260,11 +269,23 @@ class ChimeraDrafter(nn.Module):
         state.keys[:, state.length:state.length + n] = k
         state.values[:, state.length:state.length + n] = v
         state.length += n
-        state.history = ext[-2:]
-        state.last_hidden = hidden[-1].to(g.dtype)
+        state.length_on_device.fill_(state.length)
+        state.history.copy_(ext[-2:])  # in place: a captured drafting graph reads these very tensors
+        state.last_hidden.copy_(hidden[-1])
 
     @torch.inference_mode()
     def propose(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
+        return self._propose(state, root, tree, state.keys[:, : state.length], state.values[:, : state.length],
+                             None, state.length)
+
+    @torch.inference_mode()
+    def propose_static(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
+        """``propose`` with every shape fixed and no host read: attends over the whole KV capacity with the
+        unused part masked, so one CUDA graph can replay it at every step (drafters/graphs.py)."""
+        visible = torch.arange(state.keys.shape[1], device=state.keys.device) < state.length_on_device
+        return self._propose(state, root, tree, state.keys, state.values, visible, state.length_on_device)
+
+    def _propose(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset) -> torch.Tensor:
         topo = tree.topology  # SpeculativeDecoder checked that the heads cover its depth
         plan = _tree_plan(tree)
         tokens = root.new_empty(topo.size)
@@ -273,19 +294,18 @@ class ChimeraDrafter(nn.Module):
         n = topo.size
         draft_k = state.keys.new_empty(self.config.num_kv_heads, n, self.config.head_dim)
         draft_v = torch.empty_like(draft_k)
-        prefix_k = state.keys[:, : state.length]
-        prefix_v = state.values[:, : state.length]
         for level in range(topo.max_depth):
             nodes = topo.levels[level]
             lo, hi = nodes.start, nodes.stop
             idx = plan.trigram_index[lo:hi]
             ext[2:] = tokens
             g = self.trigram_lookup(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]])
-            positions = state.length + tree.depths[lo:hi]
+            positions = offset + tree.depths[lo:hi]
             k, v = self.layer.keys_values(g, positions)
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
             q = self.layer.queries(g, positions)
-            attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi])
+            attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi],
+                           prefix_visible)
             u = self.layer.finish(g, attn)
             logits = self.head_logits(level + 1, state.last_hidden, u)
             top = logits.topk(plan.width[level + 1], dim=-1).indices
@@ -395,11 +415,14 @@ def _tree_plan(tree: TreeBuffers) -> _TreePlan:
     return _PLANS[key]
 
 
-def _attend(q, prefix_k, prefix_v, draft_k, draft_v, draft_allowed):
-    """Tree-node queries q (kvh, grp, m, hd) over the whole verified prefix (kvh, s, hd) and the draft nodes
-    they may see (kvh, n, hd; ``draft_allowed`` (m, n)). Scores are joined, keys are never copied."""
+def _attend(q, prefix_k, prefix_v, draft_k, draft_v, draft_allowed, prefix_visible=None):
+    """Tree-node queries q (kvh, grp, m, hd) over the whole verified prefix (kvh, s, hd; only the positions
+    ``prefix_visible`` (s,) when given) and the draft nodes they may see (kvh, n, hd; ``draft_allowed`` (m, n)).
+    Scores are joined, keys are never copied."""
     scale = q.shape[-1] ** -0.5
     s_prefix = torch.einsum("hgmd,hsd->hgms", q, prefix_k) * scale
+    if prefix_visible is not None:
+        s_prefix = s_prefix.masked_fill(~prefix_visible, float("-inf"))
     s_draft = torch.einsum("hgmd,hnd->hgmn", q, draft_k) * scale
     s_draft = s_draft.masked_fill(~draft_allowed, float("-inf"))
     probs = torch.cat([s_prefix, s_draft], -1).float().softmax(-1).to(q.dtype)
