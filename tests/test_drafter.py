@@ -175,6 +175,7 @@ def test_static_drafting_equals_drafting_and_states_refill_in_place():
         fresh = drafter.start(tokens[:hi], hidden[:hi])
         root = tokens[hi:hi + 1]
         assert torch.equal(drafter.propose_static(static, root, tree), drafter.propose(fresh, root, tree))
+        assert torch.equal(drafter.propose_static(static, root, tree, window=32), drafter.propose(fresh, root, tree))
     refilled = drafter.start(tokens[:12], hidden[:12], reuse=static)
     assert refilled is static and static.length == 12 and int(static.length_on_device) == 12
     assert all(a is b for a, b in zip(buffers, (static.keys, static.values, static.history, static.last_hidden)))

@@ -279,11 +279,15 @@ class ChimeraDrafter(nn.Module):
                              None, state.length)
 
     @torch.inference_mode()
-    def propose_static(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
-        """``propose`` with every shape fixed and no host read: attends over the whole KV capacity with the
-        unused part masked, so one CUDA graph can replay it at every step (drafters/graphs.py)."""
-        visible = torch.arange(state.keys.shape[1], device=state.keys.device) < state.length_on_device
-        return self._propose(state, root, tree, state.keys, state.values, visible, state.length_on_device)
+    def propose_static(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers,
+                       window: int | None = None) -> torch.Tensor:
+        """``propose`` with every shape fixed and no host read: attends over the first ``window`` KV slots
+        (all of them by default) with the unused ones masked, so one CUDA graph per window size can replay
+        it at every step while the prefix fits (drafters/graphs.py)."""
+        window = window or state.keys.shape[1]
+        visible = torch.arange(window, device=state.keys.device) < state.length_on_device
+        return self._propose(state, root, tree, state.keys[:, :window], state.values[:, :window], visible,
+                             state.length_on_device)
 
     def _propose(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset) -> torch.Tensor:
         topo = tree.topology  # SpeculativeDecoder checked that the heads cover its depth

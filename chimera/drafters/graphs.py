@@ -1,10 +1,12 @@
-"""Drafting through a captured CUDA graph.
+"""Drafting through captured CUDA graphs.
 
 On a GPU a small model's step is bound by kernel launches, not arithmetic: drafting six tree levels
 launches a few hundred small kernels (about 10 ms on an H200 in eager mode). A drafter whose drafting has
-fixed shapes and reads nothing on the host (``propose_static``) is captured once per decoder and replayed
-every step. The graph reads one persistent ``DraftState`` whose buffers never move (its capacity is the
-model's context), so each request refills that state in place instead of making a new one.
+fixed shapes and reads nothing on the host (``propose_static``) is captured and then replayed every step.
+The graphs read one persistent ``DraftState`` whose buffers never move (its capacity is the model's
+context), so each request refills that state in place instead of making a new one. Attention over the
+verified prefix covers a fixed window of KV slots; one graph per power-of-two window, captured when a
+sequence first needs it, keeps short sequences from paying for the whole context.
 """
 
 from __future__ import annotations
@@ -13,20 +15,21 @@ import torch
 
 from ..tree import TreeBuffers
 
+SMALLEST_WINDOW = 256
+
 
 class GraphedDrafter:
-    """The Drafter interface over one topology, drafted by replaying a CUDA graph."""
+    """The Drafter interface over one topology, drafted by replaying CUDA graphs."""
+
+    MAX_CAPACITY = 16384  # beyond this, attending over masked slots costs more than the launches saved
 
     def __init__(self, drafter, tree: TreeBuffers, capacity: int):
         self.drafter = drafter
         self.tree = tree
         self.capacity = capacity
         self.state = None
-        self.graph = None
         self.root = None
-        self.tokens = None
-
-    MAX_CAPACITY = 16384  # beyond this, attending over the masked capacity costs more than launches save
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> (graph, tokens)
 
     @classmethod
     def supported(cls, drafter, device: torch.device, capacity: int) -> bool:
@@ -39,23 +42,33 @@ class GraphedDrafter:
     def advance(self, state, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
         self.drafter.advance(state, tokens, hidden)
 
+    def window(self, length: int) -> int:
+        window = SMALLEST_WINDOW
+        while window < length and window < self.capacity:
+            window *= 2
+        return min(window, self.capacity)
+
     def propose(self, state, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
         if tree is not self.tree:  # another topology (the decoder never asks for one; kept correct anyway)
             return self.drafter.propose(state, root, tree)
-        if self.graph is None:
-            self._capture(root)
+        if self.root is None:
+            self.root = root.reshape(1).clone()
+        window = self.window(state.length)
+        if window not in self.graphs:
+            self.graphs[window] = self._capture(window)
+        graph, tokens = self.graphs[window]
         self.root.copy_(root.reshape(1))
-        self.graph.replay()
-        return self.tokens
+        graph.replay()
+        return tokens
 
-    def _capture(self, root: torch.Tensor) -> None:
-        self.root = root.reshape(1).clone()
+    def _capture(self, window: int):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph, as torch.cuda.graphs asks
             for _ in range(2):
-                self.drafter.propose_static(self.state, self.root, self.tree)
+                self.drafter.propose_static(self.state, self.root, self.tree, window)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.tokens = self.drafter.propose_static(self.state, self.root, self.tree)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            tokens = self.drafter.propose_static(self.state, self.root, self.tree, window)
+        return graph, tokens
