@@ -215,6 +215,9 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology:
     if size < 2:
         raise ChimeraError(f"a tree needs at least 2 nodes, got {size}")
     profile = getattr(drafter, "acceptance_profile", None)
+    if not profile and name != "auto":
+        raise ChimeraError(f"--tree {name} builds the tree from the drafter's acceptance profile, which this "
+                           f"drafter lacks: choose one of {', '.join(TOPOLOGIES)}")
     if not profile:
         return TOPOLOGIES[DEFAULT_TOPOLOGY]
     heads = getattr(getattr(drafter, "config", None), "num_draft_heads", len(profile))

@@ -117,6 +117,8 @@ def test_tree_specs_resolve_with_and_without_a_profile():
     model = tiny_model("llama")
     drafter = new_drafter("chimera", model, num_draft_heads=3)
     assert get_topology("auto", drafter, torch.device("cpu")).size == 23  # no profile: the named default
+    with pytest.raises(ChimeraError, match="lacks"):
+        get_topology("7", drafter, "cpu")  # a size needs a profile
     drafter.acceptance_profile = [[0.5, 0.2, 0.1], [0.5, 0.2, 0.1], [0.5, 0.2], [0.5]]
     assert get_topology("auto", drafter, torch.device("cpu")).size == AUTO_TREE_SIZE["cpu"]
     assert get_topology("auto", drafter, torch.device("cuda")).size == 31  # every node the profile allows (< 64)

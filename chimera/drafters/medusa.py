@@ -92,9 +92,6 @@ class MedusaDrafter(nn.Module):
 
     # ----- inference (the Drafter protocol) -----------------------------------------------------------------
 
-    def prepare_inference(self) -> None:
-        pass
-
     @torch.inference_mode()
     def start(self, prompt_ids: torch.Tensor, hidden: torch.Tensor) -> MedusaState:
         return MedusaState(hidden[-1])

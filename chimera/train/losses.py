@@ -27,7 +27,7 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
     (an assistant token follows them) and roots r >= 1 (a verified prefix exists) count.
     """
     B, L = base_targets.shape
-    total = logits[0].float().sum() * 0  # stays in the graph when a batch has no target at all
+    total = logits[0].new_zeros((), dtype=torch.float32)
     ce_log, top1_log, counts, reg_total = [], [], [], 0.0
     for k, (lg, u) in enumerate(zip(logits, us), start=1):
         t = roots + (k - 1)
@@ -56,6 +56,8 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
         top1_log.append(float((lg_v.detach().argmax(-1) == target).float().mean()))
         counts.append(int(valid.sum()))
         reg_total += float(reg.detach())
+    if not any(counts) and torch.is_grad_enabled():
+        total = total + logits[0].sum() * 0  # a batch without targets still backpropagates (zero gradients)
     return LossOutput(total, ce_log, top1_log, counts, reg_total / max(1, len(logits)))
 
 
