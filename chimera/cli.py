@@ -15,14 +15,23 @@ class _Parser(argparse.ArgumentParser):
         raise ChimeraError(f"{self.prog}: {message}")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def number(cast, check, must: str, expected: str):
+    """An argparse type: ``cast`` the text, then require ``check``; either failure is a one-line error."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, lambda v: v > 0, "a positive integer", "a positive integer")
+non_negative_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0", "a number")
+port_number = number(int, lambda v: 0 <= v <= 65535, "between 0 and 65535", "a port number")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -77,16 +86,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 def cmd_distill(args) -> int:
     from .models import load_base, resolve_device, resolve_dtype
     from .train.data import read_prompts
@@ -125,16 +124,6 @@ def cmd_train(args) -> int:
                    export_dtype=resolve_dtype(args.export_dtype))
     print(json.dumps(result))
     return 0
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
-    return value
 
 
 def cmd_serve(args) -> int:

@@ -101,6 +101,7 @@ class SpeculativeDecoder:
         if drafter is not None and hasattr(drafter, "prepare_inference"):
             drafter.prepare_inference()  # one-time precomputation, kept out of every request's time
         self.device = next(model.parameters()).device
+        self.limit = context_limit(model)
         topology = get_topology(tree, drafter, self.device) if isinstance(tree, str) else tree
         heads = getattr(getattr(drafter, "config", None), "num_draft_heads", None)
         if drafter is not None and heads is not None and topology.max_depth > heads:
@@ -108,11 +109,10 @@ class SpeculativeDecoder:
                                "choose a shallower --tree")
         self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)
         if (cuda_graphs and drafter is not None and self.tree.topology.size > 1
-                and GraphedDrafter.supported(drafter, self.device, context_limit(model))):
-            self.drafter = GraphedDrafter(drafter, self.tree, capacity=context_limit(model))
+                and GraphedDrafter.supported(drafter, self.device, self.limit)):
+            self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.limit = context_limit(model)
         self.sync_timing = sync_timing and self.device.type == "cuda"
 
     def _clock(self) -> float:

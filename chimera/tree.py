@@ -136,15 +136,20 @@ class TreeBuffers:
     depths: torch.Tensor  # (n,) long
     parents: torch.Tensor  # (n,) long, root points at itself
     ancestors: torch.Tensor  # (n, n) bool
+    earlier_siblings: torch.Tensor  # (n, n) bool: [i, j] when j shares i's parent and is tried before it
 
     @classmethod
     def build(cls, topology: TreeTopology, device) -> "TreeBuffers":
         parents = torch.tensor([max(p, 0) for p in topology.parents], device=device)
+        idx = torch.arange(topology.size, device=device)
+        same_parent = parents[:, None] == parents[None, :]
+        earlier = same_parent & (idx[None, :] < idx[:, None]) & (idx[None, :] > 0) & (idx[:, None] > 0)
         return cls(
             topology=topology,
             depths=torch.tensor(topology.depths, device=device),
             parents=parents,
             ancestors=topology.ancestor_matrix().to(device),
+            earlier_siblings=earlier,
         )
 
     def level_children(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:

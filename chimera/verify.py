@@ -29,23 +29,14 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
     return path, pred[deepest]
 
 
-def earlier_siblings(tree: TreeBuffers) -> torch.Tensor:
-    """S[i, j] is True when node j has node i's parent and comes before it: j is tried before i."""
-    n = tree.parents.numel()
-    idx = torch.arange(n, device=tree.parents.device)
-    same_parent = tree.parents[:, None] == tree.parents[None, :]
-    return same_parent & (idx[None, :] < idx[:, None]) & (idx[None, :] > 0) & (idx[:, None] > 0)
-
-
-def draft_accept_probs(tokens: torch.Tensor, probs: torch.Tensor, tree: TreeBuffers, before: torch.Tensor
-                       ) -> torch.Tensor:
+def draft_accept_probs(tokens: torch.Tensor, probs: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
     """The probability that node i is accepted once its parent is accepted and its earlier siblings rejected.
 
     A drafted token is a point mass, so rejection sampling accepts it with its share of the parent's residual:
     p(t_i) / (1 - mass of the earlier siblings' tokens), each rejection having removed one token from p.
     A token that repeats an earlier sibling's has probability 0 in the residual (drafters should not do that).
-    ``before`` is ``earlier_siblings(tree)``.
     """
+    before = tree.earlier_siblings
     q = probs[tree.parents, tokens]
     repeated = (before & (tokens[:, None] == tokens[None, :])).any(-1)
     q = torch.where(repeated, 0.0, q)
@@ -54,14 +45,13 @@ def draft_accept_probs(tokens: torch.Tensor, probs: torch.Tensor, tree: TreeBuff
     return torch.where(q > 0, q / (q + rest), 0.0)
 
 
-def accepted_path(accept: torch.Tensor, tree: TreeBuffers, before: torch.Tensor, generator: torch.Generator
-                  ) -> torch.Tensor:
+def accepted_path(accept: torch.Tensor, tree: TreeBuffers, generator: torch.Generator) -> torch.Tensor:
     """Try every node's children in order, accepting child i with probability ``accept[i]``: the first accepted
     child is taken. One uniform per non-root node, all drawn at once (the draws of untried nodes are simply
     unused); the path is the chain of first-accepted children. Returns its last node."""
     u = torch.rand(accept.numel() - 1, generator=generator, device=accept.device, dtype=accept.dtype)
     accepted = torch.cat([accept.new_ones(1, dtype=torch.bool), u < accept[1:]])
-    first = accepted & ~(before & accepted[None, :]).any(-1)
+    first = accepted & ~(tree.earlier_siblings & accepted[None, :]).any(-1)
     on_path = ~(tree.ancestors & ~first[None, :]).any(-1)
     return torch.where(on_path, tree.depths, -1).argmax()
 
@@ -86,8 +76,7 @@ def sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers,
     distributed exactly as p, the base's processed distribution (proof: docs/sampling.md).
     """
     probs = target_probs(logits, config)
-    before = earlier_siblings(tree)
-    deepest = accepted_path(draft_accept_probs(tokens, probs, tree, before), tree, before, generator)
+    deepest = accepted_path(draft_accept_probs(tokens, probs, tree), tree, generator)
     path = tree.ancestors[deepest].nonzero().squeeze(-1)  # BFS order is depth order
     children = (tree.parents == deepest) & (tree.depths > 0)
     next_token = torch.multinomial(residual(probs[deepest], tokens, children), 1, generator=generator)

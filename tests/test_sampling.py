@@ -20,7 +20,7 @@ from chimera.cli import main as cli_main
 from chimera.errors import ChimeraError
 from chimera.sampling import SamplingConfig, target_probs
 from chimera.tree import TreeBuffers, TreeTopology
-from chimera.verify import accepted_path, draft_accept_probs, earlier_siblings, residual, sample_accept
+from chimera.verify import accepted_path, draft_accept_probs, residual, sample_accept
 from conftest import tiny_model
 
 V = 8  # vocabulary: small enough to enumerate every 3-token continuation
@@ -217,7 +217,7 @@ def rule_law(tree: TreeBuffers, tokens: torch.Tensor, accept: torch.Tensor, fina
 
 def sample_accept_law(tree: TreeBuffers, tokens: torch.Tensor, probs: torch.Tensor) -> dict:
     """The exact law of one step of ``sample_accept``, built from its own parts (acceptance, residual)."""
-    accept = draft_accept_probs(tokens, probs, tree, earlier_siblings(tree))
+    accept = draft_accept_probs(tokens, probs, tree)
     final = torch.stack([residual(probs[v], tokens, (tree.parents == v) & (tree.depths > 0))
                          for v in range(tree.topology.size)])
     return rule_law(tree, tokens, accept, final / final.sum(-1, keepdim=True))
@@ -237,7 +237,7 @@ def emitted(tokens, path, next_token) -> tuple:
 def accept_without_residual(tokens, logits, tree, config, generator):
     """Wrong: accept child c with min(1, p(c)) and, after rejections, draw from p itself (no residual)."""
     probs = target_probs(logits, config)
-    deepest = accepted_path(probs[tree.parents, tokens], tree, earlier_siblings(tree), generator)
+    deepest = accepted_path(probs[tree.parents, tokens], tree, generator)
     path = tree.ancestors[deepest].nonzero().squeeze(-1)
     return path, torch.multinomial(probs[deepest], 1, generator=generator).reshape(())
 
@@ -248,7 +248,7 @@ def typical_accept(tokens, logits, tree, config, generator, epsilon=0.3, delta=0
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
     threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)
     accept = (probs[tree.parents, tokens] > threshold[tree.parents]).float()
-    deepest = accepted_path(accept, tree, earlier_siblings(tree), generator)
+    deepest = accepted_path(accept, tree, generator)
     path = tree.ancestors[deepest].nonzero().squeeze(-1)
     return path, torch.multinomial(probs[deepest], 1, generator=generator).reshape(())
 

@@ -43,10 +43,8 @@ class GraphedDrafter:
         self.drafter.advance(state, tokens, hidden)
 
     def window(self, length: int) -> int:
-        window = SMALLEST_WINDOW
-        while window < length and window < self.capacity:
-            window *= 2
-        return min(window, self.capacity)
+        """The smallest power-of-two window (at least SMALLEST_WINDOW) holding ``length`` slots."""
+        return min(max(SMALLEST_WINDOW, 1 << max(0, length - 1).bit_length()), self.capacity)
 
     def propose(self, state, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
         if tree is not self.tree:  # another topology (the decoder never asks for one; kept correct anyway)

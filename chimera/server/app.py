@@ -17,7 +17,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ChimeraError
 from .engine import Engine, Job, timeout_error
 from .metrics import Metrics
 from .prompts import Prompter
@@ -39,8 +38,6 @@ class ServerConfig:
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    if config.default_temperature > 0 and not engine.supports_sampling:
-        raise ChimeraError("a default temperature above 0 needs the sampling decoder, which this build lacks")
     metrics = Metrics()
     decoder = engine.decoder
     prompter = Prompter(decoder.tokenizer, decoder.limit, decoder.model.get_input_embeddings().num_embeddings,
@@ -108,11 +105,6 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     def sampling(req) -> dict:
         temperature = config.default_temperature if req.temperature is None else float(req.temperature)
-        if not engine.supports_sampling:
-            if temperature > 0:
-                raise invalid("only greedy decoding is available in this build: send temperature 0", "temperature",
-                              "unsupported_parameter")
-            return {}
         return {"temperature": temperature, "top_k": req.top_k or 0,
                 "top_p": 1.0 if req.top_p is None else float(req.top_p), "seed": req.seed}
 
@@ -219,8 +211,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_name, "queued": engine.queued, "busy": engine.busy,
-                "sampling": engine.supports_sampling}
+        return {"status": "ok", "model": config.model_name, "queued": engine.queued, "busy": engine.busy}
 
     @app.get("/metrics", dependencies=protected)
     async def prometheus():

@@ -9,7 +9,6 @@ costing compute within one decode step. Results cross back into the loop with ``
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import queue
@@ -22,9 +21,6 @@ from ..generate import GenerationResult, SpeculativeDecoder
 from .schemas import APIError
 
 log = logging.getLogger("chimera.server")
-
-SAMPLING_ARGS = ("temperature", "top_k", "top_p", "seed")
-
 
 @dataclass
 class Job:
@@ -82,7 +78,6 @@ class Engine:
         self.decoder = decoder
         self.max_queue = max_queue
         self.timeout = timeout
-        self.supports_sampling = set(SAMPLING_ARGS) <= set(inspect.signature(decoder.stream).parameters)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._ids = itertools.count(1)
         self._current: Job | None = None

@@ -202,12 +202,13 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
         tokens, attention, loss_mask = collate(samples, ids[start: start + cfg.batch_size], cfg.max_len, pad_id,
                                                device)
         hidden, logits = base_targets(model, tokens, attention)
+        targets = logits.argmax(-1)
         roots = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
         out_logits, out_u = drafter(tokens, hidden, cfg.depth, roots)
-        loss = chain_loss(out_logits, out_u, roots, logits.argmax(-1), hidden, loss_mask)
+        loss = chain_loss(out_logits, out_u, roots, targets, hidden, loss_mask)
         hits += np.array(loss.per_depth_top1) * np.array(loss.per_depth_count)
         counts += np.array(loss.per_depth_count)
-        ranks += acceptance_counts(out_logits, roots, logits.argmax(-1), loss_mask, MAX_RANK).cpu().numpy()
+        ranks += acceptance_counts(out_logits, roots, targets, loss_mask, MAX_RANK).numpy()
     return {"top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts)],
             "chains": [int(c) for c in counts], "acceptance": acceptance_profile(ranks)}
 
