@@ -136,8 +136,9 @@ def test_disconnect_cancels_generation(server):
             "temperature": 0, "stream": True}
     with httpx.Client(base_url=url, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
+            events = (line for line in response.iter_lines() if line)
+            assert next(events).startswith("data: ")  # the role chunk, sent before the worker takes the job
+            assert next(events).startswith("data: ")  # a first text delta: the worker is generating
             assert engine.busy
     # the stream is closed after one event: the worker must stop long before 460 tokens (over 1.4 s here)
     assert wait_idle(engine, 0.8)
