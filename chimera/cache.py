@@ -1,12 +1,16 @@
 """The base model's KV cache over the verified sequence, and compaction after a tree step.
 
-We use transformers' own ``DynamicCache`` and touch only its public per-layer ``keys``/``values`` tensors.
+Two kinds, both through transformers' public ``Cache`` interface. ``DynamicCache`` grows with the sequence:
+attention covers exactly the verified tokens (best without graphs, e.g. on a CPU). ``SlotCache`` has a fixed
+number of slots and writes each forward's tokens at explicit slot indices, so a tree forward has the same
+shapes every step and can be captured in a CUDA graph; the attention mask hides the unused slots.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 def new_cache() -> DynamicCache:
@@ -30,3 +34,53 @@ def keep_path(cache: DynamicCache, prefix_len: int, nodes: torch.Tensor) -> None
         layer.keys = layer.keys[..., :new_len, :]
         layer.values = layer.values[..., :new_len, :]
 
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values in ``capacity`` slots; a forward writes its tokens at ``cache.slots``."""
+
+    is_compileable = True
+
+    def __init__(self, cache: "SlotCache"):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.keys = key_states.new_zeros(batch, heads, self.cache.capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.cache.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys.index_copy_(2, self.cache.slots, key_states)
+        self.values.index_copy_(2, self.cache.slots, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.length
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+
+class SlotCache(Cache):
+    """A fixed-size KV cache. ``slots`` (a device tensor, one entry per token of the forward under way) says
+    where new keys go; ``length`` counts the verified tokens, which occupy slots 0..length-1."""
+
+    def __init__(self, num_layers: int, capacity: int, device):
+        self.capacity = capacity
+        self.length = 0
+        self.slots = torch.zeros(0, dtype=torch.long, device=device)
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    @torch.inference_mode()
+    def move(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy the keys and values of slots ``source`` to slots ``target`` (all read before any is written)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
+                layer.values.index_copy_(2, target, layer.values.index_select(2, source))

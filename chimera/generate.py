@@ -14,13 +14,13 @@ from typing import Iterator
 
 import torch
 
-from . import base, cache as kv
 from .errors import ChimeraError
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, encode_prompt, eos_token_ids
 from .tree import TreeBuffers, TreeTopology, get_topology
+from .verifier import new_verifier
 from .verify import greedy_accept, sample_accept
 
 
@@ -112,6 +112,7 @@ class SpeculativeDecoder:
                 and GraphedDrafter.supported(drafter, self.device, self.limit)):
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
+        self.verifier = new_verifier(model, self.device, cuda_graphs)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
 
@@ -158,9 +159,9 @@ class SpeculativeDecoder:
         stopper = StopCondition(self.tokenizer, self.eos_ids, budget, stop)
         generator = None if sampling.greedy else sampling.generator(self.device)
         t0 = self._clock()
-        cache = kv.new_cache()
         prompt = torch.tensor(prompt_ids, device=self.device)
-        out = base.forward(self.model, cache, prompt)
+        session = self.verifier.start(capacity=len(prompt_ids) + budget + self.tree.topology.size)
+        out = session.prefill(prompt)
         if generator is None:
             root = out.logits[-1].argmax(-1, keepdim=True)
         else:
@@ -177,18 +178,17 @@ class SpeculativeDecoder:
                 yield delta
             if stopper.done:
                 break
-            prefix = cache.get_seq_length()
+            prefix = session.length
             tree = self.tree if prefix + self.tree.topology.max_depth < self.limit else self.root_only
             ta = self._clock()
             if tree.topology.size == 1:
                 tokens = root
-                out = base.forward(self.model, cache, tokens)
             else:
                 tokens = self.drafter.propose(state, root, tree)
                 tb = self._clock()
                 result.time_draft += tb - ta
                 ta = tb
-                out = base.forward_tree(self.model, cache, tokens, tree.depths, tree.ancestors)
+            out = session.score(tokens, tree)
             tb = self._clock()
             result.time_verify += tb - ta
             if generator is None:
@@ -209,8 +209,7 @@ class SpeculativeDecoder:
             if stopper.done:
                 result.time_other += self._clock() - tb
                 break
-            if tree.topology.size > 1:
-                kv.keep_path(cache, prefix, path)
+            session.keep(path, tree)
             if state is not None:
                 self.drafter.advance(state, tokens[path], out.hidden[path])
             root = next_token.reshape(1)

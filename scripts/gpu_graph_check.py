@@ -1,7 +1,7 @@
-"""On a GPU: drafting through the captured CUDA graph gives the same tokens as eager drafting and as
-model.generate (float32), and how much it saves per step.
+"""On a GPU: decoding through captured CUDA graphs (drafting and verification) gives the same tokens as eager
+decoding and as model.generate (float32), what each saves per step, and tau and speed by tree size.
 
-Usage: python scripts/gpu_graph_check.py [--prompts 4] [--max-new-tokens 128] [--tree auto]
+Usage: python scripts/gpu_graph_check.py [--prompts 4] [--max-new-tokens 128] [--sizes 32 64 96 128]
 """
 
 import argparse
@@ -18,38 +18,52 @@ PROMPTS = ["Explain how a bicycle stays upright.", "Write a short story about a 
            "Summarise the plot of Romeo and Juliet.", "Write a Python function that reverses a list."]
 
 
+def measure(decoder, prompts, max_new_tokens, references=None) -> dict:
+    decoder.generate(PROMPTS[-1], max_new_tokens=16)  # warm-up (and the captures)
+    tokens = steps = exact = 0
+    seconds = 0.0
+    split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
+    for i, prompt in enumerate(prompts):
+        r = decoder.generate(prompt, max_new_tokens=max_new_tokens)
+        exact += references is not None and r.token_ids == references[i]
+        tokens += r.new_tokens
+        steps += r.steps - 1
+        seconds += r.seconds
+        for key in split:
+            split[key] += getattr(r, f"time_{key}")
+    report = {"tau": round(tokens / (steps + len(prompts)), 3), "tokens_per_s": round(tokens / seconds, 1),
+              "ms_per_step": {k: round(1000 * v / steps, 2) for k, v in split.items()},
+              "tree": decoder.tree.topology.describe()}
+    if references is not None:
+        report["exact"] = f"{exact}/{len(prompts)}"
+    return report
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--tree", default="auto")
+    p.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 96, 128])
     args = p.parse_args()
     quiet_libraries()
     model, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="float32", device="cuda")
     drafter = resolve_drafter("auto", model)
-    report = {}
-    for name, graphs in [("eager", False), ("graph", True)]:
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree, sync_timing=True,
-                                             cuda_graphs=graphs)
-        decoder.generate(PROMPTS[0], max_new_tokens=16)  # warm-up (and the capture)
-        tokens = steps = 0
-        split = {"draft": 0.0, "verify": 0.0, "other": 0.0}
-        exact = 0
-        for prompt in PROMPTS[: args.prompts]:
-            r = decoder.generate(prompt, max_new_tokens=args.max_new_tokens)
-            ids = torch.tensor([decoder.prepare(prompt)], device="cuda")
-            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=args.max_new_tokens)[0, ids.shape[1]:].tolist()
-            exact += r.token_ids == ref
-            tokens += r.new_tokens
-            steps += r.steps - 1
-            split["draft"] += r.time_draft
-            split["verify"] += r.time_verify
-            split["other"] += r.time_other
-        report[name] = {"exact": f"{exact}/{args.prompts}", "tau": round(tokens / (steps + args.prompts), 3),
-                        "ms_per_step": {k: round(1000 * v / steps, 2) for k, v in split.items()},
-                        "tree": decoder.tree.topology.describe()}
-        print(name, json.dumps(report[name]), flush=True)
+    prompts = PROMPTS[: args.prompts]
+    references = []
+    for prompt in prompts:
+        ids = torch.tensor([chimera.SpeculativeDecoder(model, tokenizer).prepare(prompt)], device="cuda")
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=args.max_new_tokens)
+        references.append(out[0, ids.shape[1]:].tolist())
+    for name, with_drafter, graphs in [("ar-eager", False, False), ("ar-graph", False, True),
+                                       ("chimera-eager", True, False), ("chimera-graph", True, True)]:
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter if with_drafter else None,
+                                             sync_timing=True, cuda_graphs=graphs)
+        print(name, json.dumps(measure(decoder, prompts, args.max_new_tokens, references)), flush=True)
+    for size in args.sizes:
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=str(size))
+        print(f"graph-tree-{size}", json.dumps(measure(decoder, prompts, args.max_new_tokens, references)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from chimera.drafters import load_any
 from chimera.drafters.chimera import ChimeraDrafter, load_drafter
 from chimera.train.trainer import TrainConfig, train
 from chimera.tree import TreeBuffers, TreeTopology
+from chimera.verifier import SlotVerifier
 from conftest import FAMILIES, tiny_model
 
 
@@ -92,14 +93,17 @@ def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_
     for drafter, tree in [(perturbed_drafter(model, heads=5), "small"),
                           (briefly_trained(model, tmp_path, prompts), "chain4")]:
         decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+        slotted = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+        slotted.verifier = SlotVerifier(model, graphs=False)  # what the GPU path replays, run eagerly
         taus = []
         for ids in prompts:
             x = torch.tensor([ids])
             ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=48)
-            result = decoder.generate(input_ids=ids, max_new_tokens=48)
-            assert result.token_ids == ref[0, len(ids):].tolist()
-            assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
-            taus.append(result.tau)
+            for result in (decoder.generate(input_ids=ids, max_new_tokens=48),
+                           slotted.generate(input_ids=ids, max_new_tokens=48)):
+                assert result.token_ids == ref[0, len(ids):].tolist()
+                assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
+                taus.append(result.tau)
     assert max(taus) > 1.5  # the trained drafter's paths were accepted
 
 

@@ -5,6 +5,8 @@ import torch
 
 from chimera import SpeculativeDecoder
 from chimera.drafters import resolve_drafter, shipped_drafter_path
+from chimera.errors import ChimeraError
+from chimera.verifier import SlotVerifier
 from conftest import CHAT_PROMPTS
 
 PROMPTS = CHAT_PROMPTS
@@ -47,6 +49,19 @@ def test_shipped_drafter_is_exact_and_accepts_long_paths(default_model, referenc
         assert result.token_ids == ref
     assert tau > 1.5
     assert max(max(r.accepted) for r in results) >= 4
+
+
+def test_slot_cache_decoding_is_exact_with_a_large_tree(default_model, references):
+    """The GPU's verification path (fixed-capacity cache, the forward CUDA graphs capture), run eagerly here."""
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="24")
+    decoder.verifier = SlotVerifier(model, graphs=False)
+    results = [decoder.generate(prompt, max_new_tokens=MAX_NEW) for prompt in PROMPTS[:4]]
+    for result, ref in zip(results, references):
+        assert result.token_ids == ref
+    with pytest.raises(ChimeraError, match="one at a time"):  # a second generation ends the first one's session
+        first, second = iter(decoder.stream(PROMPTS[0])), iter(decoder.stream(PROMPTS[1]))
+        next(first), next(second), list(first)
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 7, 33])

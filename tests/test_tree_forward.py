@@ -96,3 +96,33 @@ def test_tree_mask_allows_prefix_and_ancestors_only():
     expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
     assert torch.equal(allowed[:, 3:], expected)
     assert (mask[~allowed] == torch.finfo(torch.float32).min).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slot_cache_scores_trees_and_keeps_paths_like_the_growing_cache(family):
+    """The fixed-capacity cache (what CUDA graphs replay) gives the same logits as sequential decoding, step
+    after step, with junk from earlier generations and trees left in its unused slots."""
+    from chimera.verifier import SlotBank
+
+    model = tiny_model(family)
+    rng = random.Random(11)
+    bank = SlotBank(model, capacity=128, device=torch.device("cpu"), graphs=False)
+    for generation, (size, depth, width) in enumerate(SHAPES):
+        topology = random_topology(rng, size, depth, width)
+        tree = TreeBuffers.build(topology, "cpu")
+        sequence = torch.randint(3, 128, (rng.randint(1, 20),))
+        out = bank.prefill(sequence)
+        fresh = base.forward(model, kv.new_cache(), sequence)
+        torch.testing.assert_close(out.logits, fresh.logits, atol=1e-5, rtol=0)
+        for step in range(3):
+            tokens = torch.randint(3, 128, (topology.size,))
+            out = bank.score_static(tokens, tree)
+            for node in range(topology.size):
+                path = tree.ancestors[node].nonzero().squeeze(-1)
+                ref = sequential_logits(model, sequence, tokens[path])
+                torch.testing.assert_close(out.logits[node], ref.logits[-1], atol=1e-5, rtol=0)
+            path = tree.ancestors[rng.randrange(topology.size)].nonzero().squeeze(-1)
+            padded = torch.cat([path, torch.full((topology.max_depth + 1 - path.numel(),), topology.size - 1)])
+            bank.keep_static(padded if generation % 2 else path)  # what the graph moves, or just the path
+            bank.set_length(sequence.numel() + path.numel())
+            sequence = torch.cat([sequence, tokens[path]])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..capture import capture_graph
 from ..tree import TreeBuffers
 
 SMALLEST_WINDOW = 256
@@ -60,13 +61,4 @@ class GraphedDrafter:
         return tokens
 
     def _capture(self, window: int):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph, as torch.cuda.graphs asks
-            for _ in range(2):
-                self.drafter.propose_static(self.state, self.root, self.tree, window)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            tokens = self.drafter.propose_static(self.state, self.root, self.tree, window)
-        return graph, tokens
+        return capture_graph(lambda: self.drafter.propose_static(self.state, self.root, self.tree, window))
