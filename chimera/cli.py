@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--medusa-drafter", default="auto", help="drafter directory for 'medusa' (default: shipped)")
     be.add_argument("--tree", default="auto", help="draft tree for chimera and medusa (as in 'generate')")
     be.add_argument("--warmup", type=int, default=2, help="untimed rounds of every method first (default: 2)")
+    be.add_argument("--temperature", type=non_negative_float, default=0.0,
+                    help="0 (default): greedy; above 0: every method samples at this temperature (no top-k/top-p)")
+    be.add_argument("--seed", type=int, default=0, help="run seed for sampling; each turn gets its own (default: 0)")
     be.add_argument("--out", required=True, help="results directory (resumed when it holds this configuration)")
     be.set_defaults(func=cmd_bench)
 

@@ -121,3 +121,28 @@ def test_emitted_per_forward_from_cache_lengths():
     # prompt of 12; forwards start at cache lengths 0, 12, 13, 16 and 12 + 6 - 1 is the last token's position
     assert emitted_per_forward([0, 12, 13, 16], 12, 6) == [1, 1, 3, 1]
     assert emitted_per_forward([None, None], 12, 2) is None
+
+
+def test_sampled_run_reports_speed_without_exactness_and_resumes_the_same(tmp_path, tiny_model_dir):
+    """--temperature: every method samples, each turn from its own seed, so a resumed run draws what an
+    unbroken one would; tokens differ from hf's by design, so no exact-match figure is claimed."""
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS[2:])
+    out = tmp_path / "out"
+    args = bench_args(questions, out, tiny_model_dir, "--methods", "hf", "ar", "chimera", "--temperature", "1",
+                      "--seed", "3")
+    assert main(args) == 0
+    table = json.loads((out / "summary.json").read_text())["categories"]
+    for method in ("ar", "chimera"):
+        s = table["overall"][method]
+        assert "exact_match" not in s
+        assert s["tau"] * s["steps"] == pytest.approx(s["new_tokens"])
+        assert s["speedup"] == pytest.approx(s["tokens_per_s"] / table["overall"]["hf"]["tokens_per_s"])
+    assert table["overall"]["ar"]["tau"] == 1.0
+    report = (out / "report.md").read_text()
+    assert "sampled at temperature 1 (seed 3" in report and "n/a (sampled)" in report
+    first = [json.loads(line) for line in (out / "chimera.jsonl").read_text().splitlines()]
+    (out / "chimera.jsonl").write_text(json.dumps(first[0]) + "\n")  # as if killed after one question
+    assert main(args) == 0
+    again = [json.loads(line) for line in (out / "chimera.jsonl").read_text().splitlines()]
+    assert [r["choices"][0]["token_ids"] for r in again] == [r["choices"][0]["token_ids"] for r in first]
+    assert main(bench_args(questions, out, tiny_model_dir, "--methods", "hf", "ar", "chimera")) == 2  # greedy: refused

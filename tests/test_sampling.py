@@ -20,6 +20,7 @@ from chimera.cli import main as cli_main
 from chimera.errors import ChimeraError
 from chimera.sampling import SamplingConfig, target_probs
 from chimera.tree import TreeBuffers, TreeTopology
+from chimera.verifier import SlotVerifier
 from chimera.verify import accepted_path, draft_accept_probs, residual, sample_accept
 from conftest import tiny_model
 
@@ -258,8 +259,10 @@ def step_samples(rule, tree, tokens, logits, config, draws=STEP_DRAWS, seed=0) -
     return [emitted(tokens, *rule(tokens, logits, tree, config, generator)) for _ in range(draws)]
 
 
-def loop_samples(model, drafter, config: SamplingConfig, seeds=LOOP_SEEDS) -> tuple[list, float]:
+def loop_samples(model, drafter, config: SamplingConfig, seeds=LOOP_SEEDS, slots=False) -> tuple[list, float]:
     decoder = SpeculativeDecoder(model, CharTokenizer(), drafter, tree=TREE)
+    if slots:  # the GPU's fixed-slot verification, run eagerly
+        decoder.verifier = SlotVerifier(model, graphs=False)
     out, sped_up = [], 0
     for seed in range(seeds):
         r = decoder.generate(input_ids=PROMPT, max_new_tokens=LOOP_TOKENS, temperature=config.temperature,
@@ -304,12 +307,12 @@ def test_one_step_rejects_wrong_rules(setup, rule, name):
 # ---------------------------------------------------------------- tests: the decoding loop, many seeds
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_generations_match_autoregressive_sampling(setup, name):
+@pytest.mark.parametrize("name,slots", [(name, False) for name in CONFIGS] + [("T1", True)])
+def test_generations_match_autoregressive_sampling(setup, name, slots):
     model, drafter = setup
     config = CONFIGS[name]
     expected = exact_continuations(model, config)
-    samples, sped_up = loop_samples(model, drafter, config)
+    samples, sped_up = loop_samples(model, drafter, config, slots=slots)
     stat, df, p = chi_square(samples, expected)
     first = chi_square([s[:1] for s in samples], exact_marginal(expected, 1))
     print(f"loop {name}: 3-token chi2 {stat:.1f} df {df} p {p:.3g}; first token p {first[2]:.3g}; "

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import ChimeraError
-from .methods import METHODS, PLD_TOKENS, HFGenerate, OurDecoder
+from .methods import METHODS, PLD_TOKENS, Decoding, HFGenerate, OurDecoder
 from .questions import load_questions, select
 from .report import environment, summarize, write_report
 from .run import BenchConfig, prepare_out_dir, run_bench
@@ -24,7 +24,8 @@ def check_methods(methods) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafter="auto", tree="auto"):
+def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafter="auto", tree="auto",
+                  decoding: Decoding = Decoding()):
     """The method callables, and what the report should say about their drafters and trees."""
     from ..drafters import resolve_drafter
     from ..drafters.medusa import MedusaDrafter
@@ -32,9 +33,9 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
     methods, drafters = {}, {}
     for name in names:
         if name in ("hf", "hf-pld"):
-            methods[name] = HFGenerate(model, tokenizer, PLD_TOKENS if name == "hf-pld" else None)
+            methods[name] = HFGenerate(model, tokenizer, PLD_TOKENS if name == "hf-pld" else None, decoding)
         elif name == "ar":
-            methods[name] = OurDecoder(model, tokenizer)
+            methods[name] = OurDecoder(model, tokenizer, decoding=decoding)
         else:
             spec = chimera_drafter if name == "chimera" else medusa_drafter
             drafter = resolve_drafter(spec, model, architecture=name)
@@ -44,7 +45,7 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
             kind = "medusa" if isinstance(drafter, MedusaDrafter) else "chimera"
             if kind != name:
                 raise ChimeraError(f"--{name}-drafter {spec} is a {kind} drafter")
-            methods[name] = OurDecoder(model, tokenizer, drafter, tree=tree)
+            methods[name] = OurDecoder(model, tokenizer, drafter, tree=tree, decoding=decoding)
             topology = methods[name].tree
             drafters[name] = {"drafter": spec, "tree": f"{tree} ({topology.describe()})"}
     return methods, drafters
@@ -59,18 +60,20 @@ def bench(args, progress: bool = True) -> dict:
     resolve_device(args.device)
     out = Path(args.out)
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
+    decoding = Decoding(temperature=args.temperature)
     runners, drafters = build_methods(methods, model, tokenizer, args.chimera_drafter, args.medusa_drafter,
-                                      args.tree)
+                                      args.tree, decoding)
     device = next(model.parameters()).device
     config = BenchConfig(questions=str(args.questions), questions_sha256=file_sha256(args.questions),
                          categories=sorted(args.categories) if args.categories else None, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, methods=methods, model=args.model,
-                         dtype=args.dtype, device=str(device), drafters=drafters, warmup=args.warmup)
+                         dtype=args.dtype, device=str(device), drafters=drafters, warmup=args.warmup,
+                         temperature=args.temperature, seed=args.seed)
     resumed = prepare_out_dir(out, config)
     if resumed and progress:
         print(f"chimera: resuming the benchmark in {out}")
     run_bench(runners, tokenizer, questions, out, config, progress=progress)
-    summary = summarize(out, methods)
+    summary = summarize(out, methods, compare_tokens=not decoding.sampled)
     summary["environment"] = environment(model, device)
     summary["settings"] = json.loads((out / "bench_config.json").read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

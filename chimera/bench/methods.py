@@ -26,19 +26,31 @@ class Turn:
     accept_lengths: list[int] | None  # tokens emitted by each base forward, when known
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """Greedy (temperature 0), or sampling at ``temperature`` with no top-k or top-p, seeded per turn."""
+
+    temperature: float = 0.0
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 class HFGenerate:
-    """transformers' ``generate``, greedy, optionally with prompt lookup decoding.
+    """transformers' ``generate`` (greedy or sampled), optionally with prompt lookup decoding.
 
     A forward pre-hook (a public nn.Module hook) reads the cache length at each base forward: the growth
     between forwards is what each one emitted, so tau and accept lengths come out for prompt lookup too."""
 
-    def __init__(self, model, tokenizer, prompt_lookup: int | None = None):
+    def __init__(self, model, tokenizer, prompt_lookup: int | None = None, decoding: Decoding = Decoding()):
         self.model = model
+        self.decoding = decoding
         self.device = next(model.parameters()).device
         self.eos = sorted(eos_token_ids(model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
@@ -49,10 +61,12 @@ class HFGenerate:
         cache = kwargs.get("past_key_values")
         self._starts.append(cache.get_seq_length() if cache is not None else None)
 
-    def __call__(self, prompt_ids: list[int], max_new_tokens: int) -> Turn:
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Turn:
         x = torch.tensor([prompt_ids], device=self.device)
-        options = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos,
-                       pad_token_id=self.pad, temperature=None, top_p=None, top_k=None)
+        options = dict(do_sample=self.decoding.sampled, max_new_tokens=max_new_tokens, eos_token_id=self.eos,
+                       pad_token_id=self.pad, temperature=self.decoding.temperature or None, top_p=None,
+                       top_k=0 if self.decoding.sampled else None)
+        torch.manual_seed(seed)  # generate samples from the global generator
         if self.prompt_lookup:
             options["prompt_lookup_num_tokens"] = self.prompt_lookup
         self._starts = []
@@ -83,17 +97,19 @@ def emitted_per_forward(starts: list[int | None], prompt_len: int, new_tokens: i
 class OurDecoder:
     """Our loop: plain autoregressive (no drafter) or speculative with a drafter and tree."""
 
-    def __init__(self, model, tokenizer, drafter=None, tree="auto"):
+    def __init__(self, model, tokenizer, drafter=None, tree="auto", decoding: Decoding = Decoding()):
         self.decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
         self.device = self.decoder.device
+        self.decoding = decoding
 
     @property
     def tree(self):
         return self.decoder.tree.topology
 
-    def __call__(self, prompt_ids: list[int], max_new_tokens: int) -> Turn:
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Turn:
         synchronize(self.device)
         t0 = time.perf_counter()
-        result = self.decoder.generate(input_ids=prompt_ids, max_new_tokens=max_new_tokens)
+        result = self.decoder.generate(input_ids=prompt_ids, max_new_tokens=max_new_tokens,
+                                       temperature=self.decoding.temperature, seed=seed)
         synchronize(self.device)
         return Turn(result.token_ids, time.perf_counter() - t0, result.steps, list(result.accepted))

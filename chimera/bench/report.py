@@ -43,12 +43,14 @@ def _stats(rows: list[dict], reference: dict | None) -> dict:
     return out
 
 
-def summarize(out: Path, methods: list[str]) -> dict:
+def summarize(out: Path, methods: list[str], compare_tokens: bool = True) -> dict:
+    """Per-category statistics. ``compare_tokens`` is off for sampled runs: their tokens differ by design
+    (their distribution is what tests/test_sampling.py checks)."""
     answers = {m: read_answers(out / f"{m}.jsonl") for m in methods if (out / f"{m}.jsonl").is_file()}
     # only questions every method answered: an interrupted run must not compare different question sets
     common = set.intersection(*({r["question_id"] for r in rows} for rows in answers.values())) if answers else set()
     answers = {m: [r for r in rows if r["question_id"] in common] for m, rows in answers.items()}
-    reference = {r["question_id"]: r for r in answers.get("hf", [])}
+    reference = {r["question_id"]: r for r in answers.get("hf", [])} if compare_tokens else None
     groups = [g for g in GROUPS if any(group_of(r["category"]) == g for rows in answers.values() for r in rows)]
     groups += sorted({group_of(r["category"]) for rows in answers.values() for r in rows} - set(groups))
     table: dict = {}
@@ -99,6 +101,11 @@ def _fmt(value, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
+def decoding_label(settings: dict) -> str:
+    t = settings.get("temperature") or 0
+    return f"sampled at temperature {t:g} (seed {settings.get('seed', 0)}, no top-k/top-p)" if t else "greedy"
+
+
 def write_report(out: Path, summary: dict, settings: dict) -> None:
     table = summary["categories"]
     env = summary["environment"]
@@ -106,7 +113,7 @@ def write_report(out: Path, summary: dict, settings: dict) -> None:
              f"- Machine: {env['machine']} (device `{env['device']}`, {env['dtype']})",
              f"- Libraries: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"chimera {env['chimera']}; run {env['date']}",
-             f"- Settings: greedy, batch size 1, up to {settings['max_new_tokens']} new tokens per turn, "
+             f"- Settings: {decoding_label(settings)}, batch size 1, up to {settings['max_new_tokens']} new tokens per turn, "
              f"{settings['warmup']} warm-up rounds, questions from `{settings['questions']}`"
              + (f", at most {settings['limit']} per category" if settings.get("limit") else ""),
              ]
@@ -123,6 +130,8 @@ def write_report(out: Path, summary: dict, settings: dict) -> None:
                   "| method | tokens/s | speedup vs hf | tau | r | exact vs hf |", "|---|---|---|---|---|---|"]
         for method, s in methods.items():
             exact = "reference" if method == "hf" else _fmt(s.get("exact_match"), "{:.0%}")
+            if settings.get("temperature"):
+                exact = "n/a (sampled)"
             lines.append(f"| {method} | {s['tokens_per_s']:.2f} | {_fmt(s['speedup'], '{:.2f}x')} | {s['tau']:.2f} | "
                          f"{_fmt(s['r'], '{:.2f}')} | {exact} |")
         lines.append("")

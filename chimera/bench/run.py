@@ -10,6 +10,7 @@ import json
 import os
 import time
 import uuid
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class BenchConfig:
     device: str
     drafters: dict = field(default_factory=dict)  # method -> drafter path and tree
     warmup: int = 2
+    temperature: float = 0.0  # 0: greedy; above: sampled (no top-k/top-p), each turn seeded from ``seed``
+    seed: int = 0
 
 
 def prepare_out_dir(out: Path, config: BenchConfig) -> bool:
@@ -86,12 +89,18 @@ def append_line(file: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def answer_question(method, tokenizer, question: Question, max_new_tokens: int) -> list[tuple[str, Turn]]:
+def turn_seed(seed: int, question_id, turn: int) -> int:
+    """A seed per (run seed, question, turn): a resumed run samples each turn exactly as an unbroken one."""
+    return zlib.crc32(f"{seed}:{question_id}:{turn}".encode())
+
+
+def answer_question(method, tokenizer, question: Question, max_new_tokens: int, seed: int = 0
+                    ) -> list[tuple[str, Turn]]:
     """All turns of one question; later turns see the method's own earlier answers (Spec-Bench)."""
     messages, turns = [], []
-    for text in question.turns:
+    for index, text in enumerate(question.turns):
         messages.append({"role": "user", "content": text})
-        turn = method(encode_prompt(tokenizer, messages), max_new_tokens)
+        turn = method(encode_prompt(tokenizer, messages), max_new_tokens, turn_seed(seed, question.question_id, index))
         answer = tokenizer.decode(turn.token_ids, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
         turns.append((answer, turn))
@@ -138,7 +147,7 @@ def run_bench(methods: dict, tokenizer, questions: list[Question], out: Path, co
                desc="bench", disable=not progress)
     for question, name in todo:
         bar.set_postfix(method=name, category=question.category)
-        turns = answer_question(methods[name], tokenizer, question, config.max_new_tokens)
+        turns = answer_question(methods[name], tokenizer, question, config.max_new_tokens, config.seed)
         append_line(files[name], spec_bench_record(question, f"{config.model}:{name}", turns))
         bar.update(1)
     bar.close()
