@@ -7,6 +7,11 @@ from typing import Callable
 import torch
 
 
+def power_of_two_at_least(n: int, smallest: int) -> int:
+    """Graph shapes come in powers of two, so a few captures cover every length."""
+    return max(smallest, 1 << max(0, n - 1).bit_length())
+
+
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
     """Run ``fn`` a few times on a side stream (lazy allocations and autotuning happen there), then capture it.
 

@@ -15,7 +15,7 @@ import torch
 
 from . import base, cache as kv
 from .base import BaseOutput
-from .capture import capture_graph
+from .capture import capture_graph, power_of_two_at_least
 from .errors import ChimeraError
 from .tree import TreeBuffers, additive_mask
 
@@ -158,13 +158,9 @@ class SlotVerifier:
         self.use_graphs = graphs
         self.banks: dict[int, SlotBank] = {}
 
-    @staticmethod
-    def bucket(capacity: int) -> int:
-        return max(SMALLEST_CAPACITY, 1 << max(0, capacity - 1).bit_length())
-
     def start(self, capacity: int) -> SlotSession:
         """A session whose cache holds at least ``capacity`` tokens (prompt, new tokens and one tree)."""
-        size = self.bucket(capacity)
+        size = power_of_two_at_least(capacity, SMALLEST_CAPACITY)
         if size not in self.banks:
             self.banks[size] = SlotBank(self.model, size, self.device, self.use_graphs)
         return SlotSession(self.banks[size])

@@ -129,9 +129,10 @@ def write_report(out: Path, summary: dict, settings: dict) -> None:
         lines += [f"## {scope} ({n} questions)", "",
                   "| method | tokens/s | speedup vs hf | tau | r | exact vs hf |", "|---|---|---|---|---|---|"]
         for method, s in methods.items():
-            exact = "reference" if method == "hf" else _fmt(s.get("exact_match"), "{:.0%}")
-            if settings.get("temperature"):
-                exact = "n/a (sampled)"
+            if method == "hf":
+                exact = "reference"
+            else:
+                exact = "n/a (sampled)" if settings.get("temperature") else _fmt(s.get("exact_match"), "{:.0%}")
             lines.append(f"| {method} | {s['tokens_per_s']:.2f} | {_fmt(s['speedup'], '{:.2f}x')} | {s['tau']:.2f} | "
                          f"{_fmt(s['r'], '{:.2f}')} | {exact} |")
         lines.append("")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import capture_graph
+from ..capture import capture_graph, power_of_two_at_least
 from ..tree import TreeBuffers
 
 SMALLEST_WINDOW = 256
@@ -45,7 +45,7 @@ class GraphedDrafter:
 
     def window(self, length: int) -> int:
         """The smallest power-of-two window (at least SMALLEST_WINDOW) holding ``length`` slots."""
-        return min(max(SMALLEST_WINDOW, 1 << max(0, length - 1).bit_length()), self.capacity)
+        return min(power_of_two_at_least(length, SMALLEST_WINDOW), self.capacity)
 
     def propose(self, state, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
         if tree is not self.tree:  # another topology (the decoder never asks for one; kept correct anyway)
