@@ -1,8 +1,12 @@
-"""Draft-tree topologies as data, and the masks and positions that let one forward pass score a whole tree.
+"""Draft-tree shapes as data, and the masks and positions that let one forward pass score a whole tree.
 
-A topology lists its nodes in breadth-first order. Node 0 is the root (the base model's own next token);
-node i > 0 is the ``ranks[i]``-th best candidate that the drafter proposes after ``parents[i]``. Because
-every level is contiguous, drafting a level is one batched drafter call.
+A static topology lists its nodes in breadth-first order. Node 0 is the root (the base model's own next
+token); node i > 0 is the ``ranks[i]``-th best candidate that the drafter proposes after ``parents[i]``.
+Because every level is contiguous, drafting a level is one batched drafter call.
+
+A dynamic shape (EAGLE-2's idea) fixes only the node count: the drafter grows the tree where it is confident
+and writes the tree it chose into the same ``TreeBuffers`` every step, in depth order. Verification and
+acceptance read only those tensors, so they serve both kinds (and a captured graph sees each step's tree).
 """
 
 from __future__ import annotations
@@ -128,29 +132,80 @@ class TreeTopology:
         return f"{self.size} nodes, depth {self.max_depth}, level widths {widths}"
 
 
+@dataclass(frozen=True)
+class DynamicTree:
+    """A tree of ``size`` nodes up to ``depth`` deep, chosen anew at every step: each level expands the
+    ``beam`` likeliest nodes so far (by the drafter's path probability) with their ``beam`` best candidates,
+    and the ``size - 1`` likeliest of all candidates, a set closed under parents, join the root."""
+
+    size: int
+    depth: int
+    beam: int
+
+    def __post_init__(self):
+        if self.size < 2 or self.depth < 1 or self.beam < 1:
+            raise ValueError("a dynamic tree needs at least 2 nodes, depth 1 and beam 1")
+        if self.size - 1 > self.candidates:
+            raise ValueError(f"a {self.size}-node tree needs more candidates than depth {self.depth} and beam "
+                             f"{self.beam} give ({self.candidates})")
+
+    @property
+    def candidates(self) -> int:
+        return self.beam + (self.depth - 1) * self.beam * self.beam
+
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
+    def describe(self) -> str:
+        return f"dynamic, {self.size} nodes, depth {self.depth}, beam {self.beam}"
+
+
 @dataclass
 class TreeBuffers:
-    """Device tensors for one topology, built once and reused every step."""
+    """Device tensors for one tree shape, built once and reused every step (for a dynamic tree, refilled in
+    place by the drafter)."""
 
-    topology: TreeTopology
+    topology: TreeTopology | DynamicTree
     depths: torch.Tensor  # (n,) long
     parents: torch.Tensor  # (n,) long, root points at itself
     ancestors: torch.Tensor  # (n, n) bool
     earlier_siblings: torch.Tensor  # (n, n) bool: [i, j] when j shares i's parent and is tried before it
 
     @classmethod
-    def build(cls, topology: TreeTopology, device) -> "TreeBuffers":
+    def build(cls, topology: TreeTopology | DynamicTree, device) -> "TreeBuffers":
+        if isinstance(topology, DynamicTree):  # a chain until the drafter fills it
+            chain = TreeTopology.chain(topology.size - 1)
+            buffers = cls.build(chain, device)
+            buffers.topology = topology
+            return buffers
         parents = torch.tensor([max(p, 0) for p in topology.parents], device=device)
-        idx = torch.arange(topology.size, device=device)
-        same_parent = parents[:, None] == parents[None, :]
-        earlier = same_parent & (idx[None, :] < idx[:, None]) & (idx[None, :] > 0) & (idx[:, None] > 0)
         return cls(
             topology=topology,
             depths=torch.tensor(topology.depths, device=device),
             parents=parents,
             ancestors=topology.ancestor_matrix().to(device),
-            earlier_siblings=earlier,
+            earlier_siblings=earlier_siblings(parents),
         )
+
+    @property
+    def dynamic(self) -> bool:
+        return isinstance(self.topology, DynamicTree)
+
+    def refill(self, parents: torch.Tensor, depths: torch.Tensor) -> None:
+        """Store a new tree in place (nodes in depth order, root first with parent 0): a captured graph reads
+        these very tensors. Tensor ops only, no host read."""
+        n = parents.numel()
+        ancestors = torch.eye(n, dtype=torch.bool, device=parents.device)
+        rows = node = torch.arange(n, device=parents.device)
+        on = torch.ones(n, dtype=torch.bool, device=parents.device)  # a device value: no host scalar to capture
+        for _ in range(self.topology.max_depth):
+            node = parents[node]
+            ancestors.index_put_((rows, node), on)
+        self.parents.copy_(parents)
+        self.depths.copy_(depths)
+        self.ancestors.copy_(ancestors)
+        self.earlier_siblings.copy_(earlier_siblings(parents))
 
     def level_children(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For the nodes of depth ``level``: the index of each one's parent within the previous level,
@@ -161,6 +216,13 @@ class TreeBuffers:
         slots = torch.tensor([topo.parents[i] - prev.start for i in nodes], device=self.depths.device)
         ranks = torch.tensor([topo.ranks[i] for i in nodes], device=self.depths.device)
         return slots, ranks
+
+
+def earlier_siblings(parents: torch.Tensor) -> torch.Tensor:
+    """[i, j] when non-root nodes i and j share a parent and j comes first (is tried before i)."""
+    idx = torch.arange(parents.numel(), device=parents.device)
+    same_parent = parents[:, None] == parents[None, :]
+    return same_parent & (idx[None, :] < idx[:, None]) & (idx[None, :] > 0) & (idx[:, None] > 0)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -204,19 +266,31 @@ DEFAULT_TOPOLOGY = "medium"  # what "auto" uses for a drafter without an accepta
 
 
 AUTO_TREE_SIZE = {"cuda": 64, "cpu": 5}  # nodes: verifying is nearly free on a GPU, not on a CPU (docs/benchmarks.md)
+# "auto" for drafters that build dynamic trees, per device (docs/benchmarks.md: +7 % tau over the static 64)
+AUTO_DYNAMIC = {"cuda": "dynamic-64"}
 
 
-def get_topology(name: str, drafter=None, device=None) -> TreeTopology:
-    """A named topology; a node count ("32"), or "auto", built from the drafter's acceptance profile.
+DYNAMIC_BEAM = 8  # EAGLE-2 expands 10 per level for 7B models; 8 keeps a level's drafting one small batch
+
+
+def get_topology(name: str, drafter=None, device=None) -> TreeTopology | DynamicTree:
+    """A named topology; a node count ("32") or "auto", built from the drafter's acceptance profile; or a
+    dynamic tree, "dynamic-N" (N nodes) or "dynamic-N-B" (beam B), as deep as the drafter has heads.
 
     Without a profile (an untrained or older drafter) a number or "auto" falls back to the named shapes."""
     from .errors import ChimeraError
 
     if name in TOPOLOGIES:
         return TOPOLOGIES[name]
+    if name.startswith("dynamic"):
+        return _dynamic_tree(name, drafter)
+    device_type = getattr(device, "type", device)
+    if name == "auto" and device_type in AUTO_DYNAMIC and getattr(drafter, "drafts_dynamic_trees", False):
+        return _dynamic_tree(AUTO_DYNAMIC[device_type], drafter)
     if name != "auto" and not name.isdigit():
-        raise ChimeraError(f"unknown tree {name!r}: choose one of {', '.join(TOPOLOGIES)}, auto, or a node count")
-    size = int(name) if name.isdigit() else AUTO_TREE_SIZE.get(getattr(device, "type", device), AUTO_TREE_SIZE["cpu"])
+        raise ChimeraError(f"unknown tree {name!r}: choose one of {', '.join(TOPOLOGIES)}, auto, a node count, "
+                           "or dynamic-N[-BEAM]")
+    size = int(name) if name.isdigit() else AUTO_TREE_SIZE.get(device_type, AUTO_TREE_SIZE["cpu"])
     if size < 2:
         raise ChimeraError(f"a tree needs at least 2 nodes, got {size}")
     profile = getattr(drafter, "acceptance_profile", None)
@@ -227,3 +301,19 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology:
         return TOPOLOGIES[DEFAULT_TOPOLOGY]
     heads = getattr(getattr(drafter, "config", None), "num_draft_heads", len(profile))
     return TreeTopology.from_profile(profile[:heads], size)
+
+
+def _dynamic_tree(name: str, drafter) -> DynamicTree:
+    from .errors import ChimeraError
+
+    parts = name.split("-")
+    if len(parts) not in (2, 3) or parts[0] != "dynamic" or not all(x.isdigit() for x in parts[1:]):
+        raise ChimeraError(f"unknown tree {name!r}: a dynamic tree is dynamic-N or dynamic-N-BEAM, e.g. dynamic-64")
+    if drafter is not None and not getattr(drafter, "drafts_dynamic_trees", False):
+        raise ChimeraError(f"--tree {name}: this drafter ({type(drafter).__name__}) drafts static trees only")
+    size, beam = int(parts[1]), int(parts[2]) if len(parts) == 3 else DYNAMIC_BEAM
+    depth = getattr(getattr(drafter, "config", None), "num_draft_heads", 6)
+    try:
+        return DynamicTree(size=size, depth=depth, beam=beam)
+    except ValueError as e:
+        raise ChimeraError(f"--tree {name}: {e}") from None

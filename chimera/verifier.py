@@ -30,7 +30,8 @@ class GrowingSession:
         self.cache = kv.new_cache()
 
     def prefill(self, prompt: torch.Tensor) -> BaseOutput:
-        return base.forward(self.model, self.cache, prompt)
+        """Hidden states of every prompt token, logits of the last one only (all the loop needs)."""
+        return base.forward(self.model, self.cache, prompt, logits_to_keep=1)
 
     @property
     def length(self) -> int:
@@ -75,7 +76,7 @@ class SlotBank:
         self.cache.slots = slots
         allowed = self.columns[None, :] <= slots[:, None]
         out = base.forward(self.model, self.cache, prompt, position_ids=slots,
-                           attention_mask=additive_mask(allowed, self.model.dtype))
+                           attention_mask=additive_mask(allowed, self.model.dtype), logits_to_keep=1)
         self.set_length(n)
         return out
 

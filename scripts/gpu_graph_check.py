@@ -1,7 +1,8 @@
 """On a GPU: decoding through captured CUDA graphs (drafting and verification) gives the same tokens as eager
-decoding and as model.generate (float32), what each saves per step, and tau and speed by tree size.
+decoding and as model.generate (float32), what each saves per step, and tau and speed by tree (static trees
+by node count, dynamic ones as dynamic-N[-BEAM]).
 
-Usage: python scripts/gpu_graph_check.py [--prompts 4] [--max-new-tokens 128] [--sizes 32 64 96 128]
+Usage: python scripts/gpu_graph_check.py [--prompts 4] [--max-new-tokens 128] [--trees 64 dynamic-64]
 """
 
 import argparse
@@ -43,7 +44,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 96, 128])
+    p.add_argument("--trees", nargs="*", default=["32", "64", "96", "dynamic-32", "dynamic-64", "dynamic-96"])
     args = p.parse_args()
     quiet_libraries()
     model, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="float32", device="cuda")
@@ -60,9 +61,9 @@ def main():
         decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter if with_drafter else None,
                                              sync_timing=True, cuda_graphs=graphs)
         print(name, json.dumps(measure(decoder, prompts, args.max_new_tokens, references)), flush=True)
-    for size in args.sizes:
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=str(size))
-        print(f"graph-tree-{size}", json.dumps(measure(decoder, prompts, args.max_new_tokens, references)),
+    for tree in args.trees:
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+        print(f"graph-tree-{tree}", json.dumps(measure(decoder, prompts, args.max_new_tokens, references)),
               flush=True)
 
 

@@ -10,7 +10,7 @@ from chimera import ChimeraError, SpeculativeDecoder, base, cache as kv
 from chimera.drafters import load_any
 from chimera.drafters.chimera import ChimeraDrafter, load_drafter
 from chimera.train.trainer import TrainConfig, train
-from chimera.tree import TreeBuffers, TreeTopology
+from chimera.tree import DynamicTree, TreeBuffers, TreeTopology
 from chimera.verifier import SlotVerifier
 from conftest import FAMILIES, tiny_model
 
@@ -90,8 +90,9 @@ def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 128, (int(n),), generator=gen).tolist() for n in (5, 9, 14, 20)]
-    for drafter, tree in [(perturbed_drafter(model, heads=5), "small"),
-                          (briefly_trained(model, tmp_path, prompts), "chain4")]:
+    trained = briefly_trained(model, tmp_path, prompts)
+    for drafter, tree in [(perturbed_drafter(model, heads=5), "small"), (trained, "chain4"),
+                          (trained, DynamicTree(size=12, depth=4, beam=3))]:
         decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
         slotted = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
         slotted.verifier = SlotVerifier(model, graphs=False)  # what the GPU path replays, run eagerly
@@ -185,3 +186,82 @@ def test_static_drafting_equals_drafting_and_states_refill_in_place():
     assert all(a is b for a, b in zip(buffers, (static.keys, static.values, static.history, static.last_hidden)))
     fresh = drafter.start(tokens[:12], hidden[:12])
     assert torch.equal(drafter.propose_static(static, tokens[12:13], tree), drafter.propose(fresh, tokens[12:13], tree))
+
+
+def tree_paths(tokens: torch.Tensor, tree: TreeBuffers) -> set:
+    """Each node as the tuple of tokens from the root down to it."""
+    parents, out = tree.parents.tolist(), []
+    for i in range(tokens.numel()):
+        path, j = [], i
+        while j != 0:
+            path.append(int(tokens[j]))
+            j = parents[j]
+        out.append(tuple(reversed(path)))
+    return set(out)
+
+
+def check_tree(tokens: torch.Tensor, tree: TreeBuffers) -> None:
+    """A well-formed tree in depth order: what greedy and sampled acceptance rely on."""
+    parents, depths = tree.parents.tolist(), tree.depths.tolist()
+    assert parents[0] == 0 and depths[0] == 0
+    for i in range(1, len(parents)):
+        assert parents[i] < i and depths[i] == depths[parents[i]] + 1 and depths[i] >= depths[i - 1]
+    siblings = {}
+    for i in range(1, len(parents)):
+        assert int(tokens[i]) not in siblings.setdefault(parents[i], set())  # distinct candidates per parent
+        siblings[parents[i]].add(int(tokens[i]))
+    expected = TreeBuffers.build(TreeTopology(tuple([-1] + parents[1:]), tuple(range(len(parents)))), "cpu")
+    assert torch.equal(tree.ancestors, expected.ancestors)
+    assert torch.equal(tree.earlier_siblings, expected.earlier_siblings)
+
+
+def test_dynamic_tree_of_beam_one_is_the_top_one_chain():
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=4)
+    tokens = torch.randint(3, 128, (30,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    chain = TreeBuffers.build(TreeTopology.chain(4), "cpu")
+    dynamic = TreeBuffers.build(DynamicTree(size=5, depth=4, beam=1), "cpu")
+    for n in (3, 11, 29):
+        state, root = drafter.start(tokens[:n], hidden[:n]), tokens[n:n + 1]
+        assert torch.equal(drafter.propose(state, root, dynamic), drafter.propose(state, root, chain))
+        assert torch.equal(dynamic.ancestors, chain.ancestors) and torch.equal(dynamic.depths, chain.depths)
+
+
+def test_dynamic_tree_of_depth_two_holds_every_candidate():
+    """Depth 2, beam b, 1 + b + b*b nodes: every candidate is kept, so the tree is the full static one."""
+    model = tiny_model("qwen2")
+    drafter = perturbed_drafter(model, heads=2)
+    tokens = torch.randint(3, 128, (20,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    full = TreeBuffers.build(TreeTopology.full([3, 3]), "cpu")
+    dynamic = TreeBuffers.build(DynamicTree(size=13, depth=2, beam=3), "cpu")
+    state, root = drafter.start(tokens[:15], hidden[:15]), tokens[15:16]
+    drafted = drafter.propose(state, root, dynamic)
+    check_tree(drafted, dynamic)
+    assert tree_paths(drafted, dynamic) == tree_paths(drafter.propose(state, root, full), full)
+
+
+def test_dynamic_trees_are_well_formed_and_drafted_the_same_statically():
+    """Deeper trees keep the likeliest paths: well-formed, and propose_static (what the CUDA graph replays)
+    builds the very same tree into the same buffers."""
+    model = tiny_model("mistral")
+    drafter = perturbed_drafter(model, heads=4)
+    tokens = torch.randint(3, 128, (40,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    shape = DynamicTree(size=20, depth=4, beam=3)
+    eager, static_tree = TreeBuffers.build(shape, "cpu"), TreeBuffers.build(shape, "cpu")
+    buffers = (static_tree.parents, static_tree.depths, static_tree.ancestors, static_tree.earlier_siblings)
+    static = drafter.start(tokens[:8], hidden[:8], capacity=64)
+    depths_seen = set()
+    for lo, hi in [(8, 9), (9, 20), (20, 31)]:  # within the 32-slot window
+        drafter.advance(static, tokens[lo:hi], hidden[lo:hi])
+        fresh = drafter.start(tokens[:hi], hidden[:hi])
+        root = tokens[hi:hi + 1]
+        drafted = drafter.propose(fresh, root, eager)
+        check_tree(drafted, eager)
+        assert torch.equal(drafter.propose_static(static, root, static_tree, window=32), drafted)
+        assert torch.equal(static_tree.ancestors, eager.ancestors)
+        depths_seen |= set(eager.depths.tolist())
+    assert buffers == (static_tree.parents, static_tree.depths, static_tree.ancestors, static_tree.earlier_siblings)
+    assert max(depths_seen) >= 3  # the tree went deep somewhere, not just wide

@@ -13,7 +13,7 @@ from chimera.drafters import load_any, new_drafter
 from chimera.drafters.medusa import MedusaDrafter
 from chimera.train.losses import acceptance_counts
 from chimera.train.trainer import TrainConfig, train
-from chimera.tree import AUTO_TREE_SIZE, TreeBuffers, TreeTopology, get_topology
+from chimera.tree import AUTO_TREE_SIZE, DYNAMIC_BEAM, DynamicTree, TreeBuffers, TreeTopology, get_topology
 from conftest import FAMILIES, tiny_model
 
 
@@ -121,9 +121,27 @@ def test_tree_specs_resolve_with_and_without_a_profile():
         get_topology("7", drafter, "cpu")  # a size needs a profile
     drafter.acceptance_profile = [[0.5, 0.2, 0.1], [0.5, 0.2, 0.1], [0.5, 0.2], [0.5]]
     assert get_topology("auto", drafter, torch.device("cpu")).size == AUTO_TREE_SIZE["cpu"]
-    assert get_topology("auto", drafter, torch.device("cuda")).size == 31  # every node the profile allows (< 64)
+    assert get_topology("auto", drafter, torch.device("cuda")) == DynamicTree(size=64, depth=3, beam=DYNAMIC_BEAM)
+    medusa = perturbed_medusa(model, heads=3)
+    medusa.acceptance_profile = drafter.acceptance_profile
+    assert get_topology("auto", medusa, torch.device("cuda")).size == 31  # every node the profile allows (< 64)
     tree = get_topology("7", drafter, "cpu")
     assert tree.size == 7 and tree.max_depth <= 3  # never deeper than the heads
     for bad, message in [("huge", "unknown tree"), ("1", "at least 2 nodes")]:
         with pytest.raises(ChimeraError, match=message):
             get_topology(bad, drafter, "cpu")
+
+
+def test_dynamic_tree_specs():
+    model = tiny_model("llama")
+    chimera_drafter = new_drafter("chimera", model, num_draft_heads=3)
+    assert get_topology("dynamic-20", chimera_drafter, "cpu") == DynamicTree(size=20, depth=3, beam=DYNAMIC_BEAM)
+    assert get_topology("dynamic-10-2", chimera_drafter, "cpu") == DynamicTree(size=10, depth=3, beam=2)
+    for bad, message in [("dynamic", "dynamic-N"), ("dynamic-x", "dynamic-N"), ("dynamic-1", "at least 2"),
+                         ("dynamic-5-0", "beam 1"), ("dynamic-20-2", "more candidates")]:
+        with pytest.raises(ChimeraError, match=message):
+            get_topology(bad, chimera_drafter, "cpu")
+    with pytest.raises(ChimeraError, match="static trees only"):
+        get_topology("dynamic-20", perturbed_medusa(model), "cpu")
+    with pytest.raises(ChimeraError, match="static trees only"):
+        SpeculativeDecoder(model, None, perturbed_medusa(model), tree=DynamicTree(size=8, depth=3, beam=2))

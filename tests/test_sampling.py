@@ -17,9 +17,10 @@ import torch
 from chimera import SpeculativeDecoder
 from chimera import base, cache as kv
 from chimera.cli import main as cli_main
+from chimera.drafters.chimera import ChimeraDrafter
 from chimera.errors import ChimeraError
 from chimera.sampling import SamplingConfig, target_probs
-from chimera.tree import TreeBuffers, TreeTopology
+from chimera.tree import DynamicTree, TreeBuffers, TreeTopology
 from chimera.verifier import SlotVerifier
 from chimera.verify import accepted_path, draft_accept_probs, residual, sample_accept
 from conftest import tiny_model
@@ -259,8 +260,9 @@ def step_samples(rule, tree, tokens, logits, config, draws=STEP_DRAWS, seed=0) -
     return [emitted(tokens, *rule(tokens, logits, tree, config, generator)) for _ in range(draws)]
 
 
-def loop_samples(model, drafter, config: SamplingConfig, seeds=LOOP_SEEDS, slots=False) -> tuple[list, float]:
-    decoder = SpeculativeDecoder(model, CharTokenizer(), drafter, tree=TREE)
+def loop_samples(model, drafter, config: SamplingConfig, seeds=LOOP_SEEDS, slots=False, tree=TREE
+                 ) -> tuple[list, float]:
+    decoder = SpeculativeDecoder(model, CharTokenizer(), drafter, tree=tree)
     if slots:  # the GPU's fixed-slot verification, run eagerly
         decoder.verifier = SlotVerifier(model, graphs=False)
     out, sped_up = [], 0
@@ -319,6 +321,24 @@ def test_generations_match_autoregressive_sampling(setup, name, slots):
           f"TV {total_variation(samples, expected):.3f}; {sped_up:.0%} of runs took a draft")
     assert p > ALPHA and first[2] > ALPHA, (stat, df, p, first)
     assert sped_up > 0.25  # the tree did its job: drafts were accepted, so fewer base forwards than tokens
+
+
+@pytest.mark.parametrize("slots", [False, True])
+def test_generations_with_a_dynamic_tree_match_autoregressive_sampling(setup, slots):
+    """A tree the drafter picks from its own confidence is still a function of the verified prefix alone, so
+    the rule stays lossless; checked with the Chimera drafter, which builds such trees."""
+    model, _ = setup
+    drafter = ChimeraDrafter.for_base(model, num_draft_heads=3)
+    for head in drafter.heads:
+        torch.nn.init.normal_(head.fc2.weight, std=0.5)
+    config = CONFIGS["T1"]
+    expected = exact_continuations(model, config)
+    samples, sped_up = loop_samples(model, drafter.eval(), config, slots=slots,
+                                    tree=DynamicTree(size=8, depth=3, beam=3))
+    stat, df, p = chi_square(samples, expected)
+    print(f"loop T1 dynamic tree: 3-token chi2 {stat:.1f} df {df} p {p:.3g}; {sped_up:.0%} of runs took a draft")
+    assert p > ALPHA, (stat, df, p)
+    assert sped_up > 0.25
 
 
 def exact_marginal(expected: dict, k: int) -> dict:

@@ -113,7 +113,7 @@ def test_slot_cache_scores_trees_and_keeps_paths_like_the_growing_cache(family):
         sequence = torch.randint(3, 128, (rng.randint(1, 20),))
         out = bank.prefill(sequence)
         fresh = base.forward(model, kv.new_cache(), sequence)
-        torch.testing.assert_close(out.logits, fresh.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.logits, fresh.logits[-1:], atol=1e-5, rtol=0)  # the last only
         for step in range(3):
             tokens = torch.randint(3, 128, (topology.size,))
             out = bank.score_static(tokens, tree)

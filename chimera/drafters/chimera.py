@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import vocab_logits
 from ..identity import base_identity
 from ..tree import TreeBuffers
 from . import persist
@@ -146,6 +147,8 @@ class DraftState:
 
 
 class ChimeraDrafter(nn.Module):
+    drafts_dynamic_trees = True  # it drafts level by level on real tree paths, so it can pick the tree as it goes
+
     def __init__(self, config: ChimeraConfig, embeddings: nn.Module, lm_head: nn.Module):
         super().__init__()
         c = self.config = config
@@ -290,6 +293,8 @@ class ChimeraDrafter(nn.Module):
                              state.length_on_device)
 
     def _propose(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset) -> torch.Tensor:
+        if tree.dynamic:
+            return self._propose_dynamic(state, root, tree, prefix_k, prefix_v, prefix_visible, offset)
         topo = tree.topology  # SpeculativeDecoder checked that the heads cover its depth
         plan = _tree_plan(tree)
         tokens = root.new_empty(topo.size)
@@ -315,6 +320,61 @@ class ChimeraDrafter(nn.Module):
             top = logits.topk(plan.width[level + 1], dim=-1).indices
             slots, ranks = plan.children[level + 1]
             tokens[topo.levels[level + 1].start: topo.levels[level + 1].stop] = top[slots, ranks]
+        return tokens
+
+    def _propose_dynamic(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset) -> torch.Tensor:
+        """Grow the tree where the drafter is confident (EAGLE-2): level by level, the ``beam`` candidates with
+        the highest path log-probability are drafted through (queried) and each proposes its ``beam`` best
+        children; then the ``size - 1`` best candidates of all levels form the tree, written into ``tree``.
+
+        A child's score is its parent's plus a log-probability capped below zero, so it is strictly lower and
+        the chosen set always contains its parents. Fixed shapes, no host reads: capturable."""
+        shape, c = tree.topology, self.config
+        beam, depth = shape.beam, shape.depth
+        device = root.device
+        queried = 1 + (depth - 1) * beam  # the root, then `beam` nodes at each level but the last
+        draft_k = state.keys.new_empty(c.num_kv_heads, queried, c.head_dim)
+        draft_v = torch.empty_like(draft_k)
+        visible = torch.zeros(queried, queried, dtype=torch.bool, device=device)  # among queried nodes
+        pool_tokens, pool_scores, pool_parents = [], [], []  # candidates per level; parent = pool index, -1 root
+        # the nodes queried at the current level: tokens, their two predecessors, scores, pool index, parent
+        tok, prev1, prev2 = root.reshape(1), state.history[1:], state.history[:1]
+        score = torch.zeros(1, device=device)
+        pool_index = torch.full((1,), -1, dtype=torch.long, device=device)
+        parent_row = torch.zeros(1, dtype=torch.long, device=device)
+        pool_size = 0
+        for level in range(depth):
+            lo = 0 if level == 0 else 1 + (level - 1) * beam
+            hi = lo + tok.numel()
+            rows = torch.arange(lo, hi, device=device)
+            if level > 0:
+                visible[lo:hi] = visible[parent_row]
+            visible.index_put_((rows, rows), torch.ones_like(rows, dtype=torch.bool))  # no host scalar: capturable
+            g = self.trigram_lookup(prev2, prev1, tok)
+            positions = (offset + level) * torch.ones(hi - lo, dtype=torch.long, device=device)
+            k, v = self.layer.keys_values(g, positions)
+            draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
+            q = self.layer.queries(g, positions)
+            attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], visible[lo:hi, :hi],
+                           prefix_visible)
+            logp = self.head_logits(level + 1, state.last_hidden, self.layer.finish(g, attn)).float().log_softmax(-1)
+            top_logp, top_tokens = logp.topk(beam, dim=-1)  # (queried at this level, beam)
+            child_scores = (score[:, None] + top_logp.clamp(-30.0, -1e-4)).flatten()
+            child_tokens = top_tokens.flatten()
+            pool_tokens.append(child_tokens)
+            pool_scores.append(child_scores)
+            pool_parents.append(pool_index[:, None].expand(-1, beam).reshape(-1))
+            if level + 1 < depth:
+                best = child_scores.topk(beam).indices
+                parent_of_best = best // beam
+                tok, prev1, prev2 = child_tokens[best], tok[parent_of_best], prev1[parent_of_best]
+                score = child_scores[best]
+                pool_index = pool_size + best
+                parent_row = rows[parent_of_best]
+            pool_size += child_tokens.numel()
+        tokens, parents, depths = _choose_tree(torch.cat(pool_tokens), torch.cat(pool_scores),
+                                               torch.cat(pool_parents), shape, root)
+        tree.refill(parents, depths)
         return tokens
 
     # ----- training ----------------------------------------------------------------------------------------
@@ -372,20 +432,29 @@ class ChimeraDrafter(nn.Module):
         persist.save_directory(directory, config, self.trainable_state_dict(dtype))
 
 
-def vocab_logits(z: torch.Tensor, lm: nn.Module) -> torch.Tensor:
-    """``lm(z)``, with a faster route for a handful of rows on CPU at inference."""
-    if z.dim() == 2 and z.device.type == "cpu" and lm.bias is None and not torch.is_grad_enabled():
-        return _few_rows_times_vocab(z, lm.weight)
-    return lm(z)
+def _choose_tree(tokens, scores, parents, shape, root):
+    """The ``shape.size - 1`` best-scored candidates under the root, in depth order (best first within a
+    depth), as (tokens, parent node index, depth) of the whole tree."""
+    pool_depth = _candidate_depths(shape, tokens.device)
+    chosen = scores.topk(shape.size - 1).indices  # best first
+    chosen = chosen[torch.sort(pool_depth[chosen], stable=True).indices]
+    node_of = torch.zeros(tokens.numel() + 1, dtype=torch.long, device=tokens.device)  # pool index + 1 -> node
+    node_of[chosen + 1] = torch.arange(1, shape.size, device=tokens.device)
+    zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    return (torch.cat([root.reshape(1), tokens[chosen]]), torch.cat([zero, node_of[parents[chosen] + 1]]),
+            torch.cat([zero, pool_depth[chosen]]))
 
 
-def _few_rows_times_vocab(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """z (m, d) @ weight (V, d).T for a handful of rows on CPU. ``F.linear`` takes a slow path there for small
-    m (measured on 2 cores, V = 49152, d = 576: 30-40 ms at m = 2..3, 14 ms at m = 1) that ``weight @ z.T``
-    with m >= 2 avoids (5-8 ms)."""
-    if z.shape[0] == 1:
-        return (weight @ z.repeat(2, 1).T).T[:1]  # a contiguous copy: an expanded view is slower
-    return (weight @ z.T).T
+_CANDIDATE_DEPTHS: dict = {}
+
+
+def _candidate_depths(shape, device) -> torch.Tensor:
+    """The depth of each candidate of a dynamic tree: ``beam`` at depth 1, ``beam**2`` at each deeper one."""
+    key = (shape, str(device))
+    if key not in _CANDIDATE_DEPTHS:
+        sizes = [shape.beam] + [shape.beam * shape.beam] * (shape.depth - 1)
+        _CANDIDATE_DEPTHS[key] = torch.tensor([d + 1 for d, n in enumerate(sizes) for _ in range(n)], device=device)
+    return _CANDIDATE_DEPTHS[key]
 
 
 @dataclass

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import vocab_logits
 from ..identity import base_identity
 from ..tree import TreeBuffers
 from . import persist
-from .chimera import RMSNorm, vocab_logits
+from .chimera import RMSNorm
 
 
 @dataclass
