@@ -265,3 +265,31 @@ def test_dynamic_trees_are_well_formed_and_drafted_the_same_statically():
         depths_seen |= set(eager.depths.tolist())
     assert buffers == (static_tree.parents, static_tree.depths, static_tree.ancestors, static_tree.earlier_siblings)
     assert max(depths_seen) >= 3  # the tree went deep somewhere, not just wide
+
+
+def test_static_advance_equals_advance_for_every_accepted_length():
+    """advance_static (fixed-size padded inputs, a device count: what the CUDA graph replays) leaves the state
+    as advance does, whatever junk fills the padding."""
+    model = tiny_model("qwen2")
+    drafter = perturbed_drafter(model, heads=4)
+    tokens = torch.randint(3, 128, (40,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    static = drafter.start(tokens[:6], hidden[:6], capacity=64)
+    eager = drafter.start(tokens[:6], hidden[:6], capacity=64)
+    length, width = 6, 5
+    for count in (1, 3, 5, 2, 4):
+        padded_tokens = torch.randint(3, 128, (width,))
+        padded_hidden = torch.randn(width, hidden.shape[-1])
+        padded_tokens[:count] = tokens[length:length + count]
+        padded_hidden[:count] = hidden[length:length + count]
+        drafter.advance_static(static, padded_tokens, padded_hidden, torch.tensor(count))
+        static.length += count
+        drafter.advance(eager, tokens[length:length + count], hidden[length:length + count])
+        length += count
+        assert int(static.length_on_device) == static.length == eager.length == length
+        torch.testing.assert_close(static.keys[:, :length], eager.keys[:, :length], atol=1e-6, rtol=0)
+        torch.testing.assert_close(static.values[:, :length], eager.values[:, :length], atol=1e-6, rtol=0)
+        assert torch.equal(static.history, eager.history) and torch.equal(static.last_hidden, eager.last_hidden)
+        root = tokens[length:length + 1]
+        tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 0, 0)]), "cpu")
+        assert torch.equal(drafter.propose_static(static, root, tree), drafter.propose(eager, root, tree))

@@ -73,10 +73,26 @@ class RMSNorm(nn.Module):
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding, half-split convention. x (..., seq, head_dim), positions broadcastable to (..., seq)."""
+    return apply_rotary(x, rotary(positions, x.shape[-1], theta, x.dtype))
+
+
+_INVERSE_FREQUENCIES: dict = {}
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """(cos, sin) of every position's angles, (..., seq, head_dim / 2): computed once per drafting level
+    and shared by its queries and keys (each kernel counts when drafting replays a few hundred of them)."""
+    half = head_dim // 2
+    key = (half, theta, str(positions.device))
+    if key not in _INVERSE_FREQUENCIES:
+        _INVERSE_FREQUENCIES[key] = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[..., None] * _INVERSE_FREQUENCIES[key]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, rotation) -> torch.Tensor:
+    cos, sin = rotation
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -98,19 +114,23 @@ class FullContextLayer(nn.Module):
         self.up_proj = nn.Linear(d, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, d, bias=False)
 
-    def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
+    def rotation(self, positions: torch.Tensor, dtype: torch.dtype):
+        """Rotary (cos, sin) for ``positions`` (..., s), shaped to broadcast over the heads."""
+        return rotary(positions[..., None, :], self.c.head_dim, self.c.rope_theta, dtype)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor, rotation=None):
         """x (..., s, d) → keys, values (..., kv_heads, s, head_dim), keys rotated to their positions."""
         c = self.c
         h = self.input_norm(x)
         k = self.k_proj(h).unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(-3, -2)
         v = self.v_proj(h).unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(-3, -2)
-        return rope(k, positions[..., None, :], c.rope_theta), v
+        return apply_rotary(k, rotation or self.rotation(positions, k.dtype)), v
 
-    def queries(self, x: torch.Tensor, positions: torch.Tensor):
+    def queries(self, x: torch.Tensor, positions: torch.Tensor, rotation=None):
         """x (..., s, d) → (..., kv_heads, group, s, head_dim), grouped for GQA."""
         c = self.c
         q = self.q_proj(self.input_norm(x)).unflatten(-1, (c.num_heads, c.head_dim)).transpose(-3, -2)
-        q = rope(q, positions[..., None, :], c.rope_theta)
+        q = apply_rotary(q, rotation or self.rotation(positions, q.dtype))
         return q.unflatten(-3, (c.num_kv_heads, c.num_heads // c.num_kv_heads))
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -277,6 +297,24 @@ class ChimeraDrafter(nn.Module):
         state.last_hidden.copy_(hidden[-1])
 
     @torch.inference_mode()
+    def advance_static(self, state: DraftState, tokens: torch.Tensor, hidden: torch.Tensor,
+                       count: torch.Tensor) -> None:
+        """``advance`` by the first ``count`` (a device scalar) of ``tokens`` (P,) and ``hidden`` (P, d), with P
+        fixed and no host read, so that a CUDA graph can replay it. Entries past ``count`` are written to KV
+        slots past the new length, which attention masks and the next step overwrites. The caller keeps
+        ``state.length`` (the host's copy) and guarantees room for P slots."""
+        n = tokens.numel()
+        ext = torch.cat([state.history, tokens])
+        g = self.trigram_lookup(ext[:-2], ext[1:-1], ext[2:])
+        slots = state.length_on_device + torch.arange(n, device=tokens.device)
+        k, v = self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), slots)
+        state.keys.index_copy_(1, slots, k)
+        state.values.index_copy_(1, slots, v)
+        state.history.copy_(ext.index_select(0, count + torch.arange(2, device=tokens.device)))
+        state.last_hidden.copy_(hidden.index_select(0, (count - 1).reshape(1))[0])
+        state.length_on_device.add_(count)
+
+    @torch.inference_mode()
     def propose(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
         return self._propose(state, root, tree, state.keys[:, : state.length], state.values[:, : state.length],
                              None, state.length)
@@ -310,9 +348,10 @@ class ChimeraDrafter(nn.Module):
             ext[2:] = tokens
             g = self.trigram_lookup(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]])
             positions = offset + tree.depths[lo:hi]
-            k, v = self.layer.keys_values(g, positions)
+            rotation = self.layer.rotation(positions, g.dtype)
+            k, v = self.layer.keys_values(g, positions, rotation)
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
-            q = self.layer.queries(g, positions)
+            q = self.layer.queries(g, positions, rotation)
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi],
                            prefix_visible)
             u = self.layer.finish(g, attn)
@@ -352,9 +391,10 @@ class ChimeraDrafter(nn.Module):
             visible.index_put_((rows, rows), torch.ones_like(rows, dtype=torch.bool))  # no host scalar: capturable
             g = self.trigram_lookup(prev2, prev1, tok)
             positions = (offset + level) * torch.ones(hi - lo, dtype=torch.long, device=device)
-            k, v = self.layer.keys_values(g, positions)
+            rotation = self.layer.rotation(positions, g.dtype)
+            k, v = self.layer.keys_values(g, positions, rotation)
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
-            q = self.layer.queries(g, positions)
+            q = self.layer.queries(g, positions, rotation)
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], visible[lo:hi, :hi],
                            prefix_visible)
             logp = self.head_logits(level + 1, state.last_hidden, self.layer.finish(g, attn)).float().log_softmax(-1)

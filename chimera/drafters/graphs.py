@@ -31,6 +31,8 @@ class GraphedDrafter:
         self.state = None
         self.root = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> (graph, tokens)
+        self.advance_graph = None  # over self.state, which every request refills in place
+        self.advance_inputs = None
 
     @classmethod
     def supported(cls, drafter, device: torch.device, capacity: int) -> bool:
@@ -41,7 +43,28 @@ class GraphedDrafter:
         return self.state
 
     def advance(self, state, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
-        self.drafter.advance(state, tokens, hidden)
+        """Replays the drafter's ``advance_static`` over inputs padded to the deepest path (one graph for any
+        accepted length); the eager ``advance`` where the padded slots would not fit."""
+        n, width = tokens.numel(), self.tree.topology.max_depth + 1
+        if n > width or state.length + width > state.keys.shape[1]:
+            self.drafter.advance(state, tokens, hidden)
+            return
+        if self.advance_graph is None:
+            self.advance_inputs = (torch.zeros(width, dtype=torch.long, device=tokens.device),
+                                   hidden.new_zeros(width, hidden.shape[-1]),
+                                   torch.ones((), dtype=torch.long, device=tokens.device))
+            saved = (state.keys.clone(), state.values.clone(), state.history.clone(), state.last_hidden.clone(),
+                     state.length_on_device.clone())
+            self.advance_graph, _ = capture_graph(lambda: self.drafter.advance_static(state, *self.advance_inputs))
+            for buffer, value in zip((state.keys, state.values, state.history, state.last_hidden,
+                                      state.length_on_device), saved):
+                buffer.copy_(value)  # the warm-up and capture ran advance for real: undo them
+        padded_tokens, padded_hidden, count = self.advance_inputs
+        padded_tokens[:n].copy_(tokens)
+        padded_hidden[:n].copy_(hidden)
+        count.fill_(n)
+        self.advance_graph.replay()
+        state.length += n
 
     def window(self, length: int) -> int:
         """The smallest power-of-two window (at least SMALLEST_WINDOW) holding ``length`` slots."""
