@@ -56,9 +56,10 @@ class GraphedDrafter:
             saved = (state.keys.clone(), state.values.clone(), state.history.clone(), state.last_hidden.clone(),
                      state.length_on_device.clone())
             self.advance_graph, _ = capture_graph(lambda: self.drafter.advance_static(state, *self.advance_inputs))
-            for buffer, value in zip((state.keys, state.values, state.history, state.last_hidden,
-                                      state.length_on_device), saved):
-                buffer.copy_(value)  # the warm-up and capture ran advance for real: undo them
+            with torch.inference_mode():  # the state's tensors are inference tensors
+                for buffer, value in zip((state.keys, state.values, state.history, state.last_hidden,
+                                          state.length_on_device), saved):
+                    buffer.copy_(value)  # the warm-up runs advanced the state for real: undo them
         padded_tokens, padded_hidden, count = self.advance_inputs
         padded_tokens[:n].copy_(tokens)
         padded_hidden[:n].copy_(hidden)
