@@ -42,7 +42,6 @@ def main():
     for tree in args.trees:
         method = OurDecoder(model, tokenizer, drafter, tree=tree)
         method(tokenizer.encode("Hello"), 8)
-        tokens = steps = 0
         per_group, outputs, t0 = {}, [], time.perf_counter()
         for q in questions:
             for _, turn in answer_question(method, tokenizer, q, args.max_new_tokens):
