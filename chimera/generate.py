@@ -19,7 +19,7 @@ from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, encode_prompt, eos_token_ids
-from .tree import DynamicTree, TreeBuffers, TreeTopology, get_topology
+from .tree import DynamicTree, TreeBuffers, TreeTopology, get_topology, require_dynamic_drafter
 from .verifier import new_verifier
 from .verify import greedy_accept, sample_accept
 
@@ -103,9 +103,8 @@ class SpeculativeDecoder:
         self.device = next(model.parameters()).device
         self.limit = context_limit(model)
         topology = get_topology(tree, drafter, self.device) if isinstance(tree, str) else tree
-        if drafter is not None and isinstance(topology, DynamicTree) and not getattr(drafter, "drafts_dynamic_trees", False):
-            raise ChimeraError(f"a dynamic tree needs a drafter that builds one; this drafter "
-                               f"({type(drafter).__name__}) drafts static trees only")
+        if isinstance(topology, DynamicTree):
+            require_dynamic_drafter(drafter)
         heads = getattr(getattr(drafter, "config", None), "num_draft_heads", None)
         if drafter is not None and heads is not None and topology.max_depth > heads:
             raise ChimeraError(f"the tree is {topology.max_depth} deep but the drafter has {heads} heads: "

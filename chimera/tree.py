@@ -11,7 +11,7 @@ acceptance read only those tensors, so they serve both kinds (and a captured gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -175,10 +175,7 @@ class TreeBuffers:
     @classmethod
     def build(cls, topology: TreeTopology | DynamicTree, device) -> "TreeBuffers":
         if isinstance(topology, DynamicTree):  # a chain until the drafter fills it
-            chain = TreeTopology.chain(topology.size - 1)
-            buffers = cls.build(chain, device)
-            buffers.topology = topology
-            return buffers
+            return replace(cls.build(TreeTopology.chain(topology.size - 1), device), topology=topology)
         parents = torch.tensor([max(p, 0) for p in topology.parents], device=device)
         return cls(
             topology=topology,
@@ -309,11 +306,19 @@ def _dynamic_tree(name: str, drafter) -> DynamicTree:
     parts = name.split("-")
     if len(parts) not in (2, 3) or parts[0] != "dynamic" or not all(x.isdigit() for x in parts[1:]):
         raise ChimeraError(f"unknown tree {name!r}: a dynamic tree is dynamic-N or dynamic-N-BEAM, e.g. dynamic-64")
-    if drafter is not None and not getattr(drafter, "drafts_dynamic_trees", False):
-        raise ChimeraError(f"--tree {name}: this drafter ({type(drafter).__name__}) drafts static trees only")
+    require_dynamic_drafter(drafter)
     size, beam = int(parts[1]), int(parts[2]) if len(parts) == 3 else DYNAMIC_BEAM
     depth = getattr(getattr(drafter, "config", None), "num_draft_heads", 6)
     try:
         return DynamicTree(size=size, depth=depth, beam=beam)
     except ValueError as e:
         raise ChimeraError(f"--tree {name}: {e}") from None
+
+
+def require_dynamic_drafter(drafter) -> None:
+    """A dynamic tree is built by the drafter as it drafts; refuse one for a drafter that cannot."""
+    from .errors import ChimeraError
+
+    if drafter is not None and not getattr(drafter, "drafts_dynamic_trees", False):
+        raise ChimeraError(f"a dynamic tree needs a drafter that builds one; this drafter "
+                           f"({type(drafter).__name__}) drafts static trees only")
