@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute the base's outputs once per sample and keep them in memory (small data)")
     tr.add_argument("--export-dtype", default="float32", help="dtype of the exported drafter/ (default: float32)")
     tr.add_argument("--kl", action="store_true", help="match the base distribution (KL) instead of its argmax")
+    tr.add_argument("--init", help="a saved drafter to start from (same kind and base, at most --depth heads; "
+                                   "extra heads start as copies of its last one)")
     tr.add_argument("--architecture", choices=["chimera", "medusa"], default="chimera",
                     help="chimera (default) or medusa (the baseline heads, for comparison in 'chimera bench')")
     tr.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")

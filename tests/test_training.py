@@ -132,6 +132,40 @@ def test_train_refuses_other_settings_in_the_same_run_directory(tmp_path):
         train(model, samples, tmp_path / "run", TrainConfig(**{**cfg.__dict__, "lr": 0.5}), progress=False)
 
 
+def test_init_starts_from_a_saved_drafter_and_adds_heads(tmp_path):
+    """--init: every weight comes from the saved drafter, and each extra head starts as its last head."""
+    from safetensors.torch import load_file
+
+    model = tiny_model("llama")
+    samples = make_samples(model)
+    base = dict(steps=2, batch_size=2, max_len=64, roots_per_seq=8, heldout_fraction=0, eval_every=100)
+    train(model, samples, tmp_path / "two", TrainConfig(depth=2, lr=5e-3, **base), progress=False)
+    source = load_file(str(tmp_path / "two" / "drafter" / "model.safetensors"))
+    # lr 0: the steps leave the starting weights as they were, so the export shows the start
+    train(model, samples, tmp_path / "four", TrainConfig(depth=4, lr=0.0, init=str(tmp_path / "two" / "drafter"),
+                                                         **base), progress=False)
+    grown = load_file(str(tmp_path / "four" / "drafter" / "model.safetensors"))
+    assert {k for k in grown if not k.startswith("heads.")} == {k for k in source if not k.startswith("heads.")}
+    for key, value in grown.items():
+        if key.startswith("heads."):
+            _, index, rest = key.split(".", 2)
+            expected = source[f"heads.{min(int(index), 1)}.{rest}"]
+        else:
+            expected = source[key]
+        assert torch.equal(value, expected), key
+    config = json.loads((tmp_path / "four" / "drafter" / "config.json").read_text())
+    assert config["num_draft_heads"] == 4 and config["training"]["init"] == str(tmp_path / "two" / "drafter")
+
+    with pytest.raises(ChimeraError, match="has 4 heads, more than --depth 3"):
+        train(model, samples, tmp_path / "three", TrainConfig(depth=3, init=str(tmp_path / "four" / "drafter"), **base),
+              progress=False)
+    with pytest.raises(ChimeraError, match="is a ChimeraDrafter, but this run trains a MedusaDrafter"):
+        train(model, samples, tmp_path / "medusa", TrainConfig(depth=4, architecture="medusa",
+                                                               init=str(tmp_path / "two" / "drafter"), **base),
+              progress=False)
+    assert not (tmp_path / "three" / "drafter").exists() and not (tmp_path / "medusa" / "drafter").exists()
+
+
 def test_prompt_file_errors(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

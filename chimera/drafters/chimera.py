@@ -168,6 +168,7 @@ class DraftState:
 
 class ChimeraDrafter(nn.Module):
     drafts_dynamic_trees = True  # it drafts level by level on real tree paths, so it can pick the tree as it goes
+    per_head_modules = ("heads", "head_lm")  # module lists with one entry per draft depth
 
     def __init__(self, config: ChimeraConfig, embeddings: nn.Module, lm_head: nn.Module):
         super().__init__()

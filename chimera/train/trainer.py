@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -45,12 +46,38 @@ class TrainConfig:
     depth_decay: float = 0.8
     regression_weight: float = 0.1
     kl: bool = False  # KL to the base distribution instead of cross-entropy on its argmax
+    init: str | None = None  # a saved drafter to start from (fine-tuning, or adding heads to it)
     cache_base: bool = False  # keep each sample's base hidden states/argmax in memory (small data, CPU)
     heldout_fraction: float = 0.02
     eval_every: int = 250
     eval_samples: int = 64
     save_every: int = 500
     seed: int = 0
+
+
+def warm_start(drafter, source, path) -> None:
+    """Start ``drafter`` from a trained ``source`` of the same kind and base. A deeper ``drafter`` gets each
+    extra head as a copy of the source's last one: the nearest depth is its best available guess."""
+    if type(source) is not type(drafter):
+        raise ChimeraError(f"--init {path} is a {type(source).__name__}, but this run trains a {type(drafter).__name__}")
+    have, want = source.config.num_draft_heads, drafter.config.num_draft_heads
+    if have > want:
+        raise ChimeraError(f"--init {path} has {have} heads, more than --depth {want}")
+    source_state = source.state_dict()
+    per_head = re.compile(rf"^({'|'.join(drafter.per_head_modules)})\.(\d+)\.")
+    state = {}
+    for key, value in drafter.state_dict().items():
+        match = per_head.match(key)
+        if match and int(match.group(2)) >= have:
+            key_in_source = per_head.sub(rf"\g<1>.{have - 1}.", key)
+        else:
+            key_in_source = key
+        if key_in_source not in source_state or source_state[key_in_source].shape != value.shape:
+            found = tuple(source_state[key_in_source].shape) if key_in_source in source_state else "nothing"
+            raise ChimeraError(f"--init {path} does not fit this drafter: {key} needs shape {tuple(value.shape)}, "
+                               f"the saved drafter has {found}")
+        state[key] = source_state[key_in_source]
+    drafter.load_state_dict(state)
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -263,8 +290,11 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         start_step = saved["step"]
     else:
         drafter = new_drafter(cfg.architecture, model, num_draft_heads=cfg.depth, seed=cfg.seed).float()
-        tokens, attention, _ = collate(samples, train_ids[: cfg.batch_size], cfg.max_len, pad_id, device)
-        drafter.calibrate_head_norm(base_targets(model, tokens, attention)[0][attention.bool()])
+        if cfg.init:
+            warm_start(drafter, load_any(cfg.init, model, dtype=torch.float32), cfg.init)
+        else:
+            tokens, attention, _ = collate(samples, train_ids[: cfg.batch_size], cfg.max_len, pad_id, device)
+            drafter.calibrate_head_norm(base_targets(model, tokens, attention)[0][attention.bool()])
         start_step = 0
     drafter.train()
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
