@@ -32,6 +32,11 @@ def number(cast, check, must: str, expected: str):
 positive_int = number(int, lambda v: v > 0, "a positive integer", "a positive integer")
 non_negative_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0", "a number")
 port_number = number(int, lambda v: 0 <= v <= 65535, "between 0 and 65535", "a port number")
+_token_count = number(int, lambda v: v > 0, "auto, full or a positive token count", "auto, full or a token count")
+
+
+def draft_vocab_choice(text: str):
+    return text if text in ("auto", "full") else _token_count(text)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +57,9 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", default="auto",
                         help=f"draft tree: {', '.join(TOPOLOGIES)}, a node count built from the drafter's "
                              "measured acceptance, or auto (a size suited to the device; default)")
+    parser.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice,
+                        help="tokens the drafter scores: auto (its base's most written tokens on a CPU, all on a "
+                             "GPU; default), full, or a count N (the N most written)")
 
 
 def cmd_generate(args) -> int:
@@ -67,7 +75,7 @@ def cmd_generate(args) -> int:
     resolve_device(args.device)
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     drafter = resolve_drafter(args.drafter, model)
-    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree)
+    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree, draft_vocab=args.draft_vocab)
     stream = decoder.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, raw=args.raw,
                             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                             seed=sampling.seed)
@@ -146,7 +154,8 @@ def cmd_serve(args) -> int:
     resolve_device(args.device)
     sock = bind(args.host, args.port)  # a busy port fails now, not after loading the model
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
-    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(args.drafter, model), tree=args.tree)
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(args.drafter, model), tree=args.tree,
+                                 draft_vocab=args.draft_vocab)
     engine = Engine(decoder, max_queue=args.max_queue, timeout=args.timeout)
     config = ServerConfig(model_name=args.model, api_key=api_key, default_max_tokens=args.default_max_tokens,
                           default_temperature=args.default_temperature)
@@ -235,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--chimera-drafter", default="auto", help="drafter directory for 'chimera' (default: shipped)")
     be.add_argument("--medusa-drafter", default="auto", help="drafter directory for 'medusa' (default: shipped)")
     be.add_argument("--tree", default="auto", help="draft tree for chimera and medusa (as in 'generate')")
+    be.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice, help="chimera's draft vocabulary (as in 'generate')")
     be.add_argument("--warmup", type=int, default=2, help="untimed rounds of every method first (default: 2)")
     be.add_argument("--temperature", type=non_negative_float, default=0.0,
                     help="0 (default): greedy; above 0: every method samples at this temperature (no top-k/top-p)")

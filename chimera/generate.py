@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from .errors import ChimeraError
+from .drafters import apply_draft_vocabulary
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
@@ -89,18 +90,22 @@ class SpeculativeDecoder:
     >>> decoder.generate("Hi!", max_new_tokens=64).text
     >>> decoder.generate("Hi!", temperature=0.7, top_p=0.9, seed=0).text  # sampled, reproducible
 
+    ``draft_vocab``: 'auto' (the drafter's most written tokens where the vocabulary projection is costly, i.e. on
+    a CPU), 'full', or a token count. It changes what is drafted, never what is output.
+
     Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
     temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
     """
 
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
-                 sync_timing: bool = False, cuda_graphs: bool = True):
+                 sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
+        self.device = next(model.parameters()).device
+        self.draft_vocab = apply_draft_vocabulary(drafter, draft_vocab, self.device)
         if drafter is not None and hasattr(drafter, "prepare_inference"):
             drafter.prepare_inference()  # one-time precomputation, kept out of every request's time
-        self.device = next(model.parameters()).device
         self.limit = context_limit(model)
         topology = get_topology(tree, drafter, self.device) if isinstance(tree, str) else tree
         if isinstance(topology, DynamicTree):

@@ -3,7 +3,8 @@
 Usage: python scripts/measure_speculative.py [--device cpu] [--dtype float32] [--max-new-tokens 128]
        [--configs none:chain4 random:chain4 auto:chain4 auto:small auto:medium] [--train-steps 0]
        [--temperature 1.0 --top-k 0 --top-p 1.0 --seed 0]
-A config is DRAFTER:TREE with DRAFTER one of none, random, auto (the shipped drafter) or a directory.
+A config is DRAFTER:TREE[:DRAFT_VOCAB] with DRAFTER one of none, random, auto (the shipped drafter) or a
+directory, and DRAFT_VOCAB auto (the default), full or a token count.
 With --temperature > 0 every config samples (lossless speculative sampling); prompt i uses seed + i, so runs
 repeat exactly. Compare its tau with a greedy run (the default, --temperature 0) of the same configs.
 """
@@ -61,9 +62,10 @@ def main():
         rows.append({"config": "hf-generate", "tokens_per_s": round(tokens / seconds, 2), "tau": 1.0})
         print(rows[-1], flush=True)
     for config in args.configs:
-        spec, tree = config.split(":")
+        spec, tree, vocab = (config.split(":") + ["auto"])[:3]
         drafter = resolve_drafter(spec, model)
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree, sync_timing=True)
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree, sync_timing=True,
+                                             draft_vocab=vocab)
         decoder.generate(prompts[0], max_new_tokens=8, **sampling, seed=args.seed)  # warm-up
         results = [decoder.generate(prompt, max_new_tokens=args.max_new_tokens, **sampling, seed=args.seed + i)
                    for i, prompt in enumerate(prompts)]

@@ -1,7 +1,8 @@
 """How often the base model writes each token: counts over the assistant tokens of distilled data.
 
 The counts rank the vocabulary for a drafter's frequent-token draft vocabulary (``--draft-vocab``): drafting
-over the tokens the base actually writes costs a fraction of the full vocabulary projection.
+over the tokens the base actually writes costs a fraction of the full vocabulary projection. ``chimera train``
+saves the same counts with every Chimera drafter it exports; this script adds them to one trained before.
 
 Usage: python scripts/token_frequencies.py --data DISTILL_DIR --out token_counts.safetensors
 """
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from chimera.train.data import DistillStore
+from chimera.train.data import DistillStore, count_tokens
 
 
 def main():
@@ -23,9 +24,7 @@ def main():
     args = p.parse_args()
     store = DistillStore(args.data)
     vocab = int(store.meta["base"]["vocab_size"])
-    counts = np.zeros(vocab, dtype=np.int64)
-    for tokens, mask in store.load():
-        counts += np.bincount(tokens[mask.astype(bool)], minlength=vocab)[:vocab]
+    counts = count_tokens(store.load(), vocab)
     save_file({"counts": torch.from_numpy(counts)}, args.out, metadata={"samples": str(len(store)),
                                                                          "data": str(args.data)})
     order = np.sort(counts)[::-1].cumsum() / max(1, counts.sum())

@@ -34,6 +34,11 @@ def test_bad_max_new_tokens(capsys, value):
     assert_one_line_error(*run_cli(capsys, "generate", "hi", "--max-new-tokens", value)[::2], "max-new-tokens")
 
 
+@pytest.mark.parametrize("value", ["0", "some", "-5"])
+def test_bad_draft_vocabulary(capsys, value):
+    assert_one_line_error(*run_cli(capsys, "generate", "hi", "--draft-vocab", value)[::2], "draft-vocab", value)
+
+
 def test_unknown_dtype_and_device(capsys):
     assert_one_line_error(*run_cli(capsys, "generate", "hi", "--dtype", "float8")[::2], "dtype", "float8")
     assert_one_line_error(*run_cli(capsys, "generate", "hi", "--device", "tpu")[::2], "device", "tpu")

@@ -91,10 +91,12 @@ def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 128, (int(n),), generator=gen).tolist() for n in (5, 9, 14, 20)]
     trained = briefly_trained(model, tmp_path, prompts)
-    for drafter, tree in [(perturbed_drafter(model, heads=5), "small"), (trained, "chain4"),
-                          (trained, DynamicTree(size=12, depth=4, beam=3))]:
-        decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
-        slotted = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+    assert trained.token_counts is not None  # saved by the trainer from its data
+    for drafter, tree, vocab in [(perturbed_drafter(model, heads=5), "small", "auto"), (trained, "chain4", "auto"),
+                                 (trained, DynamicTree(size=12, depth=4, beam=3), "auto"),
+                                 (trained, DynamicTree(size=12, depth=4, beam=3), 24)]:
+        decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab)
+        slotted = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab)
         slotted.verifier = SlotVerifier(model, graphs=False)  # what the GPU path replays, run eagerly
         taus = []
         for ids in prompts:
@@ -293,3 +295,36 @@ def test_static_advance_equals_advance_for_every_accepted_length():
         root = tokens[length:length + 1]
         tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 0, 0)]), "cpu")
         assert torch.equal(drafter.propose_static(static, root, tree), drafter.propose(eager, root, tree))
+
+
+def test_draft_vocabulary_drafts_only_frequent_tokens():
+    """FR-Spec: with a draft vocabulary every drafted token is one of the most counted; with all tokens the
+    drafts are those of the full projection. Without counts, or for Medusa heads, asking is an error."""
+    from chimera.drafters import apply_draft_vocabulary
+    from chimera.drafters.medusa import MedusaDrafter
+
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=4)
+    tokens = torch.randint(3, 128, (30,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    state, root = drafter.start(tokens[:20], hidden[:20]), tokens[20:21]
+    trees = [TreeBuffers.build(TreeTopology.full([3, 2, 2]), "cpu"),
+             TreeBuffers.build(DynamicTree(size=16, depth=4, beam=3), "cpu")]
+    full = [drafter.propose(state, root, tree) for tree in trees]
+    with pytest.raises(ChimeraError, match="no token counts"):
+        apply_draft_vocabulary(drafter, 16, torch.device("cpu"))
+    assert apply_draft_vocabulary(drafter, "auto", torch.device("cpu")) is None  # nothing to rank by: all tokens
+    drafter.token_counts = torch.randint(0, 1000, (drafter.config.vocab_size,))
+    frequent = set(drafter.token_counts.argsort(descending=True)[:16].tolist())
+    assert apply_draft_vocabulary(drafter, 16, torch.device("cpu")) == 16
+    for tree in trees:
+        drafted = drafter.propose(state, root, tree)
+        check_tree(drafted, tree)
+        assert set(drafted[1:].tolist()) <= frequent
+    apply_draft_vocabulary(drafter, drafter.config.vocab_size, torch.device("cpu"))
+    assert all(torch.equal(drafter.propose(state, root, tree), f) for tree, f in zip(trees, full))
+    assert apply_draft_vocabulary(drafter, "auto", torch.device("cuda")) is None  # the GPU projection is cheap
+    with pytest.raises(ChimeraError, match="draft vocabulary must be"):
+        apply_draft_vocabulary(drafter, "most", torch.device("cpu"))
+    with pytest.raises(ChimeraError, match="needs a Chimera drafter"):
+        apply_draft_vocabulary(MedusaDrafter.for_base(model), 16, torch.device("cpu"))

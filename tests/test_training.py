@@ -11,7 +11,7 @@ from chimera import ChimeraError, SpeculativeDecoder, load_base
 from chimera.cli import main
 from chimera.drafters import load_any
 from chimera.train import distill as distill_mod
-from chimera.train.data import DistillStore, Prompt, read_prompts
+from chimera.train.data import DistillStore, Prompt, count_tokens, read_prompts
 from chimera.train.trainer import TrainConfig, latest_checkpoint, train
 from chimera.tree import TreeTopology
 from conftest import tiny_model
@@ -141,6 +141,9 @@ def test_init_starts_from_a_saved_drafter_and_adds_heads(tmp_path):
     base = dict(steps=2, batch_size=2, max_len=64, roots_per_seq=8, heldout_fraction=0, eval_every=100)
     train(model, samples, tmp_path / "two", TrainConfig(depth=2, lr=5e-3, **base), progress=False)
     source = load_file(str(tmp_path / "two" / "drafter" / "model.safetensors"))
+    counts = load_file(str(tmp_path / "two" / "drafter" / "token_counts.safetensors"))["counts"]
+    assert counts.tolist() == count_tokens(samples, model.config.vocab_size).tolist()  # what the base wrote
+    assert int(counts.sum()) == sum(int(m.sum()) for _, m in samples)
     # lr 0: the steps leave the starting weights as they were, so the export shows the start
     train(model, samples, tmp_path / "four", TrainConfig(depth=4, lr=0.0, init=str(tmp_path / "two" / "drafter"),
                                                          **base), progress=False)

@@ -25,7 +25,7 @@ def check_methods(methods) -> list[str]:
 
 
 def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafter="auto", tree="auto",
-                  decoding: Decoding = Decoding()):
+                  decoding: Decoding = Decoding(), draft_vocab="auto"):
     """The method callables, and what the report should say about their drafters and trees."""
     from ..drafters import resolve_drafter
     from ..drafters.medusa import MedusaDrafter
@@ -45,9 +45,11 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
             kind = "medusa" if isinstance(drafter, MedusaDrafter) else "chimera"
             if kind != name:
                 raise ChimeraError(f"--{name}-drafter {spec} is a {kind} drafter")
-            methods[name] = OurDecoder(model, tokenizer, drafter, tree=tree, decoding=decoding)
-            topology = methods[name].tree
-            drafters[name] = {"drafter": spec, "tree": f"{tree} ({topology.describe()})"}
+            vocab = draft_vocab if name == "chimera" else "full"
+            methods[name] = OurDecoder(model, tokenizer, drafter, tree=tree, decoding=decoding, draft_vocab=vocab)
+            topology, size = methods[name].tree, methods[name].decoder.draft_vocab
+            drafters[name] = {"drafter": spec, "tree": f"{tree} ({topology.describe()})",
+                              "draft_vocab": f"{vocab} ({size or 'all'} tokens)"}
     return methods, drafters
 
 
@@ -62,7 +64,7 @@ def bench(args, progress: bool = True) -> dict:
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     decoding = Decoding(temperature=args.temperature)
     runners, drafters = build_methods(methods, model, tokenizer, args.chimera_drafter, args.medusa_drafter,
-                                      args.tree, decoding)
+                                      args.tree, decoding, args.draft_vocab)
     device = next(model.parameters()).device
     config = BenchConfig(questions=str(args.questions), questions_sha256=file_sha256(args.questions),
                          categories=sorted(args.categories) if args.categories else None, limit=args.limit,

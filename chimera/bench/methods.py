@@ -97,8 +97,9 @@ def emitted_per_forward(starts: list[int | None], prompt_len: int, new_tokens: i
 class OurDecoder:
     """Our loop: plain autoregressive (no drafter) or speculative with a drafter and tree."""
 
-    def __init__(self, model, tokenizer, drafter=None, tree="auto", decoding: Decoding = Decoding()):
-        self.decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+    def __init__(self, model, tokenizer, drafter=None, tree="auto", decoding: Decoding = Decoding(),
+                 draft_vocab="auto"):
+        self.decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=draft_vocab)
         self.device = self.decoder.device
         self.decoding = decoding
 

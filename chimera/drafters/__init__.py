@@ -8,6 +8,9 @@ from ..errors import ChimeraError
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 ARCHITECTURES = ("chimera", "medusa")
+# "auto" draft vocabulary per device type: on a CPU the full projection is ~6 ms of every drafting level
+# (SmolLM2, 49,152 tokens, 2 cores), and the 8,192 most written tokens cover 97 % of what the base writes
+AUTO_DRAFT_VOCAB = {"cpu": 8192}
 
 
 def shipped_drafter_path(model, architecture: str = "chimera") -> Path | None:
@@ -59,3 +62,27 @@ def load_any(path, model, dtype=None):
 
         return load_medusa(path, model, dtype=dtype)
     raise ChimeraError(f"drafter {path} has unknown architecture {arch!r}")
+
+
+def apply_draft_vocabulary(drafter, spec, device) -> int | None:
+    """Set the drafter's draft vocabulary from ``spec`` ('auto', 'full' or a token count); returns its size,
+    None for the full vocabulary. 'auto' restricts only where it pays (AUTO_DRAFT_VOCAB) and only drafters
+    that know their base's token counts."""
+    supported = drafter is not None and hasattr(drafter, "use_draft_vocabulary")
+    if spec in (None, "full"):
+        size = None
+    elif spec == "auto":
+        known = supported and getattr(drafter, "token_counts", None) is not None
+        size = AUTO_DRAFT_VOCAB.get(device.type) if known else None
+    else:
+        try:
+            size = int(spec)
+        except (TypeError, ValueError):
+            size = 0
+        if size <= 0:
+            raise ChimeraError(f"draft vocabulary must be auto, full or a positive token count, got {spec!r}")
+        if not supported:
+            raise ChimeraError("a draft vocabulary needs a Chimera drafter: this one scores the whole vocabulary")
+    if supported:
+        drafter.use_draft_vocabulary(size)
+    return size

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import vocab_logits
+from ..base import vocab_logits, weight_logits
+from ..errors import ChimeraError
 from ..identity import base_identity
 from ..tree import TreeBuffers
 from . import persist
@@ -190,6 +191,9 @@ class ChimeraDrafter(nn.Module):
         self._tables = None
         self.acceptance_profile = None  # measured per head and rank; trees are built from it
         self._tables_version = None
+        self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
+        self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
+        self._draft_weights = None  # the vocabulary projection's rows for those ids, one per head (or shared)
 
     @classmethod
     def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0):
@@ -257,6 +261,28 @@ class ChimeraDrafter(nn.Module):
         """Logits of head k (1-based: the token k steps after the last verified one)."""
         z = self.head_norm(self.heads[k - 1](h_last, u))
         return vocab_logits(z, self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"])
+
+    def use_draft_vocabulary(self, size: int | None) -> None:
+        """Draft over only the ``size`` tokens the base writes most often (FR-Spec), or over the whole vocabulary
+        (None). On a CPU the vocabulary projection is most of a drafting level's cost; a token outside the set
+        only goes missing from the tree, so the output is unchanged."""
+        if size is None or size >= self.config.vocab_size:
+            self.draft_vocab = self._draft_weights = None
+            return
+        if self.token_counts is None:
+            raise ChimeraError("this drafter has no token counts (token_counts.safetensors), which a draft "
+                               "vocabulary is chosen from: use the full vocabulary")
+        heads = list(self.head_lm) if self.head_lm is not None else [self._frozen["lm_head"]]
+        ids = self.token_counts.argsort(descending=True, stable=True)[:size].to(heads[0].weight.device)
+        self._draft_weights = [head.weight.detach()[ids].contiguous() for head in heads]
+        self.draft_vocab = ids
+
+    def draft_logits(self, k: int, h_last, u):
+        """Head k's logits for drafting and the token id of each column (None: column i is token i)."""
+        if self.draft_vocab is None:
+            return self.head_logits(k, h_last, u), None
+        z = self.head_norm(self.heads[k - 1](h_last, u))
+        return weight_logits(z, self._draft_weights[(k - 1) % len(self._draft_weights)]), self.draft_vocab
 
     # ----- inference ---------------------------------------------------------------------------------------
 
@@ -356,8 +382,9 @@ class ChimeraDrafter(nn.Module):
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi],
                            prefix_visible)
             u = self.layer.finish(g, attn)
-            logits = self.head_logits(level + 1, state.last_hidden, u)
+            logits, column_ids = self.draft_logits(level + 1, state.last_hidden, u)
             top = logits.topk(plan.width[level + 1], dim=-1).indices
+            top = top if column_ids is None else column_ids[top]
             slots, ranks = plan.children[level + 1]
             tokens[topo.levels[level + 1].start: topo.levels[level + 1].stop] = top[slots, ranks]
         return tokens
@@ -398,8 +425,9 @@ class ChimeraDrafter(nn.Module):
             q = self.layer.queries(g, positions, rotation)
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], visible[lo:hi, :hi],
                            prefix_visible)
-            logp = self.head_logits(level + 1, state.last_hidden, self.layer.finish(g, attn)).float().log_softmax(-1)
-            top_logp, top_tokens = logp.topk(beam, dim=-1)  # (queried at this level, beam)
+            logits, column_ids = self.draft_logits(level + 1, state.last_hidden, self.layer.finish(g, attn))
+            top_logp, top_tokens = logits.float().log_softmax(-1).topk(beam, dim=-1)  # (queried here, beam)
+            top_tokens = top_tokens if column_ids is None else column_ids[top_tokens]
             child_scores = (score[:, None] + top_logp.clamp(-30.0, -1e-4)).flatten()
             child_tokens = top_tokens.flatten()
             pool_tokens.append(child_tokens)
@@ -470,7 +498,7 @@ class ChimeraDrafter(nn.Module):
     def save(self, directory, extra_config: dict | None = None, dtype: torch.dtype | None = None) -> None:
         config = {"architecture": "chimera", **asdict(self.config), "acceptance": self.acceptance_profile,
                   **(extra_config or {})}
-        persist.save_directory(directory, config, self.trainable_state_dict(dtype))
+        persist.save_directory(directory, config, self.trainable_state_dict(dtype), self.token_counts)
 
 
 def _choose_tree(tokens, scores, parents, shape, root):
@@ -567,5 +595,6 @@ def load_drafter(path, model, dtype: torch.dtype | None = None) -> ChimeraDrafte
     drafter = ChimeraDrafter(config, model.get_input_embeddings(), model.get_output_embeddings())
     persist.load_weights(drafter, path)
     drafter.acceptance_profile = persist.acceptance_profile(raw, config.num_draft_heads)
+    drafter.token_counts = persist.load_token_counts(path, config.vocab_size)
     weight = model.get_input_embeddings().weight
     return drafter.to(device=weight.device, dtype=dtype or weight.dtype).eval().requires_grad_(False)

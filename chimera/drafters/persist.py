@@ -19,9 +19,10 @@ from ..identity import base_identity, describe, same_base
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+COUNTS_NAME = "token_counts.safetensors"  # optional: how often the base writes each token
 
 
-def save_directory(directory, config: dict, state: dict) -> None:
+def save_directory(directory, config: dict, state: dict, token_counts: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -30,6 +31,8 @@ def save_directory(directory, config: dict, state: dict) -> None:
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if token_counts is not None:
+            save_file({"counts": token_counts.detach().cpu().long()}, str(tmp / COUNTS_NAME))
         if directory.exists():
             old = directory.with_name(directory.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -111,3 +114,20 @@ def acceptance_profile(raw: dict, heads: int) -> list[list[float]] | None:
           and all(isinstance(row, list) and row and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in row)
                   for row in profile))
     return profile if ok else None
+
+
+def load_token_counts(path, vocab_size: int) -> torch.Tensor | None:
+    """The optional per-token counts saved beside a drafter (scripts/token_frequencies.py), or None."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / COUNTS_NAME
+    if not file.is_file():
+        return None
+    try:
+        counts = load_file(str(file)).get("counts")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ChimeraError(f"token counts {file} are unreadable: {exc}") from None
+    if counts is None or counts.shape != (vocab_size,):
+        raise ChimeraError(f"token counts {file} must hold 'counts' of shape ({vocab_size},)")
+    return counts

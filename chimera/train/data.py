@@ -179,3 +179,12 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def count_tokens(samples, vocab_size: int) -> np.ndarray:
+    """How often each token id is an assistant token of ``samples`` ((tokens, mask) pairs): what the base
+    writes, which ranks the vocabulary for a drafter's frequent-token draft vocabulary."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for tokens, mask in samples:
+        counts += np.bincount(tokens[mask.astype(bool)], minlength=vocab_size)[:vocab_size]
+    return counts

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..drafters import load_any, new_drafter
 from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
+from .data import count_tokens
 from .losses import acceptance_counts, chain_loss
 
 STATE_WEIGHTS = "optimizer.safetensors"
@@ -354,7 +355,10 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     bar.close()
     if accelerator.is_main_process and end_step == cfg.steps:
         export = out_dir / "drafter"
-        accelerator.unwrap_model(drafter).save(
+        final = accelerator.unwrap_model(drafter)
+        if hasattr(final, "token_counts"):
+            final.token_counts = torch.from_numpy(count_tokens((samples[i] for i in train_ids), final.config.vocab_size))
+        final.save(
             export, extra_config={"acceptance": evals.get("acceptance"),
                                   "training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
                                                "data": (data_meta or {}).get("source")}}, dtype=export_dtype)
