@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--chimera-drafter", default="auto", help="drafter directory for 'chimera' (default: shipped)")
     be.add_argument("--medusa-drafter", default="auto", help="drafter directory for 'medusa' (default: shipped)")
     be.add_argument("--tree", default="auto", help="draft tree for chimera and medusa (as in 'generate')")
-    be.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice, help="chimera's draft vocabulary (as in 'generate')")
+    be.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice,
+                    help="chimera's draft vocabulary (as in 'generate')")
     be.add_argument("--warmup", type=int, default=2, help="untimed rounds of every method first (default: 2)")
     be.add_argument("--temperature", type=non_negative_float, default=0.0,
                     help="0 (default): greedy; above 0: every method samples at this temperature (no top-k/top-p)")

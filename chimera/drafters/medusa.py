@@ -56,6 +56,7 @@ class MedusaState:
 
 class MedusaDrafter(nn.Module):
     per_head_modules = ("blocks",)  # module lists with one entry per draft depth
+
     def __init__(self, config: MedusaConfig, lm_head: nn.Module):
         super().__init__()
         self.config = config
