@@ -60,7 +60,8 @@ def warm_start(drafter, source, path) -> None:
     """Start ``drafter`` from a trained ``source`` of the same kind and base. A deeper ``drafter`` gets each
     extra head as a copy of the source's last one: the nearest depth is its best available guess."""
     if type(source) is not type(drafter):
-        raise ChimeraError(f"--init {path} is a {type(source).__name__}, but this run trains a {type(drafter).__name__}")
+        raise ChimeraError(f"--init {path} is a {type(source).__name__}, "
+                           f"but this run trains a {type(drafter).__name__}")
     have, want = source.config.num_draft_heads, drafter.config.num_draft_heads
     if have > want:
         raise ChimeraError(f"--init {path} has {have} heads, more than --depth {want}")
@@ -357,7 +358,8 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         export = out_dir / "drafter"
         final = accelerator.unwrap_model(drafter)
         if hasattr(final, "token_counts"):
-            final.token_counts = torch.from_numpy(count_tokens((samples[i] for i in train_ids), final.config.vocab_size))
+            seen = (samples[i] for i in train_ids)
+            final.token_counts = torch.from_numpy(count_tokens(seen, final.config.vocab_size))
         final.save(
             export, extra_config={"acceptance": evals.get("acceptance"),
                                   "training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
