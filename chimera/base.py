@@ -45,12 +45,13 @@ def plain_vocab_head(model) -> bool:
 
 
 def vocab_logits(z: torch.Tensor, lm: nn.Module) -> torch.Tensor:
-    """``lm(z)``, with a faster route for a handful of rows on CPU at inference."""
+    """``lm(z)``; a bias-free head goes through ``weight_logits`` (its faster CPU route)."""
     return lm(z) if lm.bias is not None else weight_logits(z, lm.weight)
 
 
 def weight_logits(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``z @ weight.T`` for a bias-free vocabulary projection (or a slice of one)."""
+    """``z @ weight.T`` for a bias-free vocabulary projection (or a slice of one), with a faster route for a
+    handful of rows on CPU at inference."""
     if z.dim() == 2 and z.device.type == "cpu" and not torch.is_grad_enabled():
         return _few_rows_times_vocab(z, weight)
     return nn.functional.linear(z, weight)

@@ -158,6 +158,16 @@ def test_broken_drafter_directories(tmp_path):
     (garbage / "config.json").write_text("{not json")
     with pytest.raises(ChimeraError, match="not valid JSON"):
         load_any(garbage, model)
+    from safetensors.torch import save_file
+
+    counts = tmp_path / "bad-counts"
+    perturbed_drafter(model).save(counts)
+    (counts / "token_counts.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ChimeraError, match="token counts .* are unreadable"):
+        load_any(counts, model)
+    save_file({"counts": torch.zeros(7, dtype=torch.long)}, str(counts / "token_counts.safetensors"))
+    with pytest.raises(ChimeraError, match=r"must hold 'counts' of shape \(128,\)"):
+        load_any(counts, model)
 
 
 def test_tree_deeper_than_heads_is_an_error():

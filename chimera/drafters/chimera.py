@@ -72,11 +72,6 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, half-split convention. x (..., seq, head_dim), positions broadcastable to (..., seq)."""
-    return apply_rotary(x, rotary(positions, x.shape[-1], theta, x.dtype))
-
-
 _INVERSE_FREQUENCIES: dict = {}
 
 
@@ -92,6 +87,7 @@ def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dt
 
 
 def apply_rotary(x: torch.Tensor, rotation) -> torch.Tensor:
+    """Rotary embedding, half-split convention: x (..., seq, head_dim) turned by ``rotary``'s (cos, sin)."""
     cos, sin = rotation
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -193,7 +189,7 @@ class ChimeraDrafter(nn.Module):
         self._tables_version = None
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
         self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
-        self._draft_weights = None  # the vocabulary projection's rows for those ids, one per head (or shared)
+        self._draft_weights = None  # the vocabulary projection's rows for those ids, per head if untied
 
     @classmethod
     def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0):
@@ -257,10 +253,14 @@ class ChimeraDrafter(nn.Module):
     def verified_input(self, hidden, g):
         return self.fuse(torch.cat([hidden, g], dim=-1))
 
+    def head_state(self, k: int, h_last, u) -> torch.Tensor:
+        """What head k (1-based: the token k steps after the last verified one) projects onto the vocabulary."""
+        return self.head_norm(self.heads[k - 1](h_last, u))
+
     def head_logits(self, k: int, h_last, u) -> torch.Tensor:
-        """Logits of head k (1-based: the token k steps after the last verified one)."""
-        z = self.head_norm(self.heads[k - 1](h_last, u))
-        return vocab_logits(z, self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"])
+        """Logits of head k over the whole vocabulary."""
+        return vocab_logits(self.head_state(k, h_last, u),
+                            self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"])
 
     def use_draft_vocabulary(self, size: int | None) -> None:
         """Draft over only the ``size`` tokens the base writes most often (FR-Spec), or over the whole vocabulary
@@ -281,8 +281,8 @@ class ChimeraDrafter(nn.Module):
         """Head k's logits for drafting and the token id of each column (None: column i is token i)."""
         if self.draft_vocab is None:
             return self.head_logits(k, h_last, u), None
-        z = self.head_norm(self.heads[k - 1](h_last, u))
-        return weight_logits(z, self._draft_weights[(k - 1) % len(self._draft_weights)]), self.draft_vocab
+        weight = self._draft_weights[k - 1 if self.head_lm is not None else 0]
+        return weight_logits(self.head_state(k, h_last, u), weight), self.draft_vocab
 
     # ----- inference ---------------------------------------------------------------------------------------
 
