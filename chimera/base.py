@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cpu_linear import PackedWeight
 from .tree import tree_attention_mask
 
 
@@ -45,13 +46,15 @@ def plain_vocab_head(model) -> bool:
 
 
 def vocab_logits(z: torch.Tensor, lm: nn.Module) -> torch.Tensor:
-    """``lm(z)``; a bias-free head goes through ``weight_logits`` (its faster CPU route)."""
-    return lm(z) if lm.bias is not None else weight_logits(z, lm.weight)
+    """``lm(z)``; a stock bias-free head goes through ``weight_logits`` (its faster CPU route)."""
+    return weight_logits(z, lm.weight) if type(lm) is nn.Linear and lm.bias is None else lm(z)
 
 
-def weight_logits(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weight_logits(z: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
     """``z @ weight.T`` for a bias-free vocabulary projection (or a slice of one), with a faster route for a
     handful of rows on CPU at inference."""
+    if isinstance(weight, PackedWeight):
+        return weight(z)
     if z.dim() == 2 and z.device.type == "cpu" and not torch.is_grad_enabled():
         return _few_rows_times_vocab(z, weight)
     return nn.functional.linear(z, weight)

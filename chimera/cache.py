@@ -1,6 +1,6 @@
 """The base model's KV cache over the verified sequence, and compaction after a tree step.
 
-Two kinds, both through transformers' public ``Cache`` interface. ``DynamicCache`` grows with the sequence:
+Two kinds, both through transformers' public ``Cache`` interface. ``GrowingCache`` grows with the sequence:
 attention covers exactly the verified tokens (best without graphs, e.g. on a CPU). ``SlotCache`` has a fixed
 number of slots and writes each forward's tokens at explicit slot indices, so a tree forward has the same
 shapes every step and can be captured in a CUDA graph; the attention mask hides the unused slots.
@@ -9,17 +9,81 @@ shapes every step and can be captured in a CUDA graph; the attention mask hides 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+FIRST_CAPACITY = 512  # tokens a growing layer holds before its first reallocation
 
-def new_cache() -> DynamicCache:
+
+class GrowingLayer(CacheLayerMixin):
+    """One layer's keys and values in buffers with room to spare: a forward writes its tokens after the
+    sequence and attends over a view of exactly the sequence. ``DynamicLayer`` concatenates instead, copying
+    the whole cache at every step (10 ms a token for SmolLM2 on 2 CPU cores at 300 tokens)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self):
+        super().__init__()
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.key_buffer = key_states.new_empty(*key_states.shape[:-2], FIRST_CAPACITY, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:-2], FIRST_CAPACITY,
+                                                   value_states.shape[-1])
+        self.is_initialized = True
+
+    def _reserve(self, total: int) -> None:
+        capacity = self.key_buffer.shape[-2]
+        if total > capacity:
+            size = max(2 * capacity, total)
+            for name in ("key_buffer", "value_buffer"):
+                old = getattr(self, name)
+                new = old.new_empty(*old.shape[:-2], size, old.shape[-1])
+                new[..., :self.length, :] = old[..., :self.length, :]
+                setattr(self, name, new)
+
+    def set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self.key_buffer[..., :length, :]
+        self.values = self.value_buffer[..., :length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._reserve(end)
+        self.key_buffer[..., self.length:end, :] = key_states
+        self.value_buffer[..., self.length:end, :] = value_states
+        self.set_length(end)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False  # dropped, not zeroed: the buffers are reallocated on the next update
+        self.length = 0
+        super().reset()
+
+
+class GrowingCache(Cache):
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=GrowingLayer)
+
+
+def new_cache() -> GrowingCache:
     # Full-attention layers only: sliding windows are handled by refusing sequences longer than the window.
-    return DynamicCache()
+    return GrowingCache()
 
 
 @torch.inference_mode()
-def keep_path(cache: DynamicCache, prefix_len: int, nodes: torch.Tensor) -> None:
+def keep_path(cache: GrowingCache, prefix_len: int, nodes: torch.Tensor) -> None:
     """After a tree forward the cache holds prefix + all tree nodes; keep prefix + ``nodes`` (in order).
 
     Only the tail moves, so the cost is the accepted length, not the sequence length.
@@ -29,10 +93,9 @@ def keep_path(cache: DynamicCache, prefix_len: int, nodes: torch.Tensor) -> None
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
-        layer.keys[..., prefix_len:new_len, :] = layer.keys.index_select(-2, keep)
-        layer.values[..., prefix_len:new_len, :] = layer.values.index_select(-2, keep)
-        layer.keys = layer.keys[..., :new_len, :]
-        layer.values = layer.values[..., :new_len, :]
+        layer.key_buffer[..., prefix_len:new_len, :] = layer.keys.index_select(-2, keep)
+        layer.value_buffer[..., prefix_len:new_len, :] = layer.values.index_select(-2, keep)
+        layer.set_length(new_len)
 
 
 class SlotLayer(CacheLayerMixin):

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from .errors import ChimeraError
-from .drafters import apply_draft_vocabulary
+from .drafters import apply_draft_vocabulary, pack_for_cpu
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
@@ -93,16 +93,23 @@ class SpeculativeDecoder:
     ``draft_vocab``: 'auto' (the drafter's most written tokens where the vocabulary projection is costly, i.e. on
     a CPU), 'full', or a token count. It changes what is drafted, never what is output.
 
+    ``packed_linears``: on a CPU in float32, run the base's and the drafter's linear layers through oneDNN with
+    prepacked weights (cpu_linear): a second copy of the base's linear weights, made only if memory allows,
+    that makes a forward over a few tree tokens cost about what one token does. ``model`` itself is not changed.
+
     Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
     temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
     """
 
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
-                 sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto"):
+                 sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
+                 packed_linears: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.device = next(model.parameters()).device
+        if packed_linears and drafter is not None and self.device.type == "cpu":
+            pack_for_cpu(drafter)
         self.draft_vocab = apply_draft_vocabulary(drafter, draft_vocab, self.device)
         if drafter is not None and hasattr(drafter, "prepare_inference"):
             drafter.prepare_inference()  # one-time precomputation, kept out of every request's time
@@ -119,7 +126,7 @@ class SpeculativeDecoder:
                 and GraphedDrafter.supported(drafter, self.device, self.limit)):
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
-        self.verifier = new_verifier(model, self.device, cuda_graphs)
+        self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
 

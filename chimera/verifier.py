@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from . import base, cache as kv
+import logging
+
+from . import base, cache as kv, cpu_linear
 from .base import BaseOutput
 from .capture import capture_graph, power_of_two_at_least
 from .errors import ChimeraError
 from .tree import TreeBuffers, additive_mask
 
 SMALLEST_CAPACITY = 256
+log = logging.getLogger("chimera")
 
 
 class GrowingSession:
@@ -167,8 +170,13 @@ class SlotVerifier:
         return SlotSession(self.banks[size])
 
 
-def new_verifier(model, device: torch.device, cuda_graphs: bool):
-    """Captured slot forwards on a GPU (when asked for), eager growing forwards elsewhere."""
+def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears: bool = True):
+    """Captured slot forwards on a GPU (when asked for); eager growing forwards elsewhere, on a CPU through a
+    copy of the model whose linear layers are prepacked (cpu_linear) when that copy fits in memory."""
     if cuda_graphs and device.type == "cuda":
         return SlotVerifier(model, graphs=True)
+    if packed_linears and cpu_linear.available(device, model.dtype):
+        if cpu_linear.fits_in_memory(model):
+            return GrowingVerifier(cpu_linear.packed_copy(model))
+        log.warning("not enough free memory for prepacked linear layers: decoding with the stock CPU kernels")
     return GrowingVerifier(model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import ChimeraError
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters"
@@ -62,6 +64,23 @@ def load_any(path, model, dtype=None):
 
         return load_medusa(path, model, dtype=dtype)
     raise ChimeraError(f"drafter {path} has unknown architecture {arch!r}")
+
+
+def pack_for_cpu(drafter) -> bool:
+    """Run a drafter's linear layers, and the frozen base head it projects onto the vocabulary with (ours keep
+    it in ``_frozen``), through prepacked oneDNN products (cpu_linear) as the base's are: in place, and only
+    for float32 on a CPU. Training it afterwards still works: packed layers fall back to ``F.linear`` for
+    gradients. Returns whether it packed."""
+    from ..cpu_linear import PackedLinear, available, pack_linears
+
+    weight = next(drafter.parameters(), None) if isinstance(drafter, torch.nn.Module) else None
+    if weight is None or not available(weight.device, weight.dtype):
+        return False
+    pack_linears(drafter)
+    frozen = getattr(drafter, "_frozen", {})
+    if type(frozen.get("lm_head")) is torch.nn.Linear:
+        frozen["lm_head"] = PackedLinear(frozen["lm_head"])  # a wrapper: the base's own head is left as it is
+    return True
 
 
 def apply_draft_vocabulary(drafter, spec, device) -> int | None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import vocab_logits, weight_logits
+from ..cpu_linear import PackedLinear, PackedWeight
 from ..errors import ChimeraError
 from ..identity import base_identity
 from ..tree import TreeBuffers
@@ -274,7 +275,8 @@ class ChimeraDrafter(nn.Module):
                                "vocabulary is chosen from: use the full vocabulary")
         heads = list(self.head_lm) if self.head_lm is not None else [self._frozen["lm_head"]]
         ids = self.token_counts.argsort(descending=True, stable=True)[:size].to(heads[0].weight.device)
-        self._draft_weights = [head.weight.detach()[ids].contiguous() for head in heads]
+        rows = [head.weight.detach()[ids].contiguous() for head in heads]
+        self._draft_weights = [PackedWeight(w) if isinstance(head, PackedLinear) else w for head, w in zip(heads, rows)]
         self.draft_vocab = ids
 
     def draft_logits(self, k: int, h_last, u):

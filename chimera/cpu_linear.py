@@ -1,0 +1,114 @@
+"""Linear layers through oneDNN with prepacked weights, for float32 inference on a CPU.
+
+``F.linear`` sends a product of a few rows to MKL, which on 2 AMD EPYC cores streams the weights at 8-12 GB/s,
+and takes a slower route still for 2 to 16 rows. oneDNN, given the weight once reordered into its blocked
+layout, runs near memory bandwidth (20-25 GB/s) and costs about the same for 1 to 8 rows: a base forward over
+a 5-token tree then costs about what one token does, which is what speculative decoding needs
+(scripts/cpu_forward_cost.py measures both routes).
+
+The packed copy is a second copy of the weights, so ``packed_copy`` shares everything else with the model it
+copies and ``fits_in_memory`` says whether it may be made.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROWS_HINT = 16  # oneDNN picks its blocking for this many rows; 4 to 64 all run 1 to 16 rows near bandwidth
+MEMORY_SHARE = 0.5  # pack only if the copy takes at most this share of the memory still available
+
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked products serve this device and dtype: float32 on a CPU, with a PyTorch built with
+    MKLDNN (every x86 and ARM wheel)."""
+    return ONEDNN and device.type == "cpu" and dtype == torch.float32
+
+
+class PackedWeight:
+    """A weight (out, in) and its oneDNN packing, redone whenever the weight is changed in place."""
+
+    def __init__(self, weight: torch.Tensor, rows: int = ROWS_HINT):
+        self.weight = weight
+        self.rows = rows
+        self._packed = None
+        self._version = None
+
+    def packed(self) -> torch.Tensor:
+        version = (self.weight._version, self.weight.data_ptr())  # in-place edits, or ``.data`` swapped
+        if self._packed is None or version != self._version:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.rows)
+            self._version = version
+        return self._packed
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)``, by oneDNN for float32 on a CPU when nothing needs gradients."""
+        w = self.weight
+        if not (available(x.device, x.dtype) and available(w.device, w.dtype)) or (
+                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return F.linear(x, w, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed(), bias, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` sharing another's weight and bias, multiplying through a ``PackedWeight`` at inference."""
+
+    def __init__(self, linear: nn.Linear, rows: int = ROWS_HINT):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.product = PackedWeight(self.weight, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.bias)
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """Replace every plain ``nn.Linear`` under ``module`` (itself included) by a ``PackedLinear``, in place."""
+    if type(module) is nn.Linear:
+        return PackedLinear(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear(child))
+    return module
+
+
+def packed_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose linear layers run packed. Parameters and buffers are shared, not copied, so
+    the model itself is left as it was (``generate`` on it still runs the stock kernels)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return pack_linears(copy.deepcopy(model, shared))
+
+
+def linear_bytes(model: nn.Module) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory still available (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fits_in_memory(model: nn.Module) -> bool:
+    free = available_memory()
+    return free is not None and linear_bytes(model) <= MEMORY_SHARE * free
