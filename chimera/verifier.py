@@ -54,6 +54,11 @@ class GrowingVerifier:
     def __init__(self, model):
         self.model = model
 
+    def describe(self) -> str:
+        packed = any(isinstance(m, cpu_linear.PackedLinear) for m in self.model.modules())
+        return ("eager forwards" + (" with oneDNN-prepacked linear layers" if packed else "")
+                + ", KV cache grown in place")
+
     def start(self, capacity: int) -> GrowingSession:
         return GrowingSession(self.model)
 
@@ -161,6 +166,9 @@ class SlotVerifier:
         self.device = next(model.parameters()).device
         self.use_graphs = graphs
         self.banks: dict[int, SlotBank] = {}
+
+    def describe(self) -> str:
+        return ("CUDA graphs" if self.use_graphs else "eager forwards") + " over a fixed-size slot KV cache"
 
     def start(self, capacity: int) -> SlotSession:
         """A session whose cache holds at least ``capacity`` tokens (prompt, new tokens and one tree)."""

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from chimera import cpu_linear
 from chimera.bench.methods import emitted_per_forward
 from chimera.bench.questions import load_questions, select
 from chimera.cli import main
@@ -66,6 +67,8 @@ def test_a_tiny_run_writes_consistent_files(finished_run):
     assert table["overall"]["hf"]["tau"] == table["overall"]["ar"]["tau"] == 1.0
     report = (out / "report.md").read_text()
     assert "CPU:" in report and "transformers" in report and "| chimera |" in report and "## overall" in report
+    packed = " with oneDNN-prepacked linear layers" if cpu_linear.ONEDNN else ""
+    assert f"Our loop (`ar`, `chimera`, `medusa`): eager forwards{packed}, KV cache grown in place" in report
 
 
 def test_rerun_resumes_and_a_torn_file_is_completed(finished_run, tiny_model_dir, capsys):

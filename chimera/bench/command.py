@@ -77,6 +77,9 @@ def bench(args, progress: bool = True) -> dict:
     run_bench(runners, tokenizer, questions, out, config, progress=progress)
     summary = summarize(out, methods, compare_tokens=not decoding.sampled)
     summary["environment"] = environment(model, device)
+    ours = next((r.decoder.verifier.describe() for r in runners.values() if isinstance(r, OurDecoder)), None)
+    if ours:
+        summary["environment"]["our_loop"] = ours
     summary["settings"] = json.loads((out / "bench_config.json").read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out, summary, summary["settings"])
