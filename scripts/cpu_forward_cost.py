@@ -1,10 +1,11 @@
 """What a base forward over a few tokens costs on this machine, and why: the figures behind the CPU section of
 docs/benchmarks.md.
 
-1. The decoder's forward over m tree tokens on a 300-token cache (m = 1 plain; m > 1 a chain with the tree mask).
-2. The throughput of the small matrix products it is made of (the model's own shapes), against a plain sum
-   over a large array (what memory can stream).
-3. With --compile: the same forwards through ``torch.compile`` (first call = compile time).
+1. The decoder's forward over m tree tokens on a 300-token cache (m = 1 plain; m > 1 a chain with the tree mask),
+   with the stock linear layers and with oneDNN-prepacked ones (chimera.cpu_linear, what our loop runs).
+2. The throughput of the small matrix products it is made of (the model's own shapes), both ways, against a
+   plain sum over a large array (what memory can stream).
+3. With --compile: the stock forwards through ``torch.compile`` (first call = compile time).
 
 Usage: python scripts/cpu_forward_cost.py [--sizes 1 5 8 16] [--compile]
 """
@@ -16,7 +17,7 @@ import time
 import torch
 
 import chimera
-from chimera import cache as kv
+from chimera import cache as kv, cpu_linear
 from chimera.cli import quiet_libraries
 from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
 
@@ -55,18 +56,18 @@ def forward_ms(decoder, model, sizes, repeats):
 
 
 def matmul_gb_per_s(model, sizes, repeats):
-    """Bytes of weight read per second by the layer's products at m rows, through ``F.linear`` as the model
-    calls them."""
-    layer = model.get_decoder().layers[0]
-    weights = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)] * 10
-    total = sum(w.numel() * w.element_size() for w in weights)
+    """Bytes of weight read per second by the products of the first 10 layers at m rows: through the stock
+    ``nn.Linear`` as the model calls them, and through ``PackedLinear``."""
+    stock = [m for layer in model.get_decoder().layers[:10] for m in layer.modules() if type(m) is torch.nn.Linear]
+    total = sum(m.weight.numel() * m.weight.element_size() for m in stock)
     out = {}
     with torch.inference_mode():
-        for m in sizes:
-            inputs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
-            seconds = mean_seconds(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights],
-                                   repeats)
-            out[m] = round(total / seconds / 1e9, 1)
+        for route, layers in (("stock", stock), ("packed", [cpu_linear.PackedLinear(m) for m in stock])):
+            out[route] = {}
+            for m in sizes:
+                inputs = {layer.in_features: torch.randn(m, layer.in_features) for layer in layers}
+                seconds = mean_seconds(lambda: [layer(inputs[layer.in_features]) for layer in layers], repeats)
+                out[route][m] = round(total / seconds / 1e9, 1)
         big = torch.randn(64 * 1024 * 1024)
         out["sum_of_256_MB"] = round(big.numel() * 4 / mean_seconds(big.sum, repeats) / 1e9, 1)
     return out
@@ -80,9 +81,11 @@ def main():
     args = p.parse_args()
     quiet_libraries()
     model, _ = chimera.load_base("smollm2-135m-instruct", dtype="float32", device="cpu")
+    packed = cpu_linear.packed_copy(model)
     result = {"threads": torch.get_num_threads(),
               "forward": forward_ms(model.get_decoder(), model, args.sizes, args.repeats),
-              "matmul_GB_per_s": matmul_gb_per_s(model, args.sizes, args.repeats * 5)}
+              "forward_packed": forward_ms(packed.get_decoder(), packed, args.sizes, args.repeats),
+              "matmul_GB_per_s": matmul_gb_per_s(model, args.sizes, args.repeats)}
     if args.compile:
         result["compiled_forward"] = forward_ms(torch.compile(model.get_decoder(), dynamic=True), model,
                                                 args.sizes, args.repeats)
