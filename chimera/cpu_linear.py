@@ -1,10 +1,10 @@
 """Linear layers through oneDNN with prepacked weights, for float32 inference on a CPU.
 
-``F.linear`` sends a product of a few rows to MKL, which on 2 AMD EPYC cores streams the weights at 8-12 GB/s,
-and takes a slower route still for 2 to 16 rows. oneDNN, given the weight once reordered into its blocked
-layout, runs near memory bandwidth (20-25 GB/s) and costs about the same for 1 to 8 rows: a base forward over
-a 5-token tree then costs about what one token does, which is what speculative decoding needs
-(scripts/cpu_forward_cost.py measures both routes).
+``F.linear`` sends a product of a few rows to MKL, which on 2 AMD EPYC cores streams the weights at 8-12 GB/s
+(and, for a vocabulary projection, takes a slower route still for 2 to 16 rows). oneDNN, given the weight
+once reordered into its blocked layout, reads it faster (12-22 GB/s) and costs about the same for 1 to 5
+rows: a base forward over a 5-token tree then costs about what one token does, which is what speculative
+decoding needs (scripts/cpu_forward_cost.py measures both routes).
 
 The packed copy is a second copy of the weights, so ``packed_copy`` shares everything else with the model it
 copies and ``fits_in_memory`` says whether it may be made.
