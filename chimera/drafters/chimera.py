@@ -300,9 +300,11 @@ class ChimeraDrafter(nn.Module):
             state.history.fill_(self.pad_id)
         else:
             capacity = capacity or max(256, 2 * prompt_ids.numel())
-            keys = hidden.new_empty(c.num_kv_heads, capacity, c.head_dim)
+            # zeros, not empty: attention weighs unused slots by 0, and 0 times garbage that happens to be
+            # inf or NaN is NaN
+            keys = hidden.new_zeros(c.num_kv_heads, capacity, c.head_dim)
             pad = torch.full((2,), self.pad_id, device=prompt_ids.device, dtype=torch.long)
-            state = DraftState(keys, torch.empty_like(keys), 0, pad, hidden[-1].to(self.fuse.weight.dtype).clone(),
+            state = DraftState(keys, torch.zeros_like(keys), 0, pad, hidden[-1].to(self.fuse.weight.dtype).clone(),
                                torch.zeros((), dtype=torch.long, device=prompt_ids.device))
         self.advance(state, prompt_ids, hidden)
         return state
@@ -316,8 +318,8 @@ class ChimeraDrafter(nn.Module):
         k, v = self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), positions)
         if state.length + n > state.keys.shape[1]:
             grow = max(state.keys.shape[1], n)
-            state.keys = torch.cat([state.keys, state.keys.new_empty(state.keys.shape[0], grow, state.keys.shape[2])], 1)
-            state.values = torch.cat([state.values, torch.empty_like(state.keys[:, -grow:])], 1)
+            state.keys = torch.cat([state.keys, state.keys.new_zeros(state.keys.shape[0], grow, state.keys.shape[2])], 1)
+            state.values = torch.cat([state.values, torch.zeros_like(state.keys[:, -grow:])], 1)
         state.keys[:, state.length:state.length + n] = k
         state.values[:, state.length:state.length + n] = v
         state.length += n
