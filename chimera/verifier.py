@@ -1,7 +1,7 @@
 """The base model's side of a decoding step: prefill the prompt, score a draft tree, keep the accepted path.
 
-``GrowingVerifier`` runs eager forwards on a ``DynamicCache`` that holds exactly the verified tokens: the
-cheapest attention, and what a CPU wants. ``SlotVerifier`` keeps the sequence in a ``SlotCache`` of fixed
+``GrowingVerifier`` runs eager forwards on a ``GrowingCache`` that holds exactly the verified tokens: the
+cheapest attention, and what a CPU wants (there through a copy of the model with prepacked linear layers). ``SlotVerifier`` keeps the sequence in a ``SlotCache`` of fixed
 capacity, so scoring a tree has the same shapes at every step; on a GPU that forward, and the compaction
 after it, are captured once as CUDA graphs and replayed. That matters for small models: an eager forward of
 SmolLM2-135M on an H200 costs about 19 ms whatever the tree size, nearly all of it kernel launches.
