@@ -24,6 +24,9 @@ MEMORY_SHARE = 0.5  # pack only if the copy takes at most this share of the memo
 
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# resolved once: each forward makes ~200 of these calls, so the lookup and overload dispatch matter
+_REORDER = torch.ops.mkldnn._reorder_linear_weight.default if ONEDNN else None
+_PRODUCT = torch.ops.mkldnn._linear_pointwise.default if ONEDNN else None
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -45,17 +48,17 @@ class PackedWeight:
         version = (self.weight._version, self.weight.data_ptr())  # in-place edits, or ``.data`` swapped
         if self._packed is None or version != self._version:
             with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.rows)
+                self._packed = _REORDER(self.weight.detach(), self.rows)
             self._version = version
         return self._packed
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, weight, bias)``, by oneDNN for float32 on a CPU when nothing needs gradients."""
-        w = self.weight
-        if not (available(x.device, x.dtype) and available(w.device, w.dtype)) or (
-                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-            return F.linear(x, w, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed(), bias, "none", [], "")
+        w = self.weight  # ``available`` for x and w, inlined: this runs for every layer of every forward
+        if (ONEDNN and x.is_cpu and w.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return _PRODUCT(x, self.packed(), bias, "none", [], "")
+        return F.linear(x, w, bias)
 
 
 class PackedLinear(nn.Linear):
