@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,19 @@ def packed_copy(model: nn.Module) -> nn.Module:
     the model itself is left as it was (``generate`` on it still runs the stock kernels)."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return pack_linears(copy.deepcopy(model, shared))
+
+
+_SHARED_COPIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def shared_packed_copy(model: nn.Module) -> nn.Module | None:
+    """The packed copy of ``model`` that every decoder of it shares (``chimera bench`` builds three), made on
+    first use if it fits in memory; None if it does not. It lives as long as the model does."""
+    if model not in _SHARED_COPIES:
+        if not fits_in_memory(model):
+            return None
+        _SHARED_COPIES[model] = packed_copy(model)
+    return _SHARED_COPIES[model]
 
 
 def linear_bytes(model: nn.Module) -> int:

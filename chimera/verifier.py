@@ -184,7 +184,8 @@ def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears:
     if cuda_graphs and device.type == "cuda":
         return SlotVerifier(model, graphs=True)
     if packed_linears and cpu_linear.available(device, model.dtype):
-        if cpu_linear.fits_in_memory(model):
-            return GrowingVerifier(cpu_linear.packed_copy(model))
+        packed = cpu_linear.shared_packed_copy(model)
+        if packed is not None:
+            return GrowingVerifier(packed)
         log.warning("not enough free memory for prepacked linear layers: decoding with the stock CPU kernels")
     return GrowingVerifier(model)

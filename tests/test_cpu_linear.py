@@ -89,12 +89,14 @@ def test_decoder_packs_a_copy_and_falls_back_when_memory_is_short(monkeypatch, c
     decoder = SpeculativeDecoder(model, tokenizer, drafter=None)
     assert decoder.verifier.model is not model
     assert any(isinstance(m, PackedLinear) for m in decoder.verifier.model.modules())
+    assert SpeculativeDecoder(model, tokenizer, drafter=None).verifier.model is decoder.verifier.model  # shared
     unpacked = SpeculativeDecoder(model, tokenizer, drafter=None, packed_linears=False)
     assert unpacked.verifier.model is model
+    other = tiny_model("llama", seed=1)
     monkeypatch.setattr(cpu_linear, "available_memory", lambda: 1024)
     with caplog.at_level(logging.WARNING, logger="chimera"):
-        short = SpeculativeDecoder(model, tokenizer, drafter=None)
-    assert short.verifier.model is model
+        short = SpeculativeDecoder(other, tokenizer, drafter=None)
+    assert short.verifier.model is other
     assert "not enough free memory" in caplog.text
 
 
