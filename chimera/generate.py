@@ -108,8 +108,8 @@ class SpeculativeDecoder:
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.device = next(model.parameters()).device
-        if packed_linears and drafter is not None and self.device.type == "cpu":
-            pack_for_cpu(drafter)
+        if packed_linears and drafter is not None:
+            pack_for_cpu(drafter)  # where oneDNN serves the drafter's device and dtype; a no-op elsewhere
         self.draft_vocab = apply_draft_vocabulary(drafter, draft_vocab, self.device)
         if drafter is not None and hasattr(drafter, "prepare_inference"):
             drafter.prepare_inference()  # one-time precomputation, kept out of every request's time

@@ -1,9 +1,10 @@
 """The base model's side of a decoding step: prefill the prompt, score a draft tree, keep the accepted path.
 
 ``GrowingVerifier`` runs eager forwards on a ``GrowingCache`` that holds exactly the verified tokens: the
-cheapest attention, and what a CPU wants (there through a copy of the model with prepacked linear layers). ``SlotVerifier`` keeps the sequence in a ``SlotCache`` of fixed
-capacity, so scoring a tree has the same shapes at every step; on a GPU that forward, and the compaction
-after it, are captured once as CUDA graphs and replayed. That matters for small models: an eager forward of
+cheapest attention, and what a CPU wants (there through a copy of the model with prepacked linear layers).
+``SlotVerifier`` keeps the sequence in a ``SlotCache`` of fixed capacity, so scoring a tree has the same
+shapes at every step; on a GPU that forward, and the compaction after it, are captured once as CUDA graphs
+and replayed. That matters for small models: an eager forward of
 SmolLM2-135M on an H200 costs about 19 ms whatever the tree size, nearly all of it kernel launches.
 
 A verifier serves one generation at a time (the decoder's contract): starting another one ends the last.
@@ -11,9 +12,9 @@ A verifier serves one generation at a time (the decoder's contract): starting an
 
 from __future__ import annotations
 
-import torch
-
 import logging
+
+import torch
 
 from . import base, cache as kv, cpu_linear
 from .base import BaseOutput

@@ -112,6 +112,8 @@ def test_packed_drafter_drafts_the_same_trees():
     assert pack_for_cpu(packed)
     assert isinstance(packed.heads[0].fc1, PackedLinear) and isinstance(packed._frozen["lm_head"], PackedLinear)
     assert model.get_output_embeddings() is drafter._frozen["lm_head"]  # the base's own head is not replaced
+    assert type(model.get_output_embeddings()) is nn.Linear and packed._frozen["lm_head"].weight is \
+        model.get_output_embeddings().weight  # packing wrapped it for the drafter only, sharing its weight
     from chimera.tree import TreeBuffers, get_topology
 
     tree = TreeBuffers.build(get_topology("small", drafter, torch.device("cpu")), "cpu")

@@ -318,8 +318,9 @@ class ChimeraDrafter(nn.Module):
         k, v = self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), positions)
         if state.length + n > state.keys.shape[1]:
             grow = max(state.keys.shape[1], n)
-            state.keys = torch.cat([state.keys, state.keys.new_zeros(state.keys.shape[0], grow, state.keys.shape[2])], 1)
-            state.values = torch.cat([state.values, torch.zeros_like(state.keys[:, -grow:])], 1)
+            more = state.keys.new_zeros(state.keys.shape[0], grow, state.keys.shape[2])
+            state.keys = torch.cat([state.keys, more], 1)
+            state.values = torch.cat([state.values, torch.zeros_like(more)], 1)
         state.keys[:, state.length:state.length + n] = k
         state.values[:, state.length:state.length + n] = v
         state.length += n
