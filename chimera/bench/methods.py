@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache_argument import cache_from_kwargs
 from ..generate import SpeculativeDecoder
 from ..text import eos_token_ids
 
@@ -58,7 +59,7 @@ class HFGenerate:
         self._starts: list[int | None] = []
 
     def _record(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         self._starts.append(cache.get_seq_length() if cache is not None else None)
 
     def __call__(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Turn:
