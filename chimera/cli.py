@@ -75,6 +75,8 @@ def cmd_generate(args) -> int:
     resolve_device(args.device)
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     drafter = resolve_drafter(args.drafter, model)
+    if args.compare:
+        return compare_decodings(args, model, tokenizer, drafter)
     decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree, draft_vocab=args.draft_vocab)
     stream = decoder.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, raw=args.raw,
                             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
@@ -91,6 +93,32 @@ def cmd_generate(args) -> int:
         r = stream.result
         print(f"[{r.new_tokens} tokens, {r.steps} base forwards, tau {r.tau:.2f}, {r.tokens_per_s:.1f} tokens/s]",
               file=sys.stderr)
+    return 0
+
+
+def compare_decodings(args, model, tokenizer, drafter) -> int:
+    """``generate --compare``: the prompt decoded plainly, then speculatively (streamed), and both speeds."""
+    from .compare import compare
+
+    if drafter is None:
+        raise ChimeraError("--compare needs a drafter: this model has no shipped one, give --drafter DIR")
+    if args.temperature > 0:
+        raise ChimeraError("--compare compares greedy decodings: leave --temperature at 0")
+
+    def show(chunk: str) -> None:
+        if not args.json:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    result = compare(model, tokenizer, drafter, args.prompt, args.max_new_tokens, tree=args.tree,
+                     draft_vocab=args.draft_vocab, stop=args.stop, raw=args.raw, on_text=show)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print("\n", file=sys.stdout, flush=True)
+        print(result.table(), file=sys.stderr)
+    if not result.identical and result.must_be_identical:
+        raise ChimeraError("speculative decoding changed the output in float32: please report this as a bug")
     return 0
 
 
@@ -187,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
+    gen.add_argument("--compare", action="store_true",
+                     help="decode plainly too (after a short warm-up of each) and show both speeds and that the "
+                          "texts are identical")
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="0 = greedy (default); > 0 samples, losslessly, from the base's distribution")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0 = off)")

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from .adaptive import DraftingSwitch, StepCosts
 from .errors import ChimeraError
 from .drafters import apply_draft_vocabulary, pack_for_cpu
 from .drafters.graphs import GraphedDrafter
@@ -34,6 +35,7 @@ class GenerationResult:
     steps: int  # base forwards, the prefill included
     seconds: float
     accepted: list[int] = field(default_factory=list)  # tokens emitted by each base forward
+    plain_steps: int = 0  # steps the loop chose not to draft (adaptive.py), of those after the prefill
     time_prefill: float = 0.0
     time_draft: float = 0.0
     time_verify: float = 0.0
@@ -60,6 +62,7 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "steps": self.steps,
             "tau": round(self.tau, 4),
+            "plain_steps": self.plain_steps,
             "seconds": round(self.seconds, 4),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "time_split": {
@@ -97,13 +100,16 @@ class SpeculativeDecoder:
     prepacked weights (cpu_linear): a second copy of the base's linear weights, made only if memory allows,
     that makes a forward over a few tree tokens cost about what one token does. ``model`` itself is not changed.
 
+    ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
+    (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
+
     Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
     temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
     """
 
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
-                 packed_linears: bool = True):
+                 packed_linears: bool = True, adaptive: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
@@ -129,6 +135,8 @@ class SpeculativeDecoder:
         self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
+        self.adaptive = adaptive
+        self.costs = StepCosts()  # measured as it decodes, kept across generations
 
     def _clock(self) -> float:
         if self.sync_timing:
@@ -186,22 +194,29 @@ class SpeculativeDecoder:
         result = GenerationResult("", stopper.tokens, len(prompt_ids), "", steps=1, seconds=0.0, accepted=[1])
         result.time_prefill = t1 - t0
         root_token = int(root)
+        switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
+        unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again
+        delta = stopper.push(root_token)
         while True:
-            delta = stopper.push(root_token)
             if delta:
                 yield delta
             if stopper.done:
                 break
-            prefix = session.length
-            tree = self.tree if prefix + self.tree.topology.max_depth < self.limit else self.root_only
+            step_start = time.perf_counter()
+            drafting = (state is not None and self.tree.topology.size > 1 and switch.draft_next()
+                        and session.length + self.tree.topology.max_depth < self.limit)
+            tree = self.tree if drafting else self.root_only
             ta = self._clock()
-            if tree.topology.size == 1:
-                tokens = root
-            else:
+            if drafting:
+                if unseen:
+                    self.drafter.advance(state, *(torch.cat(parts) for parts in zip(*unseen)))
+                    unseen.clear()
                 tokens = self.drafter.propose(state, root, tree)
                 tb = self._clock()
                 result.time_draft += tb - ta
                 ta = tb
+            else:
+                tokens = root
             out = session.score(tokens, tree)
             tb = self._clock()
             result.time_verify += tb - ta
@@ -210,23 +225,23 @@ class SpeculativeDecoder:
             else:
                 path, next_token = sample_accept(tokens, out.logits, tree, sampling, generator)
             *accepted_tokens, root_token = torch.cat([tokens[path[1:]], next_token.reshape(1)]).tolist()
-            emitted = 0
-            for token in accepted_tokens:
-                delta = stopper.push(token)
-                emitted += 1
-                if delta:
-                    yield delta
+            deltas = []
+            for token in accepted_tokens + [root_token]:
+                deltas.append(stopper.push(token))
                 if stopper.done:
                     break
+            delta = "".join(deltas)
             result.steps += 1
-            result.accepted.append(emitted if stopper.done else emitted + 1)  # + the next root, pushed next
-            if stopper.done:
-                result.time_other += self._clock() - tb
-                break
-            session.keep(path, tree)
-            if state is not None:
-                self.drafter.advance(state, tokens[path], out.hidden[path])
-            root = next_token.reshape(1)
+            result.accepted.append(len(deltas))
+            result.plain_steps += not drafting and state is not None
+            if not stopper.done:
+                session.keep(path, tree)
+                if drafting:
+                    self.drafter.advance(state, tokens[path], out.hidden[path])
+                elif state is not None:
+                    unseen.append((tokens[path], out.hidden[path]))
+                root = next_token.reshape(1)
+            switch.record(drafting, len(deltas), time.perf_counter() - step_start)
             result.time_other += self._clock() - tb
         result.seconds = self._clock() - t0
         result.finish_reason = stopper.finish_reason

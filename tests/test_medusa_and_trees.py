@@ -61,7 +61,7 @@ def test_medusa_decoding_equals_generate(family, default_model, tmp_path):
     taus = []
     for drafter in (perturbed_medusa(model, heads=3), trained):
         decoder = SpeculativeDecoder(model, tokenizer, drafter, tree="small" if drafter.config.num_draft_heads > 4
-                                     else TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 0, 0)]))
+                                     else TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 0, 0)]), adaptive=False)
         for ids in prompts:
             x = torch.tensor([ids])
             ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)

@@ -389,7 +389,7 @@ def test_target_distribution_and_plain_sampling_equal_generate(cfg):
 
 def test_temperature_zero_is_greedy_and_exact(setup):
     model, drafter = setup
-    decoder = SpeculativeDecoder(model, CharTokenizer(), drafter, tree=TREE)
+    decoder = SpeculativeDecoder(model, CharTokenizer(), drafter, tree=TREE, adaptive=False)
     ids = torch.tensor([PROMPT])
     greedy = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
     result = decoder.generate(input_ids=PROMPT, max_new_tokens=24, temperature=0.0, top_k=3, top_p=0.5, seed=1)

@@ -1,0 +1,108 @@
+"""Whether to draft at the next step: speculation pays only while the drafter's accepted tokens outrun its cost.
+
+A speculative step costs r plain steps (drafting, then verifying a tree) and emits tau tokens, so it pays
+exactly when tau > r, the break-even. r depends on the machine (measured: 1.3-1.6 on this project's 2-core
+CPUs, where a drafting level is a sizeable part of a small model's step) and tau on the text: the shipped
+drafter reaches 2-4 on chat answers and about 1.3 on some prompts, where drafting made the demo slower than
+plain decoding (11.4 against 14.5 tokens/s). The loop therefore measures both step costs as it runs
+(``StepCosts``, kept by the decoder across generations) and lets a ``DraftingSwitch`` decide each step:
+
+- while drafting, it follows the accepted tokens per step (an exponential moving average); after a short
+  trial, if they fall below the measured break-even, it stops drafting for a pause of plain steps;
+- each pause is followed by a new trial; a failed trial doubles the next pause (up to a bound), a trial
+  that pays resets it, so a drafter that keeps missing costs a few trial steps per pause and no more.
+
+What is drafted never changes what is output: a plain step is the same verification with a tree of one node
+(greedy: the base's argmax; sampling: a draw from the base's distribution). Only the speed changes. A seeded
+sampled run must draw the same tokens every time, so it keeps drafting throughout (its random draws depend on
+the trees, and timing-driven trees would make it irreproducible); greedy and unseeded runs adapt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SMOOTHING = 0.125  # weight of the newest step in the moving averages, once they hold 8 steps
+TRIAL_STEPS = 4  # speculative steps before a trial is judged
+FIRST_PAUSE = 4  # plain steps after the first failed trial
+LONGEST_PAUSE = 64  # the pause doubles after each failed trial up to this
+
+
+@dataclass
+class MovingAverage:
+    """The plain mean of the first 1/SMOOTHING values, then an exponential moving average (no start-up bias)."""
+
+    value: float | None = None
+    count: int = 0
+
+    def add(self, new: float) -> None:
+        self.count += 1
+        weight = max(SMOOTHING, 1 / self.count)
+        self.value = new if self.value is None else self.value + weight * (new - self.value)
+
+
+@dataclass
+class StepCosts:
+    """Seconds of a plain step and of a speculative step on one decoder (moving averages, so they follow the
+    context's growth), kept across its generations: the machine's costs do not change with the prompt."""
+
+    plain: MovingAverage = field(default_factory=MovingAverage)
+    speculative: MovingAverage = field(default_factory=MovingAverage)
+
+    @classmethod
+    def of(cls, plain: float, speculative: float) -> "StepCosts":
+        return cls(MovingAverage(plain, 1), MovingAverage(speculative, 1))
+
+    def record(self, drafted: bool, seconds: float) -> None:
+        (self.speculative if drafted else self.plain).add(seconds)
+
+    @property
+    def break_even(self) -> float | None:
+        """The tokens a speculative step must emit to be as fast as plain steps (r), once both are measured."""
+        plain, speculative = self.plain.value, self.speculative.value
+        if plain is None or speculative is None or plain <= 0:
+            return None
+        return speculative / plain
+
+
+class DraftingSwitch:
+    """Per generation: ``draft_next()`` before a step, ``record(drafted, emitted, seconds)`` after it."""
+
+    def __init__(self, costs: StepCosts, adaptive: bool = True):
+        self.costs = costs
+        self.adaptive = adaptive
+        self.pause_left = 0  # plain steps still to run before the next trial
+        self.next_pause = FIRST_PAUSE
+        self.trial_steps = 0
+        self.emitted = MovingAverage()  # tokens per speculative step since this trial began
+        self.paused_steps = 0  # plain steps taken by choice, for the statistics
+
+    def draft_next(self) -> bool:
+        return not self.adaptive or self.pause_left == 0
+
+    def record(self, drafted: bool, emitted: int, seconds: float) -> None:
+        self.costs.record(drafted, seconds)
+        if not self.adaptive:
+            return
+        if not drafted:
+            if self.pause_left:
+                self.pause_left -= 1
+                self.paused_steps += 1
+            return
+        self.emitted.add(emitted)
+        self.trial_steps += 1
+        if self.trial_steps < TRIAL_STEPS:
+            return
+        break_even = self.costs.break_even
+        if break_even is None:  # no plain step measured yet: take one, then judge
+            self._pause(1)
+        elif self.emitted.value < break_even:
+            self._pause(self.next_pause)
+            self.next_pause = min(2 * self.next_pause, LONGEST_PAUSE)
+        elif self.trial_steps == TRIAL_STEPS:
+            self.next_pause = FIRST_PAUSE  # this trial paid: a later lapse starts over with a short pause
+
+    def _pause(self, steps: int) -> None:
+        self.pause_left = steps
+        self.trial_steps = 0
+        self.emitted = MovingAverage()

@@ -1,0 +1,103 @@
+"""Adaptive drafting: the switch's rule on synthetic costs, and the loop's output unchanged when it pauses."""
+
+import pytest
+import torch
+
+from chimera import SpeculativeDecoder
+from chimera.adaptive import FIRST_PAUSE, LONGEST_PAUSE, TRIAL_STEPS, DraftingSwitch, StepCosts
+from conftest import FAMILIES, tiny_model
+from test_drafter import perturbed_drafter
+
+
+def run(switch: DraftingSwitch, emitted: int, steps: int, plain_seconds=1.0, speculative_seconds=2.0) -> str:
+    """Drive the switch for ``steps`` steps; 'D' for a drafted step, '.' for a plain one."""
+    trace = ""
+    for _ in range(steps):
+        drafted = switch.draft_next()
+        trace += "D" if drafted else "."
+        switch.record(drafted, emitted if drafted else 1, speculative_seconds if drafted else plain_seconds)
+    return trace
+
+
+def test_break_even_is_the_cost_ratio_once_both_are_measured():
+    costs = StepCosts()
+    assert costs.break_even is None
+    costs.record(True, 3.0)
+    assert costs.break_even is None
+    costs.record(False, 1.5)
+    assert costs.break_even == pytest.approx(2.0)
+
+
+def test_a_drafter_that_pays_is_never_paused():
+    switch = DraftingSwitch(StepCosts.of(1.0, 2.0))
+    assert run(switch, emitted=3, steps=50) == "D" * 50
+    assert switch.paused_steps == 0
+
+
+def test_a_drafter_that_misses_pauses_for_longer_each_time():
+    switch = DraftingSwitch(StepCosts.of(1.0, 2.0))
+    trace = run(switch, emitted=1, steps=300)
+    pauses = [len(p) for p in trace.split("D") if p]
+    trials = [len(t) for t in trace.split(".") if t]
+    assert pauses[:5] == [FIRST_PAUSE, 2 * FIRST_PAUSE, 4 * FIRST_PAUSE, 8 * FIRST_PAUSE, LONGEST_PAUSE]
+    assert max(pauses) == LONGEST_PAUSE
+    assert all(t == TRIAL_STEPS for t in trials[:-1])
+    assert switch.paused_steps == trace.count(".")
+
+
+def test_a_trial_that_pays_resets_the_pause():
+    switch = DraftingSwitch(StepCosts.of(1.0, 2.0))
+    run(switch, emitted=1, steps=2 * TRIAL_STEPS + FIRST_PAUSE + 2 * FIRST_PAUSE)  # two failed trials, two pauses
+    assert switch.next_pause == 4 * FIRST_PAUSE
+    run(switch, emitted=4, steps=TRIAL_STEPS)  # then a good stretch
+    assert switch.next_pause == FIRST_PAUSE
+
+
+def test_an_unmeasured_plain_step_is_probed_once_before_judging():
+    switch = DraftingSwitch(StepCosts())
+    trace = run(switch, emitted=3, steps=20)
+    assert trace[:TRIAL_STEPS + 1] == "D" * TRIAL_STEPS + "."
+    assert trace[TRIAL_STEPS + 1:] == "D" * (20 - TRIAL_STEPS - 1)
+
+
+def test_without_adaptation_it_always_drafts():
+    switch = DraftingSwitch(StepCosts.of(1.0, 100.0), adaptive=False)
+    assert run(switch, emitted=1, steps=40) == "D" * 40
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pausing_never_changes_the_output(family, default_model):
+    """Costs that make every trial fail (plain steps nearly free) force pauses mid-sequence; the drafter then
+    catches up on the tokens verified without it. The output is generate's, token for token."""
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    drafter = perturbed_drafter(model, heads=5)
+    gen = torch.Generator().manual_seed(3)
+    paused_steps = 0
+    for tree in ("small", "chain4"):
+        paused = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+        steady = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, adaptive=False)
+        for n in (4, 11):
+            ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+            paused.costs = StepCosts.of(1e-9, 1.0)
+            x = torch.tensor([ids])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)
+            a = paused.generate(input_ids=ids, max_new_tokens=40)
+            b = steady.generate(input_ids=ids, max_new_tokens=40)
+            assert a.token_ids == b.token_ids == ref[0, len(ids):].tolist()
+            assert b.plain_steps == 0 and (a.plain_steps > 0 or a.steps <= TRIAL_STEPS + 1)  # + 1: the prefill
+            assert sum(a.accepted) == a.new_tokens and len(a.accepted) == a.steps
+            paused_steps += a.plain_steps
+    assert paused_steps > 0
+
+
+def test_seeded_sampling_keeps_drafting_and_reproduces(default_model):
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    decoder = SpeculativeDecoder(model, tokenizer, perturbed_drafter(model, heads=5), tree="small")
+    runs = []
+    for _ in range(2):
+        decoder.costs = StepCosts.of(1e-9, 1.0)  # would pause at once if it adapted
+        runs.append(decoder.generate(input_ids=[5, 6, 7], max_new_tokens=30, temperature=1.0, seed=7))
+    assert runs[0].token_ids == runs[1].token_ids
+    assert runs[0].plain_steps == runs[1].plain_steps == 0
