@@ -26,6 +26,9 @@ SMOOTHING = 0.125  # weight of the newest step in the moving averages, once they
 TRIAL_STEPS = 4  # speculative steps before a trial is judged
 FIRST_PAUSE = 4  # plain steps after the first failed trial
 LONGEST_PAUSE = 64  # the pause doubles after each failed trial up to this
+OUTLIER = 4.0  # a step this many times its kind's average cost carried a one-time cost (a graph capture)
+OUTLIER_RUN = 3  # outliers in a row after which they are counted after all
+PROBE_STEPS = 2  # plain steps taken to measure their cost when none is known: the first is not counted
 
 
 @dataclass
@@ -44,17 +47,31 @@ class MovingAverage:
 @dataclass
 class StepCosts:
     """Seconds of a plain step and of a speculative step on one decoder (moving averages, so they follow the
-    context's growth), kept across its generations: the machine's costs do not change with the prompt."""
+    context's growth), kept across its generations: the machine's costs do not change with the prompt.
+
+    A step that costs more than OUTLIER times its kind's average is left out: it carried a one-time cost (on a
+    GPU the first step of a shape captures its CUDA graph, 10-100x a replay), not the step's own; several in a
+    row are a new regime (the machine got busier) and are counted. For the same reason the first step of each
+    kind is never counted."""
 
     plain: MovingAverage = field(default_factory=MovingAverage)
     speculative: MovingAverage = field(default_factory=MovingAverage)
+    seen: set = field(default_factory=set)  # the kinds whose first step has gone by
+    outliers: int = 0  # consecutive steps left out
 
     @classmethod
     def of(cls, plain: float, speculative: float) -> "StepCosts":
-        return cls(MovingAverage(plain, 1), MovingAverage(speculative, 1))
+        return cls(MovingAverage(plain, 1), MovingAverage(speculative, 1), {True, False})
 
     def record(self, drafted: bool, seconds: float) -> None:
-        (self.speculative if drafted else self.plain).add(seconds)
+        average = self.speculative if drafted else self.plain
+        if drafted not in self.seen:
+            self.seen.add(drafted)
+        elif average.value is not None and seconds > OUTLIER * average.value and self.outliers < OUTLIER_RUN:
+            self.outliers += 1
+        else:
+            self.outliers = 0
+            average.add(seconds)
 
     @property
     def break_even(self) -> float | None:
@@ -94,8 +111,8 @@ class DraftingSwitch:
         if self.trial_steps < TRIAL_STEPS:
             return
         break_even = self.costs.break_even
-        if break_even is None:  # no plain step measured yet: take one, then judge
-            self._pause(1)
+        if break_even is None:  # no plain step measured yet: take some, then judge
+            self._pause(PROBE_STEPS)
         elif self.emitted.value < break_even:
             self._pause(self.next_pause)
             self.next_pause = min(2 * self.next_pause, LONGEST_PAUSE)
