@@ -70,6 +70,10 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise ChimeraError("empty prompt")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv come through as lone surrogates
+        raise ChimeraError("the prompt is not valid UTF-8") from None
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     resolve_dtype(args.dtype)
     resolve_device(args.device)
@@ -152,8 +156,8 @@ def cmd_train(args) -> int:
     resolve_dtype(args.dtype)
     resolve_device(args.device)
     store = DistillStore(args.data)
-    samples = store.load()
     model, _ = load_base(args.model, dtype=args.dtype, device=args.device)
+    samples = store.load(vocab_size=model.get_input_embeddings().num_embeddings)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     meta = {**store.meta, "source": str(args.data)}
     result = train(model, samples, args.out, cfg, data_meta=meta, resume=not args.no_resume,

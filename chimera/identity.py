@@ -36,7 +36,8 @@ def same_base(recorded: dict, actual: dict) -> bool:
     if (recorded.get("hidden_size"), recorded.get("vocab_size")) != (actual["hidden_size"], actual["vocab_size"]):
         return False
     probe = recorded.get("embedding_probe")
-    if not isinstance(probe, list) or len(probe) != PROBE_SIZE:
+    if (not isinstance(probe, list) or len(probe) != PROBE_SIZE
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in probe)):
         return False
     a, b = torch.tensor(probe), torch.tensor(actual["embedding_probe"])
     return bool(((a - b).abs() <= 1e-2 * b.abs().max() + 1e-6).all())

@@ -21,6 +21,11 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 from .errors import ChimeraError
 
 _MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
+# The smallest temperature that samples: below about 1e-38 dividing float32 logits by it overflows to inf (and
+# the probabilities to NaN), and far above that, at 1e-4, sampling is already greedy decoding for any logit gap
+# over 0.01 (the runner-up has probability below exp(-100)). Smaller positive values are refused with a clear
+# error rather than silently treated as greedy: temperature 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class SamplingConfig:
         t, k, p, s = self.temperature, self.top_k, self.top_p, self.seed
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ChimeraError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ChimeraError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ChimeraError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:  # also rejects NaN

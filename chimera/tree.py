@@ -268,6 +268,19 @@ AUTO_DYNAMIC = {"cuda": "dynamic-64"}
 
 
 DYNAMIC_BEAM = 8  # EAGLE-2 expands 10 per level for 7B models; 8 keeps a level's drafting one small batch
+# Verifying n nodes holds n x vocabulary logits and an n x context mask; 1024 nodes of a 128k vocabulary are
+# 0.5 GB of float32 logits, and no drafter of ours gains anything past 128 nodes (docs/benchmarks.md).
+MAX_TREE_NODES = 1024
+MAX_BEAM = 64
+
+
+def tree_number(text: str, what: str, largest: int) -> int:
+    """A node count or beam from the command line, refused past ``largest`` before it is ever allocated."""
+    from .errors import ChimeraError
+
+    if not text.isascii() or not text.isdigit() or len(text) > 9 or int(text) > largest:
+        raise ChimeraError(f"{what} must be a whole number up to {largest}, got {text[:20]!r}")
+    return int(text)
 
 
 def get_topology(name: str, drafter=None, device=None) -> TreeTopology | DynamicTree:
@@ -284,10 +297,11 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology | Dynamic
     device_type = getattr(device, "type", device)
     if name == "auto" and device_type in AUTO_DYNAMIC and getattr(drafter, "drafts_dynamic_trees", False):
         return _dynamic_tree(AUTO_DYNAMIC[device_type], drafter)
-    if name != "auto" and not name.isdigit():
-        raise ChimeraError(f"unknown tree {name!r}: choose one of {', '.join(TOPOLOGIES)}, auto, a node count, "
+    if name != "auto" and not (name.isascii() and name.isdigit()):
+        raise ChimeraError(f"unknown tree {name[:40]!r}: choose one of {', '.join(TOPOLOGIES)}, auto, a node count, "
                            "or dynamic-N[-BEAM]")
-    size = int(name) if name.isdigit() else AUTO_TREE_SIZE.get(device_type, AUTO_TREE_SIZE["cpu"])
+    size = (tree_number(name, "a tree's node count", MAX_TREE_NODES) if name != "auto"
+            else AUTO_TREE_SIZE.get(device_type, AUTO_TREE_SIZE["cpu"]))
     if size < 2:
         raise ChimeraError(f"a tree needs at least 2 nodes, got {size}")
     profile = getattr(drafter, "acceptance_profile", None)
@@ -304,10 +318,12 @@ def _dynamic_tree(name: str, drafter) -> DynamicTree:
     from .errors import ChimeraError
 
     parts = name.split("-")
-    if len(parts) not in (2, 3) or parts[0] != "dynamic" or not all(x.isdigit() for x in parts[1:]):
-        raise ChimeraError(f"unknown tree {name!r}: a dynamic tree is dynamic-N or dynamic-N-BEAM, e.g. dynamic-64")
+    if len(parts) not in (2, 3) or parts[0] != "dynamic" or not all(x.isascii() and x.isdigit() for x in parts[1:]):
+        raise ChimeraError(f"unknown tree {name[:40]!r}: a dynamic tree is dynamic-N or dynamic-N-BEAM, "
+                           "e.g. dynamic-64")
     require_dynamic_drafter(drafter)
-    size, beam = int(parts[1]), int(parts[2]) if len(parts) == 3 else DYNAMIC_BEAM
+    size = tree_number(parts[1], "a dynamic tree's node count", MAX_TREE_NODES)
+    beam = tree_number(parts[2], "a dynamic tree's beam", MAX_BEAM) if len(parts) == 3 else DYNAMIC_BEAM
     depth = getattr(getattr(drafter, "config", None), "num_draft_heads", 6)
     try:
         return DynamicTree(size=size, depth=depth, beam=beam)

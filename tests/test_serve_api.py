@@ -39,7 +39,8 @@ def engine(tiny):
 
 @pytest.fixture(scope="module")
 def url(engine):
-    with BackgroundServer(engine, ServerConfig(MODEL, api_key=KEY, max_body_bytes=64 * 1024)) as url:
+    config = ServerConfig(MODEL, api_key=KEY, max_body_bytes=64 * 1024, body_timeout=2.0)
+    with BackgroundServer(engine, config) as url:
         yield url
 
 
@@ -221,6 +222,17 @@ BAD_REQUESTS = {
     "prompt empty": (TEXT, json.dumps({"model": MODEL, "prompt": "  "}).encode(), 400, "prompt", None),
     "token id out of range": (TEXT, json.dumps({"model": MODEL, "prompt": [1, 10**9]}).encode(), 400, "prompt", None),
     "echo": (TEXT, json.dumps({"model": MODEL, "prompt": "a", "echo": True}).encode(), 400, "echo", None),
+    "nested 30,000 deep": (CHAT, b'{"model": "tiny", "metadata": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 400,
+                            None, None),
+    "nested 40 deep": (CHAT, chat(metadata={"a": json.loads("[" * 40 + "]" * 40)}), 400, None, None),
+    "temperature 1e-300": (CHAT, chat(temperature=1e-300), 400, "temperature", None),
+    "temperature 5e-324": (CHAT, chat(temperature=5e-324), 400, "temperature", None),
+    "temperature 1e-300 streamed": (CHAT, chat(temperature=1e-300, stream=True), 400, "temperature", None),
+    "seed -1": (CHAT, chat(seed=-1, temperature=1), 400, "seed", None),
+    "seed -1 streamed": (CHAT, chat(seed=-1, temperature=1, stream=True), 400, "seed", None),
+    "seed past 2**64 streamed": (CHAT, chat(seed=2**64, stream=True), 400, "seed", None),
+    "top_k negative streamed": (TEXT, json.dumps({"model": MODEL, "prompt": "a", "top_k": -1, "stream": True}).encode(),
+                                400, "top_k", None),
 }
 
 
@@ -228,6 +240,42 @@ BAD_REQUESTS = {
 def test_bad_input_is_a_json_4xx(http, name):
     path, body, status, param, code = BAD_REQUESTS[name]
     assert_error(http.post(path, content=body, headers={"Content-Type": "application/json"}), status, param, code)
+
+
+def errors_counted(http) -> float:
+    """Server errors (5xx) so far, from /metrics."""
+    text = http.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("chimera_requests_total{") and 'status="5' in line)
+
+
+def raw_request(url: str, head: bytes, body: bytes, wait: float) -> bytes:
+    """Send a request whose body is cut short, then wait ``wait`` s for an answer (b"" if none)."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        if wait == 0:
+            return b""
+        sock.settimeout(wait)
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+def test_a_client_gone_mid_body_is_no_server_error(http, url):
+    before = errors_counted(http)
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n").encode()
+    for _ in range(5):
+        raw_request(url, head, b'{"model": "tiny", "mess', wait=0)  # sends 23 of 500 bytes, then closes
+    answer = raw_request(url, head, b'{"model": "tiny"', wait=5)  # stalls: the server gives up after 2 s
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert errors_counted(http) == before
+    assert http.get("/health").json()["status"] == "ok"
 
 
 def test_oversized_body(http):

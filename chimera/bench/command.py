@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from ..errors import ChimeraError
+from ..inputs import parse_json, read_bytes
 from .methods import METHODS, PLD_TOKENS, Decoding, HFGenerate, OurDecoder
 from .questions import load_questions, select
 from .report import environment, summarize, write_report
-from .run import BenchConfig, prepare_out_dir, run_bench
+from .run import CONFIG_FILE, BenchConfig, prepare_out_dir, run_bench
 
 
 def file_sha256(path) -> str:
@@ -80,7 +81,7 @@ def bench(args, progress: bool = True) -> dict:
     ours = next((r.decoder.verifier.describe() for r in runners.values() if isinstance(r, OurDecoder)), None)
     if ours:
         summary["environment"]["our_loop"] = ours
-    summary["settings"] = json.loads((out / "bench_config.json").read_text())
+    summary["settings"] = parse_json(read_bytes(out / CONFIG_FILE, "benchmark settings"), "benchmark settings")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out, summary, summary["settings"])
     return summary

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ChimeraError
+from ..inputs import jsonl_rows
 
 # Spec-Bench's six task categories; its MT-bench questions carry these eight finer categories.
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -28,32 +30,24 @@ def group_of(category: str) -> str:
     return "mt_bench" if category in MT_BENCH_CATEGORIES else category
 
 
+class QuestionLine(BaseModel):
+    """One line of a Spec-Bench question file (more keys, such as a reference answer, are ignored)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    question_id: int | str
+    category: Annotated[str, Field(min_length=1)]
+    turns: Annotated[list[Annotated[str, Field(pattern=r"\S")]], Field(min_length=1)]
+
+
 def load_questions(path) -> list[Question]:
-    path = Path(path)
-    if not path.is_file():
-        raise ChimeraError(f"question file {path} does not exist")
     questions, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ChimeraError(f"{path}:{number}: not valid JSON") from None
-        if not isinstance(row, dict):
-            raise ChimeraError(f"{path}:{number}: expected a JSON object")
-        missing = [k for k in ("question_id", "category", "turns") if k not in row]
-        if missing:
-            raise ChimeraError(f"{path}:{number}: missing field {', '.join(missing)}")
-        turns = row["turns"]
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise ChimeraError(f"{path}:{number}: 'turns' must be a non-empty list of non-empty strings")
-        if not isinstance(row["category"], str) or not row["category"]:
-            raise ChimeraError(f"{path}:{number}: 'category' must be a non-empty string")
-        if row["question_id"] in seen:
-            raise ChimeraError(f"{path}:{number}: duplicate question_id {row['question_id']!r}")
-        seen.add(row["question_id"])
-        questions.append(Question(row["question_id"], row["category"], tuple(turns)))
+    for number, row in jsonl_rows(path, QuestionLine, "question file"):
+        if isinstance(row, ChimeraError):
+            raise row
+        if row.question_id in seen:
+            raise ChimeraError(f"question file {path}:{number}: duplicate question_id {row.question_id!r}")
+        seen.add(row.question_id)
+        questions.append(Question(row.question_id, row.category, tuple(row.turns)))
     if not questions:
         raise ChimeraError(f"question file {path} has no questions")
     return questions

@@ -8,17 +8,40 @@ those means against ``hf``.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..inputs import read_jsonl
 from .questions import GROUPS, group_of
 
 
+class Choice(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    turns: list[str]
+    decoding_steps: list[int]
+    new_tokens: list[int]
+    wall_time: list[float | int]
+    accept_lengths: list[list[int] | None]
+    token_ids: list[list[int]]
+
+
+class AnswerLine(BaseModel):
+    """One line of a method's answer file (run.spec_bench_record)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    question_id: int | str
+    category: str
+    choices: Annotated[list[Choice], Field(min_length=1)]
+
+
 def read_answers(file: Path) -> list[dict]:
-    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """A method's answers, each line checked; a last line cut short by a kill is not read (run.py repairs it)."""
+    return [row.model_dump() for row in read_jsonl(file, AnswerLine, "answer file", appended=True)]
 
 
 def _stats(rows: list[dict], reference: dict | None) -> dict:

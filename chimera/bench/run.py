@@ -17,9 +17,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ChimeraError
+from ..inputs import owned, parse_json, read_bytes
 from ..text import encode_prompt
 from .methods import Turn
 from .questions import Question
+from .report import read_answers
 
 CONFIG_FILE = "bench_config.json"
 
@@ -46,9 +48,11 @@ def prepare_out_dir(out: Path, config: BenchConfig) -> bool:
     path = out / CONFIG_FILE
     if path.is_file():
         try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise ChimeraError(f"{path} is not valid JSON: use another --out directory") from None
+            saved = parse_json(read_bytes(path, "benchmark settings"), f"benchmark settings {path}")
+        except ChimeraError as exc:
+            raise ChimeraError(f"{exc}: use another --out directory") from None
+        if not isinstance(saved, dict):
+            raise ChimeraError(f"benchmark settings {path} is not a JSON object: use another --out directory")
         mine = asdict(config)
         changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if changed:
@@ -68,17 +72,16 @@ def prepare_out_dir(out: Path, config: BenchConfig) -> bool:
 
 
 def done_questions(file: Path) -> set:
-    """Question ids already answered in a method's file; a torn last line (a kill mid-write) is cut off."""
+    """Question ids already answered in a method's file. The bench owns its --out directory (it runs under the
+    directory's lock), so it alone cuts off a torn last line (a kill mid-write) before appending."""
     if not file.is_file():
         return set()
-    data = file.read_bytes()
-    keep = data[: data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
+    data = read_bytes(file, "answer file")
+    done = {row["question_id"] for row in read_answers(file)}
+    keep = len(data[: data.rfind(b"\n") + 1])
+    if keep != len(data):
         with open(file, "r+b") as f:
-            f.truncate(len(keep))
-    done = set()
-    for line in keep.decode("utf-8").splitlines():
-        done.add(json.loads(line)["question_id"])
+            f.truncate(keep)
     return done
 
 
@@ -137,6 +140,12 @@ def spec_bench_record(question: Question, model_id: str, turns: list[tuple[str, 
 
 def run_bench(methods: dict, tokenizer, questions: list[Question], out: Path, config: BenchConfig,
               progress: bool = True) -> None:
+    with owned(out, "bench"):
+        _run_bench(methods, tokenizer, questions, out, config, progress)
+
+
+def _run_bench(methods: dict, tokenizer, questions: list[Question], out: Path, config: BenchConfig,
+               progress: bool) -> None:
     files = {name: out / f"{name}.jsonl" for name in methods}
     done = {name: done_questions(file) for name, file in files.items()}
     todo = [(q, name) for q in questions for name in methods if q.question_id not in done[name]]

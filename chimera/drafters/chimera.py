@@ -28,6 +28,9 @@ from ..tree import TreeBuffers
 from . import persist
 
 
+MAX_DRAFT_HEADS = 64
+
+
 @dataclass
 class ChimeraConfig:
     hidden_size: int
@@ -41,6 +44,22 @@ class ChimeraConfig:
     num_draft_heads: int = 6
     untied_heads: bool = False
     base: dict = field(default_factory=dict)  # identity.base_identity of the base it was built for
+
+    def __post_init__(self):
+        """Bounds that keep a forged config from allocating what it says (sizes are checked against the base
+        on loading, persist.check_sizes)."""
+        checks = [(1 <= self.num_draft_heads <= MAX_DRAFT_HEADS, f"num_draft_heads must be in 1..{MAX_DRAFT_HEADS}"),
+                  (self.hidden_size >= 1 and self.vocab_size >= 1, "hidden_size and vocab_size must be positive"),
+                  (1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+                   "num_kv_heads must divide num_heads"),
+                  (1 <= self.num_heads * self.head_dim <= 4 * self.hidden_size,
+                   "num_heads * head_dim must be in 1..4 * hidden_size"),
+                  (1 <= self.intermediate_size <= 16 * self.hidden_size,
+                   "intermediate_size must be in 1..16 * hidden_size"),
+                  (self.rms_norm_eps > 0 and self.rope_theta > 0, "rms_norm_eps and rope_theta must be positive")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @classmethod
     def from_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False) -> "ChimeraConfig":
@@ -597,6 +616,7 @@ def load_drafter(path, model, dtype: torch.dtype | None = None) -> ChimeraDrafte
     raw = persist.read_config(path)
     config = persist.build_config(ChimeraConfig, raw, path)
     persist.check_base(config.base, model, path)
+    persist.check_sizes(config, model, path)
     drafter = ChimeraDrafter(config, model.get_input_embeddings(), model.get_output_embeddings())
     persist.load_weights(drafter, path)
     drafter.acceptance_profile = persist.acceptance_profile(raw, config.num_draft_heads)

@@ -19,7 +19,7 @@ from ..base import vocab_logits
 from ..identity import base_identity
 from ..tree import TreeBuffers
 from . import persist
-from .chimera import RMSNorm
+from .chimera import MAX_DRAFT_HEADS, RMSNorm
 
 
 @dataclass
@@ -29,6 +29,12 @@ class MedusaConfig:
     num_draft_heads: int = 6
     rms_norm_eps: float = 1e-6
     base: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not 1 <= self.num_draft_heads <= MAX_DRAFT_HEADS:
+            raise ValueError(f"num_draft_heads must be in 1..{MAX_DRAFT_HEADS}")
+        if self.hidden_size < 1 or self.vocab_size < 1 or self.rms_norm_eps <= 0:
+            raise ValueError("hidden_size, vocab_size and rms_norm_eps must be positive")
 
     @classmethod
     def from_base(cls, model, num_draft_heads: int = 6) -> "MedusaConfig":
@@ -145,6 +151,7 @@ def load_medusa(path, model, dtype: torch.dtype | None = None) -> MedusaDrafter:
     raw = persist.read_config(path)
     config = persist.build_config(MedusaConfig, raw, path)
     persist.check_base(config.base, model, path)
+    persist.check_sizes(config, model, path)
     drafter = MedusaDrafter(config, model.get_output_embeddings())
     persist.load_weights(drafter, path)
     drafter.acceptance_profile = persist.acceptance_profile(raw, config.num_draft_heads)

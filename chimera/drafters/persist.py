@@ -11,11 +11,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import ChimeraError
 from ..identity import base_identity, describe, same_base
+from ..inputs import parse_json, read_bytes, validated
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -45,6 +48,14 @@ def save_directory(directory, config: dict, state: dict, token_counts: torch.Ten
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class DrafterFile(BaseModel):
+    """What every drafter's config.json must hold before its own config is read from it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    architecture: Literal["chimera", "medusa"] = "chimera"
+    base: dict = {}  # identity.base_identity of the base it was built for
+
+
 def read_config(path) -> dict:
     """The raw config of a drafter directory, with clear errors for every way it can be unusable."""
     path = Path(path)
@@ -55,22 +66,24 @@ def read_config(path) -> dict:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise ChimeraError(f"drafter directory {path} is missing {name}")
-    try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError:
-        raise ChimeraError(f"drafter config {path / CONFIG_NAME} is not valid JSON") from None
-    if not isinstance(raw, dict):
-        raise ChimeraError(f"drafter config {path / CONFIG_NAME} is not a JSON object")
+    raw = parse_json(read_bytes(path / CONFIG_NAME, "drafter config"), f"drafter config {path / CONFIG_NAME}")
+    validated(DrafterFile, raw, f"drafter config {path / CONFIG_NAME}")
     return raw
 
 
 def build_config(cls, raw: dict, path):
-    """A config dataclass from the raw JSON, ignoring extra keys (training records, trees)."""
-    known = set(cls.__dataclass_fields__)
-    try:
-        return cls(**{k: v for k, v in raw.items() if k in known})
-    except TypeError as exc:
-        raise ChimeraError(f"drafter config {Path(path) / CONFIG_NAME} is invalid: {exc}") from None
+    """A config dataclass from the raw JSON (strictly typed), ignoring extra keys (training records, trees)."""
+    return validated(cls, raw, f"drafter config {Path(path) / CONFIG_NAME}")
+
+
+def check_sizes(config, model, path) -> None:
+    """The config's sizes must be its base's before anything is built from them (a forged hidden_size would
+    otherwise allocate what it says)."""
+    cfg = model.config.get_text_config()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if (config.hidden_size, config.vocab_size) != (cfg.hidden_size, vocab):
+        raise ChimeraError(f"drafter config {Path(path) / CONFIG_NAME} has hidden size {config.hidden_size} and "
+                           f"vocabulary {config.vocab_size}, but the base has {cfg.hidden_size} and {vocab}")
 
 
 def check_base(config_base: dict, model, path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from ..errors import ChimeraError
+from ..sampling import SamplingConfig
 from .engine import Engine, Job, timeout_error
 from .metrics import Metrics
 from .prompts import Prompter
@@ -26,6 +30,7 @@ from .schemas import APIError, ChatCompletionRequest, CompletionRequest, invalid
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
 DEADLINE_GRACE_S = 1.0  # the worker enforces the deadline; the loop gives up this much later as a backstop
+log = logging.getLogger("chimera.server")
 
 
 @dataclass
@@ -33,6 +38,7 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds a client may take to send its request body (a stalled one is a 408)
     default_max_tokens: int = 256
     default_temperature: float = 0.0  # OpenAI's default is 1; ours is greedy unless the server says otherwise
 
@@ -91,11 +97,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
                            code="request_too_large")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                               code="request_too_large")
+        try:
+            async with asyncio.timeout(config.body_timeout):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > limit:
+                        raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                                       code="request_too_large")
+        except TimeoutError:
+            log.info("a client took over %gs to send its request body: answered 408", config.body_timeout)
+            raise APIError(408, f"the request body did not arrive within {config.body_timeout:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:  # a normal event: nobody is left to answer, and it is no server error
+            log.info("a client disconnected while sending its request body")
+            raise APIError(499, "the client disconnected", code="client_closed") from None
         return parse_json(bytes(body))
 
     def check_model(name: str) -> None:
@@ -104,9 +119,16 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                            param="model", code="model_not_found")
 
     def sampling(req) -> dict:
+        """The request's sampling settings, checked here: whatever can be refused is refused before the first
+        byte of a stream is sent."""
         temperature = config.default_temperature if req.temperature is None else float(req.temperature)
-        return {"temperature": temperature, "top_k": req.top_k or 0,
-                "top_p": 1.0 if req.top_p is None else float(req.top_p), "seed": req.seed}
+        settings = {"temperature": temperature, "top_k": req.top_k or 0,
+                    "top_p": 1.0 if req.top_p is None else float(req.top_p), "seed": req.seed}
+        try:
+            SamplingConfig(**settings)
+        except ChimeraError as exc:
+            raise invalid(str(exc), str(exc).split()[0]) from None
+        return settings
 
     async def serve(request: Request, req, prompt_ids: list[int], chat: bool, prompt_param: str):
         t0 = time.monotonic()

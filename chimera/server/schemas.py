@@ -7,10 +7,12 @@ such as ``temprature`` is reported instead of silently ignored.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from .. import inputs
+from ..errors import ChimeraError
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256
@@ -174,28 +176,16 @@ class CompletionRequest(_Common):
 
 
 def parse_json(body: bytes) -> dict:
-    """Raw request bytes → a JSON object, or an APIError that says what is wrong with them."""
+    """Raw request bytes → a JSON object (inputs.parse_json: UTF-8, depth, no lone surrogates), or a 400."""
     if not body.strip():
         raise invalid("the request body is empty: send a JSON object")
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise invalid(f"the request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
+        data = inputs.parse_json(body, "the request body")
+    except ChimeraError as exc:
+        raise invalid(str(exc)) from None
     if not isinstance(data, dict):
         raise invalid(f"the request body must be a JSON object, got {type(data).__name__}")
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid("the request contains an invalid unicode escape (a lone surrogate)") from None
     return data
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a valid JSON number")
 
 
 def validate(model: type[_Common], data: dict) -> _Common:
@@ -204,7 +194,7 @@ def validate(model: type[_Common], data: dict) -> _Common:
         request = model.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        param = ".".join(str(p) for p in error["loc"] if not _is_union_tag(p)) or None
+        param = inputs.field_path(error) or None
         if error["type"] == "extra_forbidden":
             raise invalid(f"unrecognized request argument supplied: {param}", param) from None
         if error["type"] == "missing":
@@ -213,9 +203,3 @@ def validate(model: type[_Common], data: dict) -> _Common:
     for name, reason in request.unsupported():
         raise invalid(reason, name, "unsupported_parameter")
     return request
-
-
-def _is_union_tag(part) -> bool:
-    """Pydantic names the union member it tried (``str``, ``list[int]``...) in an error's location: drop it."""
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part
-                                      or part.startswith("function-") or part[:1].isupper())

@@ -5,8 +5,10 @@ A data directory holds
 - ``tokens.bin`` (uint32) and ``mask.bin`` (uint8, 1 = assistant token), all samples back to back;
 - ``index.jsonl``: one committed sample a line, ``{"id", "offset", "length"}``.
 
-A sample is committed when its index line is written, after its tokens. On opening, bytes past the last
-committed sample (a write cut short by a kill) are truncated, so a resumed run neither loses nor duplicates.
+A sample is committed when its index line is written, after its tokens. Bytes past the last committed sample
+(a write cut short by a kill) are ignored by readers (``chimera train``) and truncated only by the
+``chimera distill`` that owns the directory, under its lock, so a resumed run neither loses nor duplicates and a
+reader never changes the data, even while a distill is writing it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ChimeraError
+from ..inputs import jsonl_rows, owned, parse_json, read_bytes, validated
 
 FORMAT_VERSION = 1
 
@@ -30,95 +35,121 @@ class Prompt:
     text: str
 
 
+class PromptLine(BaseModel):
+    """One line of a prompts file: a non-empty ``prompt``, an optional ``id`` (default: the line number)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    prompt: Annotated[str, Field(pattern=r"\S")]
+    id: str | int | None = None
+
+
 def read_prompts(path) -> tuple[list[Prompt], int]:
-    """Prompts from a JSONL file with a ``prompt`` field (``id`` optional). Returns (prompts, skipped lines)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChimeraError(f"prompt file {path} does not exist")
+    """Prompts from a JSONL file with a ``prompt`` field (``id`` optional). Returns (prompts, skipped lines):
+    malformed lines and repeated ids are skipped and counted."""
     prompts, skipped, seen = [], 0, set()
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text = row["prompt"]
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                skipped += 1
-                continue
-            pid = str(row.get("id", number))
-            if pid in seen:
-                skipped += 1
-                continue
-            seen.add(pid)
-            prompts.append(Prompt(pid, text))
+    for number, row in jsonl_rows(path, PromptLine, "prompt file"):
+        pid = None if isinstance(row, ChimeraError) else str(number if row.id is None else row.id)
+        if pid is None or pid in seen:
+            skipped += 1
+            continue
+        seen.add(pid)
+        prompts.append(Prompt(pid, row.prompt))
     if not prompts:
         what = "has no valid lines" if skipped else "is empty"
         raise ChimeraError(f"prompt file {path} {what}: expected JSONL lines like {{\"prompt\": \"...\"}}")
     return prompts, skipped
 
 
+class DistillMeta(BaseModel):
+    """meta.json: what the data was made with (more keys are kept, unchecked)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: Literal[1] = FORMAT_VERSION
+    base: dict = {}
+    max_new_tokens: int | None = None
+    temperature: float | int | None = None
+    prompts_sha256: str | None = None
+
+
+class IndexEntry(BaseModel):
+    """One committed sample of index.jsonl."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    offset: Annotated[int, Field(ge=0)]
+    length: Annotated[int, Field(ge=0, le=1 << 24)]
+
+
 class DistillStore:
-    """Reader and appender for one data directory."""
+    """Reader (``meta`` None: opens nothing for writing, changes nothing) or appender (``meta`` given: the
+    ``chimera distill`` that owns the directory, under its lock, which alone repairs a write cut short)."""
 
     def __init__(self, directory, meta: dict | None = None):
         """Open ``directory``; with ``meta`` create it or check that it was made with the same settings."""
         self.dir = Path(directory)
+        self._lock = None
         meta_path = self.dir / "meta.json"
         if meta is not None:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                probe = self.dir / ".write-test"
-                probe.write_text("ok")
-                probe.unlink()
             except OSError as exc:
                 raise ChimeraError(f"cannot write to {self.dir}: {exc.strerror or exc}") from None
-            if meta_path.is_file():
-                self.meta = self._read_meta(meta_path)
-                _check_same(self.meta, meta, self.dir)
-            else:
-                self.meta = {"format": FORMAT_VERSION, **meta}
-                _atomic_write(meta_path, json.dumps(self.meta, indent=2) + "\n")
+            self._lock = owned(self.dir, "distill")
+            self._lock.__enter__()
+            try:
+                if meta_path.is_file():
+                    self.meta = self._read_meta(meta_path)
+                    _check_same(self.meta, meta, self.dir)
+                else:
+                    self.meta = {"format": FORMAT_VERSION, **meta}
+                    _atomic_write(meta_path, json.dumps(self.meta, indent=2) + "\n")
+                self.index = self._read_index(repair=True)
+            except BaseException:
+                self.close()
+                raise
         else:
             if not meta_path.is_file():
                 raise ChimeraError(f"{self.dir} is not a chimera data directory (no meta.json)")
             self.meta = self._read_meta(meta_path)
-        self.index = self._recover()
+            self.index = self._read_index(repair=False)
+
+    def close(self) -> None:
+        """Release the writer's lock (a reader holds none)."""
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     @staticmethod
     def _read_meta(path: Path) -> dict:
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise ChimeraError(f"{path} is corrupt") from None
+        raw = parse_json(read_bytes(path, "data file"), f"data file {path}")
+        validated(DistillMeta, raw, f"data file {path}")
+        return raw
 
-    def _recover(self) -> list[dict]:
-        """Read committed samples; drop anything written after the last commit."""
+    def _read_index(self, repair: bool) -> list[dict]:
+        """The committed samples. A last index line without a newline, and data bytes past the last committed
+        sample, are a write cut short: a reader ignores them; the owner (``repair``) truncates them, so that a
+        resumed run neither loses nor duplicates. Anything else out of place is damage, and an error."""
         index_path = self.dir / "index.jsonl"
-        entries, good_bytes = [], 0
-        if index_path.is_file():
-            raw = index_path.read_bytes()
-            for line in raw.splitlines(keepends=True):
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                entries.append(entry)
-                good_bytes += len(line)
-            if good_bytes != len(raw):
-                with index_path.open("r+b") as f:
-                    f.truncate(good_bytes)
-        end = entries[-1]["offset"] + entries[-1]["length"] if entries else 0
+        raw = read_bytes(index_path, "data file") if index_path.is_file() else b""
+        entries, end = [], 0
+        for number, row in jsonl_rows(index_path, IndexEntry, "data file", raw, appended=True):
+            if isinstance(row, ChimeraError):
+                raise ChimeraError(f"{row}: the data directory is damaged")
+            if row.offset != end:
+                raise ChimeraError(f"data file {index_path}:{number}: offset {row.offset} does not follow the "
+                                   f"previous sample (which ends at {end}): the data directory is damaged")
+            entries.append(row.model_dump())
+            end += row.length
+        committed = len(raw[: raw.rfind(b"\n") + 1])
+        if repair and committed != len(raw):
+            with index_path.open("r+b") as f:
+                f.truncate(committed)
         for name, width in (("tokens.bin", 4), ("mask.bin", 1)):
             path = self.dir / name
             size = path.stat().st_size if path.exists() else 0
             if size < end * width:
                 raise ChimeraError(f"{path} is shorter than its index says: the data directory is damaged")
-            if path.exists() and size > end * width:
+            if repair and size > end * width:
                 with path.open("r+b") as f:
                     f.truncate(end * width)
         return entries
@@ -147,9 +178,16 @@ class DistillStore:
             os.fsync(f.fileno())
         self.index.append(entry)
 
-    def load(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        tokens = np.fromfile(self.dir / "tokens.bin", dtype=np.uint32) if self.index else np.zeros(0, np.uint32)
-        mask = np.fromfile(self.dir / "mask.bin", dtype=np.uint8) if self.index else np.zeros(0, np.uint8)
+    def load(self, vocab_size: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The committed samples as (tokens, assistant mask); token ids are checked against ``vocab_size``."""
+        end = self.index[-1]["offset"] + self.index[-1]["length"] if self.index else 0
+        if end == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, bool)) for _ in self.index]
+        tokens = np.fromfile(self.dir / "tokens.bin", dtype=np.uint32, count=end)
+        mask = np.fromfile(self.dir / "mask.bin", dtype=np.uint8, count=end)
+        if vocab_size is not None and end and int(tokens.max()) >= vocab_size:
+            raise ChimeraError(f"{self.dir / 'tokens.bin'} holds token id {int(tokens.max())}, past the base's "
+                               f"vocabulary of {vocab_size}: the data directory is damaged")
         return [(tokens[e["offset"]: e["offset"] + e["length"]].astype(np.int64),
                  mask[e["offset"]: e["offset"] + e["length"]].astype(bool)) for e in self.index]
 

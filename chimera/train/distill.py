@@ -21,6 +21,15 @@ def distill(model, tokenizer, prompts: list[Prompt], out_dir, *, prompts_file=No
         "prompts_sha256": file_sha256(prompts_file) if prompts_file else None,
     }
     store = DistillStore(out_dir, meta)
+    try:
+        return _distill_into(store, model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
+                             max_prompt_tokens, limit, seed, progress)
+    finally:
+        store.close()
+
+
+def _distill_into(store, model, tokenizer, prompts, max_new_tokens, batch_size, temperature, max_prompt_tokens,
+                  limit, seed, progress) -> dict:
     if limit is not None:
         prompts = prompts[:limit]
     done = store.done_ids

@@ -16,19 +16,31 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from ..drafters import load_any, new_drafter
 from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
+from ..inputs import read_bytes, read_json
 from .data import count_tokens
 from .losses import acceptance_counts, chain_loss
 
 STATE_WEIGHTS = "optimizer.safetensors"
 STATE_JSON = "trainer_state.json"
+
+
+class TrainingState(BaseModel):
+    """A checkpoint's trainer_state.json: the step reached, the optimizer's groups and the run's settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    step: Annotated[int, Field(ge=0)]
+    param_groups: list[dict]
+    config: dict
 
 
 @dataclass
@@ -203,7 +215,7 @@ def load_optimizer(optimizer, directory: Path) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(directory / STATE_WEIGHTS))
-    groups = json.loads((directory / STATE_JSON).read_text())["param_groups"]
+    groups = read_json(directory / STATE_JSON, TrainingState, "checkpoint").param_groups
     state: dict = {}
     for name, tensor in tensors.items():
         pid, key = name.split(".", 1)
@@ -215,8 +227,12 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     pointer = out_dir / "latest"
     if not pointer.is_file():
         return None
-    path = out_dir / pointer.read_text().strip()
-    return path if (path / STATE_JSON).is_file() else None
+    name = read_bytes(pointer, "checkpoint pointer", limit=4096).decode("utf-8", errors="replace").strip()
+    path = out_dir / name
+    if not name or "/" in name or not (path / STATE_JSON).is_file():
+        raise ChimeraError(f"checkpoint pointer {pointer} names no checkpoint of {out_dir}: the run directory is "
+                           "damaged (delete it, or pass --no-resume)")
+    return path
 
 
 @torch.no_grad()
@@ -283,9 +299,10 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
 
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        saved = json.loads((checkpoint / STATE_JSON).read_text())
+        saved = read_json(checkpoint / STATE_JSON, TrainingState, "checkpoint").model_dump()
         if saved["config"] != asdict(cfg):
-            changed = sorted(k for k in saved["config"] if saved["config"][k] != asdict(cfg).get(k))
+            changed = sorted(k for k in set(saved["config"]) | set(asdict(cfg))
+                             if saved["config"].get(k) != asdict(cfg).get(k))
             raise ChimeraError(f"{out_dir} holds a run with other settings ({', '.join(changed)}): "
                                "use the same settings to resume, or another --out directory")
         drafter = load_any(checkpoint, model, dtype=torch.float32).requires_grad_(True)
