@@ -203,7 +203,7 @@ class SpeculativeDecoder:
             if stopper.done:
                 break
             step_start = time.perf_counter()
-            drafting = (state is not None and self.tree.topology.size > 1 and switch.draft_next()
+            drafting = (self.drafter is not None and self.tree.topology.size > 1 and switch.draft_next()
                         and session.length + self.tree.topology.max_depth < self.limit)
             tree = self.tree if drafting else self.root_only
             ta = self._clock()
@@ -233,12 +233,12 @@ class SpeculativeDecoder:
             delta = "".join(deltas)
             result.steps += 1
             result.accepted.append(len(deltas))
-            result.plain_steps += not drafting and state is not None
+            result.plain_steps += not drafting and self.drafter is not None
             if not stopper.done:
                 session.keep(path, tree)
                 if drafting:
                     self.drafter.advance(state, tokens[path], out.hidden[path])
-                elif state is not None:
+                elif self.drafter is not None:
                     unseen.append((tokens[path], out.hidden[path]))
                 root = next_token.reshape(1)
             switch.record(drafting, len(deltas), time.perf_counter() - step_start)

@@ -92,8 +92,8 @@ def test_other_configuration_in_the_output_directory_is_refused(finished_run, ti
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"question_id": 1, "turns": ["hi"]}], "missing field category"),
-    ([{"question_id": 1, "category": "qa", "turns": []}], "non-empty list"),
+    ([{"question_id": 1, "turns": ["hi"]}], "missing field 'category'"),
+    ([{"question_id": 1, "category": "qa", "turns": []}], "field 'turns': List should have at least 1 item"),
     ([{"question_id": 1, "category": "qa", "turns": ["a"]}, {"question_id": 1, "category": "qa", "turns": ["b"]}],
      "duplicate question_id"),
 ])

@@ -78,7 +78,7 @@ def test_unknown_architecture_is_refused(tmp_path):
     perturbed_medusa(model).save(tmp_path / "d")
     config = (tmp_path / "d" / "config.json")
     config.write_text(config.read_text().replace('"medusa"', '"hydra"'))
-    with pytest.raises(ChimeraError, match="unknown architecture 'hydra'"):
+    with pytest.raises(ChimeraError, match="field 'architecture': Input should be 'chimera' or 'medusa'"):
         load_any(tmp_path / "d", model)
 
 

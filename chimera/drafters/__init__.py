@@ -54,16 +54,13 @@ def load_any(path, model, dtype=None):
     """Load a saved drafter of any kind by the architecture its config.json names."""
     from . import persist
 
-    arch = persist.read_config(path).get("architecture", "chimera")
-    if arch == "chimera":
-        from .chimera import load_drafter
-
-        return load_drafter(path, model, dtype=dtype)
-    if arch == "medusa":
+    if persist.read_config(path).get("architecture", "chimera") == "medusa":  # read_config checked the name
         from .medusa import load_medusa
 
         return load_medusa(path, model, dtype=dtype)
-    raise ChimeraError(f"drafter {path} has unknown architecture {arch!r}")
+    from .chimera import load_drafter
+
+    return load_drafter(path, model, dtype=dtype)
 
 
 def pack_for_cpu(drafter) -> bool:
