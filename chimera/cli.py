@@ -88,7 +88,10 @@ def cmd_generate(args) -> int:
     if args.json:
         for _ in stream:
             pass
-        print(json.dumps(stream.result.to_dict(), ensure_ascii=False))
+        report = stream.result.to_dict()
+        if decoder.calibration is not None:
+            report["calibration"] = decoder.calibration.summary()
+        print(json.dumps(report, ensure_ascii=False))
     else:
         for chunk in stream:
             sys.stdout.write(chunk)
@@ -123,6 +126,31 @@ def compare_decodings(args, model, tokenizer, drafter) -> int:
         print(result.table(), file=sys.stderr)
     if not result.identical and result.must_be_identical:
         raise ChimeraError("speculative decoding changed the output in float32: please report this as a bug")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from dataclasses import asdict
+
+    from . import calibration
+    from .drafters import resolve_drafter
+    from .models import load_base, resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype)
+    device = resolve_device(args.device)
+    if device.type != "cpu":
+        raise ChimeraError("calibration measures CPU decoding; on a GPU the trees are chosen as they are drafted "
+                           "(dynamic trees)")
+    model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
+    drafter = resolve_drafter(args.drafter, model)
+    if not calibration.applies(drafter, device, "auto"):
+        raise ChimeraError("calibration needs a Chimera drafter with an acceptance profile (chimera train saves one)")
+    result = calibration.load_or_measure(model, tokenizer, drafter, device, remeasure=True)
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        print(result.describe())
+        print(f"saved in {calibration.cache_path(result.key)}", file=sys.stderr)
     return 0
 
 
@@ -228,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1 = off)")
     gen.add_argument("--seed", type=int, default=None, help="makes a sampled run reproducible (default: random)")
     gen.set_defaults(func=cmd_generate)
+
+    cal = sub.add_parser("calibrate", help="measure what speculation should look like on this machine (CPU): "
+                                           "linear route, tree size, draft vocabulary, or none; cached")
+    add_model_args(cal)
+    cal.add_argument("--drafter", default="auto", help="drafter directory or 'auto' (the shipped one; default)")
+    cal.add_argument("--json", action="store_true", help="print every measurement as JSON")
+    cal.set_defaults(func=cmd_calibrate)
 
     dis = sub.add_parser("distill", help="have the base answer training prompts (self-distillation data)")
     dis.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")

@@ -23,6 +23,7 @@ class Comparison:
     plain: GenerationResult
     speculative: GenerationResult
     dtype: torch.dtype
+    setup: str = ""  # how the speculative decoder was set up (its calibration, where one ran)
 
     @property
     def identical(self) -> bool:
@@ -38,11 +39,13 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {"plain": self.plain.to_dict(), "speculative": self.speculative.to_dict(),
-                "identical": self.identical, "speedup": round(self.speedup, 3), "dtype": str(self.dtype)}
+                "identical": self.identical, "speedup": round(self.speedup, 3), "dtype": str(self.dtype),
+                "setup": self.setup}
 
     def table(self) -> str:
         rows = [("plain decoding", self.plain), ("speculative", self.speculative)]
-        lines = [f"{'':16}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'tokens/forward':>16}"]
+        lines = [self.setup] if self.setup else []
+        lines += [f"{'':16}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'tokens/forward':>16}"]
         lines += [f"{name:16}{r.new_tokens:>8}{r.seconds:>9.2f}{r.tokens_per_s:>10.1f}{r.tau:>16.2f}"
                   for name, r in rows]
         verdict = "identical" if self.identical else "DIFFERENT"
@@ -69,4 +72,5 @@ def compare(model, tokenizer, drafter, prompt: str, max_new_tokens: int, tree="a
     for chunk in stream:
         if on_text is not None:
             on_text(chunk)
-    return Comparison(plain_result, stream.result, model.dtype)
+    setup = speculative.calibration.describe() if speculative.calibration is not None else ""
+    return Comparison(plain_result, stream.result, model.dtype, setup)

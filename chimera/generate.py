@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from . import calibration
 from .adaptive import DraftingSwitch, StepCosts
 from .errors import ChimeraError
 from .drafters import apply_draft_vocabulary, pack_for_cpu
@@ -100,6 +101,10 @@ class SpeculativeDecoder:
     prepacked weights (cpu_linear): a second copy of the base's linear weights, made only if memory allows,
     that makes a forward over a few tree tokens cost about what one token does. ``model`` itself is not changed.
 
+    ``calibrate``: on a CPU with ``tree="auto"``, choose the tree, the draft vocabulary (where 'auto') and the
+    linear route (where 'auto') by measuring them on this machine once (calibration.py; cached on disk), down to
+    no drafting where nothing beats plain decoding. ``packed_linears`` 'auto' is the prepacked route otherwise.
+
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
 
@@ -109,11 +114,20 @@ class SpeculativeDecoder:
 
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
-                 packed_linears: bool = True, adaptive: bool = True):
+                 packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True):
         self.model = model
         self.tokenizer = tokenizer
-        self.drafter = drafter
         self.device = next(model.parameters()).device
+        self.calibration = None
+        if calibrate and calibration.applies(drafter, self.device, tree):
+            self.calibration = calibration.load_or_measure(model, tokenizer, drafter, self.device)
+            tree = (TreeTopology.from_profile(drafter.acceptance_profile[:drafter.config.num_draft_heads],
+                                              self.calibration.tree_size) if self.calibration.tree_size else tree)
+            draft_vocab = (self.calibration.draft_vocab or "full") if draft_vocab == "auto" else draft_vocab
+            packed_linears = self.calibration.packed_linears if packed_linears == "auto" else packed_linears
+            drafter = drafter if self.calibration.tree_size else None
+        packed_linears = packed_linears is True or packed_linears == "auto"
+        self.drafter = drafter
         if packed_linears and drafter is not None:
             pack_for_cpu(drafter)  # where oneDNN serves the drafter's device and dtype; a no-op elsewhere
         self.draft_vocab = apply_draft_vocabulary(drafter, draft_vocab, self.device)

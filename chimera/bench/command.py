@@ -51,6 +51,8 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
             topology, size = methods[name].tree, methods[name].decoder.draft_vocab
             drafters[name] = {"drafter": spec, "tree": f"{tree} ({topology.describe()})",
                               "draft_vocab": f"{vocab} ({size or 'all'} tokens)"}
+            if methods[name].decoder.calibration is not None:
+                drafters[name]["calibration"] = methods[name].decoder.calibration.describe()
     return methods, drafters
 
 

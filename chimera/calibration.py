@@ -1,0 +1,290 @@
+"""What speculation should look like on this machine, measured here: the base's linear-layer route, the tree
+size, the draft vocabulary, or no drafting at all.
+
+Why: the choices that decide speed were constants measured on one processor. On an AMD EPYC (Zen 4) the
+oneDNN-prepacked route and a 5-node tree made Chimera 2x faster than ``generate``; on an Intel Xeon the stock
+MKL kernels were faster, and the same constants made it slower than ``generate``. So on first use of a
+(machine, libraries, model, drafter) the decoder measures, in a few seconds:
+
+1. a plain step (one token on a 200-token cache) through each linear route, stock and prepacked: the faster
+   route is used for everything after;
+2. on that route, verifying trees of each candidate size, and drafting each of them with each candidate draft
+   vocabulary (the drafter's most written tokens, FR-Spec);
+3. tau: the drafter's acceptance profile (measured when it was trained) predicts tau for every tree and
+   vocabulary, but on prompts it never saw the drafter accepts less (the shipped one: 3.4 predicted, 2.1
+   measured on MT-bench for 5 nodes), so one short decode of a few built-in prompts with a 5-node tree
+   measures the ratio and scales the predictions by it; the same decode without drafting gives the plain
+   speed with every overhead included.
+
+Expected tokens/s of a configuration = tau / (draft + verify + per-step overhead); the best one wins, and
+"no drafting" wins when nothing beats the plain speed. The result is kept as JSON in the cache directory,
+keyed by processor, thread count, library versions, model and drafter; a corrupt or unreadable file is
+ignored with one warning and measured again. ``chimera calibrate`` re-measures. It applies on a CPU when
+the tree is ``auto``; a tree, draft vocabulary or route given explicitly is kept as given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from . import cpu_linear
+from .errors import ChimeraError
+from .inputs import read_json
+from .tree import TreeBuffers, TreeTopology
+
+log = logging.getLogger("chimera")
+TREE_SIZES = (2, 3, 4, 5, 6, 8)
+DRAFT_VOCABS = (None, 8192, 4096)  # None: the whole vocabulary
+TAU_TREE = 5  # the tree of the short decode that measures how much of the profile's promise holds
+PROMPTS = ("Write a Python function that returns the n-th Fibonacci number.",
+           "Explain why the sky is blue in a short paragraph.",
+           "Give three tips for a job interview.")
+PROMPT_TOKENS = 32
+CACHE_TOKENS = 200  # the cache length the step costs are measured at
+
+
+@dataclass
+class Calibration:
+    key: dict
+    packed_linears: bool
+    tree_size: int  # 0: no drafting
+    draft_vocab: int | None  # None: the whole vocabulary
+    plain_ms: dict = field(default_factory=dict)  # route -> ms of a plain forward
+    verify_ms: dict = field(default_factory=dict)  # tree size -> ms
+    draft_ms: dict = field(default_factory=dict)  # "size/vocab" -> ms
+    tau_scale: float = 1.0  # measured accepted tokens over the profile's prediction
+    plain_tokens_per_s: float = 0.0
+    expected_tokens_per_s: dict = field(default_factory=dict)  # "size/vocab" -> tokens/s
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.tree_size == 0:
+            return f"calibrated: plain decoding ({self.reason})"
+        vocab = "all" if self.draft_vocab is None else self.draft_vocab
+        return (f"calibrated: {self.tree_size}-node tree, draft vocabulary {vocab}, "
+                f"{'prepacked' if self.packed_linears else 'stock'} linear layers ({self.reason})")
+
+    def summary(self) -> dict:
+        return {"tree_size": self.tree_size, "draft_vocab": self.draft_vocab, "packed_linears": self.packed_linears,
+                "reason": self.reason}
+
+
+class CalibrationFile(BaseModel):
+    """The JSON on disk: checked field by field before it is trusted (inputs.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    key: dict
+    packed_linears: bool
+    tree_size: int
+    draft_vocab: int | None
+    plain_ms: dict[str, float]
+    verify_ms: dict[str, float]
+    draft_ms: dict[str, float]
+    tau_scale: float
+    plain_tokens_per_s: float
+    expected_tokens_per_s: dict[str, float]
+    reason: str
+
+
+def applies(drafter, device: torch.device, tree) -> bool:
+    """A CPU, a tree left to ``auto`` and a drafter whose acceptance profile can predict tau for any tree."""
+    return (device.type == "cpu" and tree == "auto" and drafter is not None
+            and bool(getattr(drafter, "acceptance_profile", None)) and hasattr(drafter, "use_draft_vocabulary"))
+
+
+def machine_key(model, drafter) -> dict:
+    import transformers
+
+    from . import __version__
+    from .identity import base_identity
+
+    identity = base_identity(model)
+    config = getattr(drafter, "config", None)
+    drafter_facts = json.dumps({"config": asdict(config) if config is not None else None,
+                                "profile": drafter.acceptance_profile,
+                                "counts": getattr(drafter, "token_counts", None) is not None}, sort_keys=True)
+    return {"processor": processor_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "chimera": __version__, "model": identity["name"],
+            "model_fingerprint": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+            "dtype": str(model.dtype), "drafter": hashlib.sha256(drafter_facts.encode()).hexdigest()[:16]}
+
+
+def processor_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_path(key: dict):
+    from .models import cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / "calibration" / f"{digest}.json"
+
+
+def load_or_measure(model, tokenizer, drafter, device, progress: bool = True, remeasure: bool = False
+                    ) -> Calibration:
+    """The calibration for this machine, model and drafter: read from the cache, else measured and saved."""
+    key = machine_key(model, drafter)
+    path = cache_path(key)
+    if path.is_file() and not remeasure:
+        try:
+            saved = read_json(path, CalibrationFile, "calibration file")
+            if saved.key == key:
+                return Calibration(**saved.model_dump())
+            log.warning("calibration file %s belongs to another machine or model: measuring again", path)
+        except ChimeraError as exc:
+            log.warning("%s: measuring again", exc)
+    calibration = measure(model, tokenizer, drafter, device, key, progress)
+    save(calibration, path)
+    return calibration
+
+
+def save(calibration: Calibration, path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(calibration), indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache costs a re-measurement next time, nothing else
+        log.warning("could not save the calibration to %s: %s", path, exc.strerror or exc)
+
+
+def _ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def expected_tau(profile, size: int, coverage: float, scale: float) -> float:
+    """Tokens per step of the ``size``-node tree: the profile's prediction, its probabilities times the draft
+    vocabulary's ``coverage`` of what the base writes (a token outside it cannot be drafted), with the drafted
+    tokens it expects accepted times the measured ``scale`` (what held on unseen prompts)."""
+    covered = [[p * coverage for p in row] for row in profile]
+    return 1 + scale * (TreeTopology.from_profile(profile, size).expected_accepted(covered) - 1)
+
+
+def coverage(drafter, size: int | None) -> float:
+    counts = getattr(drafter, "token_counts", None)
+    if size is None or counts is None:
+        return 1.0
+    counts = counts.double()
+    return float(counts.topk(min(size, counts.numel())).values.sum() / counts.sum().clamp(min=1))
+
+
+def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True) -> Calibration:
+    from tqdm.auto import tqdm
+
+    from .generate import SpeculativeDecoder
+    from .text import encode_prompt
+    from .verifier import GrowingVerifier
+
+    profile = drafter.acceptance_profile[: drafter.config.num_draft_heads]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    vocabs = [v for v in DRAFT_VOCABS if v is None or (v < vocab and drafter.token_counts is not None)]
+    sizes = [n for n in TREE_SIZES if TreeTopology.from_profile(profile, n).max_depth <= len(profile)]
+    prompt = torch.tensor([t for p in PROMPTS for t in encode_prompt(tokenizer, p)] * 8, device=device)
+    prompt = prompt[:CACHE_TOKENS]
+    routes = {"stock": model}
+    packed = cpu_linear.shared_packed_copy(model) if cpu_linear.available(device, model.dtype) else None
+    if packed is not None:
+        routes["packed"] = packed
+    bar = tqdm(total=len(routes) + len(sizes) * (1 + len(vocabs)) + 2, desc="calibrating", unit="step",
+               disable=not progress, leave=False)
+
+    def plain_ms(route_model) -> float:
+        session = GrowingVerifier(route_model).start(capacity=0)
+        out = session.prefill(prompt)
+        root = out.logits[-1].argmax(-1, keepdim=True)
+        single = TreeBuffers.build(TreeTopology.chain(0), device)
+        return _ms(lambda: session.score(root, single), repeats=8)
+
+    result = Calibration(key, packed_linears=False, tree_size=0, draft_vocab=None)
+    for name, route_model in routes.items():
+        result.plain_ms[name] = round(plain_ms(route_model), 3)
+        bar.update()
+    route = min(result.plain_ms, key=result.plain_ms.get)
+    result.packed_linears = route == "packed"
+    base = routes[route]
+    if result.packed_linears:
+        from .drafters import pack_for_cpu
+
+        pack_for_cpu(drafter)
+
+    session = GrowingVerifier(base).start(capacity=0)
+    out = session.prefill(prompt)
+    state = drafter.start(prompt, out.hidden)
+    root = out.logits[-1].argmax(-1, keepdim=True)
+    for n in sizes:
+        tree = TreeBuffers.build(TreeTopology.from_profile(profile, n), device)
+        tokens = torch.cat([root, prompt[: n - 1]])
+        keep_root = torch.zeros(1, dtype=torch.long, device=device)
+
+        def verify():
+            session.score(tokens, tree)
+            session.keep(keep_root, tree)
+
+        result.verify_ms[str(n)] = round(_ms(verify), 3)
+        bar.update()
+        for v in vocabs:
+            drafter.use_draft_vocabulary(v)
+            result.draft_ms[f"{n}/{v or 'all'}"] = round(_ms(lambda: drafter.propose(state, root, tree)), 3)
+            bar.update()
+    drafter.use_draft_vocabulary(None)
+
+    tau_tree = TreeTopology.from_profile(profile, TAU_TREE)
+    runs = {}
+    for name, options in (("plain", {"drafter": None}), ("tau", {"drafter": drafter, "tree": tau_tree})):
+        decoder = SpeculativeDecoder(model, tokenizer, options["drafter"], tree=options.get("tree", "auto"),
+                                     draft_vocab="full", packed_linears=result.packed_linears, adaptive=False)
+        decoder.generate(PROMPTS[0], max_new_tokens=4)  # warm-up
+        runs[name] = [decoder.generate(p, max_new_tokens=PROMPT_TOKENS) for p in PROMPTS]
+        bar.update()
+    bar.close()
+    plain, spec = runs["plain"], runs["tau"]
+    plain_steps = sum(r.steps - 1 for r in plain)
+    result.plain_tokens_per_s = round(sum(r.new_tokens for r in plain) / sum(r.seconds - r.time_prefill
+                                                                               for r in plain), 2)
+    spec_steps = max(sum(r.steps - 1 for r in spec), 1)
+    measured_accepted = sum(r.new_tokens - 1 for r in spec) / spec_steps - 1  # drafted tokens accepted per step
+    predicted_accepted = tau_tree.expected_accepted(profile) - 1
+    result.tau_scale = round(max(measured_accepted, 0.0) / max(predicted_accepted, 1e-9), 4)
+    spec_other_ms = 1000 * sum(r.time_other for r in spec) / spec_steps  # acceptance, bookkeeping, drafter update
+    plain_other_ms = 1000 * sum(r.time_other for r in plain) / max(plain_steps, 1)
+    for n in sizes:
+        for v in vocabs:
+            tau = expected_tau(profile, n, coverage(drafter, v), result.tau_scale)
+            step_ms = result.draft_ms[f"{n}/{v or 'all'}"] + result.verify_ms[str(n)] + spec_other_ms
+            result.expected_tokens_per_s[f"{n}/{v or 'all'}"] = round(1000 * tau / step_ms, 2)
+    plain_rate = 1000 / (result.plain_ms[route] + plain_other_ms)
+    best = max(result.expected_tokens_per_s, key=result.expected_tokens_per_s.get)
+    best_rate = result.expected_tokens_per_s[best]
+    if best_rate > plain_rate:
+        size, vocab_name = best.split("/")
+        result.tree_size = int(size)
+        result.draft_vocab = None if vocab_name == "all" else int(vocab_name)
+        result.reason = (f"expected {best_rate:.1f} tokens/s against {plain_rate:.1f} plain; tau measured at "
+                         f"{result.tau_scale:.0%} of the drafter's profile")
+    else:
+        result.reason = (f"no tree beats plain decoding here: at best {best_rate:.1f} tokens/s against "
+                         f"{plain_rate:.1f} plain")
+    return result
