@@ -20,9 +20,10 @@ class BaseOutput:
 
 @torch.inference_mode()
 def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> BaseOutput:
+            attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, head=None) -> BaseOutput:
     """``input_ids`` is (n,). With no mask the tokens are causal after the cache, as in ``generate``.
-    ``logits_to_keep`` > 0 scores only the last that many tokens (hidden states come for all of them)."""
+    ``logits_to_keep`` > 0 scores only the last that many tokens (hidden states come for all of them).
+    ``head``: on a CPU, the route of the vocabulary projection (``vocab_head``), where the model allows one."""
     start = cache.get_seq_length()
     if position_ids is None:
         position_ids = torch.arange(start, start + input_ids.numel(), device=input_ids.device)
@@ -32,7 +33,8 @@ def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | 
         decoder = model.get_decoder()
         hidden = decoder(**inputs, **cache_kwargs(decoder, cache)).last_hidden_state[0]
         scored = hidden[-logits_to_keep:] if logits_to_keep else hidden
-        return BaseOutput(logits=vocab_logits(scored, model.get_output_embeddings()).float(), hidden=hidden)
+        project = head or (lambda z: vocab_logits(z, model.get_output_embeddings()))
+        return BaseOutput(logits=project(scored).float(), hidden=hidden)
     out = model(**inputs, **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=logits_to_keep)
     return BaseOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
 
@@ -62,6 +64,22 @@ def weight_logits(z: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch
     return nn.functional.linear(z, weight)
 
 
+HEAD_ROUTES = ("linear", "few_rows", "packed")
+
+
+def vocab_head(model, route: str):
+    """The vocabulary projection of a plain-headed model (``plain_vocab_head``) by one route: ``linear``
+    (``F.linear``, MKL's product), ``few_rows`` (``weight @ z.T``, faster for a few rows on some processors) or
+    ``packed`` (oneDNN's prepacked product). Which is fastest depends on the processor (measured on 2 cores: on an
+    AMD EPYC 6.8, 2.3 and 2.1 ms a row; on an Intel Xeon 6.0, 15.2 and 5.5 ms), so calibration.py chooses."""
+    weight = model.get_output_embeddings().weight
+    if route == "linear":
+        return lambda z: nn.functional.linear(z, weight)
+    if route == "few_rows":
+        return lambda z: _few_rows_times_vocab(z, weight) if z.dim() == 2 else nn.functional.linear(z, weight)
+    return PackedWeight(weight)
+
+
 def _few_rows_times_vocab(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """z (m, d) @ weight (V, d).T on CPU. ``F.linear`` takes a slow path there for small m (measured on 2
     cores, V = 49152, d = 576: 23-29 ms at m = 2..8, 12 ms at m = 1) that ``weight @ z.T`` with m >= 2 avoids
@@ -71,9 +89,10 @@ def _few_rows_times_vocab(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return (weight @ z.T).T
 
 
-def forward_tree(model, cache, tokens: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor) -> BaseOutput:
+def forward_tree(model, cache, tokens: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor,
+                 head=None) -> BaseOutput:
     """Score every node of a draft tree in one pass: node i sits at position prefix + depth(i) and attends
     to the prefix and to its own ancestors, so its logits equal those of decoding its path token by token."""
     prefix = cache.get_seq_length()
     mask = tree_attention_mask(prefix, ancestors, model.dtype)
-    return forward(model, cache, tokens, position_ids=prefix + depths, attention_mask=mask)
+    return forward(model, cache, tokens, position_ids=prefix + depths, attention_mask=mask, head=head)

@@ -33,6 +33,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -96,27 +97,106 @@ class CalibrationFile(BaseModel):
     reason: str
 
 
+@dataclass
+class Routes:
+    """How a model's linear layers and its vocabulary projection run fastest on this CPU (measured)."""
+
+    key: dict
+    layers: str  # "stock" or "packed"
+    head: str  # base.HEAD_ROUTES
+    ms: dict = field(default_factory=dict)  # "layers/stock", "head/linear", ... -> ms
+
+    def describe(self) -> str:
+        return f"{self.layers} linear layers, vocabulary projection by {self.head}"
+
+
+class RoutesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    key: dict
+    layers: Literal["stock", "packed"]
+    head: Literal["linear", "few_rows", "packed"]
+    ms: dict[str, float]
+
+
+def routes_apply(model, device: torch.device) -> bool:
+    return cpu_linear.available(device, model.dtype)
+
+
+def linear_routes(model, device: torch.device, progress: bool = True, remeasure: bool = False) -> Routes:
+    """The fastest route of the decoder's linear layers (stock or oneDNN-prepacked, one token on a 200-token
+    cache) and of the vocabulary projection (1 and 6 rows), from the cache or measured (about 2 s)."""
+    key = {**model_key(model), "what": "linear routes"}
+    path = cache_path(key)
+    saved = _read_cached(path, RoutesFile, key, remeasure)
+    if saved is not None:
+        return Routes(**saved.model_dump())
+    from . import base
+    from .verifier import GrowingVerifier
+
+    routes = Routes(key, layers="stock", head="linear")
+    packed = cpu_linear.shared_packed_copy(model)
+    candidates = {"stock": model, **({"packed": packed} if packed is not None else {})}
+    prompt = torch.arange(CACHE_TOKENS, device=device) % model.get_input_embeddings().num_embeddings
+    single = TreeBuffers.build(TreeTopology.chain(0), device)
+    for name, candidate in candidates.items():
+        session = GrowingVerifier(candidate, "packed").start(capacity=0)
+        out = session.prefill(prompt)
+        root = out.logits[-1].argmax(-1, keepdim=True)
+        routes.ms[f"layers/{name}"] = round(_ms(lambda: session.score(root, single), repeats=8), 3)
+    routes.layers = min(candidates, key=lambda name: routes.ms[f"layers/{name}"])
+    if base.plain_vocab_head(model):
+        hidden = torch.randn(6, model.get_output_embeddings().weight.shape[1], dtype=model.dtype, device=device)
+        with torch.inference_mode():
+            for name in base.HEAD_ROUTES:
+                head = base.vocab_head(model, name)
+                routes.ms[f"head/{name}"] = round(_ms(lambda: head(hidden[:1])) + _ms(lambda: head(hidden)), 3)
+        routes.head = min(base.HEAD_ROUTES, key=lambda name: routes.ms[f"head/{name}"])
+    save(routes, path)
+    return routes
+
+
+def _read_cached(path, schema, key: dict, remeasure: bool):
+    """A cached measurement if it is there, readable and made here; else None (with a warning if it was not)."""
+    if remeasure or not path.is_file():
+        return None
+    try:
+        saved = read_json(path, schema, "calibration file")
+    except ChimeraError as exc:
+        log.warning("%s: measuring again", exc)
+        return None
+    if saved.key != key:
+        log.warning("calibration file %s belongs to another machine or model: measuring again", path)
+        return None
+    return saved
+
+
 def applies(drafter, device: torch.device, tree) -> bool:
     """A CPU, a tree left to ``auto`` and a drafter whose acceptance profile can predict tau for any tree."""
     return (device.type == "cpu" and tree == "auto" and drafter is not None
             and bool(getattr(drafter, "acceptance_profile", None)) and hasattr(drafter, "use_draft_vocabulary"))
 
 
-def machine_key(model, drafter) -> dict:
+def model_key(model) -> dict:
+    """What a measurement on this machine depends on: processor, threads, libraries, the model."""
     import transformers
 
     from . import __version__
     from .identity import base_identity
 
     identity = base_identity(model)
+    return {"processor": processor_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "chimera": __version__, "model": identity["name"],
+            "model_fingerprint": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+            "dtype": str(model.dtype)}
+
+
+def machine_key(model, drafter) -> dict:
+    """``model_key`` and the drafter."""
     config = getattr(drafter, "config", None)
     drafter_facts = json.dumps({"config": asdict(config) if config is not None else None,
                                 "profile": drafter.acceptance_profile,
                                 "counts": getattr(drafter, "token_counts", None) is not None}, sort_keys=True)
-    return {"processor": processor_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "chimera": __version__, "model": identity["name"],
-            "model_fingerprint": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
-            "dtype": str(model.dtype), "drafter": hashlib.sha256(drafter_facts.encode()).hexdigest()[:16]}
+    return {**model_key(model), "drafter": hashlib.sha256(drafter_facts.encode()).hexdigest()[:16]}
 
 
 def processor_name() -> str:
@@ -142,15 +222,10 @@ def load_or_measure(model, tokenizer, drafter, device, progress: bool = True, re
     """The calibration for this machine, model and drafter: read from the cache, else measured and saved."""
     key = machine_key(model, drafter)
     path = cache_path(key)
-    if path.is_file() and not remeasure:
-        try:
-            saved = read_json(path, CalibrationFile, "calibration file")
-            if saved.key == key:
-                return Calibration(**saved.model_dump())
-            log.warning("calibration file %s belongs to another machine or model: measuring again", path)
-        except ChimeraError as exc:
-            log.warning("%s: measuring again", exc)
-    calibration = measure(model, tokenizer, drafter, device, key, progress)
+    saved = _read_cached(path, CalibrationFile, key, remeasure)
+    if saved is not None:
+        return Calibration(**saved.model_dump())
+    calibration = measure(model, tokenizer, drafter, device, key, progress, remeasure)
     save(calibration, path)
     return calibration
 
@@ -191,7 +266,8 @@ def coverage(drafter, size: int | None) -> float:
     return float(counts.topk(min(size, counts.numel())).values.sum() / counts.sum().clamp(min=1))
 
 
-def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True) -> Calibration:
+def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True, remeasure: bool = False
+            ) -> Calibration:
     from tqdm.auto import tqdm
 
     from .generate import SpeculativeDecoder
@@ -204,33 +280,20 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True)
     sizes = [n for n in TREE_SIZES if TreeTopology.from_profile(profile, n).max_depth <= len(profile)]
     prompt = torch.tensor([t for p in PROMPTS for t in encode_prompt(tokenizer, p)] * 8, device=device)
     prompt = prompt[:CACHE_TOKENS]
-    routes = {"stock": model}
-    packed = cpu_linear.shared_packed_copy(model) if cpu_linear.available(device, model.dtype) else None
-    if packed is not None:
-        routes["packed"] = packed
-    bar = tqdm(total=len(routes) + len(sizes) * (1 + len(vocabs)) + 2, desc="calibrating", unit="step",
-               disable=not progress, leave=False)
-
-    def plain_ms(route_model) -> float:
-        session = GrowingVerifier(route_model).start(capacity=0)
-        out = session.prefill(prompt)
-        root = out.logits[-1].argmax(-1, keepdim=True)
-        single = TreeBuffers.build(TreeTopology.chain(0), device)
-        return _ms(lambda: session.score(root, single), repeats=8)
-
-    result = Calibration(key, packed_linears=False, tree_size=0, draft_vocab=None)
-    for name, route_model in routes.items():
-        result.plain_ms[name] = round(plain_ms(route_model), 3)
-        bar.update()
-    route = min(result.plain_ms, key=result.plain_ms.get)
-    result.packed_linears = route == "packed"
-    base = routes[route]
+    routes = linear_routes(model, device, remeasure=remeasure)
+    bar = tqdm(total=len(sizes) * (1 + len(vocabs)) + 2, desc="calibrating", unit="step", disable=not progress,
+               leave=False)
+    plain = {name.split("/")[1]: v for name, v in routes.ms.items() if name.startswith("layers/")}
+    result = Calibration(key, packed_linears=routes.layers == "packed", tree_size=0, draft_vocab=None,
+                         plain_ms=plain)
+    route = routes.layers
+    base = cpu_linear.shared_packed_copy(model) if result.packed_linears else model
     if result.packed_linears:
         from .drafters import pack_for_cpu
 
         pack_for_cpu(drafter)
 
-    session = GrowingVerifier(base).start(capacity=0)
+    session = GrowingVerifier(base, routes.head).start(capacity=0)
     out = session.prefill(prompt)
     state = drafter.start(prompt, out.hidden)
     root = out.logits[-1].argmax(-1, keepdim=True)
@@ -255,7 +318,7 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True)
     runs = {}
     for name, options in (("plain", {"drafter": None}), ("tau", {"drafter": drafter, "tree": tau_tree})):
         decoder = SpeculativeDecoder(model, tokenizer, options["drafter"], tree=options.get("tree", "auto"),
-                                     draft_vocab="full", packed_linears=result.packed_linears, adaptive=False)
+                                     draft_vocab="full", adaptive=False)  # routes as measured above
         decoder.generate(PROMPTS[0], max_new_tokens=4)  # warm-up
         runs[name] = [decoder.generate(p, max_new_tokens=PROMPT_TOKENS) for p in PROMPTS]
         bar.update()

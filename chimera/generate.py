@@ -101,9 +101,10 @@ class SpeculativeDecoder:
     prepacked weights (cpu_linear): a second copy of the base's linear weights, made only if memory allows,
     that makes a forward over a few tree tokens cost about what one token does. ``model`` itself is not changed.
 
-    ``calibrate``: on a CPU with ``tree="auto"``, choose the tree, the draft vocabulary (where 'auto') and the
-    linear route (where 'auto') by measuring them on this machine once (calibration.py; cached on disk), down to
-    no drafting where nothing beats plain decoding. ``packed_linears`` 'auto' is the prepacked route otherwise.
+    ``calibrate``: on a CPU with ``tree="auto"``, choose the tree and the draft vocabulary (where 'auto') by
+    measuring them on this machine once (calibration.py; cached on disk), down to no drafting where nothing beats
+    plain decoding. ``packed_linears`` 'auto' (CPU, float32): the linear layers' route and the vocabulary
+    projection's, measured likewise (calibration.linear_routes); True or False forces the layers' route.
 
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
@@ -118,14 +119,17 @@ class SpeculativeDecoder:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.calibration = None
+        self.calibration = self.routes = None
         if calibrate and calibration.applies(drafter, self.device, tree):
             self.calibration = calibration.load_or_measure(model, tokenizer, drafter, self.device)
             tree = (TreeTopology.from_profile(drafter.acceptance_profile[:drafter.config.num_draft_heads],
                                               self.calibration.tree_size) if self.calibration.tree_size else tree)
             draft_vocab = (self.calibration.draft_vocab or "full") if draft_vocab == "auto" else draft_vocab
-            packed_linears = self.calibration.packed_linears if packed_linears == "auto" else packed_linears
             drafter = drafter if self.calibration.tree_size else None
+        head_route = None
+        if packed_linears == "auto" and calibration.routes_apply(model, self.device):
+            self.routes = calibration.linear_routes(model, self.device)
+            packed_linears, head_route = self.routes.layers == "packed", self.routes.head
         packed_linears = packed_linears is True or packed_linears == "auto"
         self.drafter = drafter
         if packed_linears and drafter is not None:
@@ -146,7 +150,7 @@ class SpeculativeDecoder:
                 and GraphedDrafter.supported(drafter, self.device, self.limit)):
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
-        self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears)
+        self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, head_route)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive

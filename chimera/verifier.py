@@ -29,13 +29,14 @@ log = logging.getLogger("chimera")
 class GrowingSession:
     """One generation on a cache that grows by each step's tree and shrinks back to the accepted path."""
 
-    def __init__(self, model):
+    def __init__(self, model, head=None):
         self.model = model
+        self.head = head
         self.cache = kv.new_cache()
 
     def prefill(self, prompt: torch.Tensor) -> BaseOutput:
         """Hidden states of every prompt token, logits of the last one only (all the loop needs)."""
-        return base.forward(self.model, self.cache, prompt, logits_to_keep=1)
+        return base.forward(self.model, self.cache, prompt, logits_to_keep=1, head=self.head)
 
     @property
     def length(self) -> int:
@@ -43,8 +44,8 @@ class GrowingSession:
 
     def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> BaseOutput:
         if tree.topology.size == 1:
-            return base.forward(self.model, self.cache, tokens)
-        return base.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors)
+            return base.forward(self.model, self.cache, tokens, head=self.head)
+        return base.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors, head=self.head)
 
     def keep(self, path: torch.Tensor, tree: TreeBuffers) -> None:
         if tree.topology.size > 1:
@@ -52,16 +53,19 @@ class GrowingSession:
 
 
 class GrowingVerifier:
-    def __init__(self, model):
+    def __init__(self, model, head_route: str | None = None):
         self.model = model
+        self.head_route = head_route
+        self.head = base.vocab_head(model, head_route) if head_route and base.plain_vocab_head(model) else None
 
     def describe(self) -> str:
         packed = any(isinstance(m, cpu_linear.PackedLinear) for m in self.model.modules())
-        return ("eager forwards" + (" with oneDNN-prepacked linear layers" if packed else "")
+        return ("eager forwards" + (" with oneDNN-prepacked linear layers" if packed else " with stock linear layers")
+                + (f", vocabulary projection by {self.head_route}" if self.head is not None else "")
                 + ", KV cache grown in place")
 
     def start(self, capacity: int) -> GrowingSession:
-        return GrowingSession(self.model)
+        return GrowingSession(self.model, self.head)
 
 
 class SlotBank:
@@ -179,14 +183,16 @@ class SlotVerifier:
         return SlotSession(self.banks[size])
 
 
-def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears: bool = True):
+def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears: bool = True,
+                 head_route: str | None = None):
     """Captured slot forwards on a GPU (when asked for); eager growing forwards elsewhere, on a CPU through a
-    copy of the model whose linear layers are prepacked (cpu_linear) when that copy fits in memory."""
+    copy of the model whose linear layers are prepacked (cpu_linear) when that copy fits in memory, with the
+    vocabulary projection by ``head_route`` (base.vocab_head; None: base.vocab_logits's default)."""
     if cuda_graphs and device.type == "cuda":
         return SlotVerifier(model, graphs=True)
     if packed_linears and cpu_linear.available(device, model.dtype):
         packed = cpu_linear.shared_packed_copy(model)
         if packed is not None:
-            return GrowingVerifier(packed)
+            return GrowingVerifier(packed, head_route)
         log.warning("not enough free memory for prepacked linear layers: decoding with the stock CPU kernels")
-    return GrowingVerifier(model)
+    return GrowingVerifier(model, head_route)

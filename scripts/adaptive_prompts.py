@@ -46,7 +46,8 @@ def main():
                                     for name, r in results.items()},
                "break_even": round(decoders["adaptive"].costs.break_even or 0, 2)}
         rows.append(row)
-        print(f"{prompt[:40]:40} plain {row['plain']['tokens_per_s']:5.1f} | always {row['always']['tokens_per_s']:5.1f}"
+        print(f"{prompt[:40]:40} plain {row['plain']['tokens_per_s']:5.1f}"
+              f" | always {row['always']['tokens_per_s']:5.1f}"
               f" tau {row['always']['tau']:.2f} | adaptive {row['adaptive']['tokens_per_s']:5.1f}"
               f" tau {row['adaptive']['tau']:.2f}, sat out {row['adaptive']['plain_steps']}"
               f"/{row['adaptive']['steps'] - 1} | r {row['break_even']:.2f}", flush=True)
