@@ -35,6 +35,8 @@ if [ "$STAGE" = gpu ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_reference_loop.py tests/test_verify.py \
     tests/test_tree_forward.py tests/test_calibration.py > "$RES/pytest_cpu_on_device.txt" 2>&1
 else
+  CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=2 taskset -c 0,1 python3 scripts/cpu_step_profile.py \
+    --out "$RES/cpu_step_profile.json" > "$RES/cpu_step_profile.log" 2>&1
   CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=2 taskset -c 0,1 python3 -m chimera.cli bench \
     --questions "$HOME/stage/spec_bench.jsonl" --categories mt_bench --limit 4 --max-new-tokens 128 \
     --methods hf ar chimera --device cpu --out "$RES/cpu_bench_mt" > "$RES/cpu_bench.log" 2>&1
