@@ -1,10 +1,10 @@
 """`chimera bench` on a tiny model: every file, numbers that agree with each other, resume, bad input."""
 
 import json
+import re
 
 import pytest
 
-from chimera import cpu_linear
 from chimera.bench.methods import emitted_per_forward
 from chimera.bench.questions import load_questions, select
 from chimera.cli import main
@@ -58,7 +58,7 @@ def test_a_tiny_run_writes_consistent_files(finished_run):
         s = table["overall"][method]
         assert s["tokens_per_s"] == pytest.approx(sum(speeds) / len(speeds))
         assert s["tau"] * s["steps"] == pytest.approx(s["new_tokens"])
-        assert s["step_seconds"] * s["steps"] == pytest.approx(s["seconds"], rel=1e-3)
+        assert s["step_seconds"] * s["steps"] == pytest.approx(s["seconds"], rel=1e-3, abs=1e-4)  # 4 decimals
         assert s["speedup"] == pytest.approx(s["tokens_per_s"] / table["overall"]["hf"]["tokens_per_s"])
         assert s["r"] == pytest.approx(s["step_seconds"] / table["overall"]["ar"]["step_seconds"])
         if method != "hf":
@@ -67,8 +67,8 @@ def test_a_tiny_run_writes_consistent_files(finished_run):
     assert table["overall"]["hf"]["tau"] == table["overall"]["ar"]["tau"] == 1.0
     report = (out / "report.md").read_text()
     assert "CPU:" in report and "transformers" in report and "| chimera |" in report and "## overall" in report
-    packed = " with oneDNN-prepacked linear layers" if cpu_linear.ONEDNN else ""
-    assert f"Our loop (`ar`, `chimera`, `medusa`): eager forwards{packed}, KV cache grown in place" in report
+    assert re.search(r"Our loop \(`ar`, `chimera`, `medusa`\): eager forwards with (oneDNN-prepacked|stock) linear "
+                     r"layers(, vocabulary projection by (linear|few_rows|packed))?, KV cache grown in place", report)
 
 
 def test_rerun_resumes_and_a_torn_file_is_completed(finished_run, tiny_model_dir, capsys):

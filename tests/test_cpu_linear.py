@@ -86,16 +86,17 @@ def test_packed_copy_shares_weights_and_leaves_the_model_alone(family):
 def test_decoder_packs_a_copy_and_falls_back_when_memory_is_short(monkeypatch, caplog, default_model):
     _, tokenizer = default_model
     model = tiny_model("llama")
-    decoder = SpeculativeDecoder(model, tokenizer, drafter=None)
+    decoder = SpeculativeDecoder(model, tokenizer, drafter=None, packed_linears=True)
     assert decoder.verifier.model is not model
     assert any(isinstance(m, PackedLinear) for m in decoder.verifier.model.modules())
-    assert SpeculativeDecoder(model, tokenizer, drafter=None).verifier.model is decoder.verifier.model  # shared
+    again = SpeculativeDecoder(model, tokenizer, drafter=None, packed_linears=True)
+    assert again.verifier.model is decoder.verifier.model  # shared
     unpacked = SpeculativeDecoder(model, tokenizer, drafter=None, packed_linears=False)
     assert unpacked.verifier.model is model
     other = tiny_model("llama", seed=1)
     monkeypatch.setattr(cpu_linear, "available_memory", lambda: 1024)
     with caplog.at_level(logging.WARNING, logger="chimera"):
-        short = SpeculativeDecoder(other, tokenizer, drafter=None)
+        short = SpeculativeDecoder(other, tokenizer, drafter=None, packed_linears=True)
     assert short.verifier.model is other
     assert "not enough free memory" in caplog.text
 
@@ -135,3 +136,33 @@ def test_growing_cache_reallocates_without_losing_the_sequence():
     assert cache.layers[0].key_buffer.shape[-2] >= ids.numel()
     fresh = base.forward(model, kv.new_cache(), ids)
     torch.testing.assert_close(out.logits[-1], fresh.logits[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers,head", [("packed", "packed"), ("stock", "linear"), ("stock", "few_rows")])
+def test_auto_follows_the_measured_routes_and_stays_exact(monkeypatch, default_model, layers, head):
+    from chimera import calibration
+    from chimera.calibration import Routes
+
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    monkeypatch.setattr(calibration, "linear_routes", lambda *args, **kwargs: Routes({}, layers, head))
+    decoder = SpeculativeDecoder(model, tokenizer, drafter=None)
+    assert (decoder.verifier.model is model) == (layers == "stock")
+    assert decoder.verifier.head_route == head and head in decoder.verifier.describe()
+    ids = [5, 9, 17, 3]
+    x = torch.tensor([ids])
+    ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=20,
+                         eos_token_id=sorted(decoder.eos_ids))
+    assert decoder.generate(input_ids=ids, max_new_tokens=20).token_ids == ref[0, len(ids):].tolist()
+
+
+def test_routes_are_measured_once_and_cached(tmp_path, monkeypatch):
+    from chimera import calibration
+
+    monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    first = calibration.linear_routes(model, torch.device("cpu"), progress=False)
+    assert first.layers in ("stock", "packed") and first.head in ("linear", "few_rows", "packed")
+    assert first.ms[f"layers/{first.layers}"] == min(v for k, v in first.ms.items() if k.startswith("layers/"))
+    assert first.ms[f"head/{first.head}"] == min(v for k, v in first.ms.items() if k.startswith("head/"))
+    assert calibration.linear_routes(model, torch.device("cpu"), progress=False) == first
