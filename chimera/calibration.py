@@ -70,9 +70,9 @@ class Calibration:
 
     def describe(self) -> str:
         if self.tree_size == 0:
-            return f"calibrated: plain decoding ({self.reason})"
+            return f"plain decoding ({self.reason})"
         vocab = "all" if self.draft_vocab is None else self.draft_vocab
-        return (f"calibrated: {self.tree_size}-node tree, draft vocabulary {vocab}, "
+        return (f"{self.tree_size}-node tree, draft vocabulary {vocab}, "
                 f"{'prepacked' if self.packed_linears else 'stock'} linear layers ({self.reason})")
 
     def summary(self) -> dict:
@@ -142,14 +142,15 @@ def linear_routes(model, device: torch.device, progress: bool = True, remeasure:
         session = GrowingVerifier(candidate, "packed").start(capacity=0)
         out = session.prefill(prompt)
         root = out.logits[-1].argmax(-1, keepdim=True)
-        routes.ms[f"layers/{name}"] = round(_ms(lambda: session.score(root, single), repeats=8), 3)
+        routes.ms[f"layers/{name}"] = round(median_ms(lambda: session.score(root, single), repeats=8), 3)
     routes.layers = min(candidates, key=lambda name: routes.ms[f"layers/{name}"])
     if base.plain_vocab_head(model):
         hidden = torch.randn(6, model.get_output_embeddings().weight.shape[1], dtype=model.dtype, device=device)
         with torch.inference_mode():
             for name in base.HEAD_ROUTES:
                 head = base.vocab_head(model, name)
-                routes.ms[f"head/{name}"] = round(_ms(lambda: head(hidden[:1])) + _ms(lambda: head(hidden)), 3)
+                one, six = median_ms(lambda: head(hidden[:1])), median_ms(lambda: head(hidden))
+                routes.ms[f"head/{name}"] = round(one + six, 3)
         routes.head = min(base.HEAD_ROUTES, key=lambda name: routes.ms[f"head/{name}"])
     save(routes, path)
     return routes
@@ -240,8 +241,10 @@ def save(calibration: Calibration, path) -> None:
         log.warning("could not save the calibration to %s: %s", path, exc.strerror or exc)
 
 
-def _ms(fn, repeats: int = 5) -> float:
-    fn()
+def median_ms(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -306,11 +309,11 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
             session.score(tokens, tree)
             session.keep(keep_root, tree)
 
-        result.verify_ms[str(n)] = round(_ms(verify), 3)
+        result.verify_ms[str(n)] = round(median_ms(verify), 3)
         bar.update()
         for v in vocabs:
             drafter.use_draft_vocabulary(v)
-            result.draft_ms[f"{n}/{v or 'all'}"] = round(_ms(lambda: drafter.propose(state, root, tree)), 3)
+            result.draft_ms[f"{n}/{v or 'all'}"] = round(median_ms(lambda: drafter.propose(state, root, tree)), 3)
             bar.update()
     drafter.use_draft_vocabulary(None)
 

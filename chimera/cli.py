@@ -149,7 +149,7 @@ def cmd_calibrate(args) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        print(result.describe())
+        print(f"calibration: {result.describe()}")
         print(f"saved in {calibration.cache_path(result.key)}", file=sys.stderr)
     return 0
 

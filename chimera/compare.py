@@ -72,5 +72,5 @@ def compare(model, tokenizer, drafter, prompt: str, max_new_tokens: int, tree="a
     for chunk in stream:
         if on_text is not None:
             on_text(chunk)
-    setup = speculative.calibration.describe() if speculative.calibration is not None else ""
+    setup = f"calibration: {speculative.calibration.describe()}" if speculative.calibration is not None else ""
     return Comparison(plain_result, stream.result, model.dtype, setup)

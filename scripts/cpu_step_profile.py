@@ -11,14 +11,13 @@ Usage: OMP_NUM_THREADS=2 python scripts/cpu_step_profile.py [--out FILE.json]
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chimera import base, cache as kv, cpu_linear
-from chimera.calibration import processor_name
+from chimera.calibration import median_ms, processor_name
 
 SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
@@ -27,14 +26,7 @@ SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_
 
 def ms(fn, repeats=20) -> float:
     with torch.inference_mode():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times), 2)
+        return round(median_ms(fn, repeats, warmup=3), 2)
 
 
 def main():
