@@ -171,6 +171,40 @@ def _read_cached(path, schema, key: dict, remeasure: bool):
     return saved
 
 
+@dataclass
+class Setup:
+    """A decoder's options once each 'auto' that a measurement decides here has been decided."""
+
+    drafter: object  # None where the calibration chose plain decoding
+    tree: object
+    draft_vocab: object
+    packed_linears: bool
+    head_route: str | None = None  # base.HEAD_ROUTES; None: base.vocab_logits's default
+    calibration: Calibration | None = None
+    routes: Routes | None = None
+
+
+def resolve(model, tokenizer, drafter, device: torch.device, tree, draft_vocab, packed_linears,
+            calibrate: bool = True) -> Setup:
+    """On a CPU: the tree and draft vocabulary from the calibration (``tree`` 'auto', a profiled drafter), and
+    the linear routes (``packed_linears`` 'auto', float32), each measured once and cached. Elsewhere, and for
+    options given explicitly, what was given ('auto' packed linears meaning the prepacked route)."""
+    setup = Setup(drafter, tree, draft_vocab, packed_linears is True or packed_linears == "auto")
+    if calibrate and applies(drafter, device, tree):
+        setup.calibration = load_or_measure(model, tokenizer, drafter, device)
+        if setup.calibration.tree_size:
+            profile = drafter.acceptance_profile[: drafter.config.num_draft_heads]
+            setup.tree = TreeTopology.from_profile(profile, setup.calibration.tree_size)
+            if draft_vocab == "auto":
+                setup.draft_vocab = setup.calibration.draft_vocab or "full"
+        else:
+            setup.drafter = None
+    if packed_linears == "auto" and routes_apply(model, device):
+        setup.routes = linear_routes(model, device)
+        setup.packed_linears, setup.head_route = setup.routes.layers == "packed", setup.routes.head
+    return setup
+
+
 def applies(drafter, device: torch.device, tree) -> bool:
     """A CPU, a tree left to ``auto`` and a drafter whose acceptance profile can predict tau for any tree."""
     return (device.type == "cpu" and tree == "auto" and drafter is not None

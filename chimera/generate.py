@@ -119,18 +119,10 @@ class SpeculativeDecoder:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.calibration = self.routes = None
-        if calibrate and calibration.applies(drafter, self.device, tree):
-            self.calibration = calibration.load_or_measure(model, tokenizer, drafter, self.device)
-            tree = (TreeTopology.from_profile(drafter.acceptance_profile[:drafter.config.num_draft_heads],
-                                              self.calibration.tree_size) if self.calibration.tree_size else tree)
-            draft_vocab = (self.calibration.draft_vocab or "full") if draft_vocab == "auto" else draft_vocab
-            drafter = drafter if self.calibration.tree_size else None
-        head_route = None
-        if packed_linears == "auto" and calibration.routes_apply(model, self.device):
-            self.routes = calibration.linear_routes(model, self.device)
-            packed_linears, head_route = self.routes.layers == "packed", self.routes.head
-        packed_linears = packed_linears is True or packed_linears == "auto"
+        setup = calibration.resolve(model, tokenizer, drafter, self.device, tree, draft_vocab, packed_linears,
+                                    calibrate)
+        self.calibration, self.routes = setup.calibration, setup.routes
+        drafter, tree, draft_vocab, packed_linears = setup.drafter, setup.tree, setup.draft_vocab, setup.packed_linears
         self.drafter = drafter
         if packed_linears and drafter is not None:
             pack_for_cpu(drafter)  # where oneDNN serves the drafter's device and dtype; a no-op elsewhere
@@ -150,7 +142,7 @@ class SpeculativeDecoder:
                 and GraphedDrafter.supported(drafter, self.device, self.limit)):
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
-        self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, head_route)
+        self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive
