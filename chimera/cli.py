@@ -39,12 +39,14 @@ def draft_vocab_choice(text: str):
     return text if text in ("auto", "full") else _token_count(text)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
     from .models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"embedded alias, .gguf file, HF directory or hub id (default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    choices = "float32, bfloat16 or float16" + ("; auto: bfloat16 on a GPU, float32 on a CPU"
+                                                if dtype == "auto" else "")
+    parser.add_argument("--dtype", default=dtype, help=f"{choices} (default: {dtype})")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
 
 
@@ -309,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "ones (writing, coding, ...); default: all")
     be.add_argument("--limit", type=positive_int, help="at most N questions per category")
     be.add_argument("--max-new-tokens", type=positive_int, default=256)
-    be.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)} (default: all)")
-    add_model_args(be)
+    be.add_argument("--methods", nargs="+", help=f"from {', '.join(METHODS)} (default: all; on a CPU all but "
+                                                 "hf-compiled, which transformers compiles on accelerators only)")
+    add_model_args(be, dtype="auto")
     be.add_argument("--chimera-drafter", default="auto", help="drafter directory for 'chimera' (default: shipped)")
     be.add_argument("--medusa-drafter", default="auto", help="drafter directory for 'medusa' (default: shipped)")
     be.add_argument("--tree", default="auto", help="draft tree for chimera and medusa (as in 'generate')")

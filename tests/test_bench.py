@@ -149,3 +149,21 @@ def test_sampled_run_reports_speed_without_exactness_and_resumes_the_same(tmp_pa
     again = [json.loads(line) for line in (out / "chimera.jsonl").read_text().splitlines()]
     assert [r["choices"][0]["token_ids"] for r in again] == [r["choices"][0]["token_ids"] for r in first]
     assert main(bench_args(questions, out, tiny_model_dir, "--methods", "hf", "ar", "chimera")) == 2  # greedy: refused
+
+
+def test_the_static_cache_baseline_and_the_identity_columns(tmp_path, tiny_model_dir):
+    """hf-compiled (generate with a static cache; compiled by transformers on a GPU only) decodes what hf does,
+    and the report gains a speedup over it and the share identical to our own plain loop."""
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "out"
+    assert main(bench_args(questions, out, tiny_model_dir, "--limit", "1", "--methods", "hf", "hf-compiled", "ar",
+                           "chimera")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["dtype"] == "float32"  # auto on a CPU
+    overall = summary["categories"]["overall"]
+    assert overall["hf-compiled"]["exact_match"] == 1.0 and overall["chimera"]["identical_to_ar"] == 1.0
+    for method, s in overall.items():
+        assert s["speedup_compiled"] == pytest.approx(s["tokens_per_s"] / overall["hf-compiled"]["tokens_per_s"])
+    assert "identical_to_ar" not in overall["ar"] and "identical_to_ar" not in overall["hf"]
+    report = (out / "report.md").read_text()
+    assert "| method | tokens/s | speedup vs hf | vs hf-compiled | tau | r | exact vs hf | identical to ar |" in report

@@ -18,6 +18,12 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def default_methods(device) -> list[str]:
+    """Every method; on a CPU without hf-compiled, since transformers compiles a static-cache forward only on
+    accelerators (on a CPU it would be eager generate with a preallocated cache)."""
+    return [m for m in METHODS if device.type != "cpu" or m != "hf-compiled"]
+
+
 def check_methods(methods) -> list[str]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -33,8 +39,9 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
 
     methods, drafters = {}, {}
     for name in names:
-        if name in ("hf", "hf-pld"):
-            methods[name] = HFGenerate(model, tokenizer, PLD_TOKENS if name == "hf-pld" else None, decoding)
+        if name in ("hf", "hf-pld", "hf-compiled"):
+            methods[name] = HFGenerate(model, tokenizer, PLD_TOKENS if name == "hf-pld" else None, decoding,
+                                       static=name == "hf-compiled")
         elif name == "ar":
             methods[name] = OurDecoder(model, tokenizer, decoding=decoding)
         else:
@@ -59,12 +66,13 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
 def bench(args, progress: bool = True) -> dict:
     from ..models import load_base, resolve_device, resolve_dtype
 
-    methods = check_methods(args.methods)
     questions = select(load_questions(args.questions), args.categories, args.limit)
-    resolve_dtype(args.dtype)
-    resolve_device(args.device)
+    device = resolve_device(args.device)
+    methods = check_methods(args.methods or default_methods(device))
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    resolve_dtype(dtype)
     out = Path(args.out)
-    model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_base(args.model, dtype=dtype, device=args.device)
     decoding = Decoding(temperature=args.temperature)
     runners, drafters = build_methods(methods, model, tokenizer, args.chimera_drafter, args.medusa_drafter,
                                       args.tree, decoding, args.draft_vocab)
@@ -72,7 +80,7 @@ def bench(args, progress: bool = True) -> dict:
     config = BenchConfig(questions=str(args.questions), questions_sha256=file_sha256(args.questions),
                          categories=sorted(args.categories) if args.categories else None, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, methods=methods, model=args.model,
-                         dtype=args.dtype, device=str(device), drafters=drafters, warmup=args.warmup,
+                         dtype=dtype, device=str(device), drafters=drafters, warmup=args.warmup,
                          temperature=args.temperature, seed=args.seed)
     resumed = prepare_out_dir(out, config)
     if resumed and progress:

@@ -15,8 +15,11 @@ from ..cache_argument import cache_from_kwargs
 from ..generate import SpeculativeDecoder
 from ..text import eos_token_ids
 
-METHODS = ("hf", "hf-pld", "ar", "chimera", "medusa")
+METHODS = ("hf", "hf-compiled", "hf-pld", "ar", "chimera", "medusa")
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in transformers' documentation and Spec-Bench's PLD runs
+# hf-compiled's static cache is sized once for this many prompt tokens plus the new ones, so that later turns
+# reuse it (and, on a GPU, its compiled graphs) instead of reallocating and recompiling per length
+STATIC_CACHE_PROMPT = 1024
 
 
 @dataclass
@@ -44,13 +47,18 @@ def synchronize(device: torch.device) -> None:
 
 
 class HFGenerate:
-    """transformers' ``generate`` (greedy or sampled), optionally with prompt lookup decoding.
+    """transformers' ``generate`` (greedy or sampled), optionally with prompt lookup decoding, or with a static
+    cache (``static``): what a transformers user gets from ``cache_implementation="static"``, which on a GPU
+    compiles the forward with torch.compile and replays it as CUDA graphs (transformers' own choice: on a CPU it
+    stays eager).
 
-    A forward pre-hook (a public nn.Module hook) reads the cache length at each base forward: the growth
-    between forwards is what each one emitted, so tau and accept lengths come out for prompt lookup too."""
+    With prompt lookup, a forward pre-hook (a public nn.Module hook) reads the cache length at each base forward:
+    the growth between forwards is what each one emitted, so tau and accept lengths come out for it too."""
 
-    def __init__(self, model, tokenizer, prompt_lookup: int | None = None, decoding: Decoding = Decoding()):
+    def __init__(self, model, tokenizer, prompt_lookup: int | None = None, decoding: Decoding = Decoding(),
+                 static: bool = False):
         self.model = model
+        self.static = static
         self.decoding = decoding
         self.device = next(model.parameters()).device
         self.eos = sorted(eos_token_ids(model, tokenizer))
@@ -70,8 +78,12 @@ class HFGenerate:
         torch.manual_seed(seed)  # generate samples from the global generator
         if self.prompt_lookup:
             options["prompt_lookup_num_tokens"] = self.prompt_lookup
+        if self.static:
+            options["cache_implementation"] = "static"
         self._starts = []
-        handle = self.model.register_forward_pre_hook(self._record, with_kwargs=True)
+        # only prompt lookup emits more than one token per forward; plain generate is left without a hook (a
+        # hook inside a compiled forward would be traced into it, and could slow the baseline down)
+        handle = self.model.register_forward_pre_hook(self._record, with_kwargs=True) if self.prompt_lookup else None
         try:
             synchronize(self.device)
             t0 = time.perf_counter()
@@ -80,10 +92,20 @@ class HFGenerate:
             synchronize(self.device)
             seconds = time.perf_counter() - t0
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         tokens = out[0, len(prompt_ids):].tolist()
-        return Turn(tokens, seconds, len(self._starts), emitted_per_forward(self._starts, len(prompt_ids),
-                                                                            len(tokens)))
+        if not self.prompt_lookup:  # the prefill emits the first token, each later forward one more
+            return Turn(tokens, seconds, len(tokens), [1] * len(tokens))
+        starts = [None if s is None else int(s) for s in self._starts]
+        return Turn(tokens, seconds, len(starts), emitted_per_forward(starts, len(prompt_ids), len(tokens)))
+
+
+def warm_up_static(method: HFGenerate, max_new_tokens: int) -> None:
+    """Size hf-compiled's static cache (and compile its forward, on a GPU) once, outside every timing: one
+    generation over a long prompt, whose cache later, shorter calls reuse."""
+    prompt = torch.arange(STATIC_CACHE_PROMPT, device=method.device) % 1000 + 100
+    method(prompt.tolist(), max_new_tokens)
 
 
 def emitted_per_forward(starts: list[int | None], prompt_len: int, new_tokens: int) -> list[int] | None:

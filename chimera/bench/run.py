@@ -110,8 +110,13 @@ def answer_question(method, tokenizer, question: Question, max_new_tokens: int, 
     return turns
 
 
-def warm_up(methods: dict, tokenizer, rounds: int) -> None:
-    """Run each method a few times untimed: first calls pay for kernel selection, allocator growth, caches."""
+def warm_up(methods: dict, tokenizer, rounds: int, max_new_tokens: int) -> None:
+    """Run each method a few times untimed: first calls pay for kernel selection, allocator growth, caches (and
+    hf-compiled for its static cache and compilation, sized for the longest turn)."""
+    from .methods import warm_up_static
+
+    if "hf-compiled" in methods:
+        warm_up_static(methods["hf-compiled"], max_new_tokens)
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": "Tell me about the history of tea."}])
     for _ in range(rounds):
         for method in methods.values():
@@ -151,7 +156,7 @@ def _run_bench(methods: dict, tokenizer, questions: list[Question], out: Path, c
     todo = [(q, name) for q in questions for name in methods if q.question_id not in done[name]]
     if not todo:
         return
-    warm_up(methods, tokenizer, config.warmup)
+    warm_up(methods, tokenizer, config.warmup, config.max_new_tokens)
     bar = tqdm(total=len(questions) * len(methods), initial=len(questions) * len(methods) - len(todo),
                desc="bench", disable=not progress)
     for question, name in todo:
