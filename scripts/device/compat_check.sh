@@ -4,6 +4,7 @@
 # STAGE=gpu: the GPU graph check (eager and graphed decoding against generate, float32), generate --compare in
 # float32 and bfloat16, adaptive drafting prompt by prompt, a few CPU test files.
 # STAGE=cpu: `chimera bench` on the machine's own CPU limited to 2 threads (calibration included), MT-bench.
+# STAGE=bench: `chimera bench` on the GPU in bfloat16 (dtype auto) with hf-compiled, LIMIT questions a category.
 # Results in $OUT/results-$STAGE.tgz (a call brings back at most 8 files).
 set -uo pipefail
 STAGE=${STAGE:-gpu}
@@ -34,6 +35,9 @@ if [ "$STAGE" = gpu ]; then
   python3 scripts/adaptive_prompts.py --device cuda --out "$RES/adaptive_gpu.json" > "$RES/adaptive_gpu.txt" 2>&1
   python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_reference_loop.py tests/test_verify.py \
     tests/test_tree_forward.py tests/test_calibration.py > "$RES/pytest_cpu_on_device.txt" 2>&1
+elif [ "$STAGE" = bench ]; then
+  python3 -m chimera.cli bench --questions "$HOME/stage/spec_bench.jsonl" --limit "${LIMIT:-1}" --max-new-tokens 256 \
+    --methods hf hf-compiled ar chimera --device cuda --out "$RES/gpu_bench_bf16" > "$RES/gpu_bench.log" 2>&1
 else
   CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=2 taskset -c 0,1 python3 scripts/cpu_step_profile.py \
     --out "$RES/cpu_step_profile.json" > "$RES/cpu_step_profile.log" 2>&1
