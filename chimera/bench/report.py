@@ -148,8 +148,8 @@ def write_report(out: Path, summary: dict, settings: dict) -> None:
              f"- Machine: {env['machine']} (device `{env['device']}`, {env['dtype']})",
              f"- Libraries: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"chimera {env['chimera']}; run {env['date']}",
-             *([f"- Our loop (`ar`, `chimera`, `medusa`): {env['our_loop']}; `hf` and `hf-pld` run transformers' "
-                "`generate` as it comes"] if env.get("our_loop") else []),
+             *([f"- Our loop (`ar`, `chimera`, `medusa`): {env['our_loop']}; `hf`, `hf-compiled` and `hf-pld` run "
+                "transformers' `generate` as it comes"] if env.get("our_loop") else []),
              f"- Settings: {decoding_label(settings)}, batch size 1, up to {settings['max_new_tokens']} new tokens per turn, "
              f"{settings['warmup']} warm-up rounds, questions from `{settings['questions']}`"
              + (f", at most {settings['limit']} per category" if settings.get("limit") else ""),
