@@ -127,7 +127,14 @@ def validated(schema: type[T], value: Any, where: str) -> T:
             raise ChimeraError(f"{where}: missing field {name!r}") from None
         if error["type"] == "extra_forbidden":
             raise ChimeraError(f"{where}: unknown field {name!r}") from None
+        if not name and error["type"] in ("model_type", "model_attributes_type", "dict_type", "dataclass_type"):
+            raise ChimeraError(f"{where}: expected a JSON object, got {_json_kind(value)}") from None
         raise ChimeraError(f"{where}: {f'field {name!r}: ' if name else ''}{error['msg']}") from None
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def read_bytes(path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:

@@ -312,3 +312,14 @@ def test_a_prompt_that_is_not_utf8():
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and done.stderr.strip() == "chimera: error: the prompt is not valid UTF-8"
 
+
+
+@pytest.mark.parametrize("name,content,needle", [("meta.json", b"\x8f\x00garbage", "not valid UTF-8"),
+                                                 ("meta.json", b"[]", "expected a JSON object, got an array"),
+                                                 ("index.jsonl", b"{}\n", "missing field 'id'")])
+def test_train_on_damaged_data_is_one_line_and_changes_nothing(capsys, tmp_path, name, content, needle):
+    data = distilled(tmp_path / "data")
+    (data / name).write_bytes(content)
+    before = digest(data)
+    assert_one_line_error(*run_cli(capsys, "train", "--data", data, "--out", tmp_path / "run"), needle)
+    assert digest(data) == before and not (tmp_path / "run").exists()
