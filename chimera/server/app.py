@@ -30,7 +30,7 @@ from .schemas import APIError, ChatCompletionRequest, CompletionRequest, invalid
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
 DEADLINE_GRACE_S = 1.0  # the worker enforces the deadline; the loop gives up this much later as a backstop
-log = logging.getLogger("chimera.server")
+log = logging.getLogger("uvicorn.error")  # uvicorn's server log (not only errors), configured by `chimera serve`
 
 
 @dataclass
