@@ -2,7 +2,7 @@
 
 With no drafter the tree is just its root and the loop is plain autoregressive decoding through the same
 code, which makes it the fair baseline for speed ("our own autoregressive loop"). Temperature 0 accepts by
-greedy matching; a positive temperature by rejection sampling (verify.sample_accept), driven by one seeded
+greedy matching; a positive temperature by rejection sampling (acceptance.sample_accept), driven by one seeded
 ``torch.Generator`` per request.
 """
 
@@ -24,7 +24,7 @@ from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, encode_prompt, eos_token_ids
 from .tree import DynamicTree, TreeBuffers, TreeTopology, get_topology, require_dynamic_drafter
 from .verifier import new_verifier
-from .verify import greedy_accept, sample_accept
+from .acceptance import greedy_accept, sample_accept
 
 
 @dataclass

@@ -22,7 +22,7 @@ from chimera.errors import ChimeraError
 from chimera.sampling import SamplingConfig, target_probs
 from chimera.tree import DynamicTree, TreeBuffers, TreeTopology
 from chimera.verifier import SlotVerifier
-from chimera.verify import accepted_path, draft_accept_probs, residual, sample_accept
+from chimera.acceptance import accepted_path, draft_accept_probs, residual, sample_accept
 from conftest import tiny_model
 
 V = 8  # vocabulary: small enough to enumerate every 3-token continuation

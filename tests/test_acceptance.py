@@ -3,7 +3,7 @@
 import torch
 
 from chimera.tree import TreeBuffers, TreeTopology
-from chimera.verify import greedy_accept
+from chimera.acceptance import greedy_accept
 
 V = 10
 
