@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from . import cpu_linear
 from .errors import ChimeraError
@@ -56,16 +55,18 @@ CACHE_TOKENS = 200  # the cache length the step costs are measured at
 
 @dataclass
 class Calibration:
+    """What the calibration chose and measured; also the schema its JSON file is checked against (inputs.py)."""
+
     key: dict
     packed_linears: bool
     tree_size: int  # 0: no drafting
     draft_vocab: int | None  # None: the whole vocabulary
-    plain_ms: dict = field(default_factory=dict)  # route -> ms of a plain forward
-    verify_ms: dict = field(default_factory=dict)  # tree size -> ms
-    draft_ms: dict = field(default_factory=dict)  # "size/vocab" -> ms
+    plain_ms: dict[str, float] = field(default_factory=dict)  # route -> ms of a plain forward
+    verify_ms: dict[str, float] = field(default_factory=dict)  # tree size -> ms
+    draft_ms: dict[str, float] = field(default_factory=dict)  # "size/vocab" -> ms
     tau_scale: float = 1.0  # measured accepted tokens over the profile's prediction
     plain_tokens_per_s: float = 0.0
-    expected_tokens_per_s: dict = field(default_factory=dict)  # "size/vocab" -> tokens/s
+    expected_tokens_per_s: dict[str, float] = field(default_factory=dict)  # "size/vocab" -> tokens/s
     reason: str = ""
 
     def describe(self) -> str:
@@ -80,56 +81,32 @@ class Calibration:
                 "reason": self.reason}
 
 
-class CalibrationFile(BaseModel):
-    """The JSON on disk: checked field by field before it is trusted (inputs.py)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    key: dict
-    packed_linears: bool
-    tree_size: int
-    draft_vocab: int | None
-    plain_ms: dict[str, float]
-    verify_ms: dict[str, float]
-    draft_ms: dict[str, float]
-    tau_scale: float
-    plain_tokens_per_s: float
-    expected_tokens_per_s: dict[str, float]
-    reason: str
-
-
 @dataclass
 class Routes:
-    """How a model's linear layers and its vocabulary projection run fastest on this CPU (measured)."""
+    """How a model's linear layers and its vocabulary projection run fastest on this CPU (measured); also the
+    schema of its JSON file."""
 
     key: dict
-    layers: str  # "stock" or "packed"
-    head: str  # base.HEAD_ROUTES
-    ms: dict = field(default_factory=dict)  # "layers/stock", "head/linear", ... -> ms
+    layers: Literal["stock", "packed"]
+    head: Literal["linear", "few_rows", "packed"]  # base.HEAD_ROUTES
+    ms: dict[str, float] = field(default_factory=dict)  # "layers/stock", "head/linear", ... -> ms
 
     def describe(self) -> str:
         return f"{self.layers} linear layers, vocabulary projection by {self.head}"
-
-
-class RoutesFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    key: dict
-    layers: Literal["stock", "packed"]
-    head: Literal["linear", "few_rows", "packed"]
-    ms: dict[str, float]
 
 
 def routes_apply(model, device: torch.device) -> bool:
     return cpu_linear.available(device, model.dtype)
 
 
-def linear_routes(model, device: torch.device, progress: bool = True, remeasure: bool = False) -> Routes:
+def linear_routes(model, device: torch.device, remeasure: bool = False) -> Routes:
     """The fastest route of the decoder's linear layers (stock or oneDNN-prepacked, one token on a 200-token
     cache) and of the vocabulary projection (1 and 6 rows), from the cache or measured (about 2 s)."""
     key = {**model_key(model), "what": "linear routes"}
     path = cache_path(key)
-    saved = _read_cached(path, RoutesFile, key, remeasure)
+    saved = _read_cached(path, Routes, key, remeasure)
     if saved is not None:
-        return Routes(**saved.model_dump())
+        return saved
     from . import base
     from .verifier import GrowingVerifier
 
@@ -144,6 +121,8 @@ def linear_routes(model, device: torch.device, progress: bool = True, remeasure:
         root = out.logits[-1].argmax(-1, keepdim=True)
         routes.ms[f"layers/{name}"] = round(median_ms(lambda: session.score(root, single), repeats=8), 3)
     routes.layers = min(candidates, key=lambda name: routes.ms[f"layers/{name}"])
+    if routes.layers == "stock":
+        cpu_linear.drop_shared_packed_copy(model)  # the copy doubles the linear weights: keep it only if used
     if base.plain_vocab_head(model):
         hidden = torch.randn(6, model.get_output_embeddings().weight.shape[1], dtype=model.dtype, device=device)
         with torch.inference_mode():
@@ -257,9 +236,9 @@ def load_or_measure(model, tokenizer, drafter, device, progress: bool = True, re
     """The calibration for this machine, model and drafter: read from the cache, else measured and saved."""
     key = machine_key(model, drafter)
     path = cache_path(key)
-    saved = _read_cached(path, CalibrationFile, key, remeasure)
+    saved = _read_cached(path, Calibration, key, remeasure)
     if saved is not None:
-        return Calibration(**saved.model_dump())
+        return saved
     calibration = measure(model, tokenizer, drafter, device, key, progress, remeasure)
     save(calibration, path)
     return calibration

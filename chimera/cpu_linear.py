@@ -105,6 +105,11 @@ def shared_packed_copy(model: nn.Module) -> nn.Module | None:
     return _SHARED_COPIES[model]
 
 
+def drop_shared_packed_copy(model: nn.Module) -> None:
+    """Free the shared packed copy of ``model`` (a decoder that already holds it keeps it alive)."""
+    _SHARED_COPIES.pop(model, None)
+
+
 def linear_bytes(model: nn.Module) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
 

@@ -161,8 +161,8 @@ def test_routes_are_measured_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path))
     model = tiny_model("llama")
-    first = calibration.linear_routes(model, torch.device("cpu"), progress=False)
+    first = calibration.linear_routes(model, torch.device("cpu"))
     assert first.layers in ("stock", "packed") and first.head in ("linear", "few_rows", "packed")
     assert first.ms[f"layers/{first.layers}"] == min(v for k, v in first.ms.items() if k.startswith("layers/"))
     assert first.ms[f"head/{first.head}"] == min(v for k, v in first.ms.items() if k.startswith("head/"))
-    assert calibration.linear_routes(model, torch.device("cpu"), progress=False) == first
+    assert calibration.linear_routes(model, torch.device("cpu")) == first
