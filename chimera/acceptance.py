@@ -1,10 +1,13 @@
 """Which drafted tokens the base model accepts: greedy matching, or lossless multi-draft rejection sampling.
 
-Both return (path node indices in order, the base's next token) and use tensor ops only, so the caller syncs
-with the host once when it reads the result (plus the data-dependent ``nonzero`` that names the path).
+Both return an ``Accepted``: the path as node indices padded to the tree's depth + 1, its length, and the base's
+next token, all device tensors of fixed shapes made by tensor ops only, so the caller syncs with the host once
+per step, when it reads them (no data-dependent ``nonzero``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +15,25 @@ from .sampling import SamplingConfig, target_probs
 from .tree import TreeBuffers
 
 
-def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class Accepted:
+    """One step's outcome. ``path`` (max_depth + 1,) lists the accepted nodes root first; entries from ``length``
+    on are 0 (the root), padding that keeps the shape fixed. ``length`` () counts the path's nodes, the root
+    included; ``next_token`` () is the base's own token after the path."""
+
+    path: torch.Tensor
+    length: torch.Tensor
+    next_token: torch.Tensor
+
+
+def path_to(deepest: torch.Tensor, tree: TreeBuffers) -> Accepted:
+    """The root-to-``deepest`` path, padded: its node at depth k is the one ancestor of ``deepest`` at depth k."""
+    levels = torch.arange(tree.topology.max_depth + 1, device=tree.depths.device)
+    on_level = tree.ancestors[deepest][None, :] & (tree.depths[None, :] == levels[:, None])
+    return Accepted(path=on_level.int().argmax(-1), length=tree.depths[deepest] + 1, next_token=deepest)
+
+
+def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers) -> Accepted:
     """Accept the longest root-to-node path that greedy decoding would have produced.
 
     Node i is correct when its token is the argmax of its parent's logits; a path is accepted when all its
@@ -25,8 +46,9 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
     correct[0] = True  # the root is the base's own token
     accepted = ~(tree.ancestors & ~correct[None, :]).any(-1)
     deepest = torch.where(accepted, tree.depths, -1).argmax()
-    path = tree.ancestors[deepest].nonzero().squeeze(-1)  # BFS order is depth order
-    return path, pred[deepest]
+    result = path_to(deepest, tree)
+    result.next_token = pred[deepest]
+    return result
 
 
 def draft_accept_probs(tokens: torch.Tensor, probs: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
@@ -67,7 +89,7 @@ def residual(probs: torch.Tensor, tokens: torch.Tensor, tried: torch.Tensor) -> 
 
 
 def sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers, config: SamplingConfig,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator) -> Accepted:
     """Multi-draft rejection sampling over the tree (SpecInfer / EAGLE style, point-mass drafts).
 
     From the root, try the children of the current node in order: accept child c with probability
@@ -77,7 +99,7 @@ def sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers,
     """
     probs = target_probs(logits, config)
     deepest = accepted_path(draft_accept_probs(tokens, probs, tree), tree, generator)
-    path = tree.ancestors[deepest].nonzero().squeeze(-1)  # BFS order is depth order
     children = (tree.parents == deepest) & (tree.depths > 0)
-    next_token = torch.multinomial(residual(probs[deepest], tokens, children), 1, generator=generator)
-    return path, next_token.reshape(())
+    result = path_to(deepest, tree)
+    result.next_token = torch.multinomial(residual(probs[deepest], tokens, children), 1, generator=generator)[0]
+    return result

@@ -51,8 +51,9 @@ class IncrementalDecoder:
     def _decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def push(self, token_id: int) -> str:
-        self.tokens.append(token_id)
+    def push(self, *token_ids: int) -> str:
+        """Add one or more tokens; the text they complete (decoded once, however many there are)."""
+        self.tokens.extend(token_ids)
         prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -106,6 +107,34 @@ class StopCondition:
         else:
             held = max((k for s in self.stop_strings for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
             release, self._pending = buf[: len(buf) - held], buf[len(buf) - held:]
+        self.text += release
+        return release
+
+    def push_step(self, token_ids: list[int]) -> str:
+        """Record the tokens of one decoding step, up to where generation ends; return the text they release.
+
+        Without stop strings the step's text is decoded once, not once per token (the end by EOS or budget is
+        decided on the ids); with stop strings each token goes through ``push``, which can end between tokens."""
+        if self.stop_strings:
+            released = []
+            for token_id in token_ids:
+                released.append(self.push(token_id))
+                if self.done:
+                    break
+            return "".join(released)
+        taken = []
+        for token_id in token_ids:
+            taken.append(token_id)
+            if token_id in self.eos_ids:
+                self.finish_reason = "stop"
+            elif len(self.tokens) + len(taken) >= self.max_new_tokens:
+                self.finish_reason = "length"
+            if self.finish_reason:
+                break
+        self.tokens.extend(taken)
+        release = self._decoder.push(*taken)
+        if self.finish_reason:
+            release += self._decoder.flush()
         self.text += release
         return release
 

@@ -14,27 +14,35 @@ def logits_predicting(next_tokens):
     return logits
 
 
+def path_and_bonus(tokens, logits, tree):
+    """The accepted nodes and the bonus token, after checking the padding that keeps the shapes fixed."""
+    accepted = greedy_accept(tokens, logits, tree)
+    n = int(accepted.length)
+    assert accepted.path.shape == (tree.topology.max_depth + 1,) and accepted.path[n:].eq(0).all()
+    return accepted.path[:n], accepted.next_token
+
+
 def test_accepts_longest_matching_path_and_bonus_token():
     # root(0) -> a(1), b(2); a -> c(3), d(4); d -> e(5)
     tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (0, 1, 0)]), "cpu")
     tokens = torch.tensor([7, 3, 4, 1, 2, 6])
     # base: after root -> 4 (node b), after b -> 9 (no child matches)
-    path, bonus = greedy_accept(tokens, logits_predicting([4, 0, 9, 0, 0, 0]), tree)
+    path, bonus = path_and_bonus(tokens, logits_predicting([4, 0, 9, 0, 0, 0]), tree)
     assert path.tolist() == [0, 2] and int(bonus) == 9
     # base: after root -> 3 (a), after a -> 2 (d), after d -> 6 (e), after e -> 8
-    path, bonus = greedy_accept(tokens, logits_predicting([3, 2, 0, 0, 6, 8]), tree)
+    path, bonus = path_and_bonus(tokens, logits_predicting([3, 2, 0, 0, 6, 8]), tree)
     assert path.tolist() == [0, 1, 4, 5] and int(bonus) == 8
 
 
 def test_nothing_accepted_returns_root_and_base_token():
     tree = TreeBuffers.build(TreeTopology.chain(3), "cpu")
     tokens = torch.tensor([1, 2, 3, 4])
-    path, bonus = greedy_accept(tokens, logits_predicting([5, 3, 4, 0]), tree)
+    path, bonus = path_and_bonus(tokens, logits_predicting([5, 3, 4, 0]), tree)
     assert path.tolist() == [0] and int(bonus) == 5
 
 
 def test_a_correct_node_under_a_wrong_parent_is_not_accepted():
     tree = TreeBuffers.build(TreeTopology.chain(2), "cpu")
     tokens = torch.tensor([1, 2, 3])
-    path, bonus = greedy_accept(tokens, logits_predicting([9, 3, 0]), tree)  # node 2 matches node 1's argmax
+    path, bonus = path_and_bonus(tokens, logits_predicting([9, 3, 0]), tree)  # node 2 matches node 1's argmax
     assert path.tolist() == [0] and int(bonus) == 9

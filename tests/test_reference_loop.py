@@ -85,3 +85,33 @@ def test_eos_inside_budget_stops():
         if cond.done:
             break
     assert cond.tokens == [0, 1, 2] and cond.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("budget,eos_at", [(1000, None), (37, None), (1000, 23)])
+def test_a_step_decoded_at_once_releases_what_token_by_token_does(default_model, budget, eos_at):
+    """push_step (one decode per step) ends where push does (EOS, budget) and streams the same text, multi-byte
+    characters split across tokens and steps included."""
+    import random
+
+    _, tokenizer = default_model
+    ids = tokenizer("Über 5 Äpfel 🍎🍏 kosten 3,50 € — 苹果很好吃! ✓ naïve café\n  def f(x): return x**2",
+                    add_special_tokens=False)["input_ids"] * 2
+    eos = {tokenizer.eos_token_id}
+    if eos_at is not None:
+        ids[eos_at] = tokenizer.eos_token_id
+    one = StopCondition(tokenizer, eos, budget)
+    one_deltas = []
+    for token in ids:
+        one_deltas.append(one.push(token))
+        if one.done:
+            break
+    rng = random.Random(0)
+    chunked = StopCondition(tokenizer, eos, budget)
+    chunk_deltas, start = [], 0
+    while start < len(ids) and not chunked.done:
+        size = rng.randint(1, 6)
+        chunk_deltas.append(chunked.push_step(ids[start:start + size]))
+        start += size
+    assert "".join(chunk_deltas) == chunked.text == one.text == "".join(one_deltas)
+    assert chunked.tokens == one.tokens and chunked.finish_reason == one.finish_reason
+    assert one.text and ("\ufffd" not in one.text or one.finish_reason == "length")  # a cut may split a character

@@ -22,7 +22,7 @@ from chimera.errors import ChimeraError
 from chimera.sampling import SamplingConfig, target_probs
 from chimera.tree import DynamicTree, TreeBuffers, TreeTopology
 from chimera.verifier import SlotVerifier
-from chimera.acceptance import accepted_path, draft_accept_probs, residual, sample_accept
+from chimera.acceptance import Accepted, accepted_path, draft_accept_probs, path_to, residual, sample_accept
 from conftest import tiny_model
 
 V = 8  # vocabulary: small enough to enumerate every 3-token continuation
@@ -229,8 +229,8 @@ def without_residual_law(tree: TreeBuffers, tokens: torch.Tensor, probs: torch.T
     return rule_law(tree, tokens, probs[tree.parents, tokens], probs)
 
 
-def emitted(tokens, path, next_token) -> tuple:
-    return tuple(tokens[path[1:]].tolist()) + (int(next_token),)
+def emitted(tokens, accepted: Accepted) -> tuple:
+    return tuple(tokens[accepted.path[1:int(accepted.length)]].tolist()) + (int(accepted.next_token),)
 
 
 # ---------------------------------------------------------------- wrong rules the statistic must reject
@@ -240,8 +240,9 @@ def accept_without_residual(tokens, logits, tree, config, generator):
     """Wrong: accept child c with min(1, p(c)) and, after rejections, draw from p itself (no residual)."""
     probs = target_probs(logits, config)
     deepest = accepted_path(probs[tree.parents, tokens], tree, generator)
-    path = tree.ancestors[deepest].nonzero().squeeze(-1)
-    return path, torch.multinomial(probs[deepest], 1, generator=generator).reshape(())
+    result = path_to(deepest, tree)
+    result.next_token = torch.multinomial(probs[deepest], 1, generator=generator)[0]
+    return result
 
 
 def typical_accept(tokens, logits, tree, config, generator, epsilon=0.3, delta=0.09):
@@ -251,13 +252,14 @@ def typical_accept(tokens, logits, tree, config, generator, epsilon=0.3, delta=0
     threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)
     accept = (probs[tree.parents, tokens] > threshold[tree.parents]).float()
     deepest = accepted_path(accept, tree, generator)
-    path = tree.ancestors[deepest].nonzero().squeeze(-1)
-    return path, torch.multinomial(probs[deepest], 1, generator=generator).reshape(())
+    result = path_to(deepest, tree)
+    result.next_token = torch.multinomial(probs[deepest], 1, generator=generator)[0]
+    return result
 
 
 def step_samples(rule, tree, tokens, logits, config, draws=STEP_DRAWS, seed=0) -> list:
     generator = torch.Generator(logits.device).manual_seed(seed)
-    return [emitted(tokens, *rule(tokens, logits, tree, config, generator)) for _ in range(draws)]
+    return [emitted(tokens, rule(tokens, logits, tree, config, generator)) for _ in range(draws)]
 
 
 def loop_samples(model, drafter, config: SamplingConfig, seeds=LOOP_SEEDS, slots=False, tree=TREE
