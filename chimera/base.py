@@ -20,18 +20,21 @@ class BaseOutput:
 
 @torch.inference_mode()
 def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, head=None) -> BaseOutput:
+            attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, head=None, decoder=None
+            ) -> BaseOutput:
     """``input_ids`` is (n,). With no mask the tokens are causal after the cache, as in ``generate``.
     ``logits_to_keep`` > 0 scores only the last that many tokens (hidden states come for all of them).
-    ``head``: on a CPU, the route of the vocabulary projection (``vocab_head``), where the model allows one."""
+    ``head``: on a CPU, the route of the vocabulary projection (``vocab_head``), where the model allows one.
+    ``decoder``: what runs in place of ``model.get_decoder()`` (compiled.CompiledDecoder), for a model with a
+    plain vocabulary head; its output is then projected here, as ``model`` itself would."""
     start = cache.get_seq_length()
     if position_ids is None:
         position_ids = torch.arange(start, start + input_ids.numel(), device=input_ids.device)
     inputs = dict(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=attention_mask,
                   use_cache=True)
-    if plain_vocab_head(model) and input_ids.device.type == "cpu":
-        decoder = model.get_decoder()
-        hidden = decoder(**inputs, **cache_kwargs(decoder, cache)).last_hidden_state[0]
+    if decoder is not None or (plain_vocab_head(model) and input_ids.device.type == "cpu"):
+        stack = model.get_decoder()
+        hidden = (decoder or stack)(**inputs, **cache_kwargs(stack, cache)).last_hidden_state[0]
         scored = hidden[-logits_to_keep:] if logits_to_keep else hidden
         project = head or (lambda z: vocab_logits(z, model.get_output_embeddings()))
         return BaseOutput(logits=project(scored).float(), hidden=hidden)

@@ -321,7 +321,7 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
 
         def verify():
             session.score(tokens, tree)
-            session.keep(keep_root, tree)
+            session.keep(keep_root, 1, tree)
 
         result.verify_ms[str(n)] = round(median_ms(verify), 3)
         bar.update()

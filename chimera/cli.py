@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -346,7 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
+    """Libraries' chatter off; our own progress lines (logger "chimera", INFO and up) on stderr."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ours = logging.getLogger("chimera")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("chimera: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

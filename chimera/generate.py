@@ -106,6 +106,10 @@ class SpeculativeDecoder:
     plain decoding. ``packed_linears`` 'auto' (CPU, float32): the linear layers' route and the vocabulary
     projection's, measured likewise (calibration.linear_routes); True or False forces the layers' route.
 
+    ``compile``: with CUDA graphs on a GPU, capture the base's decoder compiled by torch.compile (fused norms,
+    rotary, activations; compiled.py) rather than transformers' op-by-op forward. Each new shape (tree size, KV
+    capacity) then compiles once per process, tens of seconds, on its first use.
+
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
 
@@ -115,7 +119,8 @@ class SpeculativeDecoder:
 
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
-                 packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True):
+                 packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True,
+                 compile: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -142,7 +147,8 @@ class SpeculativeDecoder:
                 and GraphedDrafter.supported(drafter, self.device, self.limit)):
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
-        self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route)
+        self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route,
+                                     compiled=compile)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive
@@ -231,27 +237,27 @@ class SpeculativeDecoder:
             tb = self._clock()
             result.time_verify += tb - ta
             if generator is None:
-                path, next_token = greedy_accept(tokens, out.logits, tree)
+                accepted = greedy_accept(tokens, out.logits, tree)
             else:
-                path, next_token = sample_accept(tokens, out.logits, tree, sampling, generator)
-            *accepted_tokens, root_token = torch.cat([tokens[path[1:]], next_token.reshape(1)]).tolist()
-            deltas = []
-            for token in accepted_tokens + [root_token]:
-                deltas.append(stopper.push(token))
-                if stopper.done:
-                    break
-            delta = "".join(deltas)
+                accepted = sample_accept(tokens, out.logits, tree, sampling, generator)
+            path_tokens = tokens[accepted.path]
+            # the step's one read from the device: the path's tokens (root first), the next token, the length
+            *path_ids, root_token, length = torch.cat([path_tokens, accepted.next_token.reshape(1),
+                                                       accepted.length.reshape(1)]).tolist()
+            emitted = len(stopper.tokens)
+            delta = stopper.push_step(path_ids[1:length] + [root_token])
+            emitted = len(stopper.tokens) - emitted
             result.steps += 1
-            result.accepted.append(len(deltas))
+            result.accepted.append(emitted)
             result.plain_steps += not drafting and self.drafter is not None
             if not stopper.done:
-                session.keep(path, tree)
+                session.keep(accepted.path, length, tree)
                 if drafting:
-                    self.drafter.advance(state, tokens[path], out.hidden[path])
+                    self.drafter.advance(state, path_tokens[:length], out.hidden[accepted.path[:length]])
                 elif self.drafter is not None:
-                    unseen.append((tokens[path], out.hidden[path]))
-                root = next_token.reshape(1)
-            switch.record(drafting, len(deltas), time.perf_counter() - step_start)
+                    unseen.append((path_tokens[:length], out.hidden[accepted.path[:length]]))
+                root = accepted.next_token.reshape(1)
+            switch.record(drafting, emitted, time.perf_counter() - step_start)
             result.time_other += self._clock() - tb
         result.seconds = self._clock() - t0
         result.finish_reason = stopper.finish_reason

@@ -18,7 +18,8 @@ import torch
 
 from . import base, cache as kv, cpu_linear
 from .base import BaseOutput
-from .capture import capture_graph, power_of_two_at_least
+from .compiled import CompiledDecoder, compilable
+from .graph_runner import GraphRunner, power_of_two_at_least
 from .errors import ChimeraError
 from .tree import TreeBuffers, additive_mask
 
@@ -47,9 +48,10 @@ class GrowingSession:
             return base.forward(self.model, self.cache, tokens, head=self.head)
         return base.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors, head=self.head)
 
-    def keep(self, path: torch.Tensor, tree: TreeBuffers) -> None:
+    def keep(self, path: torch.Tensor, length: int, tree: TreeBuffers) -> None:
+        """Keep the first ``length`` nodes of ``path`` (padded as acceptance.Accepted.path is)."""
         if tree.topology.size > 1:
-            kv.keep_path(self.cache, self.length - tree.topology.size, path)
+            kv.keep_path(self.cache, self.length - tree.topology.size, path[:length])
 
 
 class GrowingVerifier:
@@ -69,18 +71,20 @@ class GrowingVerifier:
 
 
 class SlotBank:
-    """A slot cache of one capacity with the graphs captured over it, kept across generations.
+    """A slot cache of one capacity, kept across generations, and the fixed-shape forwards over it.
 
     ``prefix`` mirrors the cache's verified length on the device, so the captured forwards read it there.
     """
 
-    def __init__(self, model, capacity: int, device: torch.device, graphs: bool):
+    def __init__(self, model, capacity: int, device: torch.device, runner: GraphRunner | None = None,
+                 decoder: CompiledDecoder | None = None):
         self.model = model
+        self.capacity = capacity
         self.cache = kv.SlotCache(model.config.num_hidden_layers, capacity, device)
         self.prefix = torch.zeros((), dtype=torch.long, device=device)
         self.columns = torch.arange(capacity, device=device)
-        self.use_graphs = graphs
-        self.graphs: dict = {}  # topology -> (score graph, tokens in, output, keep graph, path in)
+        self.runner = runner or GraphRunner(graphs=False)
+        self.decoder = decoder
         self.generation = 0
 
     def prefill(self, prompt: torch.Tensor) -> BaseOutput:
@@ -106,22 +110,23 @@ class SlotBank:
         allowed = (offset < 0)[None, :] | (in_tree[None, :] & tree.ancestors[:, offset.clamp(0, n - 1)])
         self.cache.slots = self.prefix + self.columns[:n]
         return base.forward(self.model, self.cache, tokens, position_ids=self.prefix + tree.depths,
-                            attention_mask=additive_mask(allowed, self.model.dtype))
+                            attention_mask=additive_mask(allowed, self.model.dtype), decoder=self.decoder)
 
     def keep_static(self, path: torch.Tensor) -> None:
         """Move the slots of path nodes prefix + path[k] to prefix + k; entries past the real path move junk
         into slots beyond the new length, which the mask hides and the next tree overwrites."""
         self.cache.move(self.prefix + path, self.prefix + self.columns[:path.numel()])
 
-    def captured(self, tree: TreeBuffers):
-        if tree.topology not in self.graphs:
-            n = tree.topology.size
-            tokens = torch.zeros(n, dtype=torch.long, device=self.prefix.device)
-            path = torch.zeros(tree.topology.max_depth + 1, dtype=torch.long, device=self.prefix.device)
-            score, output = capture_graph(lambda: self.score_static(tokens, tree))
-            keep, _ = capture_graph(lambda: self.keep_static(path))
-            self.graphs[tree.topology] = (score, tokens, output, keep, path)
-        return self.graphs[tree.topology]
+    def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> BaseOutput:
+        key = ("score", self.capacity, tree.topology)
+        if self.decoder is None or self.runner.can_run(key):
+            return self.runner.run(key, lambda t: self.score_static(t, tree), tokens)
+        with self.decoder.announce(f"{tree.topology.size}-token trees over {self.capacity} KV slots"):
+            return self.runner.run(key, lambda t: self.score_static(t, tree), tokens)
+
+    def keep(self, path: torch.Tensor, tree: TreeBuffers) -> None:
+        """``path``: the accepted nodes padded to the tree's depth + 1 (acceptance.Accepted.path)."""
+        self.runner.run(("keep", self.capacity, tree.topology), self.keep_static, path)
 
 
 class SlotSession:
@@ -143,53 +148,50 @@ class SlotSession:
         return self.bank
 
     def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> BaseOutput:
-        bank = self._check()
-        if not bank.use_graphs:
-            return bank.score_static(tokens, tree)
-        graph, tokens_in, output, _, _ = bank.captured(tree)
-        tokens_in.copy_(tokens)
-        graph.replay()
-        return output
+        return self._check().score(tokens, tree)
 
-    def keep(self, path: torch.Tensor, tree: TreeBuffers) -> None:
+    def keep(self, path: torch.Tensor, length: int, tree: TreeBuffers) -> None:
+        """Keep the first ``length`` nodes of ``path`` (padded as acceptance.Accepted.path is)."""
         bank = self._check()
         if tree.topology.size > 1:
-            if bank.use_graphs:
-                _, _, _, graph, path_in = bank.captured(tree)
-                path_in[:path.numel()].copy_(path)
-                graph.replay()
-            else:
-                bank.keep_static(path)
-        bank.set_length(self.length + path.numel())
+            bank.keep(path, tree)
+        bank.set_length(self.length + length)
 
 
 class SlotVerifier:
-    """Slot caches in power-of-two capacities, so a short generation does not attend over a long one's slots."""
+    """Slot caches in power-of-two capacities, so a short generation does not attend over a long one's slots.
 
-    def __init__(self, model, graphs: bool):
+    ``graphs``: capture each shape's forward and compaction once and replay them (graph_runner.py).
+    ``compiled``: run the decoder stack through torch.compile (compiled.py) where the model allows it."""
+
+    def __init__(self, model, graphs: bool, compiled: bool = False, backend: str = "inductor"):
         self.model = model
         self.device = next(model.parameters()).device
-        self.use_graphs = graphs
+        self.runner = GraphRunner(graphs)
+        self.decoder = CompiledDecoder(model, backend) if compiled and compilable(model) else None
         self.banks: dict[int, SlotBank] = {}
 
     def describe(self) -> str:
-        return ("CUDA graphs" if self.use_graphs else "eager forwards") + " over a fixed-size slot KV cache"
+        forward = "eager forwards" if self.decoder is None else self.decoder.describe()
+        return (("CUDA graphs of " if self.runner.graphs else "") + forward
+                + " over a fixed-size slot KV cache")
 
     def start(self, capacity: int) -> SlotSession:
         """A session whose cache holds at least ``capacity`` tokens (prompt, new tokens and one tree)."""
         size = power_of_two_at_least(capacity, SMALLEST_CAPACITY)
         if size not in self.banks:
-            self.banks[size] = SlotBank(self.model, size, self.device, self.use_graphs)
+            self.banks[size] = SlotBank(self.model, size, self.device, self.runner, self.decoder)
         return SlotSession(self.banks[size])
 
 
 def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears: bool = True,
-                 head_route: str | None = None):
-    """Captured slot forwards on a GPU (when asked for); eager growing forwards elsewhere, on a CPU through a
+                 head_route: str | None = None, compiled: bool = False):
+    """Captured slot forwards on a GPU (when asked for; ``compiled``: of the torch.compiled decoder where the model
+    allows it); eager growing forwards elsewhere, on a CPU through a
     copy of the model whose linear layers are prepacked (cpu_linear) when that copy fits in memory, with the
     vocabulary projection by ``head_route`` (base.vocab_head; None: base.vocab_logits's default)."""
     if cuda_graphs and device.type == "cuda":
-        return SlotVerifier(model, graphs=True)
+        return SlotVerifier(model, graphs=True, compiled=compiled)
     if packed_linears and cpu_linear.available(device, model.dtype):
         packed = cpu_linear.shared_packed_copy(model)
         if packed is not None:

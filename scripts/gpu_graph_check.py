@@ -1,5 +1,5 @@
-"""On a GPU: decoding through captured CUDA graphs (drafting and verification) gives the same tokens as eager
-decoding and as model.generate (float32), what each saves per step, and tau and speed by tree (static trees
+"""On a GPU: decoding through captured CUDA graphs (drafting and verification), of transformers' forward or of the
+decoder compiled by torch.compile, gives the same tokens as eager decoding and as model.generate (float32), what each saves per step, and tau and speed by tree (static trees
 by node count, dynamic ones as dynamic-N[-BEAM]).
 
 Usage: python scripts/gpu_graph_check.py [--prompts 4] [--max-new-tokens 128] [--trees 64 dynamic-64]
@@ -56,10 +56,12 @@ def main():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=args.max_new_tokens)
         references.append(out[0, ids.shape[1]:].tolist())
-    for name, with_drafter, graphs in [("ar-eager", False, False), ("ar-graph", False, True),
-                                       ("chimera-eager", True, False), ("chimera-graph", True, True)]:
+    for name, with_drafter, graphs, compiled in [
+            ("ar-eager", False, False, False), ("ar-graph", False, True, False), ("ar-compiled", False, True, True),
+            ("chimera-eager", True, False, False), ("chimera-graph", True, True, False),
+            ("chimera-compiled", True, True, True)]:
         decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter if with_drafter else None,
-                                             sync_timing=True, cuda_graphs=graphs)
+                                             sync_timing=True, cuda_graphs=graphs, compile=compiled)
         print(name, json.dumps(measure(decoder, prompts, args.max_new_tokens, references)), flush=True)
     for tree in args.trees:
         decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree)

@@ -99,15 +99,19 @@ def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_
         decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab, adaptive=False)
         slotted = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab, adaptive=False)
         slotted.verifier = SlotVerifier(model, graphs=False)  # what the GPU path replays, run eagerly
+        compiled = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab, adaptive=False)
+        compiled.verifier = SlotVerifier(model, graphs=False, compiled=True, backend="aot_eager")
         taus = []
         for ids in prompts:
             x = torch.tensor([ids])
             ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=48)
             for result in (decoder.generate(input_ids=ids, max_new_tokens=48),
-                           slotted.generate(input_ids=ids, max_new_tokens=48)):
+                           slotted.generate(input_ids=ids, max_new_tokens=48),
+                           compiled.generate(input_ids=ids, max_new_tokens=48)):
                 assert result.token_ids == ref[0, len(ids):].tolist()
                 assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
                 taus.append(result.tau)
+        assert compiled.verifier.decoder.failure is None
     assert max(taus) > 1.5  # the trained drafter's paths were accepted
 
 

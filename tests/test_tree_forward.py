@@ -98,15 +98,19 @@ def test_tree_mask_allows_prefix_and_ancestors_only():
     assert (mask[~allowed] == torch.finfo(torch.float32).min).all()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_slot_cache_scores_trees_and_keeps_paths_like_the_growing_cache(family):
+def test_slot_cache_scores_trees_and_keeps_paths_like_the_growing_cache(family, compiled):
     """The fixed-capacity cache (what CUDA graphs replay) gives the same logits as sequential decoding, step
-    after step, with junk from earlier generations and trees left in its unused slots."""
+    after step, with junk from earlier generations and trees left in its unused slots; so does the decoder
+    through torch.compile (traced by Dynamo as on a GPU; the aot_eager backend stands in for inductor's kernels)."""
+    from chimera.compiled import CompiledDecoder
     from chimera.verifier import SlotBank
 
     model = tiny_model(family)
     rng = random.Random(11)
-    bank = SlotBank(model, capacity=128, device=torch.device("cpu"), graphs=False)
+    decoder = CompiledDecoder(model, backend="aot_eager") if compiled else None
+    bank = SlotBank(model, capacity=128, device=torch.device("cpu"), decoder=decoder)
     for generation, (size, depth, width) in enumerate(SHAPES):
         topology = random_topology(rng, size, depth, width)
         tree = TreeBuffers.build(topology, "cpu")
@@ -116,13 +120,15 @@ def test_slot_cache_scores_trees_and_keeps_paths_like_the_growing_cache(family):
         torch.testing.assert_close(out.logits, fresh.logits[-1:], atol=1e-5, rtol=0)  # the last only
         for step in range(3):
             tokens = torch.randint(3, 128, (topology.size,))
-            out = bank.score_static(tokens, tree)
+            out = bank.score(tokens, tree)
             for node in range(topology.size):
                 path = tree.ancestors[node].nonzero().squeeze(-1)
                 ref = sequential_logits(model, sequence, tokens[path])
                 torch.testing.assert_close(out.logits[node], ref.logits[-1], atol=1e-5, rtol=0)
             path = tree.ancestors[rng.randrange(topology.size)].nonzero().squeeze(-1)
             padded = torch.cat([path, torch.full((topology.max_depth + 1 - path.numel(),), topology.size - 1)])
-            bank.keep_static(padded if generation % 2 else path)  # what the graph moves, or just the path
+            bank.keep(padded if generation % 2 else path, tree)  # what the graph moves, or just the path
             bank.set_length(sequence.numel() + path.numel())
             sequence = torch.cat([sequence, tokens[path]])
+    if compiled:  # it really ran compiled: Dynamo captured graphs and nothing fell back
+        assert decoder.failure is None and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import capture_graph, power_of_two_at_least
+from ..graph_runner import GraphRunner, power_of_two_at_least
 from ..tree import TreeBuffers
 
 SMALLEST_WINDOW = 256
@@ -29,10 +29,8 @@ class GraphedDrafter:
         self.tree = tree
         self.capacity = capacity
         self.state = None
-        self.root = None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> (graph, tokens)
-        self.advance_graph = None  # over self.state, which every request refills in place
-        self.advance_inputs = None
+        self.runner = GraphRunner(graphs=True)
+        self.count = None  # the advance graph's number of real tokens, a device scalar
 
     @classmethod
     def supported(cls, drafter, device: torch.device, capacity: int) -> bool:
@@ -49,23 +47,22 @@ class GraphedDrafter:
         if n > width or state.length + width > state.keys.shape[1]:
             self.drafter.advance(state, tokens, hidden)
             return
-        if self.advance_graph is None:
-            self.advance_inputs = (torch.zeros(width, dtype=torch.long, device=tokens.device),
-                                   hidden.new_zeros(width, hidden.shape[-1]),
-                                   torch.ones((), dtype=torch.long, device=tokens.device))
-            saved = (state.keys.clone(), state.values.clone(), state.history.clone(), state.last_hidden.clone(),
-                     state.length_on_device.clone())
-            self.advance_graph, _ = capture_graph(lambda: self.drafter.advance_static(state, *self.advance_inputs))
+        run = lambda padded_tokens, padded_hidden: self.drafter.advance_static(  # noqa: E731
+            state, padded_tokens, padded_hidden, self.count)
+        if not self.runner.can_run("advance"):
+            self.count = torch.ones((), dtype=torch.long, device=tokens.device)
+            saved = [t.clone() for t in self._state_tensors(state)]
+            self.runner.capture("advance", run, tokens.new_zeros(width), hidden.new_zeros(width, hidden.shape[-1]))
             with torch.inference_mode():  # the state's tensors are inference tensors
-                for buffer, value in zip((state.keys, state.values, state.history, state.last_hidden,
-                                          state.length_on_device), saved):
+                for buffer, value in zip(self._state_tensors(state), saved):
                     buffer.copy_(value)  # the warm-up runs advanced the state for real: undo them
-        padded_tokens, padded_hidden, count = self.advance_inputs
-        padded_tokens[:n].copy_(tokens)
-        padded_hidden[:n].copy_(hidden)
-        count.fill_(n)
-        self.advance_graph.replay()
+        self.count.fill_(n)
+        self.runner.run("advance", run, tokens, hidden)
         state.length += n
+
+    @staticmethod
+    def _state_tensors(state) -> tuple[torch.Tensor, ...]:
+        return state.keys, state.values, state.history, state.last_hidden, state.length_on_device
 
     def window(self, length: int) -> int:
         """The smallest power-of-two window (at least SMALLEST_WINDOW) holding ``length`` slots."""
@@ -74,15 +71,7 @@ class GraphedDrafter:
     def propose(self, state, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
         if tree is not self.tree:  # another topology (the decoder never asks for one; kept correct anyway)
             return self.drafter.propose(state, root, tree)
-        if self.root is None:
-            self.root = root.reshape(1).clone()
         window = self.window(state.length)
-        if window not in self.graphs:
-            self.graphs[window] = self._capture(window)
-        graph, tokens = self.graphs[window]
-        self.root.copy_(root.reshape(1))
-        graph.replay()
-        return tokens
-
-    def _capture(self, window: int):
-        return capture_graph(lambda: self.drafter.propose_static(self.state, self.root, self.tree, window))
+        return self.runner.run(("propose", window),
+                               lambda r: self.drafter.propose_static(self.state, r, self.tree, window),
+                               root.reshape(1))

