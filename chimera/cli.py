@@ -51,6 +51,21 @@ def add_model_args(parser: argparse.ArgumentParser, dtype: str = "float32") -> N
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
 
 
+def add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    from .compiled import COMPILE_CHOICES
+
+    parser.add_argument("--compile", default="auto", choices=sorted(COMPILE_CHOICES),
+                        help="run the base's forward compiled by torch.compile inside our CUDA graphs: auto (on a GPU "
+                             "in bfloat16 or float16; default), on, or off. Each tree size compiles once per process "
+                             "(tens of seconds)")
+
+
+def compile_choice(name: str):
+    from .compiled import COMPILE_CHOICES
+
+    return COMPILE_CHOICES[name]
+
+
 def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     from .tree import TOPOLOGIES
 
@@ -63,6 +78,7 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice,
                         help="tokens the drafter scores: auto (its base's most written tokens on a CPU, all on a "
                              "GPU; default), full, or a count N (the N most written)")
+    add_compile_arg(parser)
 
 
 def cmd_generate(args) -> int:
@@ -84,7 +100,8 @@ def cmd_generate(args) -> int:
     drafter = resolve_drafter(args.drafter, model)
     if args.compare:
         return compare_decodings(args, model, tokenizer, drafter)
-    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree, draft_vocab=args.draft_vocab)
+    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=args.tree, draft_vocab=args.draft_vocab,
+                                 compile=compile_choice(args.compile))
     stream = decoder.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, raw=args.raw,
                             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                             seed=sampling.seed)
@@ -121,7 +138,8 @@ def compare_decodings(args, model, tokenizer, drafter) -> int:
             sys.stdout.flush()
 
     result = compare(model, tokenizer, drafter, args.prompt, args.max_new_tokens, tree=args.tree,
-                     draft_vocab=args.draft_vocab, stop=args.stop, raw=args.raw, on_text=show)
+                     draft_vocab=args.draft_vocab, stop=args.stop, raw=args.raw, on_text=show,
+                     compile=compile_choice(args.compile))
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
@@ -218,7 +236,7 @@ def cmd_serve(args) -> int:
     sock = bind(args.host, args.port)  # a busy port fails now, not after loading the model
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(args.drafter, model), tree=args.tree,
-                                 draft_vocab=args.draft_vocab)
+                                 draft_vocab=args.draft_vocab, compile=compile_choice(args.compile))
     engine = Engine(decoder, max_queue=args.max_queue, timeout=args.timeout)
     config = ServerConfig(model_name=args.model, api_key=api_key, default_max_tokens=args.default_max_tokens,
                           default_temperature=args.default_temperature)
@@ -315,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--methods", nargs="+", help=f"from {', '.join(METHODS)} (default: all; on a CPU all but "
                                                  "hf-compiled, which transformers compiles on accelerators only)")
     add_model_args(be, dtype="auto")
+    add_compile_arg(be)
     be.add_argument("--chimera-drafter", default="auto", help="drafter directory for 'chimera' (default: shipped)")
     be.add_argument("--medusa-drafter", default="auto", help="drafter directory for 'medusa' (default: shipped)")
     be.add_argument("--tree", default="auto", help="draft tree for chimera and medusa (as in 'generate')")

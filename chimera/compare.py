@@ -60,11 +60,11 @@ class Comparison:
 
 
 def compare(model, tokenizer, drafter, prompt: str, max_new_tokens: int, tree="auto", draft_vocab="auto",
-            stop=(), raw: bool = False, on_text=None) -> Comparison:
+            stop=(), raw: bool = False, on_text=None, compile="auto") -> Comparison:
     """Plain, then speculative decoding of ``prompt``; ``on_text`` receives the speculative run's text as it
     streams."""
-    plain = SpeculativeDecoder(model, tokenizer, None)
-    speculative = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=draft_vocab)
+    plain = SpeculativeDecoder(model, tokenizer, None, compile=compile)
+    speculative = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=draft_vocab, compile=compile)
     for decoder in (plain, speculative):
         decoder.generate(prompt, max_new_tokens=WARMUP_TOKENS, stop=stop, raw=raw)
     plain_result = plain.generate(prompt, max_new_tokens=max_new_tokens, stop=stop, raw=raw)

@@ -7,8 +7,11 @@ explicit positions and tree mask: no copied modeling code, no patching. The voca
 (one matmul, nothing to fuse), so only models whose logits are plainly ``lm_head(hidden)`` are compiled
 (``base.plain_vocab_head``); others keep the uncompiled forward.
 
-Compilation happens on the first call of each shape (one tree size over one capacity of KV slots), inside the
-warm-up of its CUDA-graph capture (graph_runner.py): tens of seconds per shape on a GPU, paid once per process.
+Compilation happens on the first call of each tree size, inside the warm-up of its CUDA-graph capture
+(graph_runner.py): 30-45 s on an H200 for the default model's 30 layers, paid once per process. The number of KV
+slots is compiled as a symbol, so every capacity of slot cache reuses it (measured: 44 s for the first, 0.6 s for
+each further capacity, replays equally fast); compiled per capacity, a Spec-Bench run had paid half a minute inside
+timed turns whenever a longer prompt needed a larger cache.
 Inductor keeps what it built on disk (under the cache directory, ``inductor/``), so a later process compiling
 the same shapes with the same library versions mostly reads it back. Should compilation fail for a model, the
 decoder falls back to the uncompiled forward with one warning: slower, never wrong.
@@ -27,6 +30,7 @@ from .base import plain_vocab_head
 from .models import cache_root
 
 log = logging.getLogger("chimera")
+COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}  # the command line's --compile
 RECOMPILE_LIMIT = 64  # one compilation per shape (tree size x slot capacity); torch's default stops at 8
 
 
@@ -42,7 +46,8 @@ class CompiledDecoder:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
         self.eager = model.get_decoder()
         self.backend = backend
-        self.compiled = torch.compile(self.eager, backend=backend, dynamic=False)
+        # shapes are static except where mark_capacity says otherwise (dynamic=None, automatic dynamism off)
+        self.compiled = torch.compile(self.eager, backend=backend, dynamic=None)
         self.failure: str | None = None  # why compiling failed, once it has
         self.seconds = 0.0  # spent in calls that compiled a new shape
 
@@ -50,7 +55,7 @@ class CompiledDecoder:
         if self.failure is not None:
             return self.eager(*args, **kwargs)
         try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
                 return self.compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure of the compiler means: run uncompiled
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -60,6 +65,12 @@ class CompiledDecoder:
             log.warning("torch.compile failed for this model (%s): decoding with the uncompiled forward",
                         self.failure[:300])
             return self.eager(*args, **kwargs)
+
+    @staticmethod
+    def mark_capacity(tensor: torch.Tensor, dim: int) -> None:
+        """Compile ``tensor``'s axis ``dim`` (a number of KV slots) as a symbol, so that one compilation per tree
+        size serves every capacity of slot cache (graph_runner still captures one graph per capacity)."""
+        torch._dynamo.mark_dynamic(tensor, dim)
 
     @contextlib.contextmanager
     def announce(self, what: str):

@@ -107,8 +107,10 @@ class SpeculativeDecoder:
     projection's, measured likewise (calibration.linear_routes); True or False forces the layers' route.
 
     ``compile``: with CUDA graphs on a GPU, capture the base's decoder compiled by torch.compile (fused norms,
-    rotary, activations; compiled.py) rather than transformers' op-by-op forward. Each new shape (tree size, KV
-    capacity) then compiles once per process, tens of seconds, on its first use.
+    rotary, activations; compiled.py) rather than transformers' op-by-op forward. Each tree size then compiles
+    once per process, tens of seconds, on its first use. 'auto' (default): in bfloat16 and float16 only; in float32
+    inductor's kernels round a 64-token tree forward differently from a one-token one often enough to change an
+    output (measured: 2 of 7 Spec-Bench turns on an H200), which the uncompiled forward never did there.
 
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
@@ -120,7 +122,7 @@ class SpeculativeDecoder:
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
                  packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True,
-                 compile: bool = True):
+                 compile: bool | str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -147,6 +149,8 @@ class SpeculativeDecoder:
                 and GraphedDrafter.supported(drafter, self.device, self.limit)):
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
+        if compile == "auto":  # float32 keeps the uncompiled forward: its token-for-token identity with generate
+            compile = model.dtype in (torch.bfloat16, torch.float16)
         self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route,
                                      compiled=compile)
         self.eos_ids = eos_token_ids(model, tokenizer)

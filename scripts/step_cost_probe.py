@@ -80,7 +80,7 @@ def hf_compiled_ms(model, tokenizer, prompt: list[int], new_tokens: int) -> dict
     warm_up_static(method, 16)
     warm = time.perf_counter() - t0
     turn = method(prompt, new_tokens)
-    return {"ms_per_token": round(1000 * turn.seconds / len(turn.tokens), 3), "warm_up_s": round(warm, 1)}
+    return {"ms_per_token": round(1000 * turn.seconds / len(turn.token_ids), 3), "warm_up_s": round(warm, 1)}
 
 
 def main():

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..compiled import COMPILE_CHOICES
 from ..errors import ChimeraError
 from ..inputs import parse_json, read_bytes
 from .methods import METHODS, PLD_TOKENS, Decoding, HFGenerate, OurDecoder
@@ -32,7 +33,7 @@ def check_methods(methods) -> list[str]:
 
 
 def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafter="auto", tree="auto",
-                  decoding: Decoding = Decoding(), draft_vocab="auto"):
+                  decoding: Decoding = Decoding(), draft_vocab="auto", compile="auto"):
     """The method callables, and what the report should say about their drafters and trees."""
     from ..drafters import resolve_drafter
     from ..drafters.medusa import MedusaDrafter
@@ -43,7 +44,7 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
             methods[name] = HFGenerate(model, tokenizer, PLD_TOKENS if name == "hf-pld" else None, decoding,
                                        static=name == "hf-compiled")
         elif name == "ar":
-            methods[name] = OurDecoder(model, tokenizer, decoding=decoding)
+            methods[name] = OurDecoder(model, tokenizer, decoding=decoding, compile=compile)
         else:
             spec = chimera_drafter if name == "chimera" else medusa_drafter
             drafter = resolve_drafter(spec, model, architecture=name)
@@ -54,7 +55,8 @@ def build_methods(names, model, tokenizer, chimera_drafter="auto", medusa_drafte
             if kind != name:
                 raise ChimeraError(f"--{name}-drafter {spec} is a {kind} drafter")
             vocab = draft_vocab if name == "chimera" else "full"
-            methods[name] = OurDecoder(model, tokenizer, drafter, tree=tree, decoding=decoding, draft_vocab=vocab)
+            methods[name] = OurDecoder(model, tokenizer, drafter, tree=tree, decoding=decoding, draft_vocab=vocab,
+                                       compile=compile)
             topology, size = methods[name].tree, methods[name].decoder.draft_vocab
             drafters[name] = {"drafter": spec, "tree": f"{tree} ({topology.describe()})",
                               "draft_vocab": f"{vocab} ({size or 'all'} tokens)"}
@@ -75,13 +77,13 @@ def bench(args, progress: bool = True) -> dict:
     model, tokenizer = load_base(args.model, dtype=dtype, device=args.device)
     decoding = Decoding(temperature=args.temperature)
     runners, drafters = build_methods(methods, model, tokenizer, args.chimera_drafter, args.medusa_drafter,
-                                      args.tree, decoding, args.draft_vocab)
+                                      args.tree, decoding, args.draft_vocab, COMPILE_CHOICES[args.compile])
     device = next(model.parameters()).device
     config = BenchConfig(questions=str(args.questions), questions_sha256=file_sha256(args.questions),
                          categories=sorted(args.categories) if args.categories else None, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, methods=methods, model=args.model,
                          dtype=dtype, device=str(device), drafters=drafters, warmup=args.warmup,
-                         temperature=args.temperature, seed=args.seed)
+                         temperature=args.temperature, seed=args.seed, compile=args.compile)
     resumed = prepare_out_dir(out, config)
     if resumed and progress:
         print(f"chimera: resuming the benchmark in {out}")

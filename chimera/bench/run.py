@@ -41,6 +41,7 @@ class BenchConfig:
     warmup: int = 2
     temperature: float = 0.0  # 0: greedy; above: sampled (no top-k/top-p), each turn seeded from ``seed``
     seed: int = 0
+    compile: str = "auto"  # our loop's base forward through torch.compile: auto, on or off (cli.COMPILE_CHOICES)
 
 
 def prepare_out_dir(out: Path, config: BenchConfig) -> bool:
