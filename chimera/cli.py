@@ -66,6 +66,12 @@ def compile_choice(name: str):
     return COMPILE_CHOICES[name]
 
 
+def add_processes_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--num-processes", type=positive_int, default=1, dest="num_processes",
+                        help=f"processes on this machine that {what}; started with torchrun, one per GPU on GPUs "
+                             "(default: 1)")
+
+
 def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     from .tree import TOPOLOGIES
 
@@ -180,6 +186,8 @@ def cmd_distill(args) -> int:
     from .train.data import read_prompts
     from .train.distill import distill
 
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args.num_processes, args.argv)
     resolve_dtype(args.dtype)
     resolve_device(args.device)
     prompts, skipped = read_prompts(args.prompts)
@@ -191,7 +199,8 @@ def cmd_distill(args) -> int:
                       temperature=args.temperature, max_prompt_tokens=args.max_prompt_tokens, limit=args.limit,
                       seed=args.seed)
     summary["skipped_malformed"] = skipped
-    print(json.dumps(summary))
+    if is_main_process():
+        print(json.dumps(summary))
     return 0
 
 
@@ -202,6 +211,8 @@ def cmd_train(args) -> int:
     from .train.data import DistillStore
     from .train.trainer import TrainConfig, train
 
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args.num_processes, args.argv)
     resolve_dtype(args.dtype)
     resolve_device(args.device)
     store = DistillStore(args.data)
@@ -210,9 +221,34 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     meta = {**store.meta, "source": str(args.data)}
     result = train(model, samples, args.out, cfg, data_meta=meta, resume=not args.no_resume,
-                   export_dtype=resolve_dtype(args.export_dtype))
-    print(json.dumps(result))
+                   export_dtype=resolve_dtype(args.export_dtype), max_steps_this_run=args.stop_after)
+    if is_main_process():
+        print(json.dumps(result))
     return 0
+
+
+def is_main_process() -> bool:
+    """Whether this is the only process, or rank 0 of those torchrun started."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def launch_processes(count: int, argv: list[str]) -> int:
+    """Run this very command in ``count`` data-parallel processes through torchrun (accelerate reads the ranks
+    it sets); returns their exit status."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
+               "-m", "chimera.cli", *rest]
+    print(f"chimera: training in {count} processes: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.run(command).returncode
 
 
 def cmd_serve(args) -> int:
@@ -295,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--max-prompt-tokens", type=positive_int, default=1024)
     dis.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts")
     dis.add_argument("--seed", type=int, default=0)
+    add_processes_arg(dis, "answer the prompts")
     dis.set_defaults(func=cmd_distill)
 
     from .train.trainer import TrainConfig
@@ -320,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--architecture", choices=["chimera", "medusa"], default="chimera",
                     help="chimera (default) or medusa (the baseline heads, for comparison in 'chimera bench')")
     tr.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    tr.add_argument("--stop-after", type=positive_int, default=None, dest="stop_after",
+                    help="train at most N steps in this run, save, and exit (run again to resume)")
+    add_processes_arg(tr, "train (data-parallel; the global batch, schedule and results do not depend on N)")
     tr.set_defaults(func=cmd_train)
 
     from .bench.methods import METHODS
@@ -384,6 +424,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return args.func(args)
     except ChimeraError as exc:
         print(f"chimera: error: {exc}", file=sys.stderr)

@@ -57,7 +57,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' picks CUDA when present; an explicit accelerator that is missing is an error, not a fallback."""
+    """'auto' picks CUDA when present; an explicit accelerator that is missing is an error, not a fallback.
+    In a data-parallel process (torchrun sets LOCAL_RANK), 'auto' and 'cuda' mean that process's own GPU."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device in (None, "auto", "cuda") and local_rank is not None and torch.cuda.is_available():
+        device = f"cuda:{int(local_rank) % torch.cuda.device_count()}"
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

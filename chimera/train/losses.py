@@ -17,26 +17,49 @@ class LossOutput:
     regression: float
 
 
+def chain_positions(roots: torch.Tensor, loss_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For depth k: the position t = r+k-1 each chain's prediction is compared at (clamped into the sequence),
+    and whether it counts: inside the sequence, r >= 1 (a verified prefix exists) and ``loss_mask[t]`` set (an
+    assistant token follows t)."""
+    L = loss_mask.shape[1]
+    t = roots + (k - 1)
+    inside = t < L
+    t = t.clamp(max=L - 1)
+    return t, inside & (roots >= 1) & torch.gather(loss_mask, 1, t)
+
+
+def chain_counts(roots: torch.Tensor, loss_mask: torch.Tensor, depth: int) -> torch.Tensor:
+    """(depth,) how many chains count at each depth: what a data-parallel run sums over its processes, so that
+    each process's loss is its share of the whole batch's mean (``chain_loss``'s ``totals``)."""
+    return torch.stack([chain_positions(roots, loss_mask, k)[1].sum() for k in range(1, depth + 1)])
+
+
 def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_logits=None,
-               depth_decay: float = 0.8, regression_weight: float = 0.1) -> LossOutput:
+               depth_decay: float = 0.8, regression_weight: float = 0.1, totals: list[int] | None = None,
+               processes: int = 1) -> LossOutput:
     """Loss for the chains rooted at ``roots`` (B, m).
 
     At depth k the chain rooted at r predicts the token after position t = r+k-1, so it is compared with the
     base at t: its argmax ``base_targets[:, t]`` (cross-entropy) or its full distribution ``teacher_logits``
     (KL), and ``u`` with the base hidden state ``hidden[:, t]``. Only positions with ``loss_mask`` set
     (an assistant token follows them) and roots r >= 1 (a verified prefix exists) count.
+
+    Each depth's terms are means over its chains. In a data-parallel run of ``processes`` processes, ``totals``
+    gives each depth's chain count over all of them: the sums here are divided by those and multiplied by
+    ``processes`` (gradients are averaged over processes), so the update is the whole batch's, whatever the
+    split. The logged values stay this process's own means.
     """
     B, L = base_targets.shape
     total = logits[0].new_zeros((), dtype=torch.float32)
     ce_log, top1_log, counts, reg_total = [], [], [], 0.0
     for k, (lg, u) in enumerate(zip(logits, us), start=1):
-        t = roots + (k - 1)
-        inside = t < L
-        t = t.clamp(max=L - 1)
-        valid = inside & (roots >= 1) & torch.gather(loss_mask, 1, t)
-        if not valid.any():
+        t, valid = chain_positions(roots, loss_mask, k)
+        n = int(valid.sum())
+        if n == 0:  # no chain of this depth here; zero-weighted, its head still takes part in the backward
+            total = total + lg.sum() * 0 + (u.sum() * 0 if u is not None else 0)  # (data-parallel waits for it)
             ce_log.append(0.0), top1_log.append(0.0), counts.append(0)
             continue
+        share = processes * n / totals[k - 1] if totals is not None else 1.0  # this process's part of the mean
         lg_v = lg[valid].float()
         target = torch.gather(base_targets, 1, t)[valid]
         if teacher_logits is not None:
@@ -51,10 +74,10 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
         else:
             h_t = torch.gather(hidden, 1, t.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))[valid]
             reg = F.smooth_l1_loss(u[valid].float(), h_t.float())
-        total = total + weight * (ce + regression_weight * reg)
+        total = total + share * weight * (ce + regression_weight * reg)
         ce_log.append(float(ce.detach()))
         top1_log.append(float((lg_v.detach().argmax(-1) == target).float().mean()))
-        counts.append(int(valid.sum()))
+        counts.append(n)
         reg_total += float(reg.detach())
     if not any(counts) and torch.is_grad_enabled():
         total = total + logits[0].sum() * 0  # a batch without targets still backpropagates (zero gradients)

@@ -28,7 +28,7 @@ from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
 from ..inputs import read_bytes, read_json
 from .data import count_tokens
-from .losses import acceptance_counts, chain_loss
+from .losses import acceptance_counts, chain_counts, chain_loss
 
 STATE_WEIGHTS = "optimizer.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -123,14 +123,21 @@ def collate(samples, ids, max_len: int, pad_id: int, device):
     return tokens.to(device), attention.to(device), loss_mask.to(device)
 
 
-def sample_roots(loss_mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Pick ``count`` chain roots per row, uniformly among positions whose chains have a target."""
+def sample_roots(loss_mask: torch.Tensor, count: int, seeds: list[int]) -> torch.Tensor:
+    """Pick ``count`` chain roots per row, uniformly among positions whose chains have a target; row i's draw is
+    a pure function of ``seeds[i]`` (its sample and step), so it does not depend on the batch it sits in nor on
+    how a data-parallel run split that batch."""
     B, L = loss_mask.shape
     if count >= L:
         return torch.arange(L, device=loss_mask.device).expand(B, L)
     weights = loss_mask.float().cpu() + 1e-6  # rows without targets still sample (and are masked later)
-    roots = torch.multinomial(weights, count, replacement=False, generator=generator)
+    roots = torch.stack([torch.multinomial(w, count, replacement=False, generator=torch.Generator().manual_seed(s))
+                         for w, s in zip(weights, seeds)])
     return roots.sort(-1).values.to(loss_mask.device)
+
+
+def root_seed(seed: int, step: int, sample: int) -> int:
+    return (seed * 7919 + step) * 1_000_003 + sample
 
 
 @torch.no_grad()
@@ -276,10 +283,11 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     from accelerate import Accelerator
 
     out_dir = Path(out_dir)
+    probe = out_dir / f".write-test-{os.getpid()}"  # one per process: data-parallel ranks start together
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".write-test").write_text("ok")
-        (out_dir / ".write-test").unlink()
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as exc:
         raise ChimeraError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     if data_meta is not None:
@@ -293,6 +301,9 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     if accelerator is None:
         accelerator = Accelerator(mixed_precision="bf16" if device_type == "cuda" else "no", cpu=device_type == "cpu")
     device = accelerator.device
+    if cfg.batch_size < accelerator.num_processes:
+        raise ChimeraError(f"the batch ({cfg.batch_size}) is smaller than the number of processes "
+                           f"({accelerator.num_processes}): every process needs at least one sample a step")
     pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     train_ids, held_ids = split_heldout(len(samples), cfg.heldout_fraction, cfg.seed)
     held_ids = held_ids[: cfg.eval_samples]
@@ -341,20 +352,26 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         else:
             hidden, logits = base_targets(model, tokens, attention)
             targets = logits.argmax(-1)
-        generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        roots = sample_roots(loss_mask, cfg.roots_per_seq, generator)
+        roots = sample_roots(loss_mask, cfg.roots_per_seq, [root_seed(cfg.seed, step, int(i)) for i in ids])
+        totals = None
+        if accelerator.num_processes > 1:  # every depth's chain count over all processes: the mean's divisor
+            totals = accelerator.reduce(chain_counts(roots, loss_mask, cfg.depth), "sum").tolist()
         with accelerator.autocast():
             out_logits, out_u = drafter(tokens, hidden, cfg.depth, roots)
             loss = chain_loss(out_logits, out_u, roots, targets, hidden, loss_mask,
                               teacher_logits=logits if cfg.kl else None, depth_decay=cfg.depth_decay,
-                              regression_weight=cfg.regression_weight)
+                              regression_weight=cfg.regression_weight, totals=totals,
+                              processes=accelerator.num_processes)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss.loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
         optimizer.step()
         done = step + 1
-        record = {"step": done, "loss": round(float(loss.loss.detach()), 5), "lr": optimizer.param_groups[0]["lr"],
+        batch_loss = loss.loss.detach()
+        if accelerator.num_processes > 1:  # the shares of the whole batch's loss, summed
+            batch_loss = accelerator.reduce(batch_loss, "sum") / accelerator.num_processes
+        record = {"step": done, "loss": round(float(batch_loss), 5), "lr": optimizer.param_groups[0]["lr"],
                   "ce": [round(x, 4) for x in loss.per_depth_ce], "top1": [round(x, 4) for x in loss.per_depth_top1],
                   "elapsed_s": round(time.perf_counter() - t0, 2)}
         if done % cfg.eval_every == 0 or done == cfg.steps:
