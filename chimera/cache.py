@@ -147,3 +147,62 @@ class SlotCache(Cache):
             if layer.is_initialized:
                 layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
                 layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+
+
+class RowSlotLayer(CacheLayerMixin):
+    """One layer's keys and values for a running batch: ``rows`` sequences of ``capacity`` slots each. A forward
+    covers the rows ``cache.rows`` (a slice: the running batch, or one row being prefilled), writes its tokens at
+    ``cache.slots`` (rows x tokens), and attends over the first ``cache.window`` slots of each row."""
+
+    is_compileable = False
+
+    def __init__(self, cache: "RowSlotCache"):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _, heads, _, width = key_states.shape
+        self.keys = key_states.new_zeros(self.cache.row_count, heads, self.cache.capacity, width)
+        self.values = value_states.new_zeros(self.cache.row_count, heads, self.cache.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, slots, window = self.cache.rows, self.cache.slots, self.cache.window
+        keys, values = self.keys[rows], self.values[rows]  # views: the writes land in the cache
+        index = slots[:, None, :, None]
+        keys.scatter_(2, index.expand(-1, keys.shape[1], -1, keys.shape[-1]), key_states)
+        values.scatter_(2, index.expand(-1, values.shape[1], -1, values.shape[-1]), value_states)
+        return keys[:, :, :window], values[:, :, :window]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.window, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # positions and masks are always given explicitly
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+
+class RowSlotCache(Cache):
+    """KV slots for a running batch of sequences, one row each (batch.py). The running rows are always the first
+    ones: a sequence that leaves is replaced by the last (``move_row``), so a step's forward covers a prefix of
+    rows, a view. ``rows``, ``slots`` and ``window`` describe the forward under way."""
+
+    def __init__(self, num_layers: int, row_count: int, capacity: int, device):
+        self.row_count = row_count
+        self.capacity = capacity
+        self.rows = slice(0, 0)
+        self.slots = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self.window = capacity
+        super().__init__(layers=[RowSlotLayer(self) for _ in range(num_layers)])
+
+    @torch.inference_mode()
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first ``length`` slots of row ``source`` into row ``target``."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[target, :, :length] = layer.keys[source, :, :length]
+                layer.values[target, :, :length] = layer.values[source, :, :length]

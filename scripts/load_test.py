@@ -46,6 +46,8 @@ def build_tiny_model(path: Path) -> None:
 def start_server(args, model: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "chimera.cli", "serve", "--model", model, "--drafter", args.drafter,
                "--port", "0", "--max-queue", str(args.max_queue), "--device", "cpu"]
+    if args.max_batch is not None:
+        command += ["--max-batch", str(args.max_batch)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     line = proc.stdout.readline()  # "chimera: serving '...' on http://127.0.0.1:PORT (...)"
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=16, help="queue size of the started server")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="running batch of the started server (default: the server's own, 8 on a CPU)")
     parser.add_argument("--burst", type=int, default=None, help="concurrent requests at once (default: 3 x queue)")
     args = parser.parse_args()
 
@@ -173,6 +177,7 @@ def main() -> None:
         rss_before = rss_mib(pid)
         report = {"url": url, "model": "tiny random Llama (2 layers, width 64, real SmolLM2 tokenizer)"
                   if tmp else model, "drafter": args.drafter if proc else "(server's own)",
+                  "max_batch": args.max_batch if proc else "(server's own)",
                   "cpu_threads": os.cpu_count(),
                   "load": asyncio.run(load(url, args.api_key, model, args.clients, args.requests, args.max_tokens))}
         report["rss_mib_before_after_load"] = [rss_before, rss_mib(pid)]

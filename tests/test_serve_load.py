@@ -180,3 +180,48 @@ def test_request_timeout(tiny):
         assert wait_idle(engine, 2)
         quick = client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert quick.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_running_batch_under_load_loses_nothing(tiny):
+    """Continuous batching with clients that leave mid-stream, a burst past the queue and long requests beside
+    short ones: every stream that stays is complete and is what that request decodes alone."""
+    decoder = SpeculativeDecoder(*tiny, None)
+    expected = {}
+    for prompt in PROMPTS:
+        r = decoder.generate([{"role": "user", "content": prompt}], max_new_tokens=12)
+        expected[prompt] = (r.text, r.finish_reason)
+    engine = Engine(decoder, max_queue=QUEUE, timeout=60, max_batch=4)
+    with BackgroundServer(engine, ServerConfig(MODEL)) as url:
+        cancelled = metric(url, 'chimera_generations_total{outcome="cancelled"}')
+
+        async def leaver():
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 460,
+                    "temperature": 0, "stream": True}
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    lines = response.aiter_lines()
+                    for _ in range(3):  # the role chunk and two text deltas, then the client is gone
+                        while not (await lines.__anext__()):
+                            pass
+
+        async def burst(n: int):
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 12,
+                        "temperature": 0}
+                return [r.status_code for r in await asyncio.gather(*(http.post("/v1/chat/completions", json=body)
+                                                                      for _ in range(n)))]
+
+        async def together(*jobs):
+            return await asyncio.wait_for(asyncio.gather(*jobs), timeout=240)
+
+        # a burst past the queue while two members of the batch leave: 200 or 429, nothing else
+        statuses, _, _ = asyncio.run(together(burst(3 * QUEUE), leaver(), leaver()))
+        assert set(statuses) <= {200, 429} and statuses.count(429) >= 1 and statuses.count(200) >= QUEUE - 2, statuses
+        # streams beside members that leave: every one complete and what it is alone
+        streamed, _, _ = asyncio.run(together(run_clients(url, 6, 4, 12, expected), leaver(), leaver()))
+        assert streamed == 24
+        assert wait_idle(engine, 10)
+        assert metric(url, 'chimera_generations_total{outcome="cancelled"}') >= cancelled + 4
+        assert metric(url, "chimera_running_generations") == 0
+        quick = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert quick.status_code == 200

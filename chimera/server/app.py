@@ -233,11 +233,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_name, "queued": engine.queued, "busy": engine.busy}
+        return {"status": "ok", "model": config.model_name, "queued": engine.queued, "busy": engine.busy,
+                "running": engine.running}
 
     @app.get("/metrics", dependencies=protected)
     async def prometheus():
-        return PlainTextResponse(metrics.render(engine.queued, engine.busy),
+        return PlainTextResponse(metrics.render(engine.queued, engine.busy, engine.running, engine.tokens_per_s()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -1,14 +1,18 @@
-"""One worker thread owns the decoder; requests wait in a bounded queue and stream back to the event loop.
+"""One worker thread owns the model; requests wait in a bounded queue and stream back to the event loop.
 
-The model decodes one sequence at a time (batch 1), so a single thread runs every generation and the
-asyncio event loop never blocks on torch. Each job carries a cancel event and a deadline that the worker
-checks between stream chunks, so a client that disconnects or a request that runs out of time stops
-costing compute within one decode step. Results cross back into the loop with ``call_soon_threadsafe``.
+A single thread runs every generation, so the asyncio event loop never blocks on torch. A request that finds
+the server idle (nothing running, nothing queued) is decoded speculatively, alone: the fastest way to serve one
+user. Otherwise requests join a running batch (batch.py, ``max_batch`` > 1) at the next step after their
+prefill and leave when they stop: continuous batching, where one forward serves every running sequence. Each
+job carries a cancel event and a deadline that the worker checks after every step, so a client that disconnects
+or a request that runs out of time stops costing compute within one decode step. Results cross back into the
+loop with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import queue
@@ -16,8 +20,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..batch import RunningBatch, Sequence
 from ..errors import ChimeraError
 from ..generate import GenerationResult, SpeculativeDecoder
+from ..sampling import SamplingConfig
 from .schemas import APIError
 
 log = logging.getLogger("chimera.server")
@@ -67,15 +73,30 @@ def timeout_error(seconds: float) -> APIError:
                     type="timeout_error", code="timeout")
 
 
-class Engine:
-    """A bounded queue in front of one ``SpeculativeDecoder`` run by one thread."""
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
 
-    def __init__(self, decoder: SpeculativeDecoder, max_queue: int = 16, timeout: float = 120.0):
+
+THROUGHPUT_WINDOW = 10.0  # seconds over which ``Engine.tokens_per_s`` counts
+
+
+class Engine:
+    """A bounded queue in front of one ``SpeculativeDecoder`` (a request alone) and, with ``max_batch`` > 1, one
+    ``RunningBatch`` of up to that many sequences of at most ``batch_context`` tokens; one thread runs both."""
+
+    def __init__(self, decoder: SpeculativeDecoder, max_queue: int = 16, timeout: float = 120.0,
+                 max_batch: int = 1, batch_context: int | None = None):
         if max_queue < 1:
             raise ChimeraError(f"the queue size must be at least 1, got {max_queue}")
         if not timeout > 0:
             raise ChimeraError(f"the request timeout must be positive, got {timeout}")
+        if max_batch < 1:
+            raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
         self.decoder = decoder
+        self.batch = (RunningBatch(decoder.model, decoder.tokenizer, max_batch, batch_context)
+                      if max_batch > 1 else None)
+        self._running: list[tuple[Sequence, Job]] = []  # the batch's members, with their jobs
+        self._emitted: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of each step
         self.max_queue = max_queue
         self.timeout = timeout
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
@@ -90,7 +111,25 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return self._current is not None or bool(self._running)
+
+    @property
+    def running(self) -> int:
+        """Generations in progress: the running batch's, or the one decoded alone."""
+        return len(self._running) or int(self._current is not None)
+
+    def tokens_per_s(self) -> float:
+        """Tokens emitted per second over the last THROUGHPUT_WINDOW seconds (batched and alone)."""
+        now = time.monotonic()
+        emitted = list(self._emitted)  # a copy: the worker appends while a scrape reads
+        recent = [count for t, count in emitted if now - t <= THROUGHPUT_WINDOW]
+        return sum(recent) / THROUGHPUT_WINDOW
+
+    def _count(self, tokens: int) -> None:
+        now = time.monotonic()
+        self._emitted.append((now, tokens))
+        while self._emitted and now - self._emitted[0][0] > THROUGHPUT_WINDOW:
+            self._emitted.popleft()
 
     def start(self) -> None:
         if self._thread is None:
@@ -102,13 +141,15 @@ class Engine:
         self._stopping.set()
         if self._current is not None:
             self._current.cancel()
+        for _, job in list(self._running):
+            job.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.fail(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+                job.fail(shutting_down())
         try:
             self._queue.put(None, timeout=1.0)  # wakes an idle worker; a busy one sees the stop flag next
         except queue.Full:
@@ -121,7 +162,7 @@ class Engine:
                sampling: dict | None = None, stream: bool = True) -> Job:
         """Queue a job, or refuse at once: 429 when the queue is full, 503 when the engine is stopping."""
         if self._stopping.is_set():
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            raise shutting_down()
         job = Job(input_ids, max_new_tokens, stop, dict(sampling or {}), time.monotonic() + self.timeout,
                   asyncio.get_running_loop(), stream, id=next(self._ids))
         try:
@@ -132,17 +173,100 @@ class Engine:
         return job
 
     def _run(self) -> None:
+        alone: list[Job] = []  # too long for a batch row: decoded alone once the batch is empty
         while True:
-            job = self._queue.get()
+            if not self._admit(alone):
+                return
+            if self._running:
+                self._step()
+            elif alone:
+                self._serve_alone(alone.pop(0))
+
+    def _admit(self, alone: list[Job]) -> bool:
+        """Take queued jobs while the batch has room (waiting for one when nothing runs); False: stop."""
+        while self.batch is None or not self.batch.full:
+            idle = not self._running and not alone
+            try:
+                job = self._queue.get() if idle else self._queue.get_nowait()
+            except queue.Empty:
+                return True
             if job is None or self._stopping.is_set():
                 if job is not None:
-                    job.fail(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
-                return
-            self._current = job
-            try:
-                self._serve(job)
-            finally:
-                self._current = None
+                    job.fail(shutting_down())
+                for _, member in self._running:
+                    member.fail(shutting_down())
+                self._running.clear()
+                return False
+            if job.cancelled.is_set():
+                continue
+            if time.monotonic() > job.deadline:
+                job.fail(timeout_error(self.timeout))
+                continue
+            if self.batch is None or (idle and self._queue.empty()):
+                self._serve_alone(job)  # alone on the server: speculative decoding serves it fastest
+            elif not self.batch.fits(len(job.input_ids), job.max_new_tokens):
+                alone.append(job)
+            else:
+                self._join(job)
+        return True
+
+    def _join(self, job: Job) -> None:
+        job.started = time.monotonic()
+        try:
+            sequence, text = self.batch.add(job.input_ids, job.max_new_tokens, job.stop,
+                                            SamplingConfig(**job.sampling))
+        except ChimeraError as exc:
+            job.fail(APIError(400, str(exc)))
+            return
+        except Exception as exc:  # a bug or a torch failure: answer 500 and keep the worker alive
+            log.exception("generation %d failed", job.id)
+            job.fail(APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error"))
+            return
+        self._running.append((sequence, job))
+        self._count(1)
+        if job.stream and text:
+            job.delta(text)
+        self._retire()
+
+    def _step(self) -> None:
+        """One token for every member of the batch, then retire those that stopped, left or ran out of time."""
+        try:
+            emitted = self.batch.step()
+        except Exception as exc:  # a bug or a torch failure: fail the batch, keep the worker alive
+            log.exception("a batched step failed")
+            for sequence, job in self._running:
+                job.fail(APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error"))
+                self.batch.remove(sequence)
+            self._running.clear()
+            return
+        self._count(len(emitted))
+        jobs = {id(sequence): job for sequence, job in self._running}
+        for sequence, text in emitted:
+            job = jobs[id(sequence)]
+            if job.stream and text:
+                job.delta(text)
+        self._retire()
+
+    def _retire(self) -> None:
+        now = time.monotonic()
+        for sequence, job in list(self._running):
+            if sequence.done:
+                job.done(sequence.result())
+            elif job.cancelled.is_set() or self._stopping.is_set():
+                pass  # the client is gone, or the server stops (stop() fails what is queued; nobody listens)
+            elif now > job.deadline:
+                job.fail(timeout_error(self.timeout))
+            else:
+                continue
+            self.batch.remove(sequence)
+            self._running.remove((sequence, job))
+
+    def _serve_alone(self, job: Job) -> None:
+        self._current = job
+        try:
+            self._serve(job)
+        finally:
+            self._current = None
 
     def _serve(self, job: Job) -> None:
         job.started = time.monotonic()
@@ -164,6 +288,7 @@ class Engine:
                 if time.monotonic() > job.deadline:
                     job.fail(timeout_error(self.timeout))
                     return
+            self._count(stream.result.new_tokens)
             job.done(stream.result)
         except ChimeraError as exc:
             job.fail(APIError(400, str(exc)))

@@ -68,7 +68,7 @@ class Metrics:
             self.completion_tokens += completion_tokens
             self.steps += steps
 
-    def render(self, queued: int, busy: bool) -> str:
+    def render(self, queued: int, busy: bool, running: int = 0, tokens_per_s: float = 0.0) -> str:
         with self._lock:
             out = ["# HELP chimera_requests_total HTTP requests by route and status code.",
                    "# TYPE chimera_requests_total counter"]
@@ -100,6 +100,12 @@ class Metrics:
                 "# HELP chimera_busy 1 while a generation runs.",
                 "# TYPE chimera_busy gauge",
                 f"chimera_busy {int(busy)}",
+                "# HELP chimera_running_generations Generations in progress (the running batch, or one alone).",
+                "# TYPE chimera_running_generations gauge",
+                f"chimera_running_generations {running}",
+                "# HELP chimera_tokens_per_second Tokens emitted per second over the last 10 seconds.",
+                "# TYPE chimera_tokens_per_second gauge",
+                f"chimera_tokens_per_second {tokens_per_s:.2f}",
                 "# HELP process_resident_memory_bytes Resident memory of the server process.",
                 "# TYPE process_resident_memory_bytes gauge",
                 f"process_resident_memory_bytes {resident_bytes()}",

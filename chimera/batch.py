@@ -1,0 +1,161 @@
+"""Plain decoding of a running batch: sequences join after their prefill and leave when they stop, and every step
+decodes one token of each in a single forward (continuous batching).
+
+A lone request is served faster by speculation (generate.py); many at once are served faster together: the
+forward reads the weights once for the whole batch, so on a small model a step of 16 sequences costs little more
+than a step of one. The server (server/engine.py) runs this batch whenever more than one request is in flight.
+
+Each sequence keeps what makes its output its own: its KV row, its length, its sampling settings and seeded
+generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
+float32 (greedy, and sampled with a seed: the same draws in the same order; tests/test_batch.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import RowSlotCache
+from .cache_argument import cache_kwargs
+from .errors import ChimeraError
+from .generate import GenerationResult
+from .graph_runner import power_of_two_at_least
+from .models import context_limit
+from .sampling import SamplingConfig, target_probs
+from .text import StopCondition, eos_token_ids
+from .tree import additive_mask
+
+SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a few shapes serve every length
+
+
+@dataclass
+class Sequence:
+    """One member of the running batch."""
+
+    prompt_ids: list[int]
+    stopper: StopCondition
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    started: float = field(default_factory=time.perf_counter)
+    length: int = 0  # tokens in its KV row (the prompt, then every emitted token but the newest)
+    next_token: int = 0  # the newest emitted token, the input of its next step
+    steps: int = 1  # forwards that emitted its tokens, the prefill included
+
+    @property
+    def done(self) -> bool:
+        return self.stopper.done
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.stopper.text, self.stopper.tokens, len(self.prompt_ids),
+                                self.stopper.finish_reason or "", steps=self.steps,
+                                seconds=time.perf_counter() - self.started, accepted=[1] * self.steps)
+
+
+class RunningBatch:
+    """Up to ``max_batch`` sequences of at most ``capacity`` tokens each, decoding together.
+
+    ``add`` prefills a sequence and returns it with its first text; ``step`` decodes one token of every running
+    sequence and returns each one's new text; ``remove`` takes a sequence out (finished, cancelled or timed out).
+    The KV memory (max_batch x capacity slots per layer) is allocated on the first prefill, once.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None):
+        if max_batch < 1:
+            raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.capacity = min(capacity or context_limit(model), context_limit(model))
+        self.max_batch = max_batch
+        self.cache = RowSlotCache(model.config.get_text_config().num_hidden_layers, max_batch, self.capacity,
+                                  self.device)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.running: list[Sequence] = []  # row i holds running[i]
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a sequence of this size fits a row (else it must be decoded alone)."""
+        return prompt_tokens + max_new_tokens <= self.capacity
+
+    @property
+    def full(self) -> bool:
+        return len(self.running) >= self.max_batch
+
+    def add(self, prompt_ids: list[int], max_new_tokens: int, stop=(), sampling: SamplingConfig = SamplingConfig()
+            ) -> tuple[Sequence, str]:
+        if self.full:
+            raise ChimeraError(f"the running batch is full ({self.max_batch} sequences)")
+        if not prompt_ids:
+            raise ChimeraError("empty prompt")
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ChimeraError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if len(prompt_ids) >= self.capacity:
+            raise ChimeraError(f"the prompt is {len(prompt_ids)} tokens but a batch row holds {self.capacity}")
+        stop = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
+        budget = min(max_new_tokens, self.capacity - len(prompt_ids))
+        sequence = Sequence(list(prompt_ids), StopCondition(self.tokenizer, self.eos_ids, budget, stop), sampling,
+                            None if sampling.greedy else sampling.generator(self.device))
+        row = len(self.running)
+        n = len(prompt_ids)
+        positions = torch.arange(n, device=self.device)[None]
+        logits = self._forward(slice(row, row + 1), torch.tensor([prompt_ids], device=self.device), positions,
+                               logits_to_keep=1)
+        sequence.length = n
+        token = self._choose(logits[:, -1], [sequence])[0]
+        sequence.next_token = token
+        self.running.append(sequence)
+        return sequence, sequence.stopper.push_step([token])
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One token for every running sequence that has not stopped; (sequence, new text) for each."""
+        active = [s for s in self.running if not s.done]
+        if not active:
+            return []
+        if len(active) != len(self.running):
+            raise ChimeraError("remove finished sequences before the next step")
+        count = len(active)
+        tokens = torch.tensor([[s.next_token] for s in active], device=self.device)
+        positions = torch.tensor([[s.length] for s in active], device=self.device)
+        logits = self._forward(slice(0, count), tokens, positions)
+        chosen = self._choose(logits[:, -1], active)
+        out = []
+        for sequence, token in zip(active, chosen):
+            sequence.length += 1
+            sequence.steps += 1
+            sequence.next_token = token
+            out.append((sequence, sequence.stopper.push_step([token])))
+        return out
+
+    def remove(self, sequence: Sequence) -> None:
+        """Take ``sequence`` out; the last row moves into its place, so the running rows stay the first ones."""
+        row = self.running.index(sequence)
+        last = len(self.running) - 1
+        if row != last:
+            moved = self.running[last]
+            self.cache.move_row(last, row, moved.length)
+            self.running[row] = moved
+        self.running.pop()
+
+    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0
+                 ) -> torch.Tensor:
+        """Logits (rows, kept tokens, vocab) of ``tokens`` (rows, n) at ``positions``, each row attending to its own
+        slots up to its position."""
+        window = min(power_of_two_at_least(int(positions.max()) + 1, SMALLEST_WINDOW), self.capacity)
+        self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
+        allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
+        mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
+        with torch.inference_mode():
+            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
+                             logits_to_keep=logits_to_keep, **cache_kwargs(self.model, self.cache))
+        return out.logits.float()
+
+    def _choose(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+        """Each sequence's next token from its row of ``logits`` (rows, vocab): the argmax, or a draw by its own
+        generator from its own processed distribution, as it would be alone."""
+        picks = logits.argmax(-1)
+        for row, sequence in enumerate(sequences):
+            if sequence.generator is not None:
+                probs = target_probs(logits[row:row + 1], sequence.sampling)[0]
+                picks[row] = torch.multinomial(probs, 1, generator=sequence.generator)[0]
+        return picks.tolist()

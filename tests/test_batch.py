@@ -1,0 +1,89 @@
+"""Continuous batching of plain decoding: every sequence of a running batch decodes token for token what it
+decodes alone (float32), whatever joins or leaves around it."""
+
+import pytest
+import torch
+
+from chimera import SpeculativeDecoder
+from chimera.batch import RunningBatch
+from chimera.errors import ChimeraError
+from chimera.sampling import SamplingConfig
+from chimera.text import encode_prompt
+from conftest import FAMILIES, tiny_model
+
+
+def alone(model, tokenizer, prompt, max_new_tokens, stop=(), **sampling):
+    decoder = SpeculativeDecoder(model, tokenizer, None, adaptive=False)
+    return decoder.generate(input_ids=prompt, max_new_tokens=max_new_tokens, stop=stop, **sampling)
+
+
+def drain(batch, sequences, texts, schedule=()):
+    """Step until every sequence is done, adding the scheduled ones at their step; returns results by name."""
+    results, step = {}, 0
+    pending = list(schedule)
+    while batch.running or pending:
+        for when, name, args in [p for p in pending if p[0] <= step]:
+            pending.remove((when, name, args))
+            sequence, text = batch.add(*args)
+            sequences[name], texts[name] = sequence, text
+        for sequence, text in batch.step():
+            name = next(k for k, v in sequences.items() if v is sequence)
+            texts[name] += text
+        for name, sequence in list(sequences.items()):
+            if sequence.done and sequence in batch.running:
+                batch.remove(sequence)
+                results[name] = sequence.result()
+        step += 1
+    return results
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_sequence_of_a_running_batch_is_what_it_is_alone(family, default_model):
+    _, tokenizer = default_model  # decodes the tiny vocabulary's ids; EOS 2 is the tiny models' too
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(3)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((5, 17, 9, 30))}
+    budgets = {"p0": 20, "p1": 7, "p2": 25, "p3": 12}  # they finish at different steps
+    batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128)
+    sequences, texts = {}, {}
+    for name in ("p0", "p1"):
+        sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
+    # p2 joins at step 3, p3 once p1 has left (the batch holds 3)
+    results = drain(batch, sequences, texts, [(3, "p2", (prompts["p2"], budgets["p2"])),
+                                              (9, "p3", (prompts["p3"], budgets["p3"]))])
+    for name, prompt in prompts.items():
+        expected = alone(model, tokenizer, prompt, budgets[name])
+        x = torch.tensor([prompt])
+        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=budgets[name],
+                             eos_token_id=2, pad_token_id=0)
+        assert results[name].token_ids == expected.token_ids, name
+        assert results[name].token_ids == ref[0, len(prompt):].tolist()[:len(expected.token_ids)], name
+        assert results[name].text == texts[name] == expected.text
+        assert results[name].finish_reason == expected.finish_reason
+
+
+def test_stop_strings_and_seeded_sampling_in_a_batch_are_as_alone(default_model):
+    model, tokenizer = default_model
+    prompts = [encode_prompt(tokenizer, q) for q in ("Count from one to ten in words.", "Name three colors.", "Say hi.")]
+    configs = [dict(), dict(temperature=0.9, top_p=0.9, seed=7), dict(temperature=1.0, top_k=20, seed=1)]
+    stops = [("4.",), (), ("\n",)]
+    batch = RunningBatch(model, tokenizer, max_batch=4, capacity=256)
+    sequences, texts = {}, {}
+    for i, (prompt, config, stop) in enumerate(zip(prompts, configs, stops)):
+        sequences[i], texts[i] = batch.add(prompt, 24, stop, SamplingConfig(**config))
+    results = drain(batch, sequences, texts)
+    for i, (prompt, config, stop) in enumerate(zip(prompts, configs, stops)):
+        expected = alone(model, tokenizer, prompt, 24, stop, **config)
+        assert results[i].token_ids == expected.token_ids and results[i].text == expected.text == texts[i], i
+    assert results[0].finish_reason == "stop" and results[0].text == "1. 1\n2. 2\n3. 3\n"  # the stop string ended it
+
+
+def test_a_running_batch_refuses_what_does_not_fit(default_model):
+    _, tokenizer = default_model
+    batch = RunningBatch(tiny_model("llama"), tokenizer, max_batch=1, capacity=32)
+    assert batch.fits(20, 12) and not batch.fits(20, 13)
+    with pytest.raises(ChimeraError, match="holds 32"):
+        batch.add(list(range(3, 40)), 4)
+    batch.add([5, 6, 7], 4)
+    with pytest.raises(ChimeraError, match="full"):
+        batch.add([5, 6, 7], 4)
