@@ -273,7 +273,7 @@ def cmd_serve(args) -> int:
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(args.drafter, model), tree=args.tree,
                                  draft_vocab=args.draft_vocab, compile=compile_choice(args.compile))
-    max_batch = args.max_batch if args.max_batch is not None else (1 if decoder.device.type == "cuda" else 8)
+    max_batch = args.max_batch if args.max_batch is not None else (1 if decoder.device.type == "cuda" else 16)
     engine = Engine(decoder, max_queue=args.max_queue, timeout=args.timeout, max_batch=max_batch,
                     batch_context=args.batch_context)
     config = ServerConfig(model_name=args.model, api_key=api_key, default_max_tokens=args.default_max_tokens,
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a request may take, queueing included (default: 120)")
     srv.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
                      help="requests decoded together in one running batch when more than one is in flight (a "
-                          "request alone is decoded speculatively); 1 = one at a time (default: 8 on a CPU, 1 on "
+                          "request alone is decoded speculatively); 1 = one at a time (default: 16 on a CPU, 1 on "
                           "a GPU, where the batch does not yet run through CUDA graphs)")
     srv.add_argument("--batch-context", type=positive_int, default=2048, dest="batch_context",
                      help="tokens (prompt + completion) a batch row holds; KV memory for max-batch rows of it is "

@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=16, help="queue size of the started server")
     parser.add_argument("--max-batch", type=int, default=None,
-                        help="running batch of the started server (default: the server's own, 8 on a CPU)")
+                        help="running batch of the started server (default: the server's own, 16 on a CPU)")
     parser.add_argument("--burst", type=int, default=None, help="concurrent requests at once (default: 3 x queue)")
     args = parser.parse_args()
 
