@@ -67,7 +67,9 @@ def test_stop_strings_and_seeded_sampling_in_a_batch_are_as_alone(default_model)
     prompts = [encode_prompt(tokenizer, q) for q in ("Count from one to ten in words.", "Name three colors.", "Say hi.")]
     configs = [dict(), dict(temperature=0.9, top_p=0.9, seed=7), dict(temperature=1.0, top_k=20, seed=1)]
     stops = [("4.",), (), ("\n",)]
-    batch = RunningBatch(model, tokenizer, max_batch=4, capacity=256)
+    # the server's batch runs through the model its decoder verifies with: on this CPU the prepacked copy
+    batch = RunningBatch(SpeculativeDecoder(model, tokenizer, None).verifier.model, tokenizer, max_batch=4,
+                         capacity=256)
     sequences, texts = {}, {}
     for i, (prompt, config, stop) in enumerate(zip(prompts, configs, stops)):
         sequences[i], texts[i] = batch.add(prompt, 24, stop, SamplingConfig(**config))

@@ -93,7 +93,9 @@ class Engine:
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
         self.decoder = decoder
-        self.batch = (RunningBatch(decoder.model, decoder.tokenizer, max_batch, batch_context)
+        # the verifier's model: on a CPU the copy with prepacked linear layers where the decoder made one (a
+        # batch of 16 steps twice as fast through it: 51 against 104 ms for the default model on one thread)
+        self.batch = (RunningBatch(decoder.verifier.model, decoder.tokenizer, max_batch, batch_context)
                       if max_batch > 1 else None)
         self._running: list[tuple[Sequence, Job]] = []  # the batch's members, with their jobs
         self._emitted: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of each step
