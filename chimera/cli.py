@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import ChimeraError
 
@@ -294,6 +295,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_throughput(args) -> int:
+    from .bench.questions import load_questions, select
+    from .bench.throughput import METHODS, table, throughput
+    from .drafters import resolve_drafter
+    from .models import load_base, resolve_device, resolve_dtype
+
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise ChimeraError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    questions = select(load_questions(args.questions), args.categories, args.limit)
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    resolve_dtype(dtype)
+    model, tokenizer = load_base(args.model, dtype=dtype, device=args.device)
+    drafter = resolve_drafter(args.drafter, model) if "chimera" in args.methods else None
+    results = throughput(model, tokenizer, drafter, questions, list(dict.fromkeys(args.methods)),
+                         args.concurrency, args.max_new_tokens, Path(args.out), args.max_batch,
+                         progress=lambda line: print(f"chimera: {line}", file=sys.stderr))
+    print(table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="chimera", description="Lossless speculative decoding for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -387,6 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0, help="run seed for sampling; each turn gets its own (default: 0)")
     be.add_argument("--out", required=True, help="results directory (resumed when it holds this configuration)")
     be.set_defaults(func=cmd_bench)
+
+    th = sub.add_parser("throughput", help="many users at once: requests replayed at fixed concurrency through "
+                                           "the server's engine (batched), with total and per-request speed")
+    th.add_argument("--questions", required=True, help="Spec-Bench style JSONL; the first turn of each is a request")
+    th.add_argument("--categories", nargs="+", help="Spec-Bench categories or finer ones (default: all)")
+    th.add_argument("--limit", type=positive_int, help="at most N questions per category")
+    th.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 4, 16, 64],
+                    help="clients sending at once (default: 1 4 16 64)")
+    th.add_argument("--methods", nargs="+", default=["hf", "ar", "chimera"],
+                    help="from hf (generate on batches, a reference), ar, chimera (default: all)")
+    th.add_argument("--max-new-tokens", type=positive_int, default=128)
+    th.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
+                    help="the engine's running batch (default: the concurrency)")
+    th.add_argument("--drafter", default="auto", help="drafter for chimera (default: the shipped one)")
+    th.add_argument("--out", required=True, help="results directory: throughput.json and throughput.md")
+    add_model_args(th, dtype="auto")
+    th.set_defaults(func=cmd_throughput)
 
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     add_model_args(srv)

@@ -167,3 +167,22 @@ def test_the_static_cache_baseline_and_the_identity_columns(tmp_path, tiny_model
     assert "identical_to_ar" not in overall["ar"] and "identical_to_ar" not in overall["hf"]
     report = (out / "report.md").read_text()
     assert "| method | tokens/s | speedup vs hf | vs hf-compiled | tau | r | exact vs hf | identical to ar |" in report
+
+
+def test_throughput_replays_every_question_at_every_concurrency(tmp_path, tiny_model_dir, capsys):
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS * 1)
+    out = tmp_path / "throughput"
+    assert main(["throughput", "--questions", str(questions), "--out", str(out), "--model", str(tiny_model_dir),
+                 "--device", "cpu", "--drafter", "random", "--concurrency", "1", "3", "--max-new-tokens", "12",
+                 "--methods", "ar", "chimera", "hf"]) == 0
+    rows = json.loads((out / "throughput.json").read_text())
+    assert [(r["method"], r["concurrency"]) for r in rows] == [
+        (m, c) for c in (1, 3) for m in ("ar", "chimera", "hf")]
+    assert all(r["requests"] == len(QUESTIONS) and r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["latency_p50_s"] <= r["latency_p99_s"] for r in rows)
+    # the same greedy answers whichever way they were decoded: the same number of tokens
+    assert len({r["tokens"] for r in rows if r["method"] != "hf"}) == 1
+    assert "| ar | 3 |" in capsys.readouterr().out and (out / "throughput.md").is_file()
+    assert main(["throughput", "--questions", str(questions), "--out", str(out), "--model", str(tiny_model_dir),
+                 "--methods", "ar", "beam"]) == 2
+    assert "unknown method beam" in capsys.readouterr().err

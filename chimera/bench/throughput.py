@@ -1,0 +1,161 @@
+"""``chimera throughput``: many users at once. Requests replayed at fixed concurrency through the server's engine.
+
+For each concurrency c (1, 4, 16, 64 by default) c clients each send the next question's first turn as soon as
+their last answer is complete, until every question is answered; the engine batches what is in flight
+(server/engine.py: a request alone decodes speculatively, several join one running batch). Reported per method
+and concurrency: total tokens/s (all answers over the wall time), mean per-request tokens/s, and latency p50 and
+p99. Methods: ``ar`` (the engine without a drafter), ``chimera`` (with one), and ``hf`` (transformers'
+``generate`` on left-padded batches of c prompts at a time: a reference, not a server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ChimeraError
+from ..text import encode_prompt, eos_token_ids
+
+METHODS = ("hf", "ar", "chimera")
+
+
+@dataclass
+class LoadResult:
+    method: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    latency_p50_s: float
+    latency_p99_s: float
+    request_tokens_per_s: float  # mean over requests of their tokens / their latency
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summarize(method: str, concurrency: int, answers: list[tuple[int, float]], seconds: float) -> LoadResult:
+    """``answers``: (tokens, latency) per request."""
+    latencies = [latency for _, latency in answers]
+    return LoadResult(method, concurrency, len(answers), sum(t for t, _ in answers), round(seconds, 3),
+                      round(percentile(latencies, 0.5), 3), round(percentile(latencies, 0.99), 3),
+                      round(statistics.mean(t / max(latency, 1e-9) for t, latency in answers), 2))
+
+
+async def replay(engine, prompts: list[list[int]], concurrency: int, max_new_tokens: int
+                 ) -> tuple[list[tuple[int, float]], float]:
+    """Closed loop: ``concurrency`` clients, each sending the next prompt once its last answer is done."""
+    pending = list(range(len(prompts)))
+    answers: list[tuple[int, float]] = []
+
+    async def client() -> None:
+        while pending:
+            prompt = prompts[pending.pop(0)]
+            start = time.perf_counter()
+            job = engine.submit(prompt, max_new_tokens, stream=False)
+            while True:
+                kind, value = await job.events.get()
+                if kind == "error":
+                    raise ChimeraError(f"a request failed: {value.message}")
+                if kind == "done":
+                    answers.append((value.new_tokens, time.perf_counter() - start))
+                    break
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return answers, time.perf_counter() - start
+
+
+def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batch: int) -> LoadResult:
+    from ..server.engine import Engine
+
+    engine = Engine(decoder, max_queue=max(concurrency, 1), timeout=3600.0, max_batch=max_batch)
+    engine.start()
+    try:
+        answers, seconds = asyncio.run(replay(engine, prompts, concurrency, max_new_tokens))
+    finally:
+        engine.stop()
+    return summarize("chimera" if decoder.drafter is not None else "ar", concurrency, answers, seconds)
+
+
+def run_hf(model, tokenizer, prompts, concurrency: int, max_new_tokens: int) -> LoadResult:
+    """``generate`` on batches of ``concurrency`` prompts (left-padded, greedy); each request's latency is its
+    batch's time."""
+    device = next(model.parameters()).device
+    eos = sorted(eos_token_ids(model, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    answers, start = [], time.perf_counter()
+    for first in range(0, len(prompts), concurrency):
+        batch = prompts[first: first + concurrency]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(batch):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        seconds = time.perf_counter() - t0
+        for row in out[:, width:].tolist():
+            n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            answers.append((n, seconds))
+    return summarize("hf", concurrency, answers, time.perf_counter() - start)
+
+
+def table(results: list[LoadResult]) -> str:
+    lines = ["| method | concurrency | requests | total tokens/s | per-request tokens/s | latency p50 / p99 (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r.method} | {r.concurrency} | {r.requests} | {r.tokens_per_s:.1f} | "
+                     f"{r.request_tokens_per_s:.1f} | {r.latency_p50_s:.2f} / {r.latency_p99_s:.2f} |")
+    return "\n".join(lines)
+
+
+def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max_new_tokens: int, out: Path,
+               max_batch: int | None = None, progress=print) -> list[LoadResult]:
+    """Every method at every concurrency on the first turns of ``questions``; writes ``out``/throughput.json and
+    throughput.md as it goes."""
+    from ..generate import SpeculativeDecoder
+
+    prompts = [encode_prompt(tokenizer, q.turns[0]) for q in questions]
+    out.mkdir(parents=True, exist_ok=True)
+    decoders = {"ar": SpeculativeDecoder(model, tokenizer, None)}
+    if "chimera" in methods:
+        if drafter is None:
+            raise ChimeraError("method chimera needs a drafter: none is shipped for this model")
+        decoders["chimera"] = SpeculativeDecoder(model, tokenizer, drafter)
+    warm = prompts[:2]
+    for name in methods:  # untimed: calibration, packing, captures
+        if name != "hf":
+            run_engine(decoders[name], warm, 2, 8, max_batch=2)
+    results = []
+    for concurrency in concurrencies:
+        for name in methods:
+            if name == "hf":
+                result = run_hf(model, tokenizer, prompts, concurrency, max_new_tokens)
+            else:
+                result = run_engine(decoders[name], prompts, concurrency, max_new_tokens,
+                                    max_batch=max_batch or max(concurrency, 1))
+            results.append(result)
+            progress(f"{name} at concurrency {concurrency}: {result.tokens_per_s:.1f} tokens/s, "
+                     f"p99 {result.latency_p99_s:.2f} s")
+            (out / "throughput.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+            (out / "throughput.md").write_text(table(results) + "\n")
+    return results
