@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ChimeraError
+from ..graph_runner import power_of_two_at_least
 from ..text import encode_prompt, eos_token_ids
 
 METHODS = ("hf", "ar", "chimera")
@@ -82,9 +83,13 @@ async def replay(engine, prompts: list[list[int]], concurrency: int, max_new_tok
 
 
 def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batch: int) -> LoadResult:
+    """The rows of the engine's batch hold the longest prompt and its answer (a power of two: KV memory is
+    rows x this, allocated up front; the model's whole context would be 4x more for the default model)."""
     from ..server.engine import Engine
 
-    engine = Engine(decoder, max_queue=max(concurrency, 1), timeout=3600.0, max_batch=max_batch)
+    context = power_of_two_at_least(max(map(len, prompts)) + max_new_tokens, 256)
+    engine = Engine(decoder, max_queue=max(concurrency, 1), timeout=3600.0, max_batch=max_batch,
+                    batch_context=context)
     engine.start()
     try:
         answers, seconds = asyncio.run(replay(engine, prompts, concurrency, max_new_tokens))

@@ -85,7 +85,7 @@ class Engine:
     ``RunningBatch`` of up to that many sequences of at most ``batch_context`` tokens; one thread runs both."""
 
     def __init__(self, decoder: SpeculativeDecoder, max_queue: int = 16, timeout: float = 120.0,
-                 max_batch: int = 1, batch_context: int | None = None):
+                 max_batch: int = 1, batch_context: int = 2048):
         if max_queue < 1:
             raise ChimeraError(f"the queue size must be at least 1, got {max_queue}")
         if not timeout > 0:
