@@ -41,6 +41,8 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
     accepted node names a unique path. Returns (path node indices in order, the base's next token).
     All tensor ops: the caller syncs once when it reads the result.
     """
+    if tree.topology.size == 1:  # plain decoding: the path is the root, the next token the argmax (2 kernels, not 12)
+        return Accepted(path=tree.depths, length=tree.depths[0] + 1, next_token=logits[0].argmax())
     pred = logits.argmax(-1)
     correct = tokens == pred[tree.parents]
     correct[0] = True  # the root is the base's own token

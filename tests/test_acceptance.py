@@ -46,3 +46,9 @@ def test_a_correct_node_under_a_wrong_parent_is_not_accepted():
     tokens = torch.tensor([1, 2, 3])
     path, bonus = path_and_bonus(tokens, logits_predicting([9, 3, 0]), tree)  # node 2 matches node 1's argmax
     assert path.tolist() == [0] and int(bonus) == 9
+
+
+def test_a_root_only_tree_is_plain_decoding():
+    tree = TreeBuffers.build(TreeTopology.chain(0), "cpu")
+    path, bonus = path_and_bonus(torch.tensor([7]), logits_predicting([3]), tree)
+    assert path.tolist() == [0] and int(bonus) == 3
