@@ -274,6 +274,8 @@ def cmd_serve(args) -> int:
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(args.drafter, model), tree=args.tree,
                                  draft_vocab=args.draft_vocab, compile=compile_choice(args.compile))
+    if decoder.device.type == "cuda":  # capture (and compile) before the first request, not inside it
+        decoder.generate("Hello!", max_new_tokens=16)
     max_batch = args.max_batch if args.max_batch is not None else (1 if decoder.device.type == "cuda" else 16)
     engine = Engine(decoder, max_queue=args.max_queue, timeout=args.timeout, max_batch=max_batch,
                     batch_context=args.batch_context)
