@@ -41,6 +41,10 @@ def test_end_to_end_distill_train_decode(tmp_path, tiny_model_dir, capsys):
     assert [r["step"] for r in log] == list(range(1, 7))
     assert len(log[-1]["heldout"]["top1"]) == 3
     model, tokenizer = load_base(str(tiny_model_dir), device="cpu")
+    size = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["size"]  # the drafter against its base
+    assert size["base_parameters"] == sum(p.numel() for p in model.parameters())
+    assert size["drafter_to_base"] == round(size["drafter_parameters"] / size["base_parameters"], 4)
+    assert size["inference_table_elements"] == 3 * (model.config.vocab_size + 1) * model.config.hidden_size
     drafter = load_any(run / "drafter", model)
     decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=TreeTopology.chain(3))
     for prompt in ["hello there", "what is two plus two"]:

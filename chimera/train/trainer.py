@@ -398,4 +398,15 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
             export, extra_config={"acceptance": evals.get("acceptance"),
                                   "training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
                                                "data": (data_meta or {}).get("source")}}, dtype=export_dtype)
-    return {"step": end_step, "heldout": evals}
+    return {"step": end_step, "heldout": evals, "size": drafter_size(accelerator.unwrap_model(drafter), model)}
+
+
+def drafter_size(drafter, model) -> dict:
+    """The drafter's own parameters (the base's embeddings and head are shared, not counted) against the base's,
+    and the extra elements it precomputes for inference (a Chimera drafter's trigram tables, 3 x vocab x hidden)."""
+    own = sum(p.numel() for p in drafter.parameters())
+    base = sum(p.numel() for p in model.parameters())
+    config = getattr(drafter, "config", None)
+    tables = 3 * (config.vocab_size + 1) * config.hidden_size if hasattr(drafter, "trigram_tables") else 0
+    return {"drafter_parameters": own, "base_parameters": base, "drafter_to_base": round(own / base, 4),
+            "inference_table_elements": tables, "inference_tables_to_base": round(tables / base, 4)}
