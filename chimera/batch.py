@@ -99,7 +99,7 @@ class RunningBatch:
         row = len(self.running)
         n = len(prompt_ids)
         positions = torch.arange(n, device=self.device)[None]
-        logits = self._forward(slice(row, row + 1), torch.tensor([prompt_ids], device=self.device), positions,
+        logits = self._forward(slice(row, row + 1), torch.tensor([prompt_ids], device=self.device), positions, n,
                                logits_to_keep=1)
         sequence.length = n
         token = self._choose(logits[:, -1], [sequence])[0]
@@ -117,7 +117,7 @@ class RunningBatch:
         count = len(active)
         tokens = torch.tensor([[s.next_token] for s in active], device=self.device)
         positions = torch.tensor([[s.length] for s in active], device=self.device)
-        logits = self._forward(slice(0, count), tokens, positions)
+        logits = self._forward(slice(0, count), tokens, positions, max(s.length for s in active) + 1)
         chosen = self._choose(logits[:, -1], active)
         out = []
         for sequence, token in zip(active, chosen):
@@ -137,11 +137,11 @@ class RunningBatch:
             self.running[row] = moved
         self.running.pop()
 
-    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0
-                 ) -> torch.Tensor:
+    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, extent: int,
+                 logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (rows, kept tokens, vocab) of ``tokens`` (rows, n) at ``positions``, each row attending to its own
-        slots up to its position."""
-        window = min(power_of_two_at_least(int(positions.max()) + 1, SMALLEST_WINDOW), self.capacity)
+        slots up to its position; ``extent`` (from the host's lengths, no device read) bounds every row's slots."""
+        window = min(power_of_two_at_least(extent, SMALLEST_WINDOW), self.capacity)
         self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
