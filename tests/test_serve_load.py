@@ -225,3 +225,31 @@ def test_a_running_batch_under_load_loses_nothing(tiny):
         assert metric(url, "chimera_running_generations") == 0
         quick = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
         assert quick.status_code == 200
+
+
+def test_a_request_longer_than_a_batch_row_waits_and_is_decoded_alone(tiny):
+    """With rows of 64 tokens, a 200-token request cannot join the batch: it waits until the batch is empty and
+    is then decoded alone, complete and correct, while the short ones batch."""
+    decoder = SpeculativeDecoder(*tiny, None)
+    messages = [{"role": "user", "content": "Go on forever."}]
+    long_expected = decoder.generate(messages, max_new_tokens=200)
+    short_expected = {p: decoder.generate([{"role": "user", "content": p}], max_new_tokens=12) for p in PROMPTS}
+    engine = Engine(decoder, max_queue=QUEUE, timeout=60, max_batch=4, batch_context=64)
+    with BackgroundServer(engine, ServerConfig(MODEL)) as url:
+        async def everything():
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+            try:
+                calls = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
+                                                        max_tokens=12, temperature=0) for p in PROMPTS * 2]
+                calls.append(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=200,
+                                                            temperature=0))
+                return await asyncio.wait_for(asyncio.gather(*calls), timeout=120)
+            finally:
+                await client.close()
+
+        answers = asyncio.run(everything())
+        for prompt, answer in zip(PROMPTS * 2, answers):
+            assert answer.choices[0].message.content == short_expected[prompt].text
+        assert answers[-1].choices[0].message.content == long_expected.text
+        assert answers[-1].usage.completion_tokens == long_expected.new_tokens
+        assert wait_idle(engine, 5)
