@@ -24,7 +24,7 @@ from .generate import GenerationResult
 from .graph_runner import power_of_two_at_least
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
-from .text import StopCondition, eos_token_ids
+from .text import StopCondition, eos_token_ids, stop_condition
 from .tree import additive_mask
 
 SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a few shapes serve every length
@@ -88,13 +88,10 @@ class RunningBatch:
             raise ChimeraError(f"the running batch is full ({self.max_batch} sequences)")
         if not prompt_ids:
             raise ChimeraError("empty prompt")
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ChimeraError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if len(prompt_ids) >= self.capacity:
             raise ChimeraError(f"the prompt is {len(prompt_ids)} tokens but a batch row holds {self.capacity}")
-        stop = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
-        budget = min(max_new_tokens, self.capacity - len(prompt_ids))
-        sequence = Sequence(list(prompt_ids), StopCondition(self.tokenizer, self.eos_ids, budget, stop), sampling,
+        stopper = stop_condition(self.tokenizer, self.eos_ids, max_new_tokens, self.capacity - len(prompt_ids), stop)
+        sequence = Sequence(list(prompt_ids), stopper, sampling,
                             None if sampling.greedy else sampling.generator(self.device))
         row = len(self.running)
         n = len(prompt_ids)

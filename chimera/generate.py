@@ -21,7 +21,7 @@ from .drafters import apply_draft_vocabulary, pack_for_cpu
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
-from .text import StopCondition, encode_prompt, eos_token_ids
+from .text import encode_prompt, eos_token_ids, stop_condition
 from .tree import DynamicTree, TreeBuffers, TreeTopology, get_topology, require_dynamic_drafter
 from .verifier import new_verifier
 from .acceptance import greedy_accept, sample_accept
@@ -194,11 +194,8 @@ class SpeculativeDecoder:
 
     def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop, sampling: SamplingConfig
                 ) -> Iterator[str]:
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ChimeraError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stop = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
-        budget = min(max_new_tokens, self.limit - len(prompt_ids))
-        stopper = StopCondition(self.tokenizer, self.eos_ids, budget, stop)
+        stopper = stop_condition(self.tokenizer, self.eos_ids, max_new_tokens, self.limit - len(prompt_ids), stop)
+        budget = stopper.max_new_tokens
         generator = None if sampling.greedy else sampling.generator(self.device)
         t0 = self._clock()
         prompt = torch.tensor(prompt_ids, device=self.device)

@@ -68,6 +68,15 @@ class IncrementalDecoder:
         return full[len(prefix):]
 
 
+def stop_condition(tokenizer, eos_ids: set[int], max_new_tokens: int, room: int, stop) -> "StopCondition":
+    """A request's end, checked: at most ``max_new_tokens`` (a positive integer) and the ``room`` left in the
+    context; ``stop`` a string or strings (empty ones ignored)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ChimeraError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    stop = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
+    return StopCondition(tokenizer, eos_ids, min(max_new_tokens, room), stop)
+
+
 @dataclass
 class StopCondition:
     """Decides, token by token, when generation ends: EOS, a stop string, or the token budget.

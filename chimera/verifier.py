@@ -95,6 +95,10 @@ class SlotBank:
         allowed = self.columns[None, :] <= slots[:, None]
         out = base.forward(self.model, self.cache, prompt, position_ids=slots,
                            attention_mask=additive_mask(allowed, self.model.dtype), logits_to_keep=1)
+        if self.decoder is not None:  # one compilation for every capacity: the slot axis is a symbol (marked once:
+            for layer in self.cache.layers:  # the mark stays on the tensor, which the bank keeps)
+                self.decoder.mark_capacity(layer.keys, 2)
+                self.decoder.mark_capacity(layer.values, 2)
         self.set_length(n)
         return out
 
@@ -111,11 +115,8 @@ class SlotBank:
         allowed = (offset < 0)[None, :] | (in_tree[None, :] & tree.ancestors[:, offset.clamp(0, n - 1)])
         self.cache.slots = self.prefix + self.columns[:n]
         mask = additive_mask(allowed, self.model.dtype)
-        if self.decoder is not None:  # one compilation for every capacity: its axes are symbols
+        if self.decoder is not None:  # the mask's slot axis, like the cache's (prefill), is a symbol
             self.decoder.mark_capacity(mask, 3)
-            for layer in self.cache.layers:
-                self.decoder.mark_capacity(layer.keys, 2)
-                self.decoder.mark_capacity(layer.values, 2)
         return base.forward(self.model, self.cache, tokens, position_ids=self.prefix + tree.depths,
                             attention_mask=mask, decoder=self.decoder)
 

@@ -67,8 +67,10 @@ def start_server(args, model: str) -> tuple[subprocess.Popen, str]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+    """The q-th percentile (0-100), as chimera throughput computes it."""
+    from chimera.bench.throughput import percentile as fraction_percentile
+
+    return fraction_percentile(values, q / 100) if values else float("nan")
 
 
 async def one_stream(client, model: str, prompt: str, max_tokens: int) -> dict:

@@ -17,8 +17,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import ChimeraError
 from ..graph_runner import power_of_two_at_least
 from ..text import encode_prompt, eos_token_ids
@@ -101,26 +99,18 @@ def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batc
 def run_hf(model, tokenizer, prompts, concurrency: int, max_new_tokens: int) -> LoadResult:
     """``generate`` on batches of ``concurrency`` prompts (left-padded, greedy); each request's latency is its
     batch's time."""
+    from ..train.distill import answer_batch
+
     device = next(model.parameters()).device
-    eos = sorted(eos_token_ids(model, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     answers, start = [], time.perf_counter()
     for first in range(0, len(prompts), concurrency):
-        batch = prompts[first: first + concurrency]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(batch):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+        batch = list(enumerate(prompts[first: first + concurrency]))
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        rows = answer_batch(model, first, batch, max_new_tokens, 0.0, 0, pad, eos, device)  # greedy
         seconds = time.perf_counter() - t0
-        for row in out[:, width:].tolist():
-            n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-            answers.append((n, seconds))
+        answers += [(sum(mask), seconds) for _, _, mask in rows]
     return summarize("hf", concurrency, answers, time.perf_counter() - start)
 
 
