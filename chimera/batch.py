@@ -20,7 +20,7 @@ import torch
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
 from .errors import ChimeraError
-from .generate import GenerationResult
+from .generate import GenerationResult, Progress
 from .graph_runner import power_of_two_at_least
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
@@ -41,7 +41,7 @@ class Sequence:
     started: float = field(default_factory=time.perf_counter)
     length: int = 0  # tokens in its KV row (the prompt, then every emitted token but the newest)
     next_token: int = 0  # the newest emitted token, the input of its next step
-    steps: int = 1  # forwards that emitted its tokens, the prefill included
+    accepted: list[int] = field(default_factory=lambda: [1])  # tokens each forward emitted, the prefill first
 
     @property
     def done(self) -> bool:
@@ -49,8 +49,8 @@ class Sequence:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.stopper.text, self.stopper.tokens, len(self.prompt_ids),
-                                self.stopper.finish_reason or "", steps=self.steps,
-                                seconds=time.perf_counter() - self.started, accepted=[1] * self.steps)
+                                self.stopper.finish_reason or "", steps=len(self.accepted),
+                                seconds=time.perf_counter() - self.started, accepted=self.accepted)
 
 
 class RunningBatch:
@@ -84,25 +84,50 @@ class RunningBatch:
 
     def add(self, prompt_ids: list[int], max_new_tokens: int, stop=(), sampling: SamplingConfig = SamplingConfig()
             ) -> tuple[Sequence, str]:
+        self._check_room(prompt_ids)
+        stopper = stop_condition(self.tokenizer, self.eos_ids, max_new_tokens, self.capacity - len(prompt_ids), stop)
+        sequence = Sequence(list(prompt_ids), stopper, sampling,
+                            None if sampling.greedy else sampling.generator(self.device))
+        logits = self._prefill(sequence, prompt_ids)
+        token = self._choose(logits[:, -1], [sequence])[0]
+        sequence.next_token = token
+        return sequence, sequence.stopper.push_step([token])
+
+    def adopt(self, progress: Progress) -> Sequence:
+        """Continue here a decoding begun elsewhere (alone, speculatively): its row is prefilled with the prompt
+        and every emitted token but the newest, which is its next input; its stop condition, generator and
+        counts come along, so its text goes on where it stopped."""
+        stopper = progress.stopper
+        if stopper.done or not stopper.tokens:
+            raise ChimeraError("only a decoding that has emitted a token and not stopped can continue in a batch")
+        known = [*progress.prompt_ids, *stopper.tokens[:-1]]
+        self._check_room(known)
+        if len(progress.prompt_ids) + stopper.max_new_tokens > self.capacity:
+            raise ChimeraError(f"the request needs {len(progress.prompt_ids) + stopper.max_new_tokens} tokens but a "
+                               f"batch row holds {self.capacity}")
+        sequence = Sequence(list(progress.prompt_ids), stopper, progress.sampling, progress.generator,
+                            started=progress.started, accepted=list(progress.result.accepted))
+        self._prefill(sequence, known)
+        sequence.next_token = stopper.tokens[-1]
+        return sequence
+
+    def _check_room(self, prompt_ids: list[int]) -> None:
         if self.full:
             raise ChimeraError(f"the running batch is full ({self.max_batch} sequences)")
         if not prompt_ids:
             raise ChimeraError("empty prompt")
         if len(prompt_ids) >= self.capacity:
             raise ChimeraError(f"the prompt is {len(prompt_ids)} tokens but a batch row holds {self.capacity}")
-        stopper = stop_condition(self.tokenizer, self.eos_ids, max_new_tokens, self.capacity - len(prompt_ids), stop)
-        sequence = Sequence(list(prompt_ids), stopper, sampling,
-                            None if sampling.greedy else sampling.generator(self.device))
-        row = len(self.running)
-        n = len(prompt_ids)
+
+    def _prefill(self, sequence: Sequence, known: list[int]) -> torch.Tensor:
+        """``known`` tokens into the next free row for ``sequence``, which joins the batch; the last one's logits."""
+        row, n = len(self.running), len(known)
         positions = torch.arange(n, device=self.device)[None]
-        logits = self._forward(slice(row, row + 1), torch.tensor([prompt_ids], device=self.device), positions, n,
+        logits = self._forward(slice(row, row + 1), torch.tensor([known], device=self.device), positions, n,
                                logits_to_keep=1)
         sequence.length = n
-        token = self._choose(logits[:, -1], [sequence])[0]
-        sequence.next_token = token
         self.running.append(sequence)
-        return sequence, sequence.stopper.push_step([token])
+        return logits
 
     def step(self) -> list[tuple[Sequence, str]]:
         """One token for every running sequence that has not stopped; (sequence, new text) for each."""
@@ -119,9 +144,10 @@ class RunningBatch:
         out = []
         for sequence, token in zip(active, chosen):
             sequence.length += 1
-            sequence.steps += 1
             sequence.next_token = token
+            emitted = len(sequence.stopper.tokens)
             out.append((sequence, sequence.stopper.push_step([token])))
+            sequence.accepted.append(len(sequence.stopper.tokens) - emitted)
         return out
 
     def remove(self, sequence: Sequence) -> None:

@@ -21,7 +21,7 @@ from .drafters import apply_draft_vocabulary, pack_for_cpu
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
-from .text import encode_prompt, eos_token_ids, stop_condition
+from .text import StopCondition, encode_prompt, eos_token_ids, stop_condition
 from .tree import DynamicTree, TreeBuffers, TreeTopology, get_topology, require_dynamic_drafter
 from .verifier import new_verifier
 from .acceptance import greedy_accept, sample_accept
@@ -75,12 +75,32 @@ class GenerationResult:
         }
 
 
-class GenerationStream:
-    """Iterate to receive text as it is produced; ``result`` is set once the iteration ends."""
+@dataclass
+class Progress:
+    """Where a decoding stands between two pieces of text: enough to continue it elsewhere (the server moves a
+    request decoded alone into its running batch when others arrive, batch.RunningBatch.adopt). The emitted
+    tokens are ``stopper.tokens``; the KV of all but the newest is computed, the newest is the next input."""
 
-    def __init__(self, chunks: Iterator[str]):
+    prompt_ids: list[int]
+    stopper: StopCondition
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    result: GenerationResult  # steps and accepted tokens so far
+    started: float  # time.perf_counter() when decoding began
+
+
+class GenerationStream:
+    """Iterate to receive text as it is produced; ``result`` is set once the iteration ends. Between two pieces,
+    ``progress`` says where decoding stands (stop iterating, and it can continue elsewhere)."""
+
+    def __init__(self, chunks: Iterator[str], progress: list):
         self._chunks = chunks
+        self._progress = progress  # filled by the decoding loop when it starts
         self.result: GenerationResult | None = None
+
+    @property
+    def progress(self) -> Progress:
+        return self._progress[0]
 
     def __iter__(self):
         self.result = yield from self._chunks
@@ -181,7 +201,8 @@ class SpeculativeDecoder:
                ) -> GenerationStream:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.prepare(prompt, input_ids, raw)
-        return GenerationStream(self._decode(ids, max_new_tokens, stop, sampling))
+        progress = []
+        return GenerationStream(self._decode(ids, max_new_tokens, stop, sampling, progress), progress)
 
     def generate(self, prompt=None, *, input_ids=None, max_new_tokens: int = 256, stop=(), raw: bool = False,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
@@ -192,8 +213,8 @@ class SpeculativeDecoder:
             pass
         return stream.result
 
-    def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop, sampling: SamplingConfig
-                ) -> Iterator[str]:
+    def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop, sampling: SamplingConfig,
+                progress: list | None = None) -> Iterator[str]:
         stopper = stop_condition(self.tokenizer, self.eos_ids, max_new_tokens, self.limit - len(prompt_ids), stop)
         budget = stopper.max_new_tokens
         generator = None if sampling.greedy else sampling.generator(self.device)
@@ -210,6 +231,8 @@ class SpeculativeDecoder:
         t1 = self._clock()
         result = GenerationResult("", stopper.tokens, len(prompt_ids), "", steps=1, seconds=0.0, accepted=[1])
         result.time_prefill = t1 - t0
+        if progress is not None:
+            progress.append(Progress(prompt_ids, stopper, sampling, generator, result, t0))
         root_token = int(root)
         switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
         unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again

@@ -89,3 +89,49 @@ def test_a_running_batch_refuses_what_does_not_fit(default_model):
     batch.add([5, 6, 7], 4)
     with pytest.raises(ChimeraError, match="full"):
         batch.add([5, 6, 7], 4)
+
+
+@pytest.mark.parametrize("after_pieces", [1, 5])
+def test_a_decoding_begun_alone_continues_in_a_batch_as_it_would_alone(default_model, after_pieces):
+    """The server moves a request decoded alone (speculatively, with the shipped drafter) into its running batch
+    when others arrive: the text goes on exactly as alone, stop string included."""
+    from chimera.drafters import resolve_drafter
+
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), adaptive=False)
+    prompt = encode_prompt(tokenizer, "Count from one to twenty, one number per line.")
+    expected = decoder.generate(input_ids=prompt, max_new_tokens=48, stop=("15",))
+    other = encode_prompt(tokenizer, "Name three colors.")
+    expected_other = alone(model, tokenizer, other, 20)
+
+    batch = RunningBatch(decoder.verifier.model, tokenizer, max_batch=2, capacity=256)
+    sequences, texts = {}, {}
+    sequences["other"], texts["other"] = batch.add(other, 20)
+    stream = decoder.stream(input_ids=prompt, max_new_tokens=48, stop=("15",))
+    chunks = iter(stream)
+    texts["moved"] = "".join(next(chunks) for _ in range(after_pieces))
+    progress = stream.progress
+    steps_alone = len(progress.result.accepted)
+    sequences["moved"] = batch.adopt(progress)
+    chunks.close()
+    results = drain(batch, sequences, texts)
+    assert results["moved"].token_ids == expected.token_ids
+    assert results["moved"].text == texts["moved"] == expected.text and results["moved"].finish_reason == "stop"
+    assert results["moved"].accepted[:steps_alone] == progress.result.accepted[:steps_alone]
+    assert results["moved"].steps == len(results["moved"].accepted) > steps_alone
+    assert sum(results["moved"].accepted) == len(expected.token_ids)
+    assert results["other"].token_ids == expected_other.token_ids
+
+
+def test_only_a_running_decoding_that_fits_a_row_can_continue_in_a_batch(default_model):
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer, None)
+    stream = decoder.stream(input_ids=[5, 6, 7], max_new_tokens=40)
+    chunks = iter(stream)
+    next(chunks)
+    with pytest.raises(ChimeraError, match="row holds 32"):
+        RunningBatch(model, tokenizer, max_batch=1, capacity=32).adopt(stream.progress)
+    for _ in chunks:
+        pass
+    with pytest.raises(ChimeraError, match="not stopped"):
+        RunningBatch(model, tokenizer, max_batch=1, capacity=256).adopt(stream.progress)

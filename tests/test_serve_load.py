@@ -253,3 +253,44 @@ def test_a_request_longer_than_a_batch_row_waits_and_is_decoded_alone(tiny):
         assert answers[-1].choices[0].message.content == long_expected.text
         assert answers[-1].usage.completion_tokens == long_expected.new_tokens
         assert wait_idle(engine, 5)
+
+
+def test_a_request_decoded_alone_moves_into_the_batch_when_others_arrive(tiny):
+    """A long request alone is decoded on its own; requests that arrive meanwhile do not wait for it to end: it
+    moves into the running batch and they join it. Every text is what it is alone."""
+    decoder = SpeculativeDecoder(*tiny, None)
+    long_messages = [{"role": "user", "content": "Go on forever."}]
+    long_expected = decoder.generate(long_messages, max_new_tokens=400)
+    short_expected = {p: decoder.generate([{"role": "user", "content": p}], max_new_tokens=12) for p in PROMPTS}
+    engine = Engine(decoder, max_queue=QUEUE, timeout=60, max_batch=4)
+    with BackgroundServer(engine, ServerConfig(MODEL)) as url:
+        async def scenario():
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+            async def short(prompt: str):
+                answer = await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0)
+                return answer.choices[0].message.content, time.monotonic()
+
+            try:
+                stream = await client.chat.completions.create(model=MODEL, messages=long_messages, max_tokens=400,
+                                                              temperature=0, stream=True)
+                text = ""
+                async for chunk in stream:
+                    text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+                    if len(text) > 8:
+                        break
+                assert engine.running == 1 and engine._current is not None  # alone, mid-way
+                shorts = asyncio.gather(*(short(p) for p in PROMPTS))
+                async for chunk in stream:
+                    text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+                return text, time.monotonic(), await shorts
+            finally:
+                await client.close()
+
+        text, long_ended, shorts = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        assert text == long_expected.text and long_expected.new_tokens == 400
+        for prompt, (answer, ended) in zip(PROMPTS, shorts):
+            assert answer == short_expected[prompt].text
+            assert ended < long_ended  # served beside the long one, not after it
+        assert wait_idle(engine, 5)

@@ -3,7 +3,10 @@
 A single thread runs every generation, so the asyncio event loop never blocks on torch. A request that finds
 the server idle (nothing running, nothing queued) is decoded speculatively, alone: the fastest way to serve one
 user. Otherwise requests join a running batch (batch.py, ``max_batch`` > 1) at the next step after their
-prefill and leave when they stop: continuous batching, where one forward serves every running sequence. Each
+prefill and leave when they stop: continuous batching, where one forward serves every running sequence. When
+requests arrive while one is decoded alone, that one moves into the batch (``RunningBatch.adopt``) and they
+join it, so nobody waits for a lone request to finish: with 2 one-core replicas of the default model and 16
+clients, waiting behind lone requests had made p99 latency 11 s against 6.6 s for one replica. Each
 job carries a cancel event and a deadline that the worker checks after every step, so a client that disconnects
 or a request that runs out of time stops costing compute within one decode step. Results cross back into the
 loop with ``call_soon_threadsafe``.
@@ -119,6 +122,11 @@ class Engine:
     def running(self) -> int:
         """Generations in progress: the running batch's, or the one decoded alone."""
         return len(self._running) or int(self._current is not None)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (started and not stopped)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def tokens_per_s(self) -> float:
         """Tokens emitted per second over the last THROUGHPUT_WINDOW seconds (batched and alone)."""
@@ -263,6 +271,21 @@ class Engine:
             self.batch.remove(sequence)
             self._running.remove((sequence, job))
 
+    def _others_wait(self, stream) -> bool:
+        """Whether a request decoded alone should move into the running batch: others wait for the worker,
+        and it fits a batch row."""
+        if self.batch is None or self._queue.empty():
+            return False
+        progress = stream.progress
+        return not progress.stopper.done and self.batch.fits(len(progress.prompt_ids), progress.stopper.max_new_tokens)
+
+    def _hand_over(self, job: Job, stream) -> None:
+        """The request decoded alone continues in the batch, where what waits will join it (never waiting for it
+        to finish first)."""
+        sequence = self.batch.adopt(stream.progress)
+        self._count(len(sequence.stopper.tokens))
+        self._running.append((sequence, job))
+
     def _serve_alone(self, job: Job) -> None:
         self._current = job
         try:
@@ -289,6 +312,9 @@ class Engine:
                     return
                 if time.monotonic() > job.deadline:
                     job.fail(timeout_error(self.timeout))
+                    return
+                if self._others_wait(stream):
+                    self._hand_over(job, stream)
                     return
             self._count(stream.result.new_tokens)
             job.done(stream.result)
