@@ -32,6 +32,7 @@ def number(cast, check, must: str, expected: str):
 
 
 positive_int = number(int, lambda v: v > 0, "a positive integer", "a positive integer")
+positive_float = number(float, lambda v: 0 < v < float("inf"), "a finite number > 0", "a number")
 non_negative_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0", "a number")
 port_number = number(int, lambda v: 0 <= v <= 65535, "between 0 and 65535", "a port number")
 _token_count = number(int, lambda v: v > 0, "auto, full or a positive token count", "auto, full or a token count")
@@ -252,16 +253,16 @@ def launch_processes(count: int, argv: list[str]) -> int:
     return subprocess.run(command).returncode
 
 
-def cmd_serve(args) -> int:
-    try:
-        from .server import Engine, ServerConfig, serve_forever
-        from .server.run import bind
-    except ImportError as exc:
-        raise ChimeraError(f"chimera serve needs the serve extra ({exc.name} is missing): "
-                           "pip install 'chimera-decoding[serve]'") from None
-    from .drafters import resolve_drafter
-    from .generate import SpeculativeDecoder
-    from .models import load_base, resolve_device, resolve_dtype
+def extra_missing(exc: ImportError, command: str = "chimera serve", extra: str = "serve") -> ChimeraError:
+    return ChimeraError(f"{command} needs the {extra} extra ({exc.name} is missing): "
+                        f"pip install 'chimera-decoding[{extra}]'")
+
+
+def server_settings(args):
+    """The engine's options and the HTTP front's settings from serve's (and fleet's) arguments, checked."""
+    from .models import resolve_device, resolve_dtype
+    from .server import ServerConfig
+    from .server.run import EngineOptions
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("CHIMERA_API_KEY")
     if api_key is not None and not api_key.strip():
@@ -270,18 +271,54 @@ def cmd_serve(args) -> int:
         raise ChimeraError("--timeout must be positive")
     resolve_dtype(args.dtype)
     resolve_device(args.device)
-    sock = bind(args.host, args.port)  # a busy port fails now, not after loading the model
-    model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
-    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(args.drafter, model), tree=args.tree,
-                                 draft_vocab=args.draft_vocab, compile=compile_choice(args.compile))
-    if decoder.device.type == "cuda":  # capture (and compile) before the first request, not inside it
-        decoder.generate("Hello!", max_new_tokens=16)
-    max_batch = args.max_batch if args.max_batch is not None else (1 if decoder.device.type == "cuda" else 16)
-    engine = Engine(decoder, max_queue=args.max_queue, timeout=args.timeout, max_batch=max_batch,
-                    batch_context=args.batch_context)
+    options = EngineOptions(model=args.model, dtype=args.dtype, device=args.device, drafter=args.drafter,
+                            tree=args.tree, draft_vocab=args.draft_vocab, compile=args.compile,
+                            max_queue=args.max_queue, timeout=args.timeout, max_batch=args.max_batch,
+                            batch_context=args.batch_context)
     config = ServerConfig(model_name=args.model, api_key=api_key, default_max_tokens=args.default_max_tokens,
                           default_temperature=args.default_temperature)
-    serve_forever(engine, config, sock)
+    return options, config
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import serve_forever
+        from .server.run import bind, build_engine
+    except ImportError as exc:
+        raise extra_missing(exc) from None
+
+    options, config = server_settings(args)
+    sock = bind(args.host, args.port)  # a busy port fails now, not after loading the model
+    serve_forever(build_engine(options), config, sock)
+    return 0
+
+
+def fleet_settings(args):
+    """``chimera fleet``'s arguments, checked: the engine's options, the front's settings, the fleet's shape."""
+    from .server.fleet import FleetOptions
+
+    options, config = server_settings(args)
+    if args.port == 0:
+        raise ChimeraError("--port: a fleet needs a fixed port (Ray's proxy does not report a picked one)")
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise ChimeraError(f"--max-replicas ({args.max_replicas}) is below --replicas ({args.replicas})")
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if args.device.startswith("cuda") else 0.0
+    fleet = FleetOptions(replicas=args.replicas, max_replicas=args.max_replicas,
+                         target_ongoing_requests=args.target_ongoing_requests,
+                         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=gpus)
+    return options, config, fleet
+
+
+def cmd_fleet(args) -> int:
+    try:
+        from .server import fleet
+    except ImportError as exc:
+        raise extra_missing(exc, "chimera fleet", "cluster") from None
+
+    options, config, shape = fleet_settings(args)
+    fleet.run(options, config, shape, args.host, args.port, address=args.address)
     return 0
 
 
@@ -317,6 +354,30 @@ def cmd_throughput(args) -> int:
                          progress=lambda line: print(f"chimera: {line}", file=sys.stderr))
     print(table(results))
     return 0
+
+
+def add_server_args(srv: argparse.ArgumentParser) -> None:
+    add_model_args(srv)
+    add_drafter_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=port_number, default=8000, help="(default: 8000; 0 picks a free port)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' (default: $CHIMERA_API_KEY, else no key)")
+    srv.add_argument("--max-queue", type=positive_int, default=16,
+                     help="requests that may wait for the decoder; more are refused with 429 (default: 16)")
+    srv.add_argument("--timeout", type=non_negative_float, default=120.0,
+                     help="seconds a request may take, queueing included (default: 120)")
+    srv.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
+                     help="requests decoded together in one running batch when more than one is in flight (a "
+                          "request alone is decoded speculatively); 1 = one at a time (default: 16 on a CPU, 1 on "
+                          "a GPU, where the batch does not yet run through CUDA graphs)")
+    srv.add_argument("--batch-context", type=positive_int, default=2048, dest="batch_context",
+                     help="tokens (prompt + completion) a batch row holds; KV memory for max-batch rows of it is "
+                          "allocated once; a longer request waits and is decoded alone (default: 2048)")
+    srv.add_argument("--default-max-tokens", type=positive_int, default=256,
+                     help="new tokens when a request gives no max_tokens (default: 256)")
+    srv.add_argument("--default-temperature", type=non_negative_float, default=0.0,
+                     help="temperature when a request gives none (default: 0, greedy; OpenAI's is 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,28 +492,27 @@ def build_parser() -> argparse.ArgumentParser:
     th.set_defaults(func=cmd_throughput)
 
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    add_model_args(srv)
-    add_drafter_args(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    srv.add_argument("--port", type=port_number, default=8000, help="(default: 8000; 0 picks a free port)")
-    srv.add_argument("--api-key", default=None,
-                     help="require 'Authorization: Bearer KEY' (default: $CHIMERA_API_KEY, else no key)")
-    srv.add_argument("--max-queue", type=positive_int, default=16,
-                     help="requests that may wait for the decoder; more are refused with 429 (default: 16)")
-    srv.add_argument("--timeout", type=non_negative_float, default=120.0,
-                     help="seconds a request may take, queueing included (default: 120)")
-    srv.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
-                     help="requests decoded together in one running batch when more than one is in flight (a "
-                          "request alone is decoded speculatively); 1 = one at a time (default: 16 on a CPU, 1 on "
-                          "a GPU, where the batch does not yet run through CUDA graphs)")
-    srv.add_argument("--batch-context", type=positive_int, default=2048, dest="batch_context",
-                     help="tokens (prompt + completion) a batch row holds; KV memory for max-batch rows of it is "
-                          "allocated once; a longer request waits and is decoded alone (default: 2048)")
-    srv.add_argument("--default-max-tokens", type=positive_int, default=256,
-                     help="new tokens when a request gives no max_tokens (default: 256)")
-    srv.add_argument("--default-temperature", type=non_negative_float, default=0.0,
-                     help="temperature when a request gives none (default: 0, greedy; OpenAI's is 1)")
+    add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    fl = sub.add_parser("fleet", help="serve replicas of the model on a Ray cluster behind one OpenAI-compatible "
+                                      "endpoint (needs the cluster extra)")
+    add_server_args(fl)
+    fl.add_argument("--replicas", type=positive_int, default=2, help="engine replicas (default: 2)")
+    fl.add_argument("--max-replicas", type=positive_int, default=None, dest="max_replicas",
+                    help="above --replicas: Ray adds replicas up to this many as requests queue, and removes them "
+                         "when idle (default: a fixed --replicas)")
+    fl.add_argument("--target-ongoing-requests", type=positive_float, default=None, dest="target_ongoing_requests",
+                    help="requests per replica that autoscaling aims at (default: half of --max-batch)")
+    fl.add_argument("--cpus-per-replica", type=positive_float, default=1.0, dest="cpus_per_replica",
+                    help="CPU cores Ray reserves for each replica; a CPU replica runs as many torch threads "
+                         "(default: 1)")
+    fl.add_argument("--gpus-per-replica", type=non_negative_float, default=None, dest="gpus_per_replica",
+                    help="GPUs for each replica (default: 1 when --device is cuda, else 0)")
+    fl.add_argument("--address", default=None,
+                    help="a running Ray cluster to deploy on ('auto', or host:port of its head; default: start "
+                         "one on this machine)")
+    fl.set_defaults(func=cmd_fleet)
     return parser
 
 

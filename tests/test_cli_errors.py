@@ -98,3 +98,23 @@ def test_console_script_error_has_no_traceback():
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "chimera: error: empty prompt"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--port", "0"], "fixed port"),
+    (["--replicas", "3", "--max-replicas", "2"], "below --replicas"),
+    (["--replicas", "0"], "replicas"),
+    (["--cpus-per-replica", "0"], "cpus-per-replica"),
+    (["--timeout", "0"], "--timeout"),
+])
+def test_fleet_refuses_bad_shapes_before_starting_anything(capsys, argv, needle):
+    assert_one_line_error(*run_cli(capsys, "fleet", *argv)[::2], needle)
+
+
+def test_fleet_without_the_cluster_extra_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: importing it fails
+    import chimera.server
+
+    monkeypatch.delitem(sys.modules, "chimera.server.fleet", raising=False)
+    monkeypatch.delattr(chimera.server, "fleet", raising=False)
+    assert_one_line_error(*run_cli(capsys, "fleet")[::2], "cluster extra", "chimera-decoding[cluster]")

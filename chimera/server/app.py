@@ -91,27 +91,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     protected = [Depends(authorize)]
 
     async def read_json(request: Request) -> dict:
-        limit = config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                           code="request_too_large")
-        body = bytearray()
-        try:
-            async with asyncio.timeout(config.body_timeout):
-                async for part in request.stream():
-                    body += part
-                    if len(body) > limit:
-                        raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                                       code="request_too_large")
-        except TimeoutError:
-            log.info("a client took over %gs to send its request body: answered 408", config.body_timeout)
-            raise APIError(408, f"the request body did not arrive within {config.body_timeout:g} s",
-                           code="request_timeout") from None
-        except ClientDisconnect:  # a normal event: nobody is left to answer, and it is no server error
-            log.info("a client disconnected while sending its request body")
-            raise APIError(499, "the client disconnected", code="client_closed") from None
-        return parse_json(bytes(body))
+        return parse_json(await read_body(request, config.max_body_bytes, config.body_timeout))
 
     def check_model(name: str) -> None:
         if name != config.model_name:
@@ -177,11 +157,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def _stream(job: Job, reply: Reply, include_usage: bool, t0: float):
         completed = False
         try:
-            if reply.chat:
-                yield sse(reply.chunk(first=True))
             first = True
             while True:
                 kind, value = await _next(job)
+                if reply.chat and first and kind != "error":  # no byte leaves before decoding has begun
+                    yield sse(reply.chunk(first=True))
                 if kind == "delta":
                     if first:
                         metrics.first_token_after(time.monotonic() - t0)
@@ -242,6 +222,29 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request's body, at most ``limit`` bytes (413 past it) arriving within ``timeout`` seconds (408)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                       code="request_too_large")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                                   code="request_too_large")
+    except TimeoutError:
+        log.info("a client took over %gs to send its request body: answered 408", timeout)
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+    except ClientDisconnect:  # a normal event: nobody is left to answer, and it is no server error
+        log.info("a client disconnected while sending its request body")
+        raise APIError(499, "the client disconnected", code="client_closed") from None
+    return bytes(body)
 
 
 class _JobStream(StreamingResponse):

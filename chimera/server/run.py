@@ -1,7 +1,9 @@
 """Start a server: from the command line (blocking) or in a background thread (tests, the load script).
 
-The listening socket is bound here, before uvicorn starts, so a busy port fails with one clear line and
-port 0 yields a real port that can be printed.
+``EngineOptions`` says what one server decodes with; ``build_engine`` is the one way from it to a running
+engine, for ``chimera serve`` and for each replica of a fleet (fleet.py). The listening socket is bound here,
+before uvicorn starts, so a busy port fails with one clear line and port 0 yields a real port that can be
+printed.
 """
 
 from __future__ import annotations
@@ -9,10 +11,47 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from ..errors import ChimeraError
 from .app import ServerConfig, create_app
 from .engine import Engine
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What one engine decodes with: the model, its drafter, and the engine's limits (``chimera serve``'s
+    options of the same names)."""
+
+    model: str
+    dtype: str = "float32"
+    device: str = "auto"
+    drafter: str = "auto"
+    tree: str = "auto"
+    draft_vocab: object = "auto"
+    compile: str = "auto"
+    max_queue: int = 16
+    timeout: float = 120.0
+    max_batch: int | None = None  # None: 16 on a CPU, 1 on a GPU
+    batch_context: int = 2048
+
+
+def build_engine(options: EngineOptions) -> Engine:
+    """Load the model and drafter and make the engine (not started). On a GPU the graphs are captured (and the
+    forward compiled) here, before the first request, not inside it."""
+    from ..compiled import COMPILE_CHOICES
+    from ..drafters import resolve_drafter
+    from ..generate import SpeculativeDecoder
+    from ..models import load_base
+
+    model, tokenizer = load_base(options.model, dtype=options.dtype, device=options.device)
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(options.drafter, model), tree=options.tree,
+                                 draft_vocab=options.draft_vocab, compile=COMPILE_CHOICES[options.compile])
+    if decoder.device.type == "cuda":
+        decoder.generate("Hello!", max_new_tokens=16)
+    max_batch = options.max_batch or (1 if decoder.device.type == "cuda" else 16)
+    return Engine(decoder, max_queue=options.max_queue, timeout=options.timeout, max_batch=max_batch,
+                  batch_context=options.batch_context)
 
 
 def bind(host: str, port: int) -> socket.socket:
