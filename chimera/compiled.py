@@ -39,15 +39,17 @@ def compilable(model) -> bool:
     return plain_vocab_head(model)
 
 
-class CompiledDecoder:
-    """Called like ``model.get_decoder()``; runs its compiled twin, or the decoder itself once compiling failed."""
+class Compiled:
+    """Called like ``function``; runs its compiled twin, or ``function`` itself once compiling has failed (one
+    warning naming ``what`` was compiled)."""
 
-    def __init__(self, model, backend: str = "inductor"):
+    def __init__(self, function, what: str, backend: str = "inductor"):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-        self.eager = model.get_decoder()
+        self.eager = function
+        self.what = what
         self.backend = backend
         # shapes are static except where mark_capacity says otherwise (dynamic=None, automatic dynamism off)
-        self.compiled = torch.compile(self.eager, backend=backend, dynamic=None)
+        self.compiled = torch.compile(function, backend=backend, dynamic=None)
         self.failure: str | None = None  # why compiling failed, once it has
         self.seconds = 0.0  # spent in calls that compiled a new shape
 
@@ -62,30 +64,35 @@ class CompiledDecoder:
                 raise
             cause = getattr(exc, "inner_exception", None) or exc  # what the backend itself raised
             self.failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
-            log.warning("torch.compile failed for this model (%s): decoding with the uncompiled forward",
-                        self.failure[:300])
+            log.warning("torch.compile failed for %s (%s): running it uncompiled", self.what, self.failure[:300])
             return self.eager(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def announce(self, shape: str):
+        """Around the first call of a new shape: one progress line before it, its duration after."""
+        if self.failure is None:
+            log.info("compiling %s for %s (once per process and shape)...", self.what, shape)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        if self.failure is None:
+            log.info("compiled %s for %s in %.1f s", self.what, shape, seconds)
+
+    def describe(self) -> str:
+        if self.failure is not None:
+            return "uncompiled (torch.compile failed: " + self.failure[:120] + ")"
+        return f"torch.compile ({self.backend})"
+
+
+class CompiledDecoder(Compiled):
+    """Called like ``model.get_decoder()``, compiled."""
+
+    def __init__(self, model, backend: str = "inductor"):
+        super().__init__(model.get_decoder(), "the base forward", backend)
 
     @staticmethod
     def mark_capacity(tensor: torch.Tensor, dim: int) -> None:
         """Compile ``tensor``'s axis ``dim`` (a number of KV slots) as a symbol, so that one compilation per tree
         size serves every capacity of slot cache (graph_runner still captures one graph per capacity)."""
         torch._dynamo.mark_dynamic(tensor, dim)
-
-    @contextlib.contextmanager
-    def announce(self, what: str):
-        """Around the first call of a new shape: one progress line before it, its duration after."""
-        if self.failure is None:
-            log.info("compiling the base forward for %s (once per process and shape)...", what)
-        start = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        if self.failure is None:
-            log.info("compiled the base forward for %s in %.1f s", what, seconds)
-
-    def describe(self) -> str:
-        if self.failure is not None:
-            return "uncompiled forward (torch.compile failed: " + self.failure[:120] + ")"
-        return f"torch.compile ({self.backend})"
-

@@ -132,6 +132,10 @@ class SpeculativeDecoder:
     inductor's kernels round a 64-token tree forward differently from a one-token one often enough to change an
     output (measured: 2 of 7 Spec-Bench turns on an H200), which the uncompiled forward never did there.
 
+    ``compile_drafter``: capture the drafter's drafting compiled by torch.compile too (drafters/graphs.py). Off by
+    default: measured on an H200 in bfloat16 it made drafting far slower, not faster (the default model's 64-node
+    trees: 11.0 ms a step against 1.1 ms; an 8B shape's: 61 ms against 5.0 ms; docs/benchmarks.md).
+
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
 
@@ -142,7 +146,7 @@ class SpeculativeDecoder:
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
                  packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True,
-                 compile: bool | str = "auto"):
+                 compile: bool | str = "auto", compile_drafter: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -165,12 +169,12 @@ class SpeculativeDecoder:
             raise ChimeraError(f"the tree is {topology.max_depth} deep but the drafter has {heads} heads: "
                                "choose a shallower --tree")
         self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)
-        if (cuda_graphs and drafter is not None and self.tree.topology.size > 1
-                and GraphedDrafter.supported(drafter, self.device, self.limit)):
-            self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit)
-        self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         if compile == "auto":  # float32 keeps the uncompiled forward: its token-for-token identity with generate
             compile = model.dtype in (torch.bfloat16, torch.float16)
+        if (cuda_graphs and drafter is not None and self.tree.topology.size > 1
+                and GraphedDrafter.supported(drafter, self.device, self.limit)):
+            self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit, compiled=compile_drafter)
+        self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route,
                                      compiled=compile)
         self.eos_ids = eos_token_ids(model, tokenizer)

@@ -4,7 +4,7 @@ Builds random-weight Llama shapes (timings do not depend on the weights; the voc
 49,152 tokens, so its tokenizer serves) and reports per shape: the bandwidth floor of one forward (weight bytes
 over the GPU's rated bandwidth, and over the bandwidth a device copy reaches here), our plain step (ms and % of
 the rated bandwidth) with the decoder compiled and without, ``hf-compiled``'s time per token, the speculative
-step split (draft / verify / other) with a 64-node dynamic tree of 8 levels, r, and the speedup a drafter of a
+step split (draft / verify / other) with a 64-node dynamic tree of 8 levels, the drafter's drafting compiled or not, r, and the speedup a drafter of a
 given tau would give (tau / r). The drafter is random: it measures cost, not acceptance.
 
 Usage (on the GPU machine):
@@ -59,11 +59,16 @@ def build(shape: str, vocab_size: int, device) -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)
 
 
-def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, compile: bool) -> dict:
+CONFIGS = {  # name: (the base's forward compiled, the drafter's drafting compiled)
+    "graphs": (False, False), "compiled": (True, False), "compiled_drafter": (True, True)}
+
+
+def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, compile: bool,
+              compile_drafter: bool = False) -> dict:
     """ms per step of our loop, split as the loop times it (synchronised), after a warm-up that captures."""
     tree = DynamicTree(size=64, depth=8, beam=8) if drafter is not None else "auto"
     decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree, sync_timing=True, adaptive=False,
-                                         compile=compile)
+                                         compile=compile, compile_drafter=compile_drafter)
     t0 = time.perf_counter()
     decoder.generate(input_ids=prompt, max_new_tokens=16)  # captures (and compiles) every shape it needs
     warm = time.perf_counter() - t0
@@ -89,6 +94,9 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-hf", action="store_true", help="skip hf-compiled (its compilation takes minutes)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="graphs: op by op in CUDA graphs; compiled: the base's forward compiled; compiled_drafter: "
+                        "the drafter's drafting compiled too (default: all)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     quiet_libraries()
@@ -109,10 +117,10 @@ def main():
                "floor_ms_copy": round(1000 * weight_bytes / copied, 3)}
         drafter = ChimeraDrafter.for_base(model, num_draft_heads=8).to(device=device, dtype=torch.bfloat16).eval()
         row["drafter_parameters_M"] = round(sum(t.numel() for t in drafter.parameters()) / 1e6, 1)
-        for compile in (False, True):
-            tag = "compiled" if compile else "graphs"
+        for tag in args.configs:
+            compile, compile_drafter = CONFIGS[tag]
             plain = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile)
-            spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile)
+            spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile, compile_drafter)
             r = spec["ms_per_step"] / plain["ms_per_step"]
             row[tag] = {"plain": plain, "speculative_64_nodes": spec, "r": round(r, 3),
                         "verify_over_plain": round(spec["split"]["verify"] / plain["ms_per_step"], 3),

@@ -345,3 +345,36 @@ def test_draft_vocabulary_drafts_only_frequent_tokens():
         apply_draft_vocabulary(drafter, "most", torch.device("cpu"))
     with pytest.raises(ChimeraError, match="needs a Chimera drafter"):
         apply_draft_vocabulary(MedusaDrafter.for_base(model), 16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("shape", ["static", "dynamic"])
+def test_compiled_drafting_drafts_what_eager_drafting_drafts(shape):
+    """What the GPU captures with --compile (drafters/graphs.py): propose_static and advance_static through
+    torch.compile, traced here by Dynamo (aot_eager backend), draft the same trees as the eager functions."""
+    from chimera.compiled import Compiled
+
+    torch._dynamo.reset()
+    model = tiny_model("gemma")
+    drafter = perturbed_drafter(model, heads=4)
+    tokens = torch.randint(3, 128, (40,))
+    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    topology = (DynamicTree(size=12, depth=4, beam=3) if shape == "dynamic"
+                else TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]))
+    eager_tree, compiled_tree = TreeBuffers.build(topology, "cpu"), TreeBuffers.build(topology, "cpu")
+    propose = Compiled(drafter.propose_static, "drafting", backend="aot_eager")
+    advance = Compiled(drafter.advance_static, "the drafter's advance", backend="aot_eager")
+    eager = drafter.start(tokens[:6], hidden[:6], capacity=64)
+    compiled = drafter.start(tokens[:6], hidden[:6], capacity=64)
+    length, width = 6, 5
+    for count in (2, 5, 1, 3):
+        padded_tokens, padded_hidden = tokens[length:length + width], hidden[length:length + width]
+        drafter.advance_static(eager, padded_tokens, padded_hidden, torch.tensor(count))
+        advance(compiled, padded_tokens, padded_hidden, torch.tensor(count))
+        length += count
+        root = tokens[length:length + 1]
+        expected = drafter.propose_static(eager, root, eager_tree, window=32)
+        assert torch.equal(propose(compiled, root, compiled_tree, window=32), expected)
+        assert torch.equal(compiled_tree.ancestors, eager_tree.ancestors)
+        assert torch.equal(compiled.history, eager.history)
+    assert propose.failure is None and advance.failure is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo traced them, not a fallback

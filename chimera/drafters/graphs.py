@@ -7,12 +7,19 @@ The graphs read one persistent ``DraftState`` whose buffers never move (its capa
 context), so each request refills that state in place instead of making a new one. Attention over the
 verified prefix covers a fixed window of KV slots; one graph per power-of-two window, captured when a
 sequence first needs it, keeps short sequences from paying for the whole context.
+
+``compiled`` captures torch.compile's version of the same functions instead. It drafts the same trees
+(tests/test_drafter.py) but measured far slower on an H200 in bfloat16 (11 ms a step against 1.1 ms for the
+default model, 61 against 5.0 ms on an 8B shape; docs/benchmarks.md), so it is off unless asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from ..compiled import Compiled
 from ..graph_runner import GraphRunner, power_of_two_at_least
 from ..tree import TreeBuffers
 
@@ -24,13 +31,19 @@ class GraphedDrafter:
 
     MAX_CAPACITY = 16384  # beyond this, attending over masked slots costs more than the launches saved
 
-    def __init__(self, drafter, tree: TreeBuffers, capacity: int):
+    def __init__(self, drafter, tree: TreeBuffers, capacity: int, compiled: bool = False,
+                 backend: str = "inductor"):
         self.drafter = drafter
         self.tree = tree
         self.capacity = capacity
         self.state = None
         self.runner = GraphRunner(graphs=True)
         self.count = None  # the advance graph's number of real tokens, a device scalar
+        # compiled: the captured functions are torch.compile's fusions of them (compiled.py), else op by op
+        self.propose_static = (Compiled(drafter.propose_static, "drafting", backend) if compiled
+                               else drafter.propose_static)
+        self.advance_static = (Compiled(drafter.advance_static, "the drafter's advance", backend) if compiled
+                               else drafter.advance_static)
 
     @classmethod
     def supported(cls, drafter, device: torch.device, capacity: int) -> bool:
@@ -47,12 +60,14 @@ class GraphedDrafter:
         if n > width or state.length + width > state.keys.shape[1]:
             self.drafter.advance(state, tokens, hidden)
             return
-        run = lambda padded_tokens, padded_hidden: self.drafter.advance_static(  # noqa: E731
+        run = lambda padded_tokens, padded_hidden: self.advance_static(  # noqa: E731
             state, padded_tokens, padded_hidden, self.count)
         if not self.runner.can_run("advance"):
             self.count = torch.ones((), dtype=torch.long, device=tokens.device)
             saved = [t.clone() for t in self._state_tensors(state)]
-            self.runner.capture("advance", run, tokens.new_zeros(width), hidden.new_zeros(width, hidden.shape[-1]))
+            with self._announce(self.advance_static, f"{width} tokens"):
+                self.runner.capture("advance", run, tokens.new_zeros(width),
+                                    hidden.new_zeros(width, hidden.shape[-1]))
             with torch.inference_mode():  # the state's tensors are inference tensors
                 for buffer, value in zip(self._state_tensors(state), saved):
                     buffer.copy_(value)  # the warm-up runs advanced the state for real: undo them
@@ -72,6 +87,14 @@ class GraphedDrafter:
         if tree is not self.tree:  # another topology (the decoder never asks for one; kept correct anyway)
             return self.drafter.propose(state, root, tree)
         window = self.window(state.length)
-        return self.runner.run(("propose", window),
-                               lambda r: self.drafter.propose_static(self.state, r, self.tree, window),
-                               root.reshape(1))
+        key = ("propose", window)
+        run = lambda r: self.propose_static(self.state, r, self.tree, window)  # noqa: E731
+        if not self.runner.can_run(key):
+            with self._announce(self.propose_static, f"{self.tree.topology.size}-node trees over {window} slots"):
+                self.runner.capture(key, run, root.reshape(1))
+        return self.runner.run(key, run, root.reshape(1))
+
+    @staticmethod
+    def _announce(function, shape: str):
+        """The compiler's progress line around a first capture (which compiles), when ``function`` is compiled."""
+        return function.announce(shape) if isinstance(function, Compiled) else contextlib.nullcontext()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the device machine, after staging the model (.device/q1..q3 copied to $HOME/stage, this call carrying
+# .device/q4): each drafting variant alone on the default model (scripts/drafting_variants.py: the drafter's
+# drafting compiled or not, draft vocabulary full / 16384 / 8192, with ar and hf-compiled on the same 48
+# Spec-Bench prompts), then the step-cost probe's 8B shape with the drafter compiled and not.
+# Start it with setsid; results and progress.txt in $HOME/res-drafting: tar czf $OUT/res.tgz -C $HOME res-drafting
+set -uo pipefail
+RES=$HOME/res-drafting
+mkdir -p "$RES"
+export CHIMERA_CACHE=$HOME/cache PYTHONPATH=.:$HOME/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+bash scripts/device/stage_model.sh
+step() { echo "$(date +%T) $1" >> "$RES/progress.txt"; }
+step variants
+python3 scripts/drafting_variants.py --questions "$HOME/stage/spec_bench.jsonl" --limit 8 --hf-compiled \
+  --out "$RES/drafting_variants.json" > "$RES/variants.log" 2>&1
+step probe-8b
+python3 scripts/step_cost_probe.py --shapes 8b --no-hf --configs compiled compiled_drafter \
+  --out "$RES/step_cost_probe_8b.json" > "$RES/probe.log" 2>&1
+step done

@@ -1,0 +1,111 @@
+"""Each drafting variant measured alone on the real default model and its shipped drafter (GPU, bfloat16):
+tokens/s, tau, ms per step split draft / verify / other, and r (a speculative step over a plain one), on the
+first turn of Spec-Bench questions. Variants: the drafter's captured drafting compiled by torch.compile or not,
+and the draft vocabulary (full, or the N tokens the base writes most). The base forward is compiled in all
+(the default in bfloat16). ``ar`` (no drafter) gives the plain step; ``--hf-compiled`` adds transformers'
+compiled generate on the same prompts.
+
+    python scripts/drafting_variants.py --questions spec_bench.jsonl --limit 8 --out variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import chimera
+from chimera.bench.methods import Decoding, HFGenerate, warm_up_static
+from chimera.bench.questions import load_questions, select
+from chimera.cli import quiet_libraries
+from chimera.drafters import resolve_drafter
+from chimera.text import encode_prompt
+
+VARIANTS = {  # name: (compile_drafter, draft_vocab)
+    "drafter eager, full vocabulary": (False, "full"),
+    "drafter compiled, full vocabulary": (True, "full"),
+    "drafter compiled, 16384 tokens": (True, 16384),
+    "drafter compiled, 8192 tokens": (True, 8192),
+}
+
+
+def run(decoder, prompts: list[tuple[str, list[int]]], new_tokens: int) -> dict:
+    """Decode every (category, prompt); totals, tau by category, and the first call's time (it compiles)."""
+    t0 = time.perf_counter()
+    decoder.generate(input_ids=prompts[0][1], max_new_tokens=16)  # captures and compiles the first shapes
+    warm = time.perf_counter() - t0
+    tokens = steps = 0
+    seconds = draft = verify = other = 0.0
+    by_group: dict[str, list[int]] = {}
+    for group, prompt in prompts:
+        r = decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
+        tokens += r.new_tokens
+        steps += r.steps - 1
+        seconds += r.seconds - r.time_prefill
+        draft, verify, other = draft + r.time_draft, verify + r.time_verify, other + r.time_other
+        counts = by_group.setdefault(group, [0, 0])
+        counts[0] += r.new_tokens
+        counts[1] += r.steps
+    return {"tokens_per_s": round(tokens / seconds, 1), "tau": round(tokens / steps, 3),
+            "ms_per_step": round(1000 * seconds / steps, 3),
+            "split_ms": {"draft": round(1000 * draft / steps, 3), "verify": round(1000 * verify / steps, 3),
+                         "other": round(1000 * other / steps, 3)},
+            "tau_by_category": {g: round(t / s, 3) for g, (t, s) in by_group.items()},
+            "first_call_s": round(warm, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--questions", required=True)
+    p.add_argument("--limit", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--hf-compiled", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    quiet_libraries()
+    model, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="bfloat16", device="cuda")
+    questions = select(load_questions(args.questions), limit=args.limit)
+    prompts = [(q.group, encode_prompt(tokenizer, q.turns[0])) for q in questions]
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "questions": len(prompts),
+              "new_tokens": args.new_tokens, "variants": {}}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    plain = run(chimera.SpeculativeDecoder(model, tokenizer, None, sync_timing=True), prompts, args.new_tokens)
+    report["ar"] = plain
+    print("ar", json.dumps(plain), flush=True)
+    save()
+    for name in args.variants:
+        compile_drafter, vocab = VARIANTS[name]
+        drafter = resolve_drafter("auto", model)
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, sync_timing=True, draft_vocab=vocab,
+                                             compile_drafter=compile_drafter)
+        row = run(decoder, prompts, args.new_tokens)
+        row["r"] = round(row["ms_per_step"] / plain["ms_per_step"], 3)
+        row["draft_over_plain_step"] = round(row["split_ms"]["draft"] / plain["ms_per_step"], 3)
+        row["speedup_over_ar"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
+        report["variants"][name] = row
+        print(name, json.dumps(row), flush=True)
+        save()
+        del decoder, drafter
+        torch.cuda.empty_cache()
+    if args.hf_compiled:
+        method = HFGenerate(model, tokenizer, static=True, decoding=Decoding())
+        warm_up_static(method, 16)
+        tokens = seconds = 0
+        for _, prompt in prompts:
+            turn = method(prompt, args.new_tokens)
+            tokens += len(turn.token_ids)
+            seconds += turn.seconds
+        report["hf_compiled"] = {"tokens_per_s": round(tokens / seconds, 1)}
+        print("hf-compiled", json.dumps(report["hf_compiled"]), flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()
