@@ -47,6 +47,12 @@ class Sequence:
     def done(self) -> bool:
         return self.stopper.done
 
+    def progress(self) -> Progress:
+        """Where this sequence stands, to continue it alone (``SpeculativeDecoder.resume``)."""
+        so_far = GenerationResult(self.stopper.text, self.stopper.tokens, len(self.prompt_ids), "",
+                                  steps=len(self.accepted), seconds=0.0, accepted=list(self.accepted))
+        return Progress(self.prompt_ids, self.stopper, self.sampling, self.generator, so_far, self.started)
+
     def result(self) -> GenerationResult:
         return GenerationResult(self.stopper.text, self.stopper.tokens, len(self.prompt_ids),
                                 self.stopper.finish_reason or "", steps=len(self.accepted),

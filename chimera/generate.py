@@ -217,16 +217,37 @@ class SpeculativeDecoder:
             pass
         return stream.result
 
+    def resume(self, progress: Progress) -> GenerationStream:
+        """Continue here a decoding begun elsewhere (the server's batch, batch.Sequence.progress): its prompt and
+        every emitted token but the newest are prefilled, the newest is the next input, and its stop condition,
+        generator and counts come along, so its text goes on where it stopped."""
+        stopper = progress.stopper
+        if stopper.done or not stopper.tokens:
+            raise ChimeraError("only a decoding that has emitted a token and not stopped can continue")
+        if len(progress.prompt_ids) + stopper.max_new_tokens > self.limit:
+            raise ChimeraError(f"the request needs {len(progress.prompt_ids) + stopper.max_new_tokens} tokens but "
+                               f"the model's context is {self.limit}")
+        out = []
+        return GenerationStream(self._decode(progress.prompt_ids, stopper.max_new_tokens, (), progress.sampling, out,
+                                             resume=progress), out)
+
     def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop, sampling: SamplingConfig,
-                progress: list | None = None) -> Iterator[str]:
-        stopper = stop_condition(self.tokenizer, self.eos_ids, max_new_tokens, self.limit - len(prompt_ids), stop)
+                progress: list | None = None, resume: Progress | None = None) -> Iterator[str]:
+        if resume is None:
+            stopper = stop_condition(self.tokenizer, self.eos_ids, max_new_tokens, self.limit - len(prompt_ids), stop)
+            generator = None if sampling.greedy else sampling.generator(self.device)
+            known = prompt_ids
+        else:
+            stopper, generator = resume.stopper, resume.generator
+            known = [*prompt_ids, *stopper.tokens[:-1]]
         budget = stopper.max_new_tokens
-        generator = None if sampling.greedy else sampling.generator(self.device)
         t0 = self._clock()
-        prompt = torch.tensor(prompt_ids, device=self.device)
+        prompt = torch.tensor(known, device=self.device)
         session = self.verifier.start(capacity=len(prompt_ids) + budget + self.tree.topology.size)
         out = session.prefill(prompt)
-        if generator is None:
+        if resume is not None:
+            root = torch.tensor([stopper.tokens[-1]], device=self.device)
+        elif generator is None:
             root = out.logits[-1].argmax(-1, keepdim=True)
         else:
             root = torch.multinomial(target_probs(out.logits[-1:], sampling)[0], 1, generator=generator)
@@ -234,13 +255,17 @@ class SpeculativeDecoder:
         del out
         t1 = self._clock()
         result = GenerationResult("", stopper.tokens, len(prompt_ids), "", steps=1, seconds=0.0, accepted=[1])
+        if resume is not None:
+            result.accepted = list(resume.result.accepted)
+            result.steps = len(result.accepted)
         result.time_prefill = t1 - t0
+        started = t0 if resume is None else resume.started
         if progress is not None:
-            progress.append(Progress(prompt_ids, stopper, sampling, generator, result, t0))
+            progress.append(Progress(prompt_ids, stopper, sampling, generator, result, started))
         root_token = int(root)
         switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
         unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again
-        delta = stopper.push(root_token)
+        delta = stopper.push(root_token) if resume is None else ""  # a resumed decoding's newest token is out
         while True:
             if delta:
                 yield delta
@@ -287,7 +312,7 @@ class SpeculativeDecoder:
                 root = accepted.next_token.reshape(1)
             switch.record(drafting, emitted, time.perf_counter() - step_start)
             result.time_other += self._clock() - tb
-        result.seconds = self._clock() - t0
+        result.seconds = self._clock() - started
         result.finish_reason = stopper.finish_reason
         result.text = stopper.text
         return result

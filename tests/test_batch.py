@@ -135,3 +135,39 @@ def test_only_a_running_decoding_that_fits_a_row_can_continue_in_a_batch(default
         pass
     with pytest.raises(ChimeraError, match="not stopped"):
         RunningBatch(model, tokenizer, max_batch=1, capacity=256).adopt(stream.progress)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_sequence_of_a_batch_continues_alone_as_it_would_in_the_batch(default_model, sampled):
+    """When the server's batch is down to one member, that one continues alone, speculatively with the shipped
+    drafter (SpeculativeDecoder.resume): greedy, its text is what it is alone; sampled with a seed, its generator
+    goes along (the draws continue rather than restart)."""
+    from chimera.drafters import resolve_drafter
+
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), adaptive=False)
+    prompt = encode_prompt(tokenizer, "List the planets of the solar system, one per line.")
+    sampling = dict(temperature=0.8, seed=5) if sampled else {}
+    batch = RunningBatch(decoder.verifier.model, tokenizer, max_batch=2, capacity=256)
+    sequence, text = batch.add(prompt, 40, ("Saturn",), SamplingConfig(**sampling))
+    short, _ = batch.add(encode_prompt(tokenizer, "Say hi."), 3)
+    while not short.done:
+        for member, piece in batch.step():
+            text += piece if member is sequence else ""
+    batch.remove(short)
+    steps_in_batch = len(sequence.accepted)
+    progress = sequence.progress()
+    batch.remove(sequence)
+    stream = decoder.resume(progress)
+    text += "".join(stream)
+    result = stream.result
+    assert result.text == text and sum(result.accepted) == len(result.token_ids)
+    assert result.accepted[:steps_in_batch] == [1] * steps_in_batch and result.steps == len(result.accepted)
+    if not sampled:
+        expected = decoder.generate(input_ids=prompt, max_new_tokens=40, stop=("Saturn",))
+        assert result.token_ids == expected.token_ids and result.text == expected.text
+        assert result.finish_reason == expected.finish_reason
+        assert max(result.accepted[steps_in_batch:]) > 1  # it speculated once alone
+    else:
+        assert progress.generator is not None and stream.progress.generator is progress.generator
+        assert result.finish_reason in ("stop", "length") and len(result.token_ids) <= 40

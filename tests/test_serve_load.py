@@ -294,3 +294,39 @@ def test_a_request_decoded_alone_moves_into_the_batch_when_others_arrive(tiny):
             assert answer == short_expected[prompt].text
             assert ended < long_ended  # served beside the long one, not after it
         assert wait_idle(engine, 5)
+
+
+@pytest.mark.slow
+def test_speculation_resumes_when_the_batch_is_down_to_one(default_model):
+    """A long request is decoded alone (speculatively), moves into the batch when a short one arrives, and goes
+    back to decoding alone with the drafter once the short one has left: text as alone, for both."""
+    from chimera.drafters import resolve_drafter
+
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model))
+    long_messages = [{"role": "user", "content": "List the planets of the solar system with one fact each."}]
+    short_messages = [{"role": "user", "content": "Say hi."}]
+    long_expected = decoder.generate(long_messages, max_new_tokens=96)
+    short_expected = decoder.generate(short_messages, max_new_tokens=4)
+    resumed = []
+    resume = decoder.resume
+    decoder.resume = lambda progress: resumed.append(len(progress.stopper.tokens)) or resume(progress)
+    engine = Engine(decoder, max_queue=QUEUE, timeout=60, max_batch=4)
+    with BackgroundServer(engine, ServerConfig("smollm2-135m-instruct")) as url:
+        async def scenario():
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+            try:
+                long_call = asyncio.ensure_future(client.chat.completions.create(
+                    model="smollm2-135m-instruct", messages=long_messages, max_tokens=96, temperature=0))
+                while engine._current is None:  # the long one is decoding alone
+                    await asyncio.sleep(0.01)
+                short = await client.chat.completions.create(model="smollm2-135m-instruct", messages=short_messages,
+                                                             max_tokens=4, temperature=0)
+                return await long_call, short
+            finally:
+                await client.close()
+
+        long_answer, short_answer = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    assert long_answer.choices[0].message.content == long_expected.text
+    assert short_answer.choices[0].message.content == short_expected.text
+    assert len(resumed) == 1 and 0 < resumed[0] < long_expected.new_tokens  # back to speculation mid-way

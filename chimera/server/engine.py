@@ -3,13 +3,14 @@
 A single thread runs every generation, so the asyncio event loop never blocks on torch. A request that finds
 the server idle (nothing running, nothing queued) is decoded speculatively, alone: the fastest way to serve one
 user. Otherwise requests join a running batch (batch.py, ``max_batch`` > 1) at the next step after their
-prefill and leave when they stop: continuous batching, where one forward serves every running sequence. When
-requests arrive while one is decoded alone, that one moves into the batch (``RunningBatch.adopt``) and they
-join it, so nobody waits for a lone request to finish: with 2 one-core replicas of the default model and 16
-clients, waiting behind lone requests had made p99 latency 11 s against 6.6 s for one replica. Each
-job carries a cancel event and a deadline that the worker checks after every step, so a client that disconnects
-or a request that runs out of time stops costing compute within one decode step. Results cross back into the
-loop with ``call_soon_threadsafe``.
+prefill and leave when they stop: continuous batching, where one forward serves every running sequence.
+Speculation follows the load both ways: when requests arrive while one is decoded alone, that one moves into the
+batch (``RunningBatch.adopt``) and they join it, so nobody waits for a lone request to finish; when the batch is
+down to one member and nothing waits, that member goes on alone with the drafter (``SpeculativeDecoder.resume``).
+Either move re-reads the request's tokens so far in one prefill; its text goes on as it would have (float32:
+token for token, tested). Each job carries a cancel event and a deadline that the worker checks after every
+step, so a client that disconnects or a request that runs out of time stops costing compute within one decode
+step. Results cross back into the loop with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ..batch import RunningBatch, Sequence
 from ..errors import ChimeraError
-from ..generate import GenerationResult, SpeculativeDecoder
+from ..generate import GenerationResult, Progress, SpeculativeDecoder
 from ..sampling import SamplingConfig
 from .schemas import APIError
 
@@ -47,6 +48,7 @@ class Job:
     id: int = 0
     submitted: float = field(default_factory=time.monotonic)
     started: float = 0.0  # set by the worker when decoding begins
+    counted: int = 0  # its tokens already counted in the engine's tokens/s
 
     @property
     def queue_seconds(self) -> float:
@@ -189,6 +191,8 @@ class Engine:
                 return
             if self._running:
                 self._step()
+                if not alone:
+                    self._last_member_alone()
             elif alone:
                 self._serve_alone(alone.pop(0))
 
@@ -234,6 +238,7 @@ class Engine:
             return
         self._running.append((sequence, job))
         self._count(1)
+        job.counted += 1
         if job.stream and text:
             job.delta(text)
         self._retire()
@@ -253,6 +258,7 @@ class Engine:
         jobs = {id(sequence): job for sequence, job in self._running}
         for sequence, text in emitted:
             job = jobs[id(sequence)]
+            job.counted += 1
             if job.stream and text:
                 job.delta(text)
         self._retire()
@@ -283,18 +289,33 @@ class Engine:
         """The request decoded alone continues in the batch, where what waits will join it (never waiting for it
         to finish first)."""
         sequence = self.batch.adopt(stream.progress)
-        self._count(len(sequence.stopper.tokens))
+        self._count(len(sequence.stopper.tokens) - job.counted)
+        job.counted = len(sequence.stopper.tokens)
         self._running.append((sequence, job))
 
-    def _serve_alone(self, job: Job) -> None:
+    def _last_member_alone(self) -> None:
+        """When the batch is down to one member and nothing waits, that one continues alone, speculatively (the
+        fastest way to serve one user), where there is a drafter to speculate with."""
+        if len(self._running) != 1 or not self._queue.empty() or self.decoder.drafter is None:
+            return
+        sequence, job = self._running[0]
+        if sequence.done or len(sequence.prompt_ids) + sequence.stopper.max_new_tokens > self.decoder.limit:
+            return
+        self.batch.remove(sequence)
+        self._running.clear()
+        self._serve_alone(job, resume=sequence.progress())
+
+    def _serve_alone(self, job: Job, resume: Progress | None = None) -> None:
         self._current = job
         try:
-            self._serve(job)
+            self._serve(job, resume)
         finally:
             self._current = None
 
-    def _serve(self, job: Job) -> None:
-        job.started = time.monotonic()
+    def _serve(self, job: Job, resume: Progress | None = None) -> None:
+        """Decode ``job`` alone, from its start or (``resume``) from where the batch left it."""
+        if resume is None:
+            job.started = time.monotonic()
         if job.cancelled.is_set():
             return
         if time.monotonic() > job.deadline:
@@ -302,8 +323,9 @@ class Engine:
             return
         chunks = None
         try:
-            stream = self.decoder.stream(input_ids=job.input_ids, max_new_tokens=job.max_new_tokens, stop=job.stop,
-                                         **job.sampling)
+            stream = (self.decoder.resume(resume) if resume is not None else
+                      self.decoder.stream(input_ids=job.input_ids, max_new_tokens=job.max_new_tokens, stop=job.stop,
+                                          **job.sampling))
             chunks = iter(stream)
             for text in chunks:
                 if job.stream:
@@ -316,7 +338,7 @@ class Engine:
                 if self._others_wait(stream):
                     self._hand_over(job, stream)
                     return
-            self._count(stream.result.new_tokens)
+            self._count(stream.result.new_tokens - job.counted)
             job.done(stream.result)
         except ChimeraError as exc:
             job.fail(APIError(400, str(exc)))
