@@ -277,3 +277,17 @@ def test_a_replica_killed_under_load_loses_no_request_that_had_not_started_strea
             break
         time.sleep(1)
     assert status.replica_states.get("RUNNING", 0) == 2
+
+
+def test_rays_serve_run_builds_the_same_application_and_checks_its_arguments():
+    """`serve run chimera.server.fleet:app_builder key=value ...` takes chimera fleet's options, checked alike."""
+    from ray.serve import Application
+
+    from chimera.errors import ChimeraError
+    from chimera.server.fleet import app_builder
+
+    assert isinstance(app_builder({"model": MODEL, "replicas": "2", "max_batch": "4", "port": "8001"}), Application)
+    with pytest.raises(ChimeraError, match="replicas"):
+        app_builder({"model": MODEL, "replicas": "0"})
+    with pytest.raises(ChimeraError, match="unrecognized"):
+        app_builder({"model": MODEL, "no_such_option": "1"})
