@@ -225,10 +225,15 @@ def test_the_fleet_streams_like_chimera_serve_and_spreads_load(fleet):
     assert all(r["finish"] and r["error"] is None for r in together)
     assert all(r["text"] == streamed["text"] for r in together[0::4])  # greedy: the same text under load
     assert len({r["replica"] for r in together}) == 2, "the load reached one replica only"
-    # errors and the health route are chimera serve's
+    # errors are chimera serve's; /health and /metrics cover every replica
     bad = httpx.post(fleet + "/v1/chat/completions", json={"model": "other", "messages": []}, timeout=30)
     assert bad.status_code in (400, 404) and "error" in bad.json()
-    assert httpx.get(fleet + "/health", timeout=30).json()["status"] == "ok"
+    health = httpx.get(fleet + "/health", timeout=30).json()
+    assert health["status"] == "ok" and set(health["replicas"]) == {r["replica"] for r in together}
+    scrape = httpx.get(fleet + "/metrics", timeout=30).text
+    for replica in health["replicas"]:
+        assert f'chimera_requests_total{{replica="{replica}",route="/v1/chat/completions",status="200"}}' in scrape
+    assert scrape.count("# TYPE chimera_requests_total counter") == 1
 
 
 @pytest.mark.cluster
@@ -291,3 +296,19 @@ def test_rays_serve_run_builds_the_same_application_and_checks_its_arguments():
         app_builder({"model": MODEL, "replicas": "0"})
     with pytest.raises(ChimeraError, match="unrecognized"):
         app_builder({"model": MODEL, "no_such_option": "1"})
+
+
+def test_replicas_metrics_merge_into_one_scrape_with_a_replica_label():
+    from chimera.server.fleet import merge_metrics
+
+    one = ('# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{route="/x",status="200"} 3\n'
+           '# HELP running Running.\n# TYPE running gauge\nrunning 1\n')
+    two = ('# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{route="/x",status="200"} 5\n'
+           '# HELP running Running.\n# TYPE running gauge\nrunning 0\n')
+    merged = merge_metrics([("b", two), ("a", one)])
+    assert merged == ('# HELP requests_total Requests.\n# TYPE requests_total counter\n'
+                      'requests_total{replica="a",route="/x",status="200"} 3\n'
+                      'requests_total{replica="b",route="/x",status="200"} 5\n'
+                      '# HELP running Running.\n# TYPE running gauge\n'
+                      'running{replica="a"} 1\nrunning{replica="b"} 0\n')
+    assert merge_metrics([]) == ""

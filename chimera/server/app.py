@@ -81,12 +81,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                             status_code=500)
 
     async def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        check_api_key(request, config.api_key)
 
     protected = [Depends(authorize)]
 
@@ -213,15 +208,39 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_name, "queued": engine.queued, "busy": engine.busy,
-                "running": engine.running}
+        return health_of(app)
 
     @app.get("/metrics", dependencies=protected)
     async def prometheus():
-        return PlainTextResponse(metrics.render(engine.queued, engine.busy, engine.running, engine.tokens_per_s()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(metrics_of(app), media_type=PROMETHEUS_TEXT)
 
     return app
+
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def check_api_key(request: Request, api_key: str | None) -> None:
+    """401 unless the request carries ``Authorization: Bearer <api_key>`` (no key configured: anyone)."""
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def health_of(app: FastAPI) -> dict:
+    """What ``GET /health`` answers for ``create_app``'s application."""
+    engine = app.state.engine
+    return {"status": "ok", "model": app.state.config.model_name, "queued": engine.queued, "busy": engine.busy,
+            "running": engine.running}
+
+
+def metrics_of(app: FastAPI) -> str:
+    """What ``GET /metrics`` answers for ``create_app``'s application (Prometheus text)."""
+    engine = app.state.engine
+    return app.state.metrics.render(engine.queued, engine.busy, engine.running, engine.tokens_per_s())
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:

@@ -16,8 +16,9 @@ two deployments:
 
 Each replica's engine admits at most ``max_batch`` requests (Ray's ``max_ongoing_requests``): what waits,
 waits in Ray's queue in front of all replicas, not inside one that may die, and more than ``max_queue``
-waiting requests are refused with 429 as ``chimera serve`` does. ``/metrics`` and ``/health`` answer for the
-replica that takes the request (header ``X-Chimera-Replica``); Ray's own metrics cover the fleet.
+waiting requests are refused with 429 as ``chimera serve`` does. ``/metrics`` and ``/health`` ask every
+replica (Ray's ``broadcast``): every replica's metrics in one scrape, each sample labelled with its replica,
+and the health of each. Every other answer names its replica in the header ``X-Chimera-Replica``.
 
 Measured on this CPU (docs/fleet.md): 2 one-core replicas against 1, and a replica killed under load.
 """
@@ -35,9 +36,9 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .app import ServerConfig, create_app, read_body
+from .app import PROMETHEUS_TEXT, ServerConfig, check_api_key, create_app, health_of, metrics_of, read_body
 from .engine import timeout_error
 from .responses import sse
 from .run import EngineOptions, build_engine
@@ -103,6 +104,13 @@ class EngineReplica:
         self.engine.start()
         self.name = serve.get_replica_context().replica_id.unique_id.encode()
 
+    def metrics(self) -> tuple[str, str]:
+        """This replica's name and its ``/metrics`` text."""
+        return self.name.decode(), metrics_of(self.app)
+
+    def health(self) -> tuple[str, dict]:
+        return self.name.decode(), health_of(self.app)
+
     def check_health(self) -> None:
         """Ray restarts a replica whose engine thread has died."""
         if not self.engine.alive:
@@ -160,6 +168,7 @@ class Front:
     the answer's first bytes."""
 
     def __init__(self, replicas, config: ServerConfig, timeout: float, max_queue: int):
+        self.every_replica = replicas  # for /metrics and /health
         self.replicas = replicas.options(stream=True)
         self.config = config
         self.timeout = timeout
@@ -167,12 +176,35 @@ class Front:
 
     async def __call__(self, request: Request) -> Response:
         try:
+            if request.method == "GET" and request.url.path in ("/metrics", "/health"):
+                return await self.fleet_view(request)
             body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout)
             forwarded = ForwardedRequest(request.method, request.url.path, request.scope.get("query_string", b""),
                                          tuple(request.scope["headers"]), body, request.scope.get("client"))
             return await self.dispatch(forwarded)
         except APIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def fleet_view(self, request: Request) -> Response:
+        """``/metrics``: every replica's samples, labelled by replica; ``/health``: each replica's, and "ok"
+        while at least one answers."""
+        metrics = request.url.path == "/metrics"
+        if metrics:
+            check_api_key(request, self.config.api_key)
+        try:
+            answers = await self.every_replica.broadcast("metrics" if metrics else "health").results_async(
+                timeout_s=10, return_exceptions=True)
+        except TimeoutError:
+            raise APIError(504, "the replicas did not all answer within 10 s", type="server_error",
+                           code="timeout") from None
+        answered = [a for a in answers if not isinstance(a, BaseException)]
+        if metrics:
+            return PlainTextResponse(merge_metrics(answered), media_type=PROMETHEUS_TEXT)
+        replicas = dict(answered)
+        totals = {key: sum(h[key] for h in replicas.values()) for key in ("queued", "running")}
+        return JSONResponse({"status": "ok" if replicas else "unavailable", "model": self.config.model_name,
+                             **totals, "replicas": replicas, "unreachable": len(answers) - len(answered)},
+                            status_code=200 if replicas else 503)
 
     async def dispatch(self, request: ForwardedRequest) -> Response:
         loop = asyncio.get_running_loop()
@@ -197,6 +229,30 @@ class Front:
             return Relay(start, held, messages, stream)
         raise APIError(503, f"no replica could take the request ({ATTEMPTS} stopped before answering)",
                        type="server_error", code="no_replica")
+
+
+def merge_metrics(parts: list[tuple[str, str]]) -> str:
+    """Prometheus texts of several replicas as one: each sample gains the label ``replica``, and each metric
+    family appears once, its HELP and TYPE lines then every replica's samples (the format wants a family's
+    lines together). Sum or compare across replicas with PromQL."""
+    headers: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines, in order of first appearance
+    samples: dict[str, list[str]] = {}
+    for name, text in sorted(parts):
+        label, family = f'replica="{name}"', ""
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                family = line.split()[2]
+                known = headers.setdefault(family, [])
+                if line not in known:
+                    known.append(line)
+                continue
+            if not line.strip() or line.startswith("#"):
+                continue
+            metric, _, value = line.partition(" ")
+            metric = metric.replace("{", "{" + label + ",", 1) if "{" in metric else f"{metric}{{{label}}}"
+            samples.setdefault(family, []).append(f"{metric} {value}")
+    families = list(headers) + [f for f in samples if f not in headers]
+    return "".join(line + "\n" for family in families for line in headers.get(family, []) + samples.get(family, []))
 
 
 async def one_by_one(stream):
