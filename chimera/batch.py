@@ -100,9 +100,10 @@ class RunningBatch:
         return sequence, sequence.stopper.push_step([token])
 
     def adopt(self, progress: Progress) -> Sequence:
-        """Continue here a decoding begun elsewhere (alone, speculatively): its row is prefilled with the prompt
-        and every emitted token but the newest, which is its next input; its stop condition, generator and
-        counts come along, so its text goes on where it stopped."""
+        """Continue here a decoding begun elsewhere (alone, speculatively): its row gets the KV of the prompt and
+        every emitted token but the newest, which is its next input (copied from the lone decoding's cache where
+        it can be, else prefilled); its stop condition, generator and counts come along, so its text goes on
+        where it stopped."""
         stopper = progress.stopper
         if stopper.done or not stopper.tokens:
             raise ChimeraError("only a decoding that has emitted a token and not stopped can continue in a batch")
@@ -113,7 +114,12 @@ class RunningBatch:
                                f"batch row holds {self.capacity}")
         sequence = Sequence(list(progress.prompt_ids), stopper, progress.sampling, progress.generator,
                             started=progress.started, accepted=list(progress.result.accepted))
-        self._prefill(sequence, known)
+        pairs = progress.verified_kv() if progress.verified_kv is not None else None
+        if pairs and pairs[0][0].shape[2] == len(known) and self.cache.write_row(len(self.running), pairs):
+            sequence.length = len(known)  # its KV copied: no prefill (a 1,000-token prompt re-read costs a second)
+            self.running.append(sequence)
+        else:
+            self._prefill(sequence, known)
         sequence.next_token = stopper.tokens[-1]
         return sequence
 

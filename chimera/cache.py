@@ -200,6 +200,21 @@ class RowSlotCache(Cache):
         super().__init__(layers=[RowSlotLayer(self) for _ in range(num_layers)])
 
     @torch.inference_mode()
+    def write_row(self, row: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Each layer's (1, heads, n, head size) keys and values into the first n slots of ``row``; False (and
+        nothing written) where this cache cannot take them (not allocated yet, or other shapes)."""
+        if len(pairs) != len(self.layers) or not all(layer.is_initialized for layer in self.layers):
+            return False
+        for layer, (keys, values) in zip(self.layers, pairs):
+            if keys.shape[0] != 1 or keys.shape[1:2] + keys.shape[3:] != layer.keys.shape[1:2] + layer.keys.shape[3:] \
+                    or keys.shape[2] >= self.capacity or keys.dtype != layer.keys.dtype:
+                return False
+        for layer, (keys, values) in zip(self.layers, pairs):
+            layer.keys[row, :, :keys.shape[2]] = keys[0]
+            layer.values[row, :, :values.shape[2]] = values[0]
+        return True
+
+    @torch.inference_mode()
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy the first ``length`` slots of row ``source`` into row ``target``."""
         for layer in self.layers:

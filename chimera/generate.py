@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -87,6 +87,7 @@ class Progress:
     generator: torch.Generator | None
     result: GenerationResult  # steps and accepted tokens so far
     started: float  # time.perf_counter() when decoding began
+    verified_kv: Callable[[], list] | None = None  # the KV of all but the newest token, where the session has it
 
 
 class GenerationStream:
@@ -261,7 +262,8 @@ class SpeculativeDecoder:
         result.time_prefill = t1 - t0
         started = t0 if resume is None else resume.started
         if progress is not None:
-            progress.append(Progress(prompt_ids, stopper, sampling, generator, result, started))
+            progress.append(Progress(prompt_ids, stopper, sampling, generator, result, started,
+                                     getattr(session, "verified_kv", None)))
         root_token = int(root)
         switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
         unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again

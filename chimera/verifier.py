@@ -54,6 +54,11 @@ class GrowingSession:
         if tree.topology.size > 1:
             kv.keep_path(self.cache, self.length - tree.topology.size, path[:length])
 
+    def verified_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values of the verified tokens, (1, heads, length, head size): what a running
+        batch copies when this generation moves into it (batch.RunningBatch.adopt)."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
 
 class GrowingVerifier:
     def __init__(self, model, head_route: str | None = None):

@@ -91,10 +91,11 @@ def test_a_running_batch_refuses_what_does_not_fit(default_model):
         batch.add([5, 6, 7], 4)
 
 
-@pytest.mark.parametrize("after_pieces", [1, 5])
-def test_a_decoding_begun_alone_continues_in_a_batch_as_it_would_alone(default_model, after_pieces):
+@pytest.mark.parametrize("after_pieces, copied", [(1, True), (5, True), (5, False)])
+def test_a_decoding_begun_alone_continues_in_a_batch_as_it_would_alone(default_model, after_pieces, copied):
     """The server moves a request decoded alone (speculatively, with the shipped drafter) into its running batch
-    when others arrive: the text goes on exactly as alone, stop string included."""
+    when others arrive, its KV copied from the lone decoding's cache (or re-read by a prefill): the text goes on
+    exactly as alone, stop string included."""
     from chimera.drafters import resolve_drafter
 
     model, tokenizer = default_model
@@ -112,7 +113,13 @@ def test_a_decoding_begun_alone_continues_in_a_batch_as_it_would_alone(default_m
     texts["moved"] = "".join(next(chunks) for _ in range(after_pieces))
     progress = stream.progress
     steps_alone = len(progress.result.accepted)
+    if not copied:
+        progress.verified_kv = None
+    prefills = []
+    prefill = batch._prefill
+    batch._prefill = lambda *args: prefills.append(1) or prefill(*args)
     sequences["moved"] = batch.adopt(progress)
+    assert len(prefills) == (0 if copied else 1)
     chunks.close()
     results = drain(batch, sequences, texts)
     assert results["moved"].token_ids == expected.token_ids
@@ -171,3 +178,19 @@ def test_a_sequence_of_a_batch_continues_alone_as_it_would_in_the_batch(default_
     else:
         assert progress.generator is not None and stream.progress.generator is progress.generator
         assert result.finish_reason in ("stop", "length") and len(result.token_ids) <= 40
+
+
+def test_a_row_takes_copied_keys_and_values_only_where_they_fit():
+    from chimera.cache import RowSlotCache
+
+    cache = RowSlotCache(num_layers=2, row_count=2, capacity=8, device="cpu")
+    pair = (torch.ones(1, 3, 4, 5), torch.ones(1, 3, 4, 5))
+    assert not cache.write_row(0, [pair, pair])  # nothing allocated yet
+    for layer in cache.layers:
+        layer.lazy_initialization(torch.zeros(1, 3, 1, 5), torch.zeros(1, 3, 1, 5))
+    assert not cache.write_row(0, [pair])  # a layer short
+    assert not cache.write_row(0, [(torch.ones(1, 2, 4, 5),) * 2] * 2)  # other heads
+    assert not cache.write_row(0, [(torch.ones(1, 3, 8, 5),) * 2] * 2)  # no room left for a next token
+    assert cache.write_row(1, [pair, (2 * pair[0], 2 * pair[1])])
+    assert cache.layers[1].keys[1, :, :4].eq(2).all() and cache.layers[1].keys[1, :, 4:].eq(0).all()
+    assert cache.layers[0].keys[0].eq(0).all()

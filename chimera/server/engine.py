@@ -7,10 +7,13 @@ prefill and leave when they stop: continuous batching, where one forward serves 
 Speculation follows the load both ways: when requests arrive while one is decoded alone, that one moves into the
 batch (``RunningBatch.adopt``) and they join it, so nobody waits for a lone request to finish; when the batch is
 down to one member and nothing waits, that member goes on alone with the drafter (``SpeculativeDecoder.resume``).
-Either move re-reads the request's tokens so far in one prefill; its text goes on as it would have (float32:
-token for token, tested). Each job carries a cancel event and a deadline that the worker checks after every
-step, so a client that disconnects or a request that runs out of time stops costing compute within one decode
-step. Results cross back into the loop with ``call_soon_threadsafe``.
+Into the batch, the request's KV is copied from its lone decoding's cache; back out, its tokens so far are
+re-read in one prefill (the drafter needs the base's hidden states), which happens only where the measured
+speeds say it pays. Either way its text goes on as it would have (float32: token for token, tested).
+
+Each job carries a cancel event and a deadline that the worker checks after every step, so a client that
+disconnects or a request that runs out of time stops costing compute within one decode step. Results cross
+back into the loop with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
