@@ -315,6 +315,8 @@ class SpeculativeDecoder:
             switch.record(drafting, emitted, time.perf_counter() - step_start)
             result.time_other += self._clock() - tb
         result.seconds = self._clock() - started
+        if progress:
+            progress[0].verified_kv = None  # finished: nothing will continue it, so its cache need not outlive it
         result.finish_reason = stopper.finish_reason
         result.text = stopper.text
         return result
