@@ -42,6 +42,7 @@ class Sequence:
     length: int = 0  # tokens in its KV row (the prompt, then every emitted token but the newest)
     next_token: int = 0  # the newest emitted token, the input of its next step
     accepted: list[int] = field(default_factory=lambda: [1])  # tokens each forward emitted, the prefill first
+    hidden_kept: bool = True  # the batch holds the final hidden states of its whole row (for a move out)
 
     @property
     def done(self) -> bool:
@@ -79,6 +80,7 @@ class RunningBatch:
                                   self.device)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.running: list[Sequence] = []  # row i holds running[i]
+        self.hidden: torch.Tensor | None = None  # (max_batch, capacity, hidden) final hidden states, on first use
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a sequence of this size fits a row (else it must be decoded alone)."""
@@ -117,6 +119,7 @@ class RunningBatch:
         pairs = progress.verified_kv() if progress.verified_kv is not None else None
         if pairs and pairs[0][0].shape[2] == len(known) and self.cache.write_row(len(self.running), pairs):
             sequence.length = len(known)  # its KV copied: no prefill (a 1,000-token prompt re-read costs a second)
+            sequence.hidden_kept = False  # the lone decoding did not keep its hidden states
             self.running.append(sequence)
         else:
             self._prefill(sequence, known)
@@ -169,6 +172,8 @@ class RunningBatch:
         if row != last:
             moved = self.running[last]
             self.cache.move_row(last, row, moved.length)
+            with torch.inference_mode():
+                self.hidden[row, :moved.length] = self.hidden[last, :moved.length]
             self.running[row] = moved
         self.running.pop()
 
@@ -182,8 +187,25 @@ class RunningBatch:
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
         with torch.inference_mode():
             out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
-                             logits_to_keep=logits_to_keep, **cache_kwargs(self.model, self.cache))
+                             logits_to_keep=logits_to_keep, output_hidden_states=True,
+                             **cache_kwargs(self.model, self.cache))
+            final = out.hidden_states[-1]  # (rows, n, hidden): what a drafter reads, kept for a move out
+            if self.hidden is None:
+                self.hidden = final.new_zeros(self.max_batch, self.capacity, final.shape[-1])
+            self.hidden[rows].scatter_(1, positions[:, :, None].expand(-1, -1, final.shape[-1]), final)
         return out.logits.float()
+
+    def progress_of(self, sequence: Sequence) -> Progress:
+        """Where ``sequence`` stands, with copies of its KV and final hidden states, so that it can continue alone
+        without a prefill (``SpeculativeDecoder.resume``)."""
+        row, length = self.running.index(sequence), sequence.length
+        pairs = [(layer.keys[row:row + 1, :, :length].clone(), layer.values[row:row + 1, :, :length].clone())
+                 for layer in self.cache.layers] if sequence.hidden_kept else None
+        progress = sequence.progress()
+        if sequence.hidden_kept:  # else the move re-reads its tokens, a prefill
+            progress.verified_kv = lambda: pairs
+            progress.verified_hidden = self.hidden[row, :length].clone()
+        return progress
 
     def _choose(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         """Each sequence's next token from its row of ``logits`` (rows, vocab): the argmax, or a draw by its own

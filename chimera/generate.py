@@ -88,6 +88,7 @@ class Progress:
     result: GenerationResult  # steps and accepted tokens so far
     started: float  # time.perf_counter() when decoding began
     verified_kv: Callable[[], list] | None = None  # the KV of all but the newest token, where the session has it
+    verified_hidden: torch.Tensor | None = None  # their final hidden states (length, hidden), where kept
 
 
 class GenerationStream:
@@ -245,15 +246,21 @@ class SpeculativeDecoder:
         t0 = self._clock()
         prompt = torch.tensor(known, device=self.device)
         session = self.verifier.start(capacity=len(prompt_ids) + budget + self.tree.topology.size)
-        out = session.prefill(prompt)
+        if resume is not None and resume.verified_kv is not None and resume.verified_hidden is not None \
+                and hasattr(session, "adopt"):
+            session.adopt(resume.verified_kv())  # no prefill: the KV and hidden states came along
+            hidden = resume.verified_hidden
+        else:
+            out = session.prefill(prompt)
+            hidden = out.hidden
         if resume is not None:
             root = torch.tensor([stopper.tokens[-1]], device=self.device)
         elif generator is None:
             root = out.logits[-1].argmax(-1, keepdim=True)
         else:
             root = torch.multinomial(target_probs(out.logits[-1:], sampling)[0], 1, generator=generator)
-        state = self.drafter.start(prompt, out.hidden) if self.drafter is not None else None
-        del out
+        state = self.drafter.start(prompt, hidden) if self.drafter is not None else None
+        out = hidden = None
         t1 = self._clock()
         result = GenerationResult("", stopper.tokens, len(prompt_ids), "", steps=1, seconds=0.0, accepted=[1])
         if resume is not None:

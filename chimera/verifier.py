@@ -54,6 +54,13 @@ class GrowingSession:
         if tree.topology.size > 1:
             kv.keep_path(self.cache, self.length - tree.topology.size, path[:length])
 
+    @torch.inference_mode()
+    def adopt(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start from given keys and values, (1, heads, length, head size) per layer, instead of a prefill: a
+        sequence leaving the server's batch to decode alone (SpeculativeDecoder.resume)."""
+        for index, (keys, values) in enumerate(pairs):
+            self.cache.update(keys, values, index)
+
     def verified_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's keys and values of the verified tokens, (1, heads, length, head size): what a running
         batch copies when this generation moves into it (batch.RunningBatch.adopt)."""

@@ -144,11 +144,13 @@ def test_only_a_running_decoding_that_fits_a_row_can_continue_in_a_batch(default
         RunningBatch(model, tokenizer, max_batch=1, capacity=256).adopt(stream.progress)
 
 
-@pytest.mark.parametrize("sampled", [False, True])
-def test_a_sequence_of_a_batch_continues_alone_as_it_would_in_the_batch(default_model, sampled):
+@pytest.mark.parametrize("sampled, copied", [(False, False), (False, True), (True, True)])
+def test_a_sequence_of_a_batch_continues_alone_as_it_would_in_the_batch(default_model, sampled, copied, monkeypatch):
     """When the server's batch is down to one member, that one continues alone, speculatively with the shipped
-    drafter (SpeculativeDecoder.resume): greedy, its text is what it is alone; sampled with a seed, its generator
-    goes along (the draws continue rather than restart)."""
+    drafter (SpeculativeDecoder.resume), with its KV and hidden states copied from the batch (or re-read by a
+    prefill): greedy, its text is what it is alone; sampled with a seed, its generator goes along (the draws
+    continue rather than restart)."""
+    from chimera.verifier import GrowingSession
     from chimera.drafters import resolve_drafter
 
     model, tokenizer = default_model
@@ -163,10 +165,14 @@ def test_a_sequence_of_a_batch_continues_alone_as_it_would_in_the_batch(default_
             text += piece if member is sequence else ""
     batch.remove(short)
     steps_in_batch = len(sequence.accepted)
-    progress = sequence.progress()
+    progress = batch.progress_of(sequence) if copied else sequence.progress()
     batch.remove(sequence)
+    prefills = []
+    prefill = GrowingSession.prefill
+    monkeypatch.setattr(GrowingSession, "prefill", lambda self, prompt: prefills.append(1) or prefill(self, prompt))
     stream = decoder.resume(progress)
     text += "".join(stream)
+    assert len(prefills) == (0 if copied else 1)
     result = stream.result
     assert result.text == text and sum(result.accepted) == len(result.token_ids)
     assert result.accepted[:steps_in_batch] == [1] * steps_in_batch and result.steps == len(result.accepted)

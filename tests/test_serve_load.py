@@ -345,3 +345,9 @@ def test_the_last_member_goes_alone_only_where_it_pays():
     speeds.alone.add(0.029)  # alone measured barely faster: a long answer no longer pays for a long prompt
     assert not speeds.worth_going_alone(known=1000, remaining=200)
     assert speeds.worth_going_alone(known=10, remaining=200)  # 0.2 s against 0.01 s
+    # a move that copies the KV costs a prefill until measured, then what it measured
+    speeds.alone.value = 0.015
+    assert not speeds.worth_going_alone(known=1000, remaining=40, copied=True)
+    speeds.move.add(0.0001)
+    assert speeds.worth_going_alone(known=1000, remaining=40, copied=True)  # 0.6 s against 0.1 s
+    assert not speeds.worth_going_alone(known=1000, remaining=40, copied=False)

@@ -7,9 +7,10 @@ prefill and leave when they stop: continuous batching, where one forward serves 
 Speculation follows the load both ways: when requests arrive while one is decoded alone, that one moves into the
 batch (``RunningBatch.adopt``) and they join it, so nobody waits for a lone request to finish; when the batch is
 down to one member and nothing waits, that member goes on alone with the drafter (``SpeculativeDecoder.resume``).
-Into the batch, the request's KV is copied from its lone decoding's cache; back out, its tokens so far are
-re-read in one prefill (the drafter needs the base's hidden states), which happens only where the measured
-speeds say it pays. Either way its text goes on as it would have (float32: token for token, tested).
+Into the batch, the request's KV is copied from its lone decoding's cache; back out, its KV and the final hidden
+states the batch keeps (the drafter reads them) are copied, or its tokens re-read by a prefill where the batch
+did not keep them; it goes back out only where the measured speeds say it pays. Either way its text goes on as
+it would have (float32: token for token, tested).
 
 Each job carries a cancel event and a deadline that the worker checks after every step, so a client that
 disconnects or a request that runs out of time stops costing compute within one decode step. Results cross
@@ -92,22 +93,27 @@ THROUGHPUT_WINDOW = 10.0  # seconds over which ``Engine.tokens_per_s`` counts
 @dataclass
 class Speeds:
     """Seconds per token of what the worker does, measured as it serves (moving averages): decoding alone
-    (speculatively), a batch step with one member, and a prefill, per token read. They decide whether the last
-    member of a batch should go on alone: the move re-reads its prompt and tokens so far in one prefill, which
-    pays only if decoding the rest alone saves more (a Spec-Bench RAG prompt of 1,000 tokens takes about a
-    second to re-read on this project's CPU; always moving made 4 clients 14 % slower than plain decoding)."""
+    (speculatively), a batch step with one member, a prefill per token read, and a move out of the batch per
+    token of the request (its KV and hidden states copied, the drafter started over them). They decide whether
+    the last member of a batch should go on alone: only if decoding the rest alone saves more than the move
+    costs (re-reading a Spec-Bench RAG prompt of 1,000 tokens takes about a second on this project's CPU; always
+    moving with a re-read made 4 clients 14 % slower than plain decoding)."""
 
     alone: MovingAverage = field(default_factory=MovingAverage)
     batch_of_one: MovingAverage = field(default_factory=MovingAverage)
     prefill: MovingAverage = field(default_factory=MovingAverage)
+    move: MovingAverage = field(default_factory=MovingAverage)
 
-    def worth_going_alone(self, known: int, remaining: int) -> bool:
-        """Whether ``remaining`` tokens decoded alone save more than re-reading ``known`` tokens costs. Until a
-        lone decoding has been measured, it is taken to cost half a batch step a token (speculation's usual 2x)."""
+    def worth_going_alone(self, known: int, remaining: int, copied: bool = False) -> bool:
+        """Whether ``remaining`` tokens decoded alone save more than moving ``known`` tokens costs (``copied``:
+        their KV and hidden states come along; else they are re-read by a prefill). Until measured, a lone
+        decoding is taken to cost half a batch step a token (speculation's usual 2x), and a copied move a prefill
+        (the cautious side)."""
         if self.batch_of_one.value is None or self.prefill.value is None:
             return False
         alone = self.alone.value if self.alone.value is not None else self.batch_of_one.value / 2
-        return remaining * (self.batch_of_one.value - alone) > known * self.prefill.value
+        per_token = self.move.value if copied and self.move.value is not None else self.prefill.value
+        return remaining * (self.batch_of_one.value - alone) > known * per_token
 
 
 class Engine:
@@ -312,7 +318,8 @@ class Engine:
         before = len(resume.stopper.tokens) if resume is not None else 0
         read = result.prompt_tokens + max(before - 1, 0)
         decoded = result.new_tokens - max(before, 1)  # the first token of a fresh run comes with the prefill
-        self.speeds.prefill.add(result.time_prefill / read)
+        copied = resume is not None and resume.verified_hidden is not None
+        (self.speeds.move if copied else self.speeds.prefill).add(result.time_prefill / read)
         if decoded > 0:
             spent = result.time_draft + result.time_verify + result.time_other
             self.speeds.alone.add(spent / decoded)
@@ -342,11 +349,13 @@ class Engine:
         if sequence.done or len(sequence.prompt_ids) + sequence.stopper.max_new_tokens > self.decoder.limit:
             return
         known = len(sequence.prompt_ids) + len(sequence.stopper.tokens) - 1
-        if not self.speeds.worth_going_alone(known, sequence.stopper.max_new_tokens - len(sequence.stopper.tokens)):
+        remaining = sequence.stopper.max_new_tokens - len(sequence.stopper.tokens)
+        if not self.speeds.worth_going_alone(known, remaining, copied=sequence.hidden_kept):
             return
+        progress = self.batch.progress_of(sequence)
         self.batch.remove(sequence)
         self._running.clear()
-        self._serve_alone(job, resume=sequence.progress())
+        self._serve_alone(job, resume=progress)
 
     def _serve_alone(self, job: Job, resume: Progress | None = None) -> None:
         self._current = job
