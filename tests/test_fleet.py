@@ -312,3 +312,18 @@ def test_replicas_metrics_merge_into_one_scrape_with_a_replica_label():
                       '# HELP running Running.\n# TYPE running gauge\n'
                       'running{replica="a"} 1\nrunning{replica="b"} 0\n')
     assert merge_metrics([]) == ""
+
+
+def test_health_and_metrics_while_no_replica_is_ready_answer_503():
+    from ray.serve.exceptions import DeploymentUnavailableError
+    from starlette.requests import Request
+
+    class Deploying(FakeReplicas):
+        def broadcast(self, method):
+            raise DeploymentUnavailableError("chimera-replica")
+
+    fr = Front(Deploying([]), ServerConfig(MODEL), timeout=30.0, max_queue=4)
+    for path in ("/health", "/metrics"):
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
+        response = asyncio.run(fr(Request(scope)))
+        assert response.status_code == 503 and b'"code":"no_replica"' in response.body

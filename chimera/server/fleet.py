@@ -197,6 +197,9 @@ class Front:
         except TimeoutError:
             raise APIError(504, "the replicas did not all answer within 10 s", type="server_error",
                            code="timeout") from None
+        except Exception as exc:  # noqa: BLE001 - no replica to ask yet (deploying) or any more: say so
+            raise APIError(503, f"no replica is ready: {type(exc).__name__}", type="server_error",
+                           code="no_replica") from None
         answered = [a for a in answers if not isinstance(a, BaseException)]
         if metrics:
             return PlainTextResponse(merge_metrics(answered), media_type=PROMETHEUS_TEXT)
