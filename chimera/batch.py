@@ -50,9 +50,7 @@ class Sequence:
 
     def progress(self) -> Progress:
         """Where this sequence stands, to continue it alone (``SpeculativeDecoder.resume``)."""
-        so_far = GenerationResult(self.stopper.text, self.stopper.tokens, len(self.prompt_ids), "",
-                                  steps=len(self.accepted), seconds=0.0, accepted=list(self.accepted))
-        return Progress(self.prompt_ids, self.stopper, self.sampling, self.generator, so_far, self.started)
+        return Progress(self.prompt_ids, self.stopper, self.sampling, self.generator, self.result(), self.started)
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.stopper.text, self.stopper.tokens, len(self.prompt_ids),
@@ -198,11 +196,11 @@ class RunningBatch:
     def progress_of(self, sequence: Sequence) -> Progress:
         """Where ``sequence`` stands, with copies of its KV and final hidden states, so that it can continue alone
         without a prefill (``SpeculativeDecoder.resume``)."""
-        row, length = self.running.index(sequence), sequence.length
-        pairs = [(layer.keys[row:row + 1, :, :length].clone(), layer.values[row:row + 1, :, :length].clone())
-                 for layer in self.cache.layers] if sequence.hidden_kept else None
         progress = sequence.progress()
         if sequence.hidden_kept:  # else the move re-reads its tokens, a prefill
+            row, length = self.running.index(sequence), sequence.length
+            pairs = [(layer.keys[row:row + 1, :, :length].clone(), layer.values[row:row + 1, :, :length].clone())
+                     for layer in self.cache.layers]
             progress.verified_kv = lambda: pairs
             progress.verified_hidden = self.hidden[row, :length].clone()
         return progress

@@ -206,8 +206,8 @@ class RowSlotCache(Cache):
         if len(pairs) != len(self.layers) or not all(layer.is_initialized for layer in self.layers):
             return False
         for layer, (keys, values) in zip(self.layers, pairs):
-            if keys.shape[0] != 1 or keys.shape[1:2] + keys.shape[3:] != layer.keys.shape[1:2] + layer.keys.shape[3:] \
-                    or keys.shape[2] >= self.capacity or keys.dtype != layer.keys.dtype:
+            same_heads = keys.shape[1::2] == layer.keys.shape[1::2]  # (heads, head size)
+            if keys.shape[0] != 1 or not same_heads or keys.shape[2] >= self.capacity or keys.dtype != layer.keys.dtype:
                 return False
         for layer, (keys, values) in zip(self.layers, pairs):
             layer.keys[row, :, :keys.shape[2]] = keys[0]

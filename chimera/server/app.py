@@ -245,18 +245,18 @@ def metrics_of(app: FastAPI) -> str:
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request's body, at most ``limit`` bytes (413 past it) arriving within ``timeout`` seconds (408)."""
+    too_large = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                         code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                       code="request_too_large")
+        raise too_large
     body = bytearray()
     try:
         async with asyncio.timeout(timeout):
             async for part in request.stream():
                 body += part
                 if len(body) > limit:
-                    raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                                   code="request_too_large")
+                    raise too_large
     except TimeoutError:
         log.info("a client took over %gs to send its request body: answered 408", timeout)
         raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None

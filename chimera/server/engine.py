@@ -270,9 +270,7 @@ class Engine:
             return
         self._running.append((sequence, job))
         self._count(1)
-        job.counted += 1
-        if job.stream and text:
-            job.delta(text)
+        self._deliver(job, text)
         self._retire()
 
     def _step(self) -> None:
@@ -292,11 +290,15 @@ class Engine:
             self.speeds.batch_of_one.add(time.perf_counter() - start)
         jobs = {id(sequence): job for sequence, job in self._running}
         for sequence, text in emitted:
-            job = jobs[id(sequence)]
-            job.counted += 1
-            if job.stream and text:
-                job.delta(text)
+            self._deliver(jobs[id(sequence)], text)
         self._retire()
+
+    @staticmethod
+    def _deliver(job: Job, text: str) -> None:
+        """One new token of a batch member: counted, and its text sent where the client streams."""
+        job.counted += 1
+        if job.stream and text:
+            job.delta(text)
 
     def _retire(self) -> None:
         now = time.monotonic()

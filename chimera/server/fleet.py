@@ -30,7 +30,7 @@ import logging
 import signal
 import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .app import PROMETHEUS_TEXT, ServerConfig, check_api_key, create_app, health_of, metrics_of, read_body
 from .engine import timeout_error
 from .responses import sse
-from .run import EngineOptions, build_engine
+from .run import EngineOptions, build_engine, default_max_batch
 from .schemas import APIError
 
 log = logging.getLogger("chimera.server")
@@ -312,8 +312,8 @@ class Relay(Response):
 def application(options: EngineOptions, config: ServerConfig, fleet: FleetOptions):
     """The Ray Serve application: ``fleet.replicas`` engine replicas behind one front."""
     device_is_gpu = fleet.gpus_per_replica > 0
-    max_batch = options.max_batch or (1 if device_is_gpu else 16)
-    options = EngineOptions(**{**options.__dict__, "max_batch": max_batch})
+    max_batch = options.max_batch or default_max_batch(device_is_gpu)
+    options = replace(options, max_batch=max_batch)
     threads = fleet.threads or (None if device_is_gpu else max(1, int(fleet.cpus_per_replica)))
     replica = serve.deployment(name="chimera-replica",
                                **fleet.deployment_options(max_batch, options.max_queue))(EngineReplica)
