@@ -20,10 +20,11 @@ class BaseOutput:
 
 @torch.inference_mode()
 def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, head=None, decoder=None
-            ) -> BaseOutput:
+            attention_mask: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0, head=None,
+            decoder=None) -> BaseOutput:
     """``input_ids`` is (n,). With no mask the tokens are causal after the cache, as in ``generate``.
-    ``logits_to_keep`` > 0 scores only the last that many tokens (hidden states come for all of them).
+    ``logits_to_keep`` > 0 scores only the last that many tokens (hidden states come for all of them); a tensor of
+    indices scores those tokens (as transformers' own ``logits_to_keep`` does).
     ``head``: on a CPU, the route of the vocabulary projection (``vocab_head``), where the model allows one.
     ``decoder``: what runs in place of ``model.get_decoder()`` (compiled.CompiledDecoder), for a model with a
     plain vocabulary head; its output is then projected here, as ``model`` itself would."""
@@ -35,7 +36,10 @@ def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | 
     if decoder is not None or (plain_vocab_head(model) and input_ids.device.type == "cpu"):
         stack = model.get_decoder()
         hidden = (decoder or stack)(**inputs, **cache_kwargs(stack, cache)).last_hidden_state[0]
-        scored = hidden[-logits_to_keep:] if logits_to_keep else hidden
+        if isinstance(logits_to_keep, torch.Tensor):
+            scored = hidden[logits_to_keep]
+        else:
+            scored = hidden[-logits_to_keep:] if logits_to_keep else hidden
         project = head or (lambda z: vocab_logits(z, model.get_output_embeddings()))
         return BaseOutput(logits=project(scored).float(), hidden=hidden)
     out = model(**inputs, **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=logits_to_keep)

@@ -25,6 +25,7 @@ from .errors import ChimeraError
 from .tree import TreeBuffers, additive_mask
 
 SMALLEST_CAPACITY = 256
+SMALLEST_PREFILL = 16  # tokens: a padded prompt's shortest length bucket (SlotBank.padded_prefill)
 log = logging.getLogger("chimera")
 
 
@@ -87,10 +88,16 @@ class SlotBank:
     """A slot cache of one capacity, kept across generations, and the fixed-shape forwards over it.
 
     ``prefix`` mirrors the cache's verified length on the device, so the captured forwards read it there.
+    ``padded_prefill``: read a prompt padded to a power-of-two length (at least SMALLEST_PREFILL), so that the
+    prefill too is replayed from a capture per length bucket: an eager prefill of SmolLM2-135M on an H200 costs
+    23 ms, and up to 110 ms when the host stalls among its ~600 launches (measured in the bench, where it was a
+    tenth to a half of a short answer's time). The pads go to slots past the prompt, which the mask hides and the
+    first steps overwrite. A padded forward's matrix products have other shapes than an unpadded one's, which can
+    round differently, so the float32 path (exact against ``generate``) reads prompts unpadded.
     """
 
     def __init__(self, model, capacity: int, device: torch.device, runner: GraphRunner | None = None,
-                 decoder: CompiledDecoder | None = None):
+                 decoder: CompiledDecoder | None = None, padded_prefill: bool = False):
         self.model = model
         self.capacity = capacity
         self.cache = kv.SlotCache(model.config.num_hidden_layers, capacity, device)
@@ -98,21 +105,35 @@ class SlotBank:
         self.columns = torch.arange(capacity, device=device)
         self.runner = runner or GraphRunner(graphs=False)
         self.decoder = decoder
+        self.padded_prefill = padded_prefill
         self.generation = 0
 
     def prefill(self, prompt: torch.Tensor) -> BaseOutput:
         n = prompt.numel()
-        slots = self.columns[:n]
-        self.cache.slots = slots
-        allowed = self.columns[None, :] <= slots[:, None]
-        out = base.forward(self.model, self.cache, prompt, position_ids=slots,
-                           attention_mask=additive_mask(allowed, self.model.dtype), logits_to_keep=1)
+        self.set_length(n)  # the prefill reads the prompt's length on the device, like every captured forward
+        if self.padded_prefill:
+            bucket = min(power_of_two_at_least(n, SMALLEST_PREFILL), self.capacity)
+            padded = prompt.new_zeros(bucket)
+            padded[:n] = prompt
+            out = self.runner.run(("prefill", self.capacity, bucket), self.prefill_static, padded)
+            out = BaseOutput(logits=out.logits, hidden=out.hidden[:n])
+        else:
+            out = self.prefill_static(prompt)
         if self.decoder is not None:  # one compilation for every capacity: the slot axis is a symbol (marked once:
             for layer in self.cache.layers:  # the mark stays on the tensor, which the bank keeps)
                 self.decoder.mark_capacity(layer.keys, 2)
                 self.decoder.mark_capacity(layer.values, 2)
-        self.set_length(n)
         return out
+
+    def prefill_static(self, tokens: torch.Tensor) -> BaseOutput:
+        """The prompt (the first ``prefix`` of ``tokens``; any further ones are pads) into slots 0, 1, ...: causal,
+        pads at the last prompt position, logits of the last prompt token only. Reads the length on the device."""
+        slots = self.columns[:tokens.numel()]
+        self.cache.slots = slots
+        last = (self.prefix - 1).reshape(1)
+        allowed = self.columns[None, :] <= slots[:, None]
+        return base.forward(self.model, self.cache, tokens, position_ids=torch.minimum(slots, last),
+                            attention_mask=additive_mask(allowed, self.model.dtype), logits_to_keep=last)
 
     def set_length(self, length: int) -> None:
         self.cache.length = length
@@ -182,13 +203,17 @@ class SlotVerifier:
     """Slot caches in power-of-two capacities, so a short generation does not attend over a long one's slots.
 
     ``graphs``: capture each shape's forward and compaction once and replay them (graph_runner.py).
-    ``compiled``: run the decoder stack through torch.compile (compiled.py) where the model allows it."""
+    ``compiled``: run the decoder stack through torch.compile (compiled.py) where the model allows it.
+    ``padded_prefill``: replay prefills from captures per padded length (SlotBank); by default where the forward is
+    compiled (bfloat16 and float16), whose results are compared with our own plain loop's, not ``generate``'s."""
 
-    def __init__(self, model, graphs: bool, compiled: bool = False, backend: str = "inductor"):
+    def __init__(self, model, graphs: bool, compiled: bool = False, backend: str = "inductor",
+                 padded_prefill: bool | None = None):
         self.model = model
         self.device = next(model.parameters()).device
         self.runner = GraphRunner(graphs)
         self.decoder = CompiledDecoder(model, backend) if compiled and compilable(model) else None
+        self.padded_prefill = graphs and compiled if padded_prefill is None else padded_prefill
         self.banks: dict[int, SlotBank] = {}
 
     def describe(self) -> str:
@@ -200,7 +225,8 @@ class SlotVerifier:
         """A session whose cache holds at least ``capacity`` tokens (prompt, new tokens and one tree)."""
         size = power_of_two_at_least(capacity, SMALLEST_CAPACITY)
         if size not in self.banks:
-            self.banks[size] = SlotBank(self.model, size, self.device, self.runner, self.decoder)
+            self.banks[size] = SlotBank(self.model, size, self.device, self.runner, self.decoder,
+                                        self.padded_prefill)
         return SlotSession(self.banks[size])
 
 

@@ -33,7 +33,7 @@ DEVICE = "cuda"
 
 def sync() -> None:
     if DEVICE == "cuda":
-        sync()
+        torch.cuda.synchronize()
 _gc_start = [0.0]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -97,6 +98,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="graphs: op by op in CUDA graphs; compiled: the base's forward compiled; compiled_drafter: "
                         "the drafter's drafting compiled too (default: all)")
+    p.add_argument("--plain-only", action="store_true", help="our plain step only (no drafter, no tree)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     quiet_libraries()
@@ -108,6 +110,7 @@ def main():
     report = {"device": name, "torch": torch.__version__, "rated_bandwidth_TBps": rated and rated / 1e12,
               "copy_bandwidth_TBps": round(copied / 1e12, 2), "shapes": {}}
     prompt = (torch.arange(args.prompt_tokens) % 1000 + 100).tolist()
+    report["inductor_settings"] = {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}
     for shape in args.shapes:
         model = build(shape, len(tokenizer), device)
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -120,11 +123,13 @@ def main():
         for tag in args.configs:
             compile, compile_drafter = CONFIGS[tag]
             plain = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile)
-            spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile, compile_drafter)
-            r = spec["ms_per_step"] / plain["ms_per_step"]
-            row[tag] = {"plain": plain, "speculative_64_nodes": spec, "r": round(r, 3),
-                        "verify_over_plain": round(spec["split"]["verify"] / plain["ms_per_step"], 3),
-                        "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
+            row[tag] = {"plain": plain}
+            if not args.plain_only:
+                spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile, compile_drafter)
+                r = spec["ms_per_step"] / plain["ms_per_step"]
+                row[tag].update({"speculative_64_nodes": spec, "r": round(r, 3),
+                                 "verify_over_plain": round(spec["split"]["verify"] / plain["ms_per_step"], 3),
+                                 "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}})
             if rated:
                 row[tag]["plain_bandwidth_pct"] = round(100 * weight_bytes / rated / (plain["ms_per_step"] / 1000), 1)
             print(shape, tag, json.dumps(row[tag]), flush=True)

@@ -2,10 +2,13 @@
 
 import logging
 
+import pytest
 import torch
 
 from chimera import base
 from chimera.compiled import CompiledDecoder, compilable
+from chimera.generate import warm_up_lengths
+from chimera.graph_runner import power_of_two_at_least
 from chimera.tree import TreeBuffers, TreeTopology
 from chimera.verifier import SlotBank, SlotVerifier
 from conftest import tiny_model
@@ -42,3 +45,33 @@ def test_only_plain_vocabulary_heads_are_compiled():
     assert SlotVerifier(plain, graphs=False, compiled=True).decoder is not None
     assert SlotVerifier(capped, graphs=False, compiled=True).decoder is None
     assert base.plain_vocab_head(plain) and not base.plain_vocab_head(capped)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_a_padded_prefill_reads_the_prompt_as_an_unpadded_one(family):
+    """The padded prefill (replayed per length bucket on a GPU) computes the prompt's states and the last token's
+    logits as the exact-length one does; its pads stay out of every later forward's view."""
+    model = tiny_model(family)
+    exact = SlotBank(model, capacity=64, device=torch.device("cpu"))
+    padded = SlotBank(model, capacity=64, device=torch.device("cpu"), padded_prefill=True)
+    tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0)]), "cpu")
+    for n in (1, 5, 16, 17):
+        prompt = torch.randint(3, 128, (n,))
+        expected, got = exact.prefill(prompt), padded.prefill(prompt)
+        assert got.hidden.shape == expected.hidden.shape == (n, model.config.hidden_size)
+        assert torch.allclose(expected.hidden, got.hidden, atol=1e-5)
+        assert torch.allclose(expected.logits, got.logits, atol=1e-5) and got.logits.shape[0] == 1
+        assert padded.cache.length == n
+        tokens = torch.randint(3, 128, (tree.topology.size,))
+        expected, got = exact.score(tokens, tree), padded.score(tokens, tree)
+        assert torch.allclose(expected.logits, got.logits, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("top", [1, 2, 7, 16, 300, 1187])
+def test_warm_up_lengths_meet_every_bucket_and_capacity(top):
+    lengths = warm_up_lengths(top)
+    assert max(lengths) == top and min(lengths) == 1
+    for extra in (0, 256 + 64):  # the prefill's bucket, and a slot capacity (prompt + new tokens + tree)
+        wanted = {power_of_two_at_least(n + extra, 1) for n in range(1, top + 1)}
+        assert wanted == {power_of_two_at_least(n + extra, 1) for n in lengths}

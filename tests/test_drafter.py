@@ -100,7 +100,8 @@ def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_
         slotted = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab, adaptive=False)
         slotted.verifier = SlotVerifier(model, graphs=False)  # what the GPU path replays, run eagerly
         compiled = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab, adaptive=False)
-        compiled.verifier = SlotVerifier(model, graphs=False, compiled=True, backend="aot_eager")
+        compiled.verifier = SlotVerifier(model, graphs=False, compiled=True, backend="aot_eager",
+                                         padded_prefill=True)  # the GPU's bfloat16 path, run eagerly
         taus = []
         for ids in prompts:
             x = torch.tensor([ids])

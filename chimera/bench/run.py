@@ -111,13 +111,18 @@ def answer_question(method, tokenizer, question: Question, max_new_tokens: int, 
     return turns
 
 
-def warm_up(methods: dict, tokenizer, rounds: int, max_new_tokens: int) -> None:
+def warm_up(methods: dict, tokenizer, rounds: int, max_new_tokens: int, prompt_tokens: int = 0) -> None:
     """Run each method a few times untimed: first calls pay for kernel selection, allocator growth, caches (and
-    hf-compiled for its static cache and compilation, sized for the longest turn)."""
-    from .methods import warm_up_static
+    hf-compiled for its static cache and compilation, sized for the longest first turn, ``prompt_tokens``; our
+    loop, on a GPU, for the captures of every cache size and prompt length bucket, up to room for two more answers
+    and a question beyond it, as later turns read the earlier ones)."""
+    from .methods import OurDecoder, warm_up_static
 
     if "hf-compiled" in methods:
-        warm_up_static(methods["hf-compiled"], max_new_tokens)
+        warm_up_static(methods["hf-compiled"], max_new_tokens, prompt_tokens)
+    for method in methods.values():
+        if isinstance(method, OurDecoder):
+            method.decoder.warm_up(prompt_tokens + 2 * max_new_tokens + 256, max_new_tokens)
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": "Tell me about the history of tea."}])
     for _ in range(rounds):
         for method in methods.values():
@@ -157,7 +162,8 @@ def _run_bench(methods: dict, tokenizer, questions: list[Question], out: Path, c
     todo = [(q, name) for q in questions for name in methods if q.question_id not in done[name]]
     if not todo:
         return
-    warm_up(methods, tokenizer, config.warmup, config.max_new_tokens)
+    longest = max(len(encode_prompt(tokenizer, q.turns[0])) for q, _ in todo)
+    warm_up(methods, tokenizer, config.warmup, config.max_new_tokens, longest)
     bar = tqdm(total=len(questions) * len(methods), initial=len(questions) * len(methods) - len(todo),
                desc="bench", disable=not progress)
     for question, name in todo:
