@@ -3,7 +3,8 @@
 # .device/q4), session 10:
 # 1. `chimera bench` in bfloat16: hf-compiled, ar, chimera, 8 questions a category, 256 new tokens (the headline);
 # 2. the step-cost probe's 8B plain step with inductor's default settings, then with coordinate-descent tuning of
-#    its kernels, then with max-autotune of the matrix products (scripts/step_cost_probe.py --plain-only).
+#    its kernels, then with max-autotune of the matrix products (scripts/step_cost_probe.py --plain-only);
+# 3. scripts/decode_profile.py (where a turn's time goes), after this session's prefill change.
 # Start it with setsid; results and progress.txt in $HOME/res-bench: tar czf $OUT/res.tgz -C $HOME res-bench
 set -uo pipefail
 RES=$HOME/res-bench
@@ -25,4 +26,6 @@ step probe-max-autotune
 TORCHINDUCTOR_MAX_AUTOTUNE=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 scripts/step_cost_probe.py \
   --shapes 8b --no-hf --plain-only --configs compiled --out "$RES/probe_8b_max_autotune.json" \
   > "$RES/probe_max_autotune.log" 2>&1
+step profile
+python3 scripts/decode_profile.py --questions "$Q" --limit 8 --out "$RES/decode_profile.json" > "$RES/profile.log" 2>&1
 step done
