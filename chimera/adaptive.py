@@ -97,6 +97,11 @@ class DraftingSwitch:
     def draft_next(self) -> bool:
         return not self.adaptive or self.pause_left == 0
 
+    def plain_next(self) -> bool:
+        """During a plain step, before its ``record``: whether the step after it is plain too, whatever this one
+        emits (the loop then queues it before reading this one, generate.py)."""
+        return self.adaptive and self.pause_left >= 2
+
     def record(self, drafted: bool, emitted: int, seconds: float) -> None:
         self.costs.record(drafted, seconds)
         if not self.adaptive:

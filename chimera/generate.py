@@ -1,7 +1,10 @@
 """The decoding loop: draft a tree, verify it in one base forward, accept, compact, repeat.
 
 With no drafter the tree is just its root and the loop is plain autoregressive decoding through the same
-code, which makes it the fair baseline for speed ("our own autoregressive loop"). Temperature 0 accepts by
+code, which makes it the fair baseline for speed ("our own autoregressive loop"). On a GPU a greedy plain step
+is queued before the host has read the one before it (device_read.py), so the device does not wait for the host
+between plain steps: measured on an H200 with the default model, a plain step cost 1.66 ms read step by step and
+1.50 ms queued back to back with no reads. Temperature 0 accepts by
 greedy matching; a positive temperature by rejection sampling (acceptance.sample_accept), driven by one seeded
 ``torch.Generator`` per request.
 """
@@ -18,6 +21,7 @@ from . import calibration
 from .adaptive import DraftingSwitch, StepCosts
 from .errors import ChimeraError
 from .drafters import apply_draft_vocabulary, pack_for_cpu
+from .device_read import StepRead
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
@@ -299,6 +303,12 @@ class SpeculativeDecoder:
         root_token = int(root)
         switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
         unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again
+        read = StepRead(self.device)
+        # Greedy plain steps are queued one ahead of the host (device_read.py): on a slot cache only, where a step
+        # queued and never read (the text ended) leaves nothing behind; not when sampling, where a step queued ahead
+        # would draw from the generator, which a decoding moved into the server's batch takes along (Progress)
+        queue_ahead = generator is None and getattr(session, "keeps_in_place", False)
+        queued = None  # (tokens, base output, accepted) of a plain step queued before the last one was read
         delta = stopper.push(root_token) if resume is None else ""  # a resumed decoding's newest token is out
         while True:
             if delta:
@@ -306,38 +316,56 @@ class SpeculativeDecoder:
             if stopper.done:
                 break
             step_start = time.perf_counter()
-            drafting = (self.drafter is not None and self.tree.topology.size > 1 and switch.draft_next()
-                        and session.length + self.tree.topology.max_depth < self.limit)
-            tree = self.tree if drafting else self.root_only
-            ta = self._clock()
-            if drafting:
-                if unseen:
-                    self.drafter.advance(state, *(torch.cat(parts) for parts in zip(*unseen)))
-                    unseen.clear()
-                tokens = self.drafter.propose(state, root, tree)
-                tb = self._clock()
-                result.time_draft += tb - ta
-                ta = tb
-            else:
-                tokens = root
-            out = session.score(tokens, tree)
             tb = self._clock()
-            result.time_verify += tb - ta
-            if generator is None:
-                accepted = greedy_accept(tokens, out.logits, tree)
+            if queued is not None:
+                drafting, tree = False, self.root_only
+                tokens, out, accepted = queued
             else:
-                accepted = sample_accept(tokens, out.logits, tree, sampling, generator)
+                drafting = (self.drafter is not None and self.tree.topology.size > 1 and switch.draft_next()
+                            and session.length + self.tree.topology.max_depth < self.limit)
+                tree = self.tree if drafting else self.root_only
+                ta = tb
+                if drafting:
+                    if unseen:
+                        self.drafter.advance(state, *(torch.cat(parts) for parts in zip(*unseen)))
+                        unseen.clear()
+                    tokens = self.drafter.propose(state, root, tree)
+                    tb = self._clock()
+                    result.time_draft += tb - ta
+                    ta = tb
+                else:
+                    tokens = root
+                out = session.score(tokens, tree)
+                tb = self._clock()
+                result.time_verify += tb - ta
+                if generator is None:
+                    accepted = greedy_accept(tokens, out.logits, tree)
+                else:
+                    accepted = sample_accept(tokens, out.logits, tree, sampling, generator)
             path_tokens = tokens[accepted.path]
             # the step's one read from the device: the path's tokens (root first), the next token, the length
-            *path_ids, root_token, length = torch.cat([path_tokens, accepted.next_token.reshape(1),
-                                                       accepted.length.reshape(1)]).tolist()
+            read.start(torch.cat([path_tokens, accepted.next_token.reshape(1), accepted.length.reshape(1)]))
+            queued = None
+            if (queue_ahead and not drafting and len(stopper.tokens) + 1 < stopper.max_new_tokens
+                    and (self.drafter is None or self.tree.topology.size == 1 or switch.plain_next())):
+                # a plain step keeps its one token whatever it is: keep it and queue the next plain step now, so the
+                # device runs it while the host reads, detokenizes and checks this one
+                session.keep(accepted.path, 1, tree)
+                if self.drafter is not None:
+                    unseen.append((path_tokens[:1], out.hidden[accepted.path[:1]]))
+                root = accepted.next_token.reshape(1)
+                ta = time.perf_counter()
+                scored = session.score(root, self.root_only)
+                queued = (root, scored, greedy_accept(root, scored.logits, self.root_only))
+                result.time_verify += time.perf_counter() - ta
+            *path_ids, root_token, length = read.result()
             emitted = len(stopper.tokens)
             delta = stopper.push_step(path_ids[1:length] + [root_token])
             emitted = len(stopper.tokens) - emitted
             result.steps += 1
             result.accepted.append(emitted)
             result.plain_steps += not drafting and self.drafter is not None
-            if not stopper.done:
+            if not stopper.done and queued is None:
                 session.keep(accepted.path, length, tree)
                 if drafting:
                     self.drafter.advance(state, path_tokens[:length], out.hidden[accepted.path[:length]])

@@ -171,6 +171,8 @@ class SlotBank:
 
 
 class SlotSession:
+    keeps_in_place = True  # a forward writes at explicit slots past the length: one never kept leaves no trace
+
     def __init__(self, bank: SlotBank):
         bank.generation += 1
         self.bank = bank

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from chimera import SpeculativeDecoder
+from chimera.device_read import StepRead
 from chimera.text import StopCondition
-from conftest import CHAT_PROMPTS
+from chimera.verifier import SlotSession, SlotVerifier
+from conftest import CHAT_PROMPTS, FAMILIES, tiny_model
 
 PROMPTS = CHAT_PROMPTS[:5]
 
@@ -115,3 +117,48 @@ def test_a_step_decoded_at_once_releases_what_token_by_token_does(default_model,
     assert "".join(chunk_deltas) == chunked.text == one.text == "".join(one_deltas)
     assert chunked.tokens == one.tokens and chunked.finish_reason == one.finish_reason
     assert one.text and ("\ufffd" not in one.text or one.finish_reason == "length")  # a cut may split a character
+
+
+class LoggedRead(StepRead):
+    """StepRead that logs its calls, and the base forwards between them, into ``log``."""
+
+    log: list = []
+
+    def start(self, values):
+        self.log.append("start")
+        super().start(values)
+
+    def result(self):
+        self.log.append("result")
+        return super().result()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_steps_queued_ahead_on_a_slot_cache_decode_as_generate(family, default_model, monkeypatch):
+    """On a slot cache the next greedy plain step is queued before the last one is read (what lets a GPU run it
+    while the host works); it stops where generate does, by budget, EOS or stop string, and never queues past
+    the budget."""
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    monkeypatch.setattr("chimera.generate.StepRead", LoggedRead)
+    decoder = SpeculativeDecoder(model, tokenizer)
+    decoder.verifier = SlotVerifier(model, graphs=False)
+    score = SlotSession.score
+    monkeypatch.setattr(SlotSession, "score", lambda self, *a: (LoggedRead.log.append("score"), score(self, *a))[1])
+    gen = torch.Generator().manual_seed(5)
+    for n, budget in ((3, 1), (6, 2), (9, 40), (20, 33)):
+        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+        LoggedRead.log = []
+        result = decoder.generate(input_ids=ids, max_new_tokens=budget)
+        assert result.token_ids == hf_greedy(model, ids, budget)
+        log = " ".join(LoggedRead.log)
+        unread = log.count("score") - (result.steps - 1)  # forwards queued and never read: at most the one after
+        assert unread in (0, 1) and (unread == 0 or result.finish_reason == "stop")  # an EOS, never past the budget
+        if result.steps > 3:
+            assert "start score result" in log  # the next forward queued between a step's read and its result
+    ids = torch.randint(3, 128, (7,), generator=gen).tolist()
+    text = decoder.generate(input_ids=ids, max_new_tokens=30).text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip():
+        cut = decoder.generate(input_ids=ids, max_new_tokens=30, stop=[stop])
+        assert cut.finish_reason == "stop" and stop not in cut.text and text.startswith(cut.text)

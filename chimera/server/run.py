@@ -36,6 +36,9 @@ class EngineOptions:
     batch_context: int = 2048
 
 
+WARM_UP_NEW_TOKENS = 256  # the new tokens a request is assumed to ask for when the GPU's captures are made ahead
+
+
 def default_max_batch(on_gpu: bool) -> int:
     """The running batch when none is given: 16 on a CPU; 1 on a GPU, where the batch does not run through CUDA
     graphs yet and a request alone (speculative, graphed) is faster."""
@@ -53,8 +56,8 @@ def build_engine(options: EngineOptions) -> Engine:
     model, tokenizer = load_base(options.model, dtype=options.dtype, device=options.device)
     decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter(options.drafter, model), tree=options.tree,
                                  draft_vocab=options.draft_vocab, compile=COMPILE_CHOICES[options.compile])
-    if decoder.device.type == "cuda":
-        decoder.generate("Hello!", max_new_tokens=16)
+    if decoder.device.type == "cuda":  # every cache size and prompt length bucket of requests within the batch's
+        decoder.warm_up(options.batch_context, WARM_UP_NEW_TOKENS)  # context, captured before the first request
     max_batch = options.max_batch or default_max_batch(decoder.device.type == "cuda")
     return Engine(decoder, max_queue=options.max_queue, timeout=options.timeout, max_batch=max_batch,
                   batch_context=options.batch_context)
