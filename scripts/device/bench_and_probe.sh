@@ -6,12 +6,8 @@
 #    its kernels, then with max-autotune of the matrix products (scripts/step_cost_probe.py --plain-only);
 # 3. scripts/decode_profile.py (where a turn's time goes), after this session's prefill change.
 # Start it with setsid; results and progress.txt in $HOME/res-bench: tar czf $OUT/res.tgz -C $HOME res-bench
-set -uo pipefail
 RES=$HOME/res-bench
-mkdir -p "$RES"
-export CHIMERA_CACHE=$HOME/cache PYTHONPATH=.:$HOME/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-bash scripts/device/stage_model.sh
-step() { echo "$(date +%T) $1" >> "$RES/progress.txt"; }
+. scripts/device/prepare.sh
 Q=$HOME/stage/spec_bench.jsonl
 step bench-bf16
 python3 -m chimera.cli bench --questions "$Q" --limit "${LIMIT:-8}" --max-new-tokens 256 \

@@ -4,12 +4,8 @@
 # drafting compiled or not, draft vocabulary full / 16384 / 8192, with ar and hf-compiled on the same 48
 # Spec-Bench prompts), then the step-cost probe's 8B shape with the drafter compiled and not.
 # Start it with setsid; results and progress.txt in $HOME/res-drafting: tar czf $OUT/res.tgz -C $HOME res-drafting
-set -uo pipefail
 RES=$HOME/res-drafting
-mkdir -p "$RES"
-export CHIMERA_CACHE=$HOME/cache PYTHONPATH=.:$HOME/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-bash scripts/device/stage_model.sh
-step() { echo "$(date +%T) $1" >> "$RES/progress.txt"; }
+. scripts/device/prepare.sh
 step variants
 python3 scripts/drafting_variants.py --questions "$HOME/stage/spec_bench.jsonl" --limit 8 --hf-compiled \
   --out "$RES/drafting_variants.json" > "$RES/variants.log" 2>&1
