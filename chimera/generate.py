@@ -346,18 +346,20 @@ class SpeculativeDecoder:
             # the step's one read from the device: the path's tokens (root first), the next token, the length
             read.start(torch.cat([path_tokens, accepted.next_token.reshape(1), accepted.length.reshape(1)]))
             queued = None
-            if (queue_ahead and not drafting and len(stopper.tokens) + 1 < stopper.max_new_tokens
-                    and (self.drafter is None or self.tree.topology.size == 1 or switch.plain_next())):
-                # a plain step keeps its one token whatever it is: keep it and queue the next plain step now, so the
-                # device runs it while the host reads, detokenizes and checks this one
+            if not drafting:
+                # a plain step keeps its one token whatever it is, so its bookkeeping needs no read (after the last
+                # step it is never used); the next plain step can then be queued while the host reads, detokenizes
+                # and checks this one
                 session.keep(accepted.path, 1, tree)
                 if self.drafter is not None:
                     unseen.append((path_tokens[:1], out.hidden[accepted.path[:1]]))
                 root = accepted.next_token.reshape(1)
-                ta = time.perf_counter()
-                scored = session.score(root, self.root_only)
-                queued = (root, scored, greedy_accept(root, scored.logits, self.root_only))
-                result.time_verify += time.perf_counter() - ta
+                if (queue_ahead and len(stopper.tokens) + 1 < stopper.max_new_tokens
+                        and (self.drafter is None or self.tree.topology.size == 1 or switch.plain_next())):
+                    ta = time.perf_counter()
+                    scored = session.score(root, self.root_only)
+                    queued = (root, scored, greedy_accept(root, scored.logits, self.root_only))
+                    result.time_verify += time.perf_counter() - ta
             *path_ids, root_token, length = read.result()
             emitted = len(stopper.tokens)
             delta = stopper.push_step(path_ids[1:length] + [root_token])
@@ -365,12 +367,9 @@ class SpeculativeDecoder:
             result.steps += 1
             result.accepted.append(emitted)
             result.plain_steps += not drafting and self.drafter is not None
-            if not stopper.done and queued is None:
+            if drafting and not stopper.done:
                 session.keep(accepted.path, length, tree)
-                if drafting:
-                    self.drafter.advance(state, path_tokens[:length], out.hidden[accepted.path[:length]])
-                elif self.drafter is not None:
-                    unseen.append((path_tokens[:length], out.hidden[accepted.path[:length]]))
+                self.drafter.advance(state, path_tokens[:length], out.hidden[accepted.path[:length]])
                 root = accepted.next_token.reshape(1)
             switch.record(drafting, emitted, time.perf_counter() - step_start)
             result.time_other += self._clock() - tb
