@@ -97,10 +97,14 @@ class DraftingSwitch:
     def draft_next(self) -> bool:
         return not self.adaptive or self.pause_left == 0
 
-    def plain_next(self) -> bool:
-        """During a plain step, before its ``record``: whether the step after it is plain too, whatever this one
-        emits (the loop then queues it before reading this one, generate.py)."""
-        return self.adaptive and self.pause_left >= 2
+    def draft_after(self, drafting: bool) -> bool:
+        """During a step, before its ``record``: whether to draft at the step after it (which the loop queues before
+        reading this one, generate.py). After a plain step that is exact, whatever it emits; after a speculative one
+        it is ``draft_next()`` now: a trial failed by this step is seen one step late, and ``record`` leaves that
+        extra step out of the next trial."""
+        if not self.adaptive:
+            return True
+        return self.pause_left == 0 if drafting else self.pause_left <= 1
 
     def record(self, drafted: bool, emitted: int, seconds: float) -> None:
         self.costs.record(drafted, seconds)
@@ -110,6 +114,8 @@ class DraftingSwitch:
             if self.pause_left:
                 self.pause_left -= 1
                 self.paused_steps += 1
+            return
+        if self.pause_left:  # queued before the pause began (draft_after): it belongs to no trial
             return
         self.emitted.add(emitted)
         self.trial_steps += 1

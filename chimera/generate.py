@@ -1,10 +1,11 @@
 """The decoding loop: draft a tree, verify it in one base forward, accept, compact, repeat.
 
 With no drafter the tree is just its root and the loop is plain autoregressive decoding through the same
-code, which makes it the fair baseline for speed ("our own autoregressive loop"). On a GPU a greedy plain step
-is queued before the host has read the one before it (device_read.py), so the device does not wait for the host
-between plain steps: measured on an H200 with the default model, a plain step cost 1.66 ms read step by step and
-1.50 ms queued back to back with no reads. Temperature 0 accepts by
+code, which makes it the fair baseline for speed ("our own autoregressive loop"). On a GPU a greedy step is
+queued before the host has read the one before it where it needs nothing that read gives (steps.py,
+device_read.py), so the device does not wait for the host between steps: measured on an H200 with the default
+model, a plain step cost 1.66 ms read step by step and 1.50 ms queued back to back with no reads. Temperature 0
+accepts by
 greedy matching; a positive temperature by rejection sampling (acceptance.sample_accept), driven by one seeded
 ``torch.Generator`` per request.
 """
@@ -25,10 +26,10 @@ from .device_read import StepRead
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
+from .steps import StepLauncher
 from .text import StopCondition, encode_prompt, eos_token_ids, stop_condition
 from .tree import DynamicTree, TreeBuffers, TreeTopology, get_topology, require_dynamic_drafter
 from .verifier import new_verifier
-from .acceptance import greedy_accept, sample_accept
 
 
 @dataclass
@@ -154,6 +155,10 @@ class SpeculativeDecoder:
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
 
+    ``launch_ahead``: launch a greedy step on a slot cache before the host has read the one before it, where that
+    one's bookkeeping was done on the device (steps.py). False reads every step before the next is launched: the
+    same output, for measuring what launching ahead saves.
+
     Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
     temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
     """
@@ -161,7 +166,7 @@ class SpeculativeDecoder:
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
                  packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True,
-                 compile: bool | str = "auto", compile_drafter: bool = False):
+                 compile: bool | str = "auto", compile_drafter: bool = False, launch_ahead: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -195,6 +200,7 @@ class SpeculativeDecoder:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive
+        self.launch_ahead = launch_ahead
         self.costs = StepCosts()  # measured as it decodes, kept across generations
 
     def _clock(self) -> float:
@@ -262,6 +268,11 @@ class SpeculativeDecoder:
         return GenerationStream(self._decode(progress.prompt_ids, stopper.max_new_tokens, (), progress.sampling, out,
                                              resume=progress), out)
 
+    def _drafts(self, wanted: bool, length: int) -> bool:
+        """Whether a step on a sequence of ``length`` tokens drafts: the switch ``wanted`` it, and its tree fits."""
+        return (wanted and self.drafter is not None and self.tree.topology.size > 1
+                and length + self.tree.topology.max_depth < self.limit)
+
     def _decode(self, prompt_ids: list[int], max_new_tokens: int, stop, sampling: SamplingConfig,
                 progress: list | None = None, resume: Progress | None = None) -> Iterator[str]:
         if resume is None:
@@ -300,16 +311,13 @@ class SpeculativeDecoder:
         if progress is not None:
             progress.append(Progress(prompt_ids, stopper, sampling, generator, result, started,
                                      getattr(session, "verified_kv", None)))
-        root_token = int(root)
         switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
-        unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again
         read = StepRead(self.device)
-        # Greedy plain steps are queued one ahead of the host (device_read.py): on a slot cache only, where a step
-        # queued and never read (the text ended) leaves nothing behind; not when sampling, where a step queued ahead
-        # would draw from the generator, which a decoding moved into the server's batch takes along (Progress)
-        queue_ahead = generator is None and getattr(session, "keeps_in_place", False)
-        queued = None  # (tokens, base output, accepted) of a plain step queued before the last one was read
-        delta = stopper.push(root_token) if resume is None else ""  # a resumed decoding's newest token is out
+        ahead = self.launch_ahead and generator is None and getattr(session, "keeps_in_place", False)
+        steps = StepLauncher(self, session, state, root, sampling, generator, ahead)
+        width = self.tree.topology.max_depth + 1  # the most tokens a step keeps
+        pending = None  # a step launched before the last one was read
+        delta = stopper.push(int(root)) if resume is None else ""  # a resumed decoding's newest token is out
         while True:
             if delta:
                 yield delta
@@ -317,62 +325,27 @@ class SpeculativeDecoder:
                 break
             step_start = time.perf_counter()
             tb = self._clock()
-            if queued is not None:
-                drafting, tree = False, self.root_only
-                tokens, out, accepted = queued
-            else:
-                drafting = (self.drafter is not None and self.tree.topology.size > 1 and switch.draft_next()
-                            and session.length + self.tree.topology.max_depth < self.limit)
-                tree = self.tree if drafting else self.root_only
-                ta = tb
-                if drafting:
-                    if unseen:
-                        self.drafter.advance(state, *(torch.cat(parts) for parts in zip(*unseen)))
-                        unseen.clear()
-                    tokens = self.drafter.propose(state, root, tree)
-                    tb = self._clock()
-                    result.time_draft += tb - ta
-                    ta = tb
-                else:
-                    tokens = root
-                out = session.score(tokens, tree)
-                tb = self._clock()
-                result.time_verify += tb - ta
-                if generator is None:
-                    accepted = greedy_accept(tokens, out.logits, tree)
-                else:
-                    accepted = sample_accept(tokens, out.logits, tree, sampling, generator)
-            path_tokens = tokens[accepted.path]
-            # the step's one read from the device: the path's tokens (root first), the next token, the length
-            read.start(torch.cat([path_tokens, accepted.next_token.reshape(1), accepted.length.reshape(1)]))
-            queued = None
-            if not drafting:
-                # a plain step keeps its one token whatever it is, so its bookkeeping needs no read (after the last
-                # step it is never used); the next plain step can then be queued while the host reads, detokenizes
-                # and checks this one
-                session.keep(accepted.path, 1, tree)
-                if self.drafter is not None:
-                    unseen.append((path_tokens[:1], out.hidden[accepted.path[:1]]))
-                root = accepted.next_token.reshape(1)
-                if (queue_ahead and len(stopper.tokens) + 1 < stopper.max_new_tokens
-                        and (self.drafter is None or self.tree.topology.size == 1 or switch.plain_next())):
-                    ta = time.perf_counter()
-                    scored = session.score(root, self.root_only)
-                    queued = (root, scored, greedy_accept(root, scored.logits, self.root_only))
-                    result.time_verify += time.perf_counter() - ta
+            launching = sum(steps.seconds.values())
+            step = pending or steps.launch(self._drafts(switch.draft_next(), session.length))
+            read.start(step.readout)  # the step's one read from the device
+            # the next step, queued while the host reads, detokenizes and checks this one, where it needs nothing
+            # this one's read gives: this one settled (its keep queued) and at least one more token to come
+            pending = None
+            if (step.settled and steps.ahead and len(stopper.tokens) + 1 < stopper.max_new_tokens
+                    and session.length + 3 * width < self.limit):
+                pending = steps.launch(self._drafts(switch.draft_after(step.drafting), session.length + width))
             *path_ids, root_token, length = read.result()
             emitted = len(stopper.tokens)
             delta = stopper.push_step(path_ids[1:length] + [root_token])
             emitted = len(stopper.tokens) - emitted
             result.steps += 1
             result.accepted.append(emitted)
-            result.plain_steps += not drafting and self.drafter is not None
-            if drafting and not stopper.done:
-                session.keep(accepted.path, length, tree)
-                self.drafter.advance(state, path_tokens[:length], out.hidden[accepted.path[:length]])
-                root = accepted.next_token.reshape(1)
-            switch.record(drafting, emitted, time.perf_counter() - step_start)
-            result.time_other += self._clock() - tb
+            result.plain_steps += not step.drafting and self.drafter is not None
+            if not stopper.done:
+                steps.settle(step, length)
+            switch.record(step.drafting, emitted, time.perf_counter() - step_start)
+            result.time_other += self._clock() - tb - (sum(steps.seconds.values()) - launching)
+        result.time_draft, result.time_verify = steps.seconds["draft"], steps.seconds["verify"]
         result.seconds = self._clock() - started
         if progress:
             progress[0].verified_kv = None  # finished: nothing will continue it, so its cache need not outlive it

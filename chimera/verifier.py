@@ -167,10 +167,35 @@ class SlotBank:
 
     def keep(self, path: torch.Tensor, tree: TreeBuffers) -> None:
         """``path``: the accepted nodes padded to the tree's depth + 1 (acceptance.Accepted.path)."""
-        self.runner.run(("keep", self.capacity, tree.topology), self.keep_static, path)
+        self._run_in_place(("keep", self.capacity, tree.topology), self.keep_static, path)
+
+    def keep_counted(self, path: torch.Tensor, count: torch.Tensor, tree: TreeBuffers) -> None:
+        """``keep``, then the length grows by ``count`` (a device scalar) on the device: no host read."""
+        if tree.topology.size == 1:
+            self.prefix.add_(count)  # a plain step's one token is in place already
+            return
+        self._run_in_place(("keep counted", self.capacity, tree.topology), self.keep_counted_static, path, count)
+
+    def keep_counted_static(self, path: torch.Tensor, count: torch.Tensor) -> None:
+        self.keep_static(path)
+        self.prefix.add_(count)
+
+    def _run_in_place(self, key, fn, path: torch.Tensor, *counts: torch.Tensor) -> None:
+        """Run a compaction by its runner. Its capture first runs it a few times (graph_runner.capture_graph), and
+        a compaction run twice is not one run (a slot moved twice carries another's keys; a length grown twice is
+        wrong): it is captured over a path that moves every slot onto itself and counts of zero."""
+        if self.runner.graphs and not self.runner.can_run(key):
+            self.runner.capture(key, fn, torch.arange(path.numel(), device=path.device),
+                                *(torch.zeros_like(c) for c in counts))
+        self.runner.run(key, fn, path, *counts)
 
 
 class SlotSession:
+    """One generation on a slot bank. Its length is kept twice: on the device (``bank.prefix``, what the captured
+    forwards read) and on the host (``length``, for the loop's room checks). ``keep`` moves both; ``keep_ahead``
+    moves the device's only, so that the next step can be queued before the host has read this one (generate.py),
+    and ``confirm`` brings the host's along once it has."""
+
     keeps_in_place = True  # a forward writes at explicit slots past the length: one never kept leaves no trace
 
     def __init__(self, bank: SlotBank):
@@ -199,6 +224,14 @@ class SlotSession:
         if tree.topology.size > 1:
             bank.keep(path, tree)
         bank.set_length(self.length + length)
+
+    def keep_ahead(self, path: torch.Tensor, length: torch.Tensor, tree: TreeBuffers) -> None:
+        """``keep`` with the length a device scalar nobody has read: the host's ``length`` lags until ``confirm``."""
+        self._check().keep_counted(path, length, tree)
+
+    def confirm(self, length: int) -> None:
+        """The host has read the length of a step kept ahead: its own copy catches up with the device's."""
+        self._check().cache.length += length
 
 
 class SlotVerifier:

@@ -1,9 +1,11 @@
 """Each drafting variant measured alone on the real default model and its shipped drafter (GPU, bfloat16):
-tokens/s, tau, ms per step split draft / verify / other, and r (a speculative step over a plain one), on the
-first turn of Spec-Bench questions. Variants: the drafter's captured drafting compiled by torch.compile or not,
-and the draft vocabulary (full, or the N tokens the base writes most). The base forward is compiled in all
-(the default in bfloat16). ``ar`` (no drafter) gives the plain step; ``--hf-compiled`` adds transformers'
-compiled generate on the same prompts.
+tokens/s, tau, ms per step, and r (a speculative step over a plain one), on the first turn of Spec-Bench
+questions, as the loop runs (nothing synchronised); then, synchronised at each stage (which serialises what the
+loop overlaps), ms per step split draft / verify / other. Variants: steps launched before the last is read or
+not, the dynamic tree's size and depth, the drafter's captured drafting compiled by torch.compile or not, the
+draft vocabulary (full, or the N tokens the base writes most). The base forward is compiled in all (the default
+in bfloat16). ``ar`` (no drafter) gives the plain step; ``--hf-compiled`` adds transformers' compiled generate
+on the same prompts.
 
     python scripts/drafting_variants.py --questions spec_bench.jsonl --limit 8 --out variants.json
 """
@@ -22,38 +24,54 @@ from chimera.bench.questions import load_questions, select
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 from chimera.text import encode_prompt
+from chimera.tree import DynamicTree
 
-VARIANTS = {  # name: (compile_drafter, draft_vocab)
-    "drafter eager, full vocabulary": (False, "full"),
-    "drafter compiled, full vocabulary": (True, "full"),
-    "drafter compiled, 16384 tokens": (True, 16384),
-    "drafter compiled, 8192 tokens": (True, 8192),
+VARIANTS = {  # name: SpeculativeDecoder's options
+    "default": {},
+    "steps read before the next is launched": {"launch_ahead": False},
+    "dynamic tree of 32 nodes": {"tree": DynamicTree(size=32, depth=8, beam=8)},
+    "dynamic tree 6 deep": {"tree": DynamicTree(size=64, depth=6, beam=8)},
+    "dynamic tree 5 deep, 32 nodes, beam 6": {"tree": DynamicTree(size=32, depth=5, beam=6)},
+    "drafter compiled, full vocabulary": {"compile_drafter": True, "draft_vocab": "full"},
+    "drafter compiled, 16384 tokens": {"compile_drafter": True, "draft_vocab": 16384},
+    "drafter compiled, 8192 tokens": {"compile_drafter": True, "draft_vocab": 8192},
 }
+DEFAULT_VARIANTS = list(VARIANTS)[:5]  # the drafter compiled lost 10x in session 9 (docs/benchmarks.md)
 
 
 def run(decoder, prompts: list[tuple[str, list[int]]], new_tokens: int) -> dict:
-    """Decode every (category, prompt); totals, tau by category, and the first call's time (it compiles)."""
+    """Decode every (category, prompt) as the loop runs, then again synchronised for the split; totals, tau by
+    category, and the first call's time (it compiles)."""
     t0 = time.perf_counter()
-    decoder.generate(input_ids=prompts[0][1], max_new_tokens=16)  # captures and compiles the first shapes
+    decoder.warm_up(max(len(p) for _, p in prompts), new_tokens)  # every capacity and prompt bucket, compiled
     warm = time.perf_counter() - t0
-    tokens = steps = 0
+    decoder.sync_timing = False
+    report = measure(decoder, prompts, new_tokens)
+    decoder.sync_timing = decoder.device.type == "cuda"
+    report["split_ms"] = measure(decoder, prompts, new_tokens)["split_ms"]
+    report["first_call_s"] = round(warm, 1)
+    return report
+
+
+def measure(decoder, prompts: list[tuple[str, list[int]]], new_tokens: int) -> dict:
+    tokens = steps = plain = 0
     seconds = draft = verify = other = 0.0
     by_group: dict[str, list[int]] = {}
     for group, prompt in prompts:
         r = decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
         tokens += r.new_tokens
         steps += r.steps - 1
+        plain += r.plain_steps
         seconds += r.seconds - r.time_prefill
         draft, verify, other = draft + r.time_draft, verify + r.time_verify, other + r.time_other
         counts = by_group.setdefault(group, [0, 0])
         counts[0] += r.new_tokens
         counts[1] += r.steps
     return {"tokens_per_s": round(tokens / seconds, 1), "tau": round(tokens / steps, 3),
-            "ms_per_step": round(1000 * seconds / steps, 3),
+            "ms_per_step": round(1000 * seconds / steps, 3), "plain_step_share": round(plain / steps, 3),
             "split_ms": {"draft": round(1000 * draft / steps, 3), "verify": round(1000 * verify / steps, 3),
                          "other": round(1000 * other / steps, 3)},
-            "tau_by_category": {g: round(t / s, 3) for g, (t, s) in by_group.items()},
-            "first_call_s": round(warm, 1)}
+            "tau_by_category": {g: round(t / s, 3) for g, (t, s) in by_group.items()}}
 
 
 def main() -> None:
@@ -61,7 +79,7 @@ def main() -> None:
     p.add_argument("--questions", required=True)
     p.add_argument("--limit", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--hf-compiled", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -76,15 +94,13 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
 
-    plain = run(chimera.SpeculativeDecoder(model, tokenizer, None, sync_timing=True), prompts, args.new_tokens)
+    plain = run(chimera.SpeculativeDecoder(model, tokenizer, None), prompts, args.new_tokens)
     report["ar"] = plain
     print("ar", json.dumps(plain), flush=True)
     save()
     for name in args.variants:
-        compile_drafter, vocab = VARIANTS[name]
         drafter = resolve_drafter("auto", model)
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, sync_timing=True, draft_vocab=vocab,
-                                             compile_drafter=compile_drafter)
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, **VARIANTS[name])
         row = run(decoder, prompts, args.new_tokens)
         row["r"] = round(row["ms_per_step"] / plain["ms_per_step"], 3)
         row["draft_over_plain_step"] = round(row["split_ms"]["draft"] / plain["ms_per_step"], 3)

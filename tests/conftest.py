@@ -73,3 +73,16 @@ def tiny_model_dir(tmp_path_factory, default_model):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def as_on_a_gpu(decoder):
+    """``decoder`` running what a GPU runs, eagerly: a slot cache and the drafter's fixed-shape functions (as
+    GraphedDrafter replays them), so that greedy steps, speculative ones too, are launched before the one before
+    them is read (chimera/steps.py)."""
+    from chimera.drafters.graphs import GraphedDrafter
+    from chimera.verifier import SlotVerifier
+
+    decoder.verifier = SlotVerifier(decoder.model, graphs=False)
+    if decoder.drafter is not None and hasattr(decoder.drafter, "propose_static"):
+        decoder.drafter = GraphedDrafter(decoder.drafter, decoder.tree, capacity=decoder.limit, graphs=False)
+    return decoder

@@ -6,7 +6,7 @@ import torch
 from chimera import SpeculativeDecoder
 from chimera.adaptive import FIRST_PAUSE, LONGEST_PAUSE, OUTLIER_RUN, PROBE_STEPS, TRIAL_STEPS, DraftingSwitch, StepCosts
 from chimera.verifier import SlotVerifier
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, as_on_a_gpu, tiny_model
 from test_drafter import perturbed_drafter
 
 
@@ -86,18 +86,22 @@ def test_pausing_never_changes_the_output(family, default_model):
         paused = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
         slotted = SpeculativeDecoder(model, tokenizer, drafter, tree=tree)  # pauses queue plain steps ahead there
         slotted.verifier = SlotVerifier(model, graphs=False)
+        queued = as_on_a_gpu(SpeculativeDecoder(model, tokenizer, drafter, tree=tree))  # speculative steps too
         steady = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, adaptive=False)
         for n in (4, 11):
             ids = torch.randint(3, 128, (n,), generator=gen).tolist()
             paused.costs = StepCosts.of(1e-9, 1.0)
             slotted.costs = StepCosts.of(1e-9, 1.0)
+            queued.costs = StepCosts.of(1e-9, 1.0)
             x = torch.tensor([ids])
             ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40,
                                  eos_token_id=sorted(steady.eos_ids))
             a = paused.generate(input_ids=ids, max_new_tokens=40)
             b = steady.generate(input_ids=ids, max_new_tokens=40)
             c = slotted.generate(input_ids=ids, max_new_tokens=40)
-            assert a.token_ids == b.token_ids == c.token_ids and c.plain_steps == a.plain_steps
+            d = queued.generate(input_ids=ids, max_new_tokens=40)
+            assert a.token_ids == b.token_ids == c.token_ids == d.token_ids and c.plain_steps == a.plain_steps
+            assert d.plain_steps > 0 or d.steps <= TRIAL_STEPS + 2  # + 1: a failed trial is seen a step late
             assert b.token_ids == ref[0, len(ids):].tolist()
             assert b.plain_steps == 0 and (a.plain_steps > 0 or a.steps <= TRIAL_STEPS + 1)  # + 1: the prefill
             assert sum(a.accepted) == a.new_tokens and len(a.accepted) == a.steps

@@ -8,7 +8,7 @@ import torch
 from chimera import base
 from chimera.compiled import CompiledDecoder, compilable
 from chimera.generate import warm_up_lengths
-from chimera.graph_runner import power_of_two_at_least
+from chimera.graph_runner import GraphRunner, power_of_two_at_least
 from chimera.tree import TreeBuffers, TreeTopology
 from chimera.verifier import SlotBank, SlotVerifier
 from conftest import tiny_model
@@ -75,3 +75,46 @@ def test_warm_up_lengths_meet_every_bucket_and_capacity(top):
     for extra in (0, 256 + 64):  # the prefill's bucket, and a slot capacity (prompt + new tokens + tree)
         wanted = {power_of_two_at_least(n + extra, 1) for n in range(1, top + 1)}
         assert wanted == {power_of_two_at_least(n + extra, 1) for n in lengths}
+
+
+class EagerCaptures(GraphRunner):
+    """A runner that does on a CPU what capturing does to state: runs a function twice (the warm-up) when it first
+    meets its key, then runs it for real at each call."""
+
+    def __init__(self):
+        super().__init__(graphs=True)
+
+    def capture(self, key, fn, *inputs, warmup: int = 2):
+        static = tuple(x.clone() for x in inputs)
+        for _ in range(warmup):
+            fn(*static)
+        self.captured[key] = None
+
+    def run(self, key, fn, *inputs):
+        if key not in self.captured:
+            self.capture(key, fn, *inputs)
+        return fn(*inputs)
+
+
+def test_capturing_a_compaction_moves_nothing():
+    """A compaction run twice is not one run (a slot moved twice carries another's keys, a length grown twice is
+    wrong), so its capture's warm-up runs must change nothing: the first real keep, captured then, keeps exactly
+    what an eager one does."""
+    model = tiny_model("llama")
+    tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (0, 1, 0)]), "cpu")
+    path = torch.tensor([0, 2, 3, 5])  # slot 1 <- 2, 2 <- 3, 3 <- 5: run twice, slot 1 would get node 3's keys
+    banks = []
+    for runner, counted in ((None, False), (EagerCaptures(), False), (EagerCaptures(), True)):
+        bank = SlotBank(model, capacity=64, device=torch.device("cpu"), runner=runner)
+        bank.prefill(torch.arange(3, 10))
+        bank.score(torch.arange(20, 20 + tree.topology.size), tree)
+        if counted:
+            bank.keep_counted(path, torch.tensor(4), tree)
+        else:
+            bank.keep(path, tree)
+            bank.prefix.add_(4)
+        banks.append(bank)
+    for bank in banks[1:]:
+        assert int(bank.prefix) == int(banks[0].prefix) == 11
+        for mine, reference in zip(bank.cache.layers, banks[0].cache.layers):
+            assert torch.equal(mine.keys[:, :, :11], reference.keys[:, :, :11])

@@ -12,7 +12,7 @@ from chimera.drafters.chimera import ChimeraDrafter, load_drafter
 from chimera.train.trainer import TrainConfig, train
 from chimera.tree import DynamicTree, TreeBuffers, TreeTopology
 from chimera.verifier import SlotVerifier
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, as_on_a_gpu, tiny_model
 
 
 def perturbed_drafter(model, heads=4):
@@ -102,13 +102,16 @@ def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_
         compiled = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab, adaptive=False)
         compiled.verifier = SlotVerifier(model, graphs=False, compiled=True, backend="aot_eager",
                                          padded_prefill=True)  # the GPU's bfloat16 path, run eagerly
+        queued = as_on_a_gpu(SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=vocab,
+                                                adaptive=False))  # speculative steps launched before a read
         taus = []
         for ids in prompts:
             x = torch.tensor([ids])
             ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=48)
             for result in (decoder.generate(input_ids=ids, max_new_tokens=48),
                            slotted.generate(input_ids=ids, max_new_tokens=48),
-                           compiled.generate(input_ids=ids, max_new_tokens=48)):
+                           compiled.generate(input_ids=ids, max_new_tokens=48),
+                           queued.generate(input_ids=ids, max_new_tokens=48)):
                 assert result.token_ids == ref[0, len(ids):].tolist()
                 assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
                 taus.append(result.tau)

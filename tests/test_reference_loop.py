@@ -7,7 +7,8 @@ from chimera import SpeculativeDecoder
 from chimera.device_read import StepRead
 from chimera.text import StopCondition
 from chimera.verifier import SlotSession, SlotVerifier
-from conftest import CHAT_PROMPTS, FAMILIES, tiny_model
+from chimera.tree import DynamicTree
+from conftest import CHAT_PROMPTS, FAMILIES, as_on_a_gpu, tiny_model
 
 PROMPTS = CHAT_PROMPTS[:5]
 
@@ -156,6 +157,52 @@ def test_plain_steps_queued_ahead_on_a_slot_cache_decode_as_generate(family, def
         assert unread in (0, 1) and (unread == 0 or result.finish_reason == "stop")  # an EOS, never past the budget
         if result.steps > 3:
             assert "start score result" in log  # the next forward queued between a step's read and its result
+    ids = torch.randint(3, 128, (7,), generator=gen).tolist()
+    text = decoder.generate(input_ids=ids, max_new_tokens=30).text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip():
+        cut = decoder.generate(input_ids=ids, max_new_tokens=30, stop=[stop])
+        assert cut.finish_reason == "stop" and stop not in cut.text and text.startswith(cut.text)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_speculative_steps_launched_before_a_read_decode_as_generate(family, default_model, monkeypatch):
+    """With the slot cache and the drafter's fixed-shape functions (what a GPU replays), a speculative step keeps
+    its path on the device, so the next step, drafted or not, is launched before the host reads this one
+    (chimera/steps.py). The output is generate's, by budget, EOS or stop string; at most one step is launched and
+    never read, and only when the text ended early (never past the budget); the host's lengths end equal to the
+    device's."""
+    from test_drafter import perturbed_drafter
+
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    monkeypatch.setattr("chimera.generate.StepRead", LoggedRead)
+    drafter = perturbed_drafter(model, heads=5)
+    gen = torch.Generator().manual_seed(11)
+    for tree in ("small", DynamicTree(size=10, depth=4, beam=3)):
+        decoder = as_on_a_gpu(SpeculativeDecoder(model, tokenizer, drafter, tree=tree, adaptive=False))
+        propose = decoder.drafter.propose
+        monkeypatch.setattr(decoder.drafter, "propose",
+                            lambda *a: (LoggedRead.log.append("propose"), propose(*a))[1])
+        for n, budget in ((3, 1), (6, 2), (9, 40), (20, 33)):
+            ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+            LoggedRead.log = []
+            result = decoder.generate(input_ids=ids, max_new_tokens=budget)
+            assert result.token_ids == hf_greedy(model, ids, budget)
+            assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
+            log = " ".join(LoggedRead.log)
+            unread = log.count("propose") - (result.steps - 1)
+            assert unread in (0, 1) and (unread == 0 or result.finish_reason == "stop")
+            if result.steps > 3:
+                assert "start propose result" in log  # a speculative step launched between a read's start and end
+        # between two pieces of text the host's lengths are the device's, less the one step launched ahead
+        width = decoder.tree.topology.max_depth + 1
+        ids = torch.randint(3, 128, (8,), generator=gen).tolist()
+        for _ in decoder.stream(input_ids=ids, max_new_tokens=40):
+            bank, state = next(iter(decoder.verifier.banks.values())), decoder.drafter.state
+            assert state.length == bank.cache.length
+            assert 0 <= int(bank.prefix) - bank.cache.length <= width
+            assert int(state.length_on_device) - state.length == int(bank.prefix) - bank.cache.length
     ids = torch.randint(3, 128, (7,), generator=gen).tolist()
     text = decoder.generate(input_ids=ids, max_new_tokens=30).text
     stop = text[len(text) // 2:len(text) // 2 + 2]

@@ -32,13 +32,14 @@ class GraphedDrafter:
     MAX_CAPACITY = 16384  # beyond this, attending over masked slots costs more than the launches saved
 
     def __init__(self, drafter, tree: TreeBuffers, capacity: int, compiled: bool = False,
-                 backend: str = "inductor"):
+                 backend: str = "inductor", graphs: bool = True):
         self.drafter = drafter
         self.tree = tree
         self.capacity = capacity
         self.state = None
-        self.runner = GraphRunner(graphs=True)
+        self.runner = GraphRunner(graphs)  # graphs=False: the same functions run eagerly (how CPU tests cover them)
         self.count = None  # the advance graph's number of real tokens, a device scalar
+        self.width = tree.topology.max_depth + 1  # the deepest accepted path: what the advance graph reads
         # compiled: the captured functions are torch.compile's fusions of them (compiled.py), else op by op
         self.propose_static = (Compiled(drafter.propose_static, "drafting", backend) if compiled
                                else drafter.propose_static)
@@ -56,32 +57,49 @@ class GraphedDrafter:
     def advance(self, state, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
         """Replays the drafter's ``advance_static`` over inputs padded to the deepest path (one graph for any
         accepted length); the eager ``advance`` where the padded slots would not fit."""
-        n, width = tokens.numel(), self.tree.topology.max_depth + 1
-        if n > width or state.length + width > state.keys.shape[1]:
+        n = tokens.numel()
+        if n > self.width or state.length + 2 * self.width > state.keys.shape[1]:
             self.drafter.advance(state, tokens, hidden)
             return
-        run = lambda padded_tokens, padded_hidden: self.advance_static(  # noqa: E731
-            state, padded_tokens, padded_hidden, self.count)
-        if not self.runner.can_run("advance"):
+        self._replay_advance(state, tokens, hidden).fill_(n)
+        self.runner.run("advance", self._advance_run, tokens, hidden)
+        state.length += n
+
+    def advance_counted(self, state, tokens: torch.Tensor, hidden: torch.Tensor, count: torch.Tensor) -> None:
+        """``advance`` by the first ``count`` (a device scalar nobody has read) of ``tokens`` and ``hidden``, the
+        accepted path padded to the deepest one (acceptance.Accepted.path): the host's ``state.length`` lags until
+        ``confirm``. The caller leaves room for two paths past the host's length."""
+        self._replay_advance(state, tokens, hidden).copy_(count)
+        self.runner.run("advance", self._advance_run, tokens, hidden)
+
+    def confirm(self, state, length: int) -> None:
+        """The host has read the length of an ``advance_counted``: its copy catches up with the device's."""
+        state.length += length
+
+    def _replay_advance(self, state, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Capture the advance graph on first use; returns its device count, for the caller to set."""
+        if self.count is None:
             self.count = torch.ones((), dtype=torch.long, device=tokens.device)
+            self._advance_run = lambda padded_tokens, padded_hidden: self.advance_static(  # noqa: E731
+                self.state, padded_tokens, padded_hidden, self.count)
+        if self.runner.graphs and not self.runner.can_run("advance"):
             saved = [t.clone() for t in self._state_tensors(state)]
-            with self._announce(self.advance_static, f"{width} tokens"):
-                self.runner.capture("advance", run, tokens.new_zeros(width),
-                                    hidden.new_zeros(width, hidden.shape[-1]))
+            with self._announce(self.advance_static, f"{self.width} tokens"):
+                self.runner.capture("advance", self._advance_run, tokens.new_zeros(self.width),
+                                    hidden.new_zeros(self.width, hidden.shape[-1]))
             with torch.inference_mode():  # the state's tensors are inference tensors
                 for buffer, value in zip(self._state_tensors(state), saved):
                     buffer.copy_(value)  # the warm-up runs advanced the state for real: undo them
-        self.count.fill_(n)
-        self.runner.run("advance", run, tokens, hidden)
-        state.length += n
+        return self.count
 
     @staticmethod
     def _state_tensors(state) -> tuple[torch.Tensor, ...]:
         return state.keys, state.values, state.history, state.last_hidden, state.length_on_device
 
     def window(self, length: int) -> int:
-        """The smallest power-of-two window (at least SMALLEST_WINDOW) holding ``length`` slots."""
-        return min(power_of_two_at_least(length, SMALLEST_WINDOW), self.capacity)
+        """The smallest power-of-two window (at least SMALLEST_WINDOW) holding ``length`` slots and one path more:
+        the device's length may be ahead of the host's by a path not yet confirmed (``advance_counted``)."""
+        return min(power_of_two_at_least(length + self.width, SMALLEST_WINDOW), self.capacity)
 
     def propose(self, state, root: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
         if tree is not self.tree:  # another topology (the decoder never asks for one; kept correct anyway)
@@ -89,7 +107,7 @@ class GraphedDrafter:
         window = self.window(state.length)
         key = ("propose", window)
         run = lambda r: self.propose_static(self.state, r, self.tree, window)  # noqa: E731
-        if not self.runner.can_run(key):
+        if self.runner.graphs and not self.runner.can_run(key):
             with self._announce(self.propose_static, f"{self.tree.topology.size}-node trees over {window} slots"):
                 self.runner.capture(key, run, root.reshape(1))
         return self.runner.run(key, run, root.reshape(1))
