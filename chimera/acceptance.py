@@ -2,7 +2,9 @@
 
 Both return an ``Accepted``: the path as node indices padded to the tree's depth + 1, its length, and the base's
 next token, all device tensors of fixed shapes made by tensor ops only, so the caller syncs with the host once
-per step, when it reads them (no data-dependent ``nonzero``).
+per step, when it reads them (no data-dependent ``nonzero``, no indexing by a 0-d tensor or assigning a Python
+scalar, which read or write through the host: on an H200 they made greedy acceptance wait for the device four
+times a step, found with torch.cuda's sync debug mode by scripts/step_profile.py).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class Accepted:
 def path_to(deepest: torch.Tensor, tree: TreeBuffers) -> Accepted:
     """The root-to-``deepest`` path, padded: its node at depth k is the one ancestor of ``deepest`` at depth k."""
     levels = torch.arange(tree.topology.max_depth + 1, device=tree.depths.device)
-    on_level = tree.ancestors[deepest][None, :] & (tree.depths[None, :] == levels[:, None])
-    return Accepted(path=on_level.int().argmax(-1), length=tree.depths[deepest] + 1, next_token=deepest)
+    at = deepest.reshape(1)  # indexing by a 0-d tensor would read it on the host: select by a 1-d one instead
+    on_level = tree.ancestors.index_select(0, at) & (tree.depths[None, :] == levels[:, None])
+    return Accepted(path=on_level.int().argmax(-1), length=tree.depths.index_select(0, at)[0] + 1,
+                    next_token=deepest)
 
 
 def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers) -> Accepted:
@@ -45,11 +49,11 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
         return Accepted(path=tree.depths, length=tree.depths[0] + 1, next_token=logits[0].argmax())
     pred = logits.argmax(-1)
     correct = tokens == pred[tree.parents]
-    correct[0] = True  # the root is the base's own token
+    correct[:1].fill_(True)  # the root is the base's own token (``correct[0] = True`` copies from the host: a sync)
     accepted = ~(tree.ancestors & ~correct[None, :]).any(-1)
     deepest = torch.where(accepted, tree.depths, -1).argmax()
     result = path_to(deepest, tree)
-    result.next_token = pred[deepest]
+    result.next_token = pred.index_select(0, deepest.reshape(1))[0]
     return result
 
 
@@ -103,5 +107,5 @@ def sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers,
     deepest = accepted_path(draft_accept_probs(tokens, probs, tree), tree, generator)
     children = (tree.parents == deepest) & (tree.depths > 0)
     result = path_to(deepest, tree)
-    result.next_token = torch.multinomial(residual(probs[deepest], tokens, children), 1, generator=generator)[0]
+    result.next_token = torch.multinomial(residual(probs.index_select(0, deepest.reshape(1))[0], tokens, children), 1, generator=generator)[0]
     return result

@@ -354,7 +354,7 @@ def test_generations_reject_a_wrong_rule(setup, monkeypatch):
     """The same end-to-end statistic, with the decoder's acceptance replaced by the no-residual rule."""
     model, drafter = setup
     config = CONFIGS["T1"]
-    monkeypatch.setattr("chimera.generate.sample_accept", accept_without_residual)
+    monkeypatch.setattr("chimera.steps.sample_accept", accept_without_residual)
     samples, _ = loop_samples(model, drafter, config)
     stat, df, p = chi_square(samples, exact_continuations(model, config))
     print(f"loop T1 accept_without_residual: chi2 {stat:.1f} df {df} p {p:.3g}")

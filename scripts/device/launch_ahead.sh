@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # On the device machine, after staging the model (.device/q1..q3 and q5 copied to $HOME/stage, this call carrying
 # .device/q4): speculative steps launched before the last one is read (chimera/steps.py), measured three ways:
-# `chimera bench` in bfloat16 (hf-compiled, ar, chimera; 8 questions a category, 256 new tokens), the drafting
-# variants on the same prompts (launched ahead or not, tree sizes and depths: scripts/drafting_variants.py), and
-# the float32 graph check against generate (scripts/gpu_graph_check.py).
+# `chimera bench` in bfloat16 (hf-compiled, ar, chimera; 8 questions a category, 256 new tokens), the float32 graph
+# check against generate (scripts/gpu_graph_check.py), and the drafting variants on 4 questions a category
+# (launched ahead or not, tree sizes and depths: scripts/drafting_variants.py), last as the least needed.
 # Start it with setsid; results and progress.txt in $HOME/res-ahead: tar czf $OUT/res.tgz -C $HOME res-ahead
 RES=$HOME/res-ahead
 . scripts/device/prepare.sh
 step bench-bf16
 python3 -m chimera.cli bench --questions "$HOME/stage/spec_bench.jsonl" --limit "${LIMIT:-8}" --max-new-tokens 256 \
   --methods hf-compiled ar chimera --device cuda --out "$RES/gpu_bench_bf16" > "$RES/gpu_bench_bf16.log" 2>&1
-step variants
-python3 scripts/drafting_variants.py --questions "$HOME/stage/spec_bench.jsonl" --limit "${VARIANTS_LIMIT:-4}" \
-  --out "$RES/drafting_variants.json" > "$RES/variants.log" 2>&1
 step check-fp32
 python3 scripts/gpu_graph_check.py --prompts 4 --max-new-tokens 128 --trees dynamic-64 \
   > "$RES/graph_check.txt" 2>&1
+step variants
+python3 scripts/drafting_variants.py --questions "$HOME/stage/spec_bench.jsonl" --limit "${VARIANTS_LIMIT:-4}" \
+  --variants default "steps read before the next is launched" \
+  --out "$RES/drafting_variants.json" > "$RES/variants.log" 2>&1
 step done
