@@ -88,7 +88,7 @@ class Routes:
 
     key: dict
     layers: Literal["stock", "packed"]
-    head: Literal["linear", "few_rows", "packed"]  # base.HEAD_ROUTES
+    head: Literal["linear", "few_rows", "packed"]  # target.HEAD_ROUTES
     ms: dict[str, float] = field(default_factory=dict)  # "layers/stock", "head/linear", ... -> ms
 
     def describe(self) -> str:
@@ -107,7 +107,7 @@ def linear_routes(model, device: torch.device, remeasure: bool = False) -> Route
     saved = _read_cached(path, Routes, key, remeasure)
     if saved is not None:
         return saved
-    from . import base
+    from . import target
     from .verifier import GrowingVerifier
 
     routes = Routes(key, layers="stock", head="linear")
@@ -123,14 +123,14 @@ def linear_routes(model, device: torch.device, remeasure: bool = False) -> Route
     routes.layers = min(candidates, key=lambda name: routes.ms[f"layers/{name}"])
     if routes.layers == "stock":
         cpu_linear.drop_shared_packed_copy(model)  # the copy doubles the linear weights: keep it only if used
-    if base.plain_vocab_head(model):
+    if target.plain_vocab_head(model):
         hidden = torch.randn(6, model.get_output_embeddings().weight.shape[1], dtype=model.dtype, device=device)
         with torch.inference_mode():
-            for name in base.HEAD_ROUTES:
-                head = base.vocab_head(model, name)
+            for name in target.HEAD_ROUTES:
+                head = target.vocab_head(model, name)
                 one, six = median_ms(lambda: head(hidden[:1])), median_ms(lambda: head(hidden))
                 routes.ms[f"head/{name}"] = round(one + six, 3)
-        routes.head = min(base.HEAD_ROUTES, key=lambda name: routes.ms[f"head/{name}"])
+        routes.head = min(target.HEAD_ROUTES, key=lambda name: routes.ms[f"head/{name}"])
     save(routes, path)
     return routes
 
@@ -158,7 +158,7 @@ class Setup:
     tree: object
     draft_vocab: object
     packed_linears: bool
-    head_route: str | None = None  # base.HEAD_ROUTES; None: base.vocab_logits's default
+    head_route: str | None = None  # target.HEAD_ROUTES; None: target.vocab_logits's default
     calibration: Calibration | None = None
     routes: Routes | None = None
 

@@ -5,7 +5,7 @@ rotary embedding and activation as its own kernels (about 30 per layer). Inducto
 decoder stack, the same module transformers' own compiled ``generate`` compiles, and call it with our slot cache,
 explicit positions and tree mask: no copied modeling code, no patching. The vocabulary projection stays outside
 (one matmul, nothing to fuse), so only models whose logits are plainly ``lm_head(hidden)`` are compiled
-(``base.plain_vocab_head``); others keep the uncompiled forward.
+(``target.plain_vocab_head``); others keep the uncompiled forward.
 
 Compilation happens on the first call of each tree size, inside the warm-up of its CUDA-graph capture
 (graph_runner.py): 30-45 s on an H200 for the default model's 30 layers, paid once per process. The number of KV
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .base import plain_vocab_head
+from .target import plain_vocab_head
 from .models import cache_root
 
 log = logging.getLogger("chimera")

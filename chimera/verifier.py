@@ -17,8 +17,8 @@ import logging
 
 import torch
 
-from . import base, cache as kv, cpu_linear
-from .base import BaseOutput
+from . import cache as kv, cpu_linear, target
+from .target import TargetOutput
 from .compiled import CompiledDecoder, compilable
 from .graph_runner import GraphRunner, power_of_two_at_least
 from .errors import ChimeraError
@@ -37,18 +37,18 @@ class GrowingSession:
         self.head = head
         self.cache = kv.new_cache()
 
-    def prefill(self, prompt: torch.Tensor) -> BaseOutput:
+    def prefill(self, prompt: torch.Tensor) -> TargetOutput:
         """Hidden states of every prompt token, logits of the last one only (all the loop needs)."""
-        return base.forward(self.model, self.cache, prompt, logits_to_keep=1, head=self.head)
+        return target.forward(self.model, self.cache, prompt, logits_to_keep=1, head=self.head)
 
     @property
     def length(self) -> int:
         return self.cache.get_seq_length()
 
-    def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> BaseOutput:
+    def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         if tree.topology.size == 1:
-            return base.forward(self.model, self.cache, tokens, head=self.head)
-        return base.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors, head=self.head)
+            return target.forward(self.model, self.cache, tokens, head=self.head)
+        return target.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors, head=self.head)
 
     def keep(self, path: torch.Tensor, length: int, tree: TreeBuffers) -> None:
         """Keep the first ``length`` nodes of ``path`` (padded as acceptance.Accepted.path is)."""
@@ -72,7 +72,7 @@ class GrowingVerifier:
     def __init__(self, model, head_route: str | None = None):
         self.model = model
         self.head_route = head_route
-        self.head = base.vocab_head(model, head_route) if head_route and base.plain_vocab_head(model) else None
+        self.head = target.vocab_head(model, head_route) if head_route and target.plain_vocab_head(model) else None
 
     def describe(self) -> str:
         packed = any(isinstance(m, cpu_linear.PackedLinear) for m in self.model.modules())
@@ -108,7 +108,7 @@ class SlotBank:
         self.padded_prefill = padded_prefill
         self.generation = 0
 
-    def prefill(self, prompt: torch.Tensor) -> BaseOutput:
+    def prefill(self, prompt: torch.Tensor) -> TargetOutput:
         n = prompt.numel()
         self.set_length(n)  # the prefill reads the prompt's length on the device, like every captured forward
         if self.padded_prefill:
@@ -116,7 +116,7 @@ class SlotBank:
             padded = prompt.new_zeros(bucket)
             padded[:n] = prompt
             out = self.runner.run(("prefill", self.capacity, bucket), self.prefill_static, padded)
-            out = BaseOutput(logits=out.logits, hidden=out.hidden[:n])
+            out = TargetOutput(logits=out.logits, hidden=out.hidden[:n])
         else:
             out = self.prefill_static(prompt)
         if self.decoder is not None:  # one compilation for every capacity: the slot axis is a symbol (marked once:
@@ -125,21 +125,21 @@ class SlotBank:
                 self.decoder.mark_capacity(layer.values, 2)
         return out
 
-    def prefill_static(self, tokens: torch.Tensor) -> BaseOutput:
+    def prefill_static(self, tokens: torch.Tensor) -> TargetOutput:
         """The prompt (the first ``prefix`` of ``tokens``; any further ones are pads) into slots 0, 1, ...: causal,
         pads at the last prompt position, logits of the last prompt token only. Reads the length on the device."""
         slots = self.columns[:tokens.numel()]
         self.cache.slots = slots
         last = (self.prefix - 1).reshape(1)
         allowed = self.columns[None, :] <= slots[:, None]
-        return base.forward(self.model, self.cache, tokens, position_ids=torch.minimum(slots, last),
+        return target.forward(self.model, self.cache, tokens, position_ids=torch.minimum(slots, last),
                             attention_mask=additive_mask(allowed, self.model.dtype), logits_to_keep=last)
 
     def set_length(self, length: int) -> None:
         self.cache.length = length
         self.prefix.fill_(length)
 
-    def score_static(self, tokens: torch.Tensor, tree: TreeBuffers) -> BaseOutput:
+    def score_static(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         """Tree node i goes to slot prefix + i at position prefix + depth(i) and sees slots below the prefix and
         its ancestors' slots. Reads the prefix on the device only: safe to capture."""
         n = tree.topology.size
@@ -150,7 +150,7 @@ class SlotBank:
         mask = additive_mask(allowed, self.model.dtype)
         if self.decoder is not None:  # the mask's slot axis, like the cache's (prefill), is a symbol
             self.decoder.mark_capacity(mask, 3)
-        return base.forward(self.model, self.cache, tokens, position_ids=self.prefix + tree.depths,
+        return target.forward(self.model, self.cache, tokens, position_ids=self.prefix + tree.depths,
                             attention_mask=mask, decoder=self.decoder)
 
     def keep_static(self, path: torch.Tensor) -> None:
@@ -158,7 +158,7 @@ class SlotBank:
         into slots beyond the new length, which the mask hides and the next tree overwrites."""
         self.cache.move(self.prefix + path, self.prefix + self.columns[:path.numel()])
 
-    def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> BaseOutput:
+    def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         key = ("score", self.capacity, tree.topology)
         if self.decoder is None or self.runner.can_run(key):
             return self.runner.run(key, lambda t: self.score_static(t, tree), tokens)
@@ -203,7 +203,7 @@ class SlotSession:
         self.bank = bank
         self.generation = bank.generation
 
-    def prefill(self, prompt: torch.Tensor) -> BaseOutput:
+    def prefill(self, prompt: torch.Tensor) -> TargetOutput:
         return self._check().prefill(prompt)
 
     @property
@@ -215,7 +215,7 @@ class SlotSession:
             raise ChimeraError("another generation started on this decoder: a decoder runs one at a time")
         return self.bank
 
-    def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> BaseOutput:
+    def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         return self._check().score(tokens, tree)
 
     def keep(self, path: torch.Tensor, length: int, tree: TreeBuffers) -> None:
@@ -270,7 +270,7 @@ def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears:
     """Captured slot forwards on a GPU (when asked for; ``compiled``: of the torch.compiled decoder where the model
     allows it); eager growing forwards elsewhere, on a CPU through a
     copy of the model whose linear layers are prepacked (cpu_linear) when that copy fits in memory, with the
-    vocabulary projection by ``head_route`` (base.vocab_head; None: base.vocab_logits's default)."""
+    vocabulary projection by ``head_route`` (target.vocab_head; None: target.vocab_logits's default)."""
     if cuda_graphs and device.type == "cuda":
         return SlotVerifier(model, graphs=True, compiled=compiled)
     if packed_linears and cpu_linear.available(device, model.dtype):

@@ -2,8 +2,8 @@
 the default model's shape (SmolLM2-135M: timings do not depend on the weights, so no model file is needed).
 
 Per step at a 200-token context: the decoder's forward (stock and oneDNN-prepacked linear layers), the vocabulary
-projection by each route we have (``F.linear``, the few-rows product of base.weight_logits, prepacked), our whole
-plain step (base.forward on our growing cache, per route), and ``generate``'s time per token.
+projection by each route we have (``F.linear``, the few-rows product of target.weight_logits, prepacked), our whole
+plain step (target.forward on our growing cache, per route), and ``generate``'s time per token.
 
 Usage: OMP_NUM_THREADS=2 python scripts/cpu_step_profile.py [--out FILE.json]
 """
@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chimera import base, cache as kv, cpu_linear
+from chimera import cache as kv, cpu_linear, target
 from chimera.calibration import median_ms, processor_name
 
 SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -41,12 +41,12 @@ def main():
               "machine": platform.machine()}
     for name, m in (("stock", model), ("packed", packed)):
         cache = kv.new_cache()
-        base.forward(m, cache, prompt, logits_to_keep=1)
+        target.forward(m, cache, prompt, logits_to_keep=1)
         token = torch.tensor([5])
         decoder = m.get_decoder()
 
         def step():
-            base.forward(m, cache, token)
+            target.forward(m, cache, token)
             kv.keep_path(cache, cache.get_seq_length() - 1, torch.zeros(0, dtype=torch.long))
 
         def decoder_only():
@@ -62,7 +62,7 @@ def main():
     weight = model.get_output_embeddings().weight
     packed_head = cpu_linear.PackedLinear(model.get_output_embeddings())
     report["head_ms_F_linear"] = ms(lambda: torch.nn.functional.linear(z, weight))
-    report["head_ms_few_rows"] = ms(lambda: base.weight_logits(z, weight))
+    report["head_ms_few_rows"] = ms(lambda: target.weight_logits(z, weight))
     report["head_ms_packed"] = ms(lambda: packed_head(z))
     x = prompt[None]
     new = 64

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from chimera import base
+from chimera import target
 from chimera.compiled import CompiledDecoder, compilable
 from chimera.generate import warm_up_lengths
 from chimera.graph_runner import GraphRunner, power_of_two_at_least
@@ -44,7 +44,7 @@ def test_only_plain_vocabulary_heads_are_compiled():
     assert compilable(plain) and not compilable(capped)
     assert SlotVerifier(plain, graphs=False, compiled=True).decoder is not None
     assert SlotVerifier(capped, graphs=False, compiled=True).decoder is None
-    assert base.plain_vocab_head(plain) and not base.plain_vocab_head(capped)
+    assert target.plain_vocab_head(plain) and not target.plain_vocab_head(capped)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])

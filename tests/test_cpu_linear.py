@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chimera import base, cache as kv, cpu_linear
+from chimera import cache as kv, cpu_linear, target
 from chimera.cpu_linear import PackedLinear
 from chimera.drafters import pack_for_cpu, new_drafter
 from chimera.generate import SpeculativeDecoder
@@ -78,8 +78,8 @@ def test_packed_copy_shares_weights_and_leaves_the_model_alone(family):
     assert sum(isinstance(m, PackedLinear) for m in copy.modules()) == sum(
         type(m) is nn.Linear for m in model.modules())
     ids = torch.randint(3, 128, (40,))
-    ours = base.forward(copy, kv.new_cache(), ids)
-    stock = base.forward(model, kv.new_cache(), ids)
+    ours = target.forward(copy, kv.new_cache(), ids)
+    stock = target.forward(model, kv.new_cache(), ids)
     torch.testing.assert_close(ours.logits, stock.logits, atol=1e-5, rtol=1e-5)
 
 
@@ -119,7 +119,7 @@ def test_packed_drafter_drafts_the_same_trees():
 
     tree = TreeBuffers.build(get_topology("small", drafter, torch.device("cpu")), "cpu")
     tokens = torch.randint(3, 128, (30,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     root = torch.tensor([5])
     drafts = [d.propose(d.start(tokens, hidden), root, tree) for d in (drafter, packed)]
     assert torch.equal(drafts[0], drafts[1])
@@ -129,12 +129,12 @@ def test_growing_cache_reallocates_without_losing_the_sequence():
     model = tiny_model("qwen2")
     ids = torch.randint(3, 128, (kv.FIRST_CAPACITY + 40,))
     cache = kv.new_cache()
-    out = base.forward(model, cache, ids[:300])
+    out = target.forward(model, cache, ids[:300])
     for start in range(300, ids.numel(), 100):
-        out = base.forward(model, cache, ids[start:start + 100])
+        out = target.forward(model, cache, ids[start:start + 100])
     assert cache.get_seq_length() == ids.numel()
     assert cache.layers[0].key_buffer.shape[-2] >= ids.numel()
-    fresh = base.forward(model, kv.new_cache(), ids)
+    fresh = target.forward(model, kv.new_cache(), ids)
     torch.testing.assert_close(out.logits[-1], fresh.logits[-1], atol=1e-5, rtol=1e-5)
 
 

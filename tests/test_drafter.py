@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from chimera import ChimeraError, SpeculativeDecoder, base, cache as kv
+from chimera import ChimeraError, SpeculativeDecoder, cache as kv, target
 from chimera.drafters import load_any
 from chimera.drafters.chimera import ChimeraDrafter, load_drafter
 from chimera.train.trainer import TrainConfig, train
@@ -46,7 +46,7 @@ def test_training_forward_drafts_exactly_what_inference_drafts(family):
     drafter = perturbed_drafter(model)
     L, depth = 24, 4
     tokens = torch.randint(3, 128, (1, L))
-    hidden = base.forward(model, kv.new_cache(), tokens[0]).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens[0]).hidden
     with torch.no_grad():
         logits, _ = drafter.unrolled_forward(tokens, hidden[None], depth)
     tree = TreeBuffers.build(TreeTopology.chain(depth), "cpu")
@@ -60,7 +60,7 @@ def test_advance_equals_start_over_the_longer_prefix():
     model = tiny_model("llama")
     drafter = perturbed_drafter(model)
     tokens = torch.randint(3, 128, (30,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     grown = drafter.start(tokens[:10], hidden[:10])
     for lo, hi in [(10, 13), (13, 14), (14, 30)]:
         drafter.advance(grown, tokens[lo:hi], hidden[lo:hi])
@@ -125,7 +125,7 @@ def test_save_load_roundtrip_proposes_the_same(tmp_path):
     drafter.save(tmp_path / "d")
     loaded = load_any(tmp_path / "d", model)
     tokens = torch.randint(3, 128, (12,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]), "cpu")
     a = drafter.propose(drafter.start(tokens[:-1], hidden[:-1]), tokens[-1:], tree)
     b = loaded.propose(loaded.start(tokens[:-1], hidden[:-1]), tokens[-1:], tree)
@@ -193,7 +193,7 @@ def test_static_drafting_equals_drafting_and_states_refill_in_place():
     tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]),
                              "cpu")
     tokens = torch.randint(3, 128, (40,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     static = drafter.start(tokens[:5], hidden[:5], capacity=64)
     # attention weighs the unused slots by 0, which only leaves them out if they hold finite numbers
     assert torch.isfinite(static.keys).all() and torch.isfinite(static.values).all()
@@ -242,7 +242,7 @@ def test_dynamic_tree_of_beam_one_is_the_top_one_chain():
     model = tiny_model("llama")
     drafter = perturbed_drafter(model, heads=4)
     tokens = torch.randint(3, 128, (30,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     chain = TreeBuffers.build(TreeTopology.chain(4), "cpu")
     dynamic = TreeBuffers.build(DynamicTree(size=5, depth=4, beam=1), "cpu")
     for n in (3, 11, 29):
@@ -256,7 +256,7 @@ def test_dynamic_tree_of_depth_two_holds_every_candidate():
     model = tiny_model("qwen2")
     drafter = perturbed_drafter(model, heads=2)
     tokens = torch.randint(3, 128, (20,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     full = TreeBuffers.build(TreeTopology.full([3, 3]), "cpu")
     dynamic = TreeBuffers.build(DynamicTree(size=13, depth=2, beam=3), "cpu")
     state, root = drafter.start(tokens[:15], hidden[:15]), tokens[15:16]
@@ -271,7 +271,7 @@ def test_dynamic_trees_are_well_formed_and_drafted_the_same_statically():
     model = tiny_model("mistral")
     drafter = perturbed_drafter(model, heads=4)
     tokens = torch.randint(3, 128, (40,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     shape = DynamicTree(size=20, depth=4, beam=3)
     eager, static_tree = TreeBuffers.build(shape, "cpu"), TreeBuffers.build(shape, "cpu")
     buffers = (static_tree.parents, static_tree.depths, static_tree.ancestors, static_tree.earlier_siblings)
@@ -296,7 +296,7 @@ def test_static_advance_equals_advance_for_every_accepted_length():
     model = tiny_model("qwen2")
     drafter = perturbed_drafter(model, heads=4)
     tokens = torch.randint(3, 128, (40,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     static = drafter.start(tokens[:6], hidden[:6], capacity=64)
     eager = drafter.start(tokens[:6], hidden[:6], capacity=64)
     length, width = 6, 5
@@ -327,7 +327,7 @@ def test_draft_vocabulary_drafts_only_frequent_tokens():
     model = tiny_model("llama")
     drafter = perturbed_drafter(model, heads=4)
     tokens = torch.randint(3, 128, (30,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     state, root = drafter.start(tokens[:20], hidden[:20]), tokens[20:21]
     trees = [TreeBuffers.build(TreeTopology.full([3, 2, 2]), "cpu"),
              TreeBuffers.build(DynamicTree(size=16, depth=4, beam=3), "cpu")]
@@ -361,7 +361,7 @@ def test_compiled_drafting_drafts_what_eager_drafting_drafts(shape):
     model = tiny_model("gemma")
     drafter = perturbed_drafter(model, heads=4)
     tokens = torch.randint(3, 128, (40,))
-    hidden = base.forward(model, kv.new_cache(), tokens).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
     topology = (DynamicTree(size=12, depth=4, beam=3) if shape == "dynamic"
                 else TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]))
     eager_tree, compiled_tree = TreeBuffers.build(topology, "cpu"), TreeBuffers.build(topology, "cpu")

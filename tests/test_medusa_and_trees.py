@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from chimera import ChimeraError, SpeculativeDecoder, base, cache as kv
+from chimera import ChimeraError, SpeculativeDecoder, cache as kv, target
 from chimera.drafters import load_any, new_drafter
 from chimera.drafters.medusa import MedusaDrafter
 from chimera.train.losses import acceptance_counts
@@ -29,7 +29,7 @@ def test_medusa_training_forward_matches_inference():
     model = tiny_model("llama")
     drafter = perturbed_medusa(model)
     tokens = torch.randint(3, 128, (1, 20))
-    hidden = base.forward(model, kv.new_cache(), tokens[0]).hidden
+    hidden = target.forward(model, kv.new_cache(), tokens[0]).hidden
     with torch.no_grad():
         logits, us = drafter(tokens, hidden[None], 4)
     assert us == [None] * 4

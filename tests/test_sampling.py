@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from chimera import SpeculativeDecoder
-from chimera import base, cache as kv
+from chimera import cache as kv, target
 from chimera.cli import main as cli_main
 from chimera.drafters.chimera import ChimeraDrafter
 from chimera.errors import ChimeraError
@@ -173,11 +173,11 @@ def exact_continuations(model, config: SamplingConfig, k: int = LOOP_TOKENS) -> 
 def tree_step(model, drafter):
     """The tokens of one drafted tree after PROMPT + its greedy root, and the base's logits at every node."""
     cache = kv.new_cache()
-    out = base.forward(model, cache, torch.tensor(PROMPT, device=model.device))
+    out = target.forward(model, cache, torch.tensor(PROMPT, device=model.device))
     root = out.logits[-1].argmax(-1, keepdim=True)
     tree = TreeBuffers.build(TREE, model.device)
     tokens = drafter.propose(None, root, tree)
-    return tree, tokens, base.forward_tree(model, cache, tokens, tree.depths, tree.ancestors).logits
+    return tree, tokens, target.forward_tree(model, cache, tokens, tree.depths, tree.ancestors).logits
 
 
 def exact_step(tree: TreeBuffers, tokens: torch.Tensor, probs: torch.Tensor) -> dict:
@@ -476,10 +476,10 @@ def test_the_rule_s_exact_law_is_the_target_law(setup, name):
         logits = 3 * torch.randn(tree.topology.size, V)
         logits[tree.parents[1:], tokens[1:]] += 3  # drafts the base likes, as from a good drafter
         probs = exact_probs(logits, CONFIGS[name])
-        target = exact_step(tree, tokens, probs)
+        exact = exact_step(tree, tokens, probs)
         law = sample_accept_law(tree, tokens, probs)
-        assert law.keys() == target.keys()
-        assert max(abs(law[k] - target[k]) for k in law) < 1e-12
+        assert law.keys() == exact.keys()
+        assert max(abs(law[k] - exact[k]) for k in law) < 1e-12
         wrong = without_residual_law(tree, tokens, probs)
-        wrong_tv.append(0.5 * sum(abs(wrong.get(k, 0) - target.get(k, 0)) for k in wrong.keys() | target.keys()))
+        wrong_tv.append(0.5 * sum(abs(wrong.get(k, 0) - exact.get(k, 0)) for k in wrong.keys() | exact.keys()))
     assert max(wrong_tv) > 0.05, wrong_tv  # while the wrong rule's law is not

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from chimera import base, cache as kv
+from chimera import cache as kv, target
 from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
 from conftest import FAMILIES, tiny_model
 
@@ -24,9 +24,9 @@ def random_topology(rng: random.Random, size: int, max_depth: int, max_width: in
 
 def sequential_logits(model, prefix, path_tokens):
     cache = kv.new_cache()
-    out = base.forward(model, cache, prefix)
+    out = target.forward(model, cache, prefix)
     for token in path_tokens:
-        out = base.forward(model, cache, token.reshape(1))
+        out = target.forward(model, cache, token.reshape(1))
     return out
 
 
@@ -44,8 +44,8 @@ def test_tree_logits_equal_sequential(family, attn):
         prefix = torch.randint(3, 128, (rng.randint(1, 20),))
         tokens = torch.randint(3, 128, (topology.size,))
         cache = kv.new_cache()
-        base.forward(model, cache, prefix)
-        out = base.forward_tree(model, cache, tokens, tree.depths, tree.ancestors)
+        target.forward(model, cache, prefix)
+        out = target.forward_tree(model, cache, tokens, tree.depths, tree.ancestors)
         assert cache.get_seq_length() == prefix.numel() + topology.size
         for node in range(topology.size):
             path = tree.ancestors[node].nonzero().squeeze(-1)
@@ -64,15 +64,15 @@ def test_compaction_then_next_forward_equals_fresh_forward(family):
         prefix = torch.randint(3, 128, (rng.randint(2, 15),))
         tokens = torch.randint(3, 128, (topology.size,))
         cache = kv.new_cache()
-        base.forward(model, cache, prefix)
-        base.forward_tree(model, cache, tokens, tree.depths, tree.ancestors)
+        target.forward(model, cache, prefix)
+        target.forward_tree(model, cache, tokens, tree.depths, tree.ancestors)
         node = rng.randrange(topology.size)
         path = tree.ancestors[node].nonzero().squeeze(-1)
         kv.keep_path(cache, prefix.numel(), path)
         assert cache.get_seq_length() == prefix.numel() + path.numel()
         nxt = torch.randint(3, 128, (3,))
-        after = base.forward(model, cache, nxt)
-        fresh = base.forward(model, kv.new_cache(), torch.cat([prefix, tokens[path], nxt]))
+        after = target.forward(model, cache, nxt)
+        fresh = target.forward(model, kv.new_cache(), torch.cat([prefix, tokens[path], nxt]))
         torch.testing.assert_close(after.logits, fresh.logits[-3:], atol=1e-5, rtol=0)
 
 
@@ -116,7 +116,7 @@ def test_slot_cache_scores_trees_and_keeps_paths_like_the_growing_cache(family, 
         tree = TreeBuffers.build(topology, "cpu")
         sequence = torch.randint(3, 128, (rng.randint(1, 20),))
         out = bank.prefill(sequence)
-        fresh = base.forward(model, kv.new_cache(), sequence)
+        fresh = target.forward(model, kv.new_cache(), sequence)
         torch.testing.assert_close(out.logits, fresh.logits[-1:], atol=1e-5, rtol=0)  # the last only
         for step in range(3):
             tokens = torch.randint(3, 128, (topology.size,))

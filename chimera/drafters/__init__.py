@@ -1,4 +1,4 @@
-"""Drafters propose draft trees; they all implement ``drafters.base.Drafter``."""
+"""Drafters propose draft trees; they all implement ``drafters.interface.Drafter``."""
 
 from __future__ import annotations
 

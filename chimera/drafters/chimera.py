@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import vocab_logits, weight_logits
+from ..target import vocab_logits, weight_logits
 from ..cpu_linear import PackedLinear, PackedWeight
 from ..errors import ChimeraError
 from ..identity import base_identity

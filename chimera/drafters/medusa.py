@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import vocab_logits
+from ..target import vocab_logits
 from ..identity import base_identity
 from ..tree import TreeBuffers
 from . import persist

@@ -1,4 +1,6 @@
-"""One forward of the base model over new tokens on top of its KV cache: a plain step, a prefill, or a tree."""
+"""One forward of the target, the base model whose tokens are verified (vLLM's word), over new tokens on top of its
+KV cache: a plain step, a prefill, or a tree. (``drafters.interface`` is the drafters' side; "base" elsewhere names
+the model a drafter was trained for.)"""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from .tree import tree_attention_mask
 
 
 @dataclass
-class BaseOutput:
+class TargetOutput:
     logits: torch.Tensor  # (n, vocab) float32
     hidden: torch.Tensor  # (n, hidden) final-norm last-layer states (what lm_head reads)
 
@@ -21,7 +23,7 @@ class BaseOutput:
 @torch.inference_mode()
 def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0, head=None,
-            decoder=None) -> BaseOutput:
+            decoder=None) -> TargetOutput:
     """``input_ids`` is (n,). With no mask the tokens are causal after the cache, as in ``generate``.
     ``logits_to_keep`` > 0 scores only the last that many tokens (hidden states come for all of them); a tensor of
     indices scores those tokens (as transformers' own ``logits_to_keep`` does).
@@ -41,9 +43,9 @@ def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | 
         else:
             scored = hidden[-logits_to_keep:] if logits_to_keep else hidden
         project = head or (lambda z: vocab_logits(z, model.get_output_embeddings()))
-        return BaseOutput(logits=project(scored).float(), hidden=hidden)
+        return TargetOutput(logits=project(scored).float(), hidden=hidden)
     out = model(**inputs, **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=logits_to_keep)
-    return BaseOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
+    return TargetOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
 
 
 def plain_vocab_head(model) -> bool:
@@ -97,7 +99,7 @@ def _few_rows_times_vocab(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def forward_tree(model, cache, tokens: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor,
-                 head=None) -> BaseOutput:
+                 head=None) -> TargetOutput:
     """Score every node of a draft tree in one pass: node i sits at position prefix + depth(i) and attends
     to the prefix and to its own ancestors, so its logits equal those of decoding its path token by token."""
     prefix = cache.get_seq_length()
