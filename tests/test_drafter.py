@@ -31,6 +31,25 @@ def test_trigram_tables_equal_direct_computation():
     assert torch.count_nonzero(tables[:, drafter.pad_id]) == 0  # the padding token contributes nothing
 
 
+def test_drafting_without_tables_drafts_the_same_trees():
+    """A GPU keeps no trigram tables (their memory grows with the vocabulary) and computes the encoding directly
+    (ChimeraDrafter.prepare_inference): the same trees, static and dynamic, as through the tables."""
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=4)
+    drafter.prepare_inference()
+    assert drafter.use_tables and drafter._tables is not None  # a CPU keeps them
+    tokens = torch.randint(3, 128, (12,))
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
+    for topology in (TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
+                     DynamicTree(size=10, depth=4, beam=3)):
+        drafts = []
+        for tables in (True, False):
+            drafter.use_tables = tables
+            tree = TreeBuffers.build(topology, "cpu")
+            drafts.append((drafter.propose(drafter.start(tokens[:-1], hidden[:-1]), tokens[-1:], tree), tree.parents))
+        assert torch.equal(drafts[0][0], drafts[1][0]) and torch.equal(drafts[0][1], drafts[1][1])
+
+
 def test_tables_follow_weight_updates():
     drafter = perturbed_drafter(tiny_model("llama"))
     before = drafter.trigram_tables().clone()

@@ -62,7 +62,10 @@ class ChimeraConfig:
                 raise ValueError(message)
 
     @classmethod
-    def from_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False) -> "ChimeraConfig":
+    def from_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False,
+                  identity: bool = True) -> "ChimeraConfig":
+        """Sizes from the base's config; ``identity`` False leaves out the base's identity, which reads its
+        weights (for a base on the meta device, sized but not materialised: scripts/drafter_memory.py)."""
         cfg = model.config.get_text_config()
         heads = cfg.num_attention_heads
         rope = getattr(cfg, "rope_parameters", None) or {}
@@ -77,7 +80,7 @@ class ChimeraConfig:
             rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)) or 10000.0),
             num_draft_heads=num_draft_heads,
             untied_heads=untied_heads,
-            base=base_identity(model),
+            base=base_identity(model) if identity else {},
         )
 
 
@@ -205,6 +208,7 @@ class ChimeraDrafter(nn.Module):
             for head in self.head_lm:
                 head.weight.data.copy_(lm_head.weight.data)
         self._tables = None
+        self.use_tables = True  # trigram_lookup through the tables (prepare_inference chooses by device)
         self.acceptance_profile = None  # measured per head and rank; trees are built from it
         self._tables_version = None
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
@@ -262,10 +266,23 @@ class ChimeraDrafter(nn.Module):
         return self._tables
 
     def prepare_inference(self) -> None:
-        self.trigram_tables()
+        """Choose how drafting computes the trigram encoding, once, by device. On a CPU through the tables (3 x
+        vocabulary x hidden elements): a level of 6 nodes costs 0.19 ms there against 0.62 ms computed directly
+        (the default model, 2 cores), for 340 MB of float32 beside its 538 MB of weights. On a GPU directly: drafting
+        there is bound by kernel launches, not arithmetic (a draft vocabulary a sixth of the full one did not make it
+        faster, docs/benchmarks.md), and the tables grow with the vocabulary (3.2 GB in bfloat16 for a Llama 3 8B,
+        a fifth of its weights)."""
+        self.use_tables = self.trigram_in.weight.device.type == "cpu"
+        if self.use_tables:
+            self.trigram_tables()
+        else:
+            self._tables = None
 
     def trigram_lookup(self, t0, t1, t2) -> torch.Tensor:
-        """g for token triples through the precomputed tables: no embedding matmul at draft time."""
+        """g for token triples at draft time: through the precomputed tables (no embedding matmul), or directly
+        where ``prepare_inference`` chose to keep no tables."""
+        if not self.use_tables:
+            return self.trigram(t0, t1, t2)
         tables = self.trigram_tables()
         pre = tables[0][t0] + tables[1][t1] + tables[2][t2] + self.trigram_in.bias
         return self.trigram_out(F.silu(pre))

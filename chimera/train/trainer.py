@@ -403,7 +403,8 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
 
 def drafter_size(drafter, model) -> dict:
     """The drafter's own parameters (the base's embeddings and head are shared, not counted) against the base's,
-    and the extra elements it precomputes for inference (a Chimera drafter's trigram tables, 3 x vocab x hidden)."""
+    and the extra elements it precomputes for inference on a CPU (a Chimera drafter's trigram tables, 3 x vocab x
+    hidden; a GPU computes the encoding directly and keeps none)."""
     own = sum(p.numel() for p in drafter.parameters())
     base = sum(p.numel() for p in model.parameters())
     config = getattr(drafter, "config", None)

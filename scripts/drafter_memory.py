@@ -1,0 +1,50 @@
+"""How much memory a Chimera drafter takes beside its base, per base shape: its own parameters (the base's
+embeddings and vocabulary head are shared, not counted) and the trigram tables a CPU precomputes (3 x vocabulary x
+hidden; a GPU keeps none, ChimeraDrafter.prepare_inference). Counted on the meta device from configs: nothing is
+allocated, so the 8B shape runs on any machine.
+
+    python scripts/drafter_memory.py [--heads 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from chimera.drafters.chimera import ChimeraConfig, ChimeraDrafter
+
+SHAPES = {  # the default model (SmolLM2-135M), Llama 3.2 1B and Llama 3 8B with their own vocabularies
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--heads", type=int, default=8)
+    args = p.parse_args()
+    rows = {}
+    for name, shape in SHAPES.items():
+        with torch.device("meta"):
+            base = LlamaForCausalLM(LlamaConfig(**shape))
+            config = ChimeraConfig.from_base(base, num_draft_heads=args.heads, identity=False)
+            drafter = ChimeraDrafter(config, base.get_input_embeddings(), base.get_output_embeddings())
+        own = sum(p.numel() for p in drafter.parameters())
+        weights = sum(p.numel() for p in base.parameters())
+        tables = 3 * (config.vocab_size + 1) * config.hidden_size
+        rows[name] = {"base_parameters": weights, "drafter_parameters": own, "drafter_to_base": round(own / weights, 4),
+                      "cpu_table_elements": tables, "cpu_tables_to_base": round(tables / weights, 4)}
+        print(f"{name}: drafter {own / 1e6:.1f}M parameters, {own / weights:.1%} of the base's {weights / 1e6:.0f}M; "
+              f"a CPU's trigram tables {tables / 1e6:.1f}M elements more ({tables / weights:.1%})")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
