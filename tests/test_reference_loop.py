@@ -120,6 +120,15 @@ def test_a_step_decoded_at_once_releases_what_token_by_token_does(default_model,
     assert one.text and ("\ufffd" not in one.text or one.finish_reason == "length")  # a cut may split a character
 
 
+def stops_at_a_stop_string(decoder, ids: list[int]) -> None:
+    """A stop string taken from the middle of the text ends the same decoding there, itself left out."""
+    text = decoder.generate(input_ids=ids, max_new_tokens=30).text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip():
+        cut = decoder.generate(input_ids=ids, max_new_tokens=30, stop=[stop])
+        assert cut.finish_reason == "stop" and stop not in cut.text and text.startswith(cut.text)
+
+
 class LoggedRead(StepRead):
     """StepRead that logs its calls, and the base forwards between them, into ``log``."""
 
@@ -157,12 +166,7 @@ def test_plain_steps_queued_ahead_on_a_slot_cache_decode_as_generate(family, def
         assert unread in (0, 1) and (unread == 0 or result.finish_reason == "stop")  # an EOS, never past the budget
         if result.steps > 3:
             assert "start score result" in log  # the next forward queued between a step's read and its result
-    ids = torch.randint(3, 128, (7,), generator=gen).tolist()
-    text = decoder.generate(input_ids=ids, max_new_tokens=30).text
-    stop = text[len(text) // 2:len(text) // 2 + 2]
-    if stop.strip():
-        cut = decoder.generate(input_ids=ids, max_new_tokens=30, stop=[stop])
-        assert cut.finish_reason == "stop" and stop not in cut.text and text.startswith(cut.text)
+    stops_at_a_stop_string(decoder, torch.randint(3, 128, (7,), generator=gen).tolist())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -203,9 +207,4 @@ def test_speculative_steps_launched_before_a_read_decode_as_generate(family, def
             assert state.length == bank.cache.length
             assert 0 <= int(bank.prefix) - bank.cache.length <= width
             assert int(state.length_on_device) - state.length == int(bank.prefix) - bank.cache.length
-    ids = torch.randint(3, 128, (7,), generator=gen).tolist()
-    text = decoder.generate(input_ids=ids, max_new_tokens=30).text
-    stop = text[len(text) // 2:len(text) // 2 + 2]
-    if stop.strip():
-        cut = decoder.generate(input_ids=ids, max_new_tokens=30, stop=[stop])
-        assert cut.finish_reason == "stop" and stop not in cut.text and text.startswith(cut.text)
+    stops_at_a_stop_string(decoder, torch.randint(3, 128, (7,), generator=gen).tolist())
