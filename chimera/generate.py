@@ -343,7 +343,9 @@ class SpeculativeDecoder:
             result.plain_steps += not step.drafting and self.drafter is not None
             if not stopper.done:
                 steps.settle(step, length)
-            switch.record(step.drafting, emitted, time.perf_counter() - step_start)
+            # a turn that launched a step of the other kind timed that launch too: not this step's cost (adaptive.py)
+            alone = pending is None or pending.drafting == step.drafting
+            switch.record(step.drafting, emitted, time.perf_counter() - step_start if alone else None)
             result.time_other += self._clock() - tb - (sum(steps.seconds.values()) - launching)
         result.time_draft, result.time_verify = steps.seconds["draft"], steps.seconds["verify"]
         result.seconds = self._clock() - started

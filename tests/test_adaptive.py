@@ -119,3 +119,16 @@ def test_seeded_sampling_keeps_drafting_and_reproduces(default_model):
         runs.append(decoder.generate(input_ids=[5, 6, 7], max_new_tokens=30, temperature=1.0, seed=7))
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].plain_steps == runs[1].plain_steps == 0
+
+
+def test_an_untimed_step_counts_in_its_trial_but_not_in_the_costs():
+    """A turn of the loop that launched a step of the other kind is not timed (generate.py): its step still
+    counts in the trial, and the measured costs keep their values."""
+    costs = StepCosts.of(1.0, 2.0)
+    switch = DraftingSwitch(costs)
+    switch.record(True, 3, None)
+    switch.record(False, 1, None)
+    assert costs.speculative.value == 2.0 and costs.plain.value == 1.0
+    assert switch.trial_steps == 1
+    switch.record(True, 3, 9.0)
+    assert costs.speculative.value != 2.0
