@@ -130,5 +130,5 @@ def test_an_untimed_step_counts_in_its_trial_but_not_in_the_costs():
     switch.record(False, 1, None)
     assert costs.speculative.value == 2.0 and costs.plain.value == 1.0
     assert switch.trial_steps == 1
-    switch.record(True, 3, 9.0)
-    assert costs.speculative.value != 2.0
+    switch.record(True, 3, 3.0)  # a timed one moves them
+    assert costs.speculative.value == 2.5
