@@ -285,7 +285,10 @@ class SpeculativeDecoder:
         budget = stopper.max_new_tokens
         t0 = self._clock()
         prompt = torch.tensor(known, device=self.device)
-        session = self.verifier.start(capacity=len(prompt_ids) + budget + self.tree.topology.size)
+        # room for the prompt, the new tokens and a tree past them; and for one path more: a step launched before
+        # the last one is read (steps.py) may start after the last one's whole path, though the text has ended
+        width = self.tree.topology.max_depth + 1  # the most tokens a step keeps
+        session = self.verifier.start(capacity=len(prompt_ids) + budget + self.tree.topology.size + width)
         if resume is not None and resume.verified_kv is not None and resume.verified_hidden is not None \
                 and hasattr(session, "adopt"):
             session.adopt(resume.verified_kv())  # no prefill: the KV and hidden states came along
@@ -315,7 +318,6 @@ class SpeculativeDecoder:
         read = StepRead(self.device)
         ahead = self.launch_ahead and generator is None and getattr(session, "keeps_in_place", False)
         steps = StepLauncher(self, session, state, root, sampling, generator, ahead)
-        width = self.tree.topology.max_depth + 1  # the most tokens a step keeps
         pending = None  # a step launched before the last one was read
         delta = stopper.push(int(root)) if resume is None else ""  # a resumed decoding's newest token is out
         while True:

@@ -208,3 +208,45 @@ def test_speculative_steps_launched_before_a_read_decode_as_generate(family, def
             assert 0 <= int(bank.prefix) - bank.cache.length <= width
             assert int(state.length_on_device) - state.length == int(bank.prefix) - bank.cache.length
     stops_at_a_stop_string(decoder, torch.randint(3, 128, (7,), generator=gen).tolist())
+
+
+class OracleDrafter:
+    """Drafts a chain of the reference continuation itself, so that every step accepts its whole path: the
+    longest paths, where a step launched ahead starts furthest past the text's end. Its position stays on the
+    device, as GraphedDrafter's does."""
+
+    def __init__(self, reference: list[int]):
+        self.reference = torch.tensor(reference + [0] * 64)
+
+    def start(self, prompt_ids, hidden):
+        return {"position": torch.tensor(prompt_ids.numel())}
+
+    def propose(self, state, root, tree):
+        return self.reference[state["position"] + torch.arange(tree.topology.size)]
+
+    def advance(self, state, tokens, hidden):
+        state["position"] += tokens.numel()
+
+    def advance_counted(self, state, tokens, hidden, count):
+        state["position"] += count
+
+    def confirm(self, state, length):
+        pass
+
+
+def test_a_step_launched_ahead_after_the_longest_path_fits_the_cache(default_model, monkeypatch):
+    """A step launched before the last one is read may start after that one's whole path, past the text's end:
+    the slot cache leaves room for it (generate.py), here with capacities exactly as asked (no power-of-two slack)."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    monkeypatch.setattr("chimera.verifier.power_of_two_at_least", lambda n, smallest: n)
+    from test_drafter import perturbed_drafter
+
+    decoder = SpeculativeDecoder(model, tokenizer, perturbed_drafter(model, heads=5), tree="chain4", adaptive=False)
+    decoder.verifier = SlotVerifier(model, graphs=False)
+    ids = torch.randint(3, 128, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    for budget in (11, 12, 13, 14, 15):
+        reference = hf_greedy(model, ids, budget + 10)
+        decoder.drafter = OracleDrafter(ids + reference)
+        result = decoder.generate(input_ids=ids, max_new_tokens=budget)
+        assert result.token_ids == reference[:len(result.token_ids)] and result.steps < budget
