@@ -5,9 +5,8 @@ code, which makes it the fair baseline for speed ("our own autoregressive loop")
 queued before the host has read the one before it where it needs nothing that read gives (steps.py,
 device_read.py), so the device does not wait for the host between steps: measured on an H200 with the default
 model, a plain step cost 1.66 ms read step by step and 1.50 ms queued back to back with no reads. Temperature 0
-accepts by
-greedy matching; a positive temperature by rejection sampling (acceptance.sample_accept), driven by one seeded
-``torch.Generator`` per request.
+accepts by greedy matching; a positive temperature by rejection sampling (acceptance.sample_accept), driven by one
+seeded ``torch.Generator`` per request.
 """
 
 from __future__ import annotations
@@ -203,7 +202,9 @@ class SpeculativeDecoder:
         self.launch_ahead = launch_ahead
         self.costs = StepCosts()  # measured as it decodes, kept across generations
 
-    def _clock(self) -> float:
+    def clock(self) -> float:
+        """``time.perf_counter()``, after waiting for the device where ``sync_timing`` asks for a split of each
+        step's time that counts the device's work where it happens."""
         if self.sync_timing:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
@@ -283,7 +284,7 @@ class SpeculativeDecoder:
             stopper, generator = resume.stopper, resume.generator
             known = [*prompt_ids, *stopper.tokens[:-1]]
         budget = stopper.max_new_tokens
-        t0 = self._clock()
+        t0 = self.clock()
         prompt = torch.tensor(known, device=self.device)
         # room for the prompt, the new tokens and a tree past them; and for one path more: a step launched before
         # the last one is read (steps.py) may start after the last one's whole path, though the text has ended
@@ -304,7 +305,7 @@ class SpeculativeDecoder:
             root = torch.multinomial(target_probs(out.logits[-1:], sampling)[0], 1, generator=generator)
         state = self.drafter.start(prompt, hidden) if self.drafter is not None else None
         out = hidden = None
-        t1 = self._clock()
+        t1 = self.clock()
         result = GenerationResult("", stopper.tokens, len(prompt_ids), "", steps=1, seconds=0.0, accepted=[1])
         if resume is not None:
             result.accepted = list(resume.result.accepted)
@@ -326,7 +327,7 @@ class SpeculativeDecoder:
             if stopper.done:
                 break
             step_start = time.perf_counter()
-            tb = self._clock()
+            tb = self.clock()
             launching = sum(steps.seconds.values())
             step = pending or steps.launch(self._drafts(switch.draft_next(), session.length))
             read.start(step.readout)  # the step's one read from the device
@@ -348,9 +349,9 @@ class SpeculativeDecoder:
             # a turn that launched a step of the other kind timed that launch too: not this step's cost (adaptive.py)
             alone = pending is None or pending.drafting == step.drafting
             switch.record(step.drafting, emitted, time.perf_counter() - step_start if alone else None)
-            result.time_other += self._clock() - tb - (sum(steps.seconds.values()) - launching)
+            result.time_other += self.clock() - tb - (sum(steps.seconds.values()) - launching)
         result.time_draft, result.time_verify = steps.seconds["draft"], steps.seconds["verify"]
-        result.seconds = self._clock() - started
+        result.seconds = self.clock() - started
         if progress:
             progress[0].verified_kv = None  # finished: nothing will continue it, so its cache need not outlive it
         result.finish_reason = stopper.finish_reason

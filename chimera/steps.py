@@ -64,7 +64,7 @@ class StepLauncher:
         self.seconds = {"draft": 0.0, "verify": 0.0}  # host time spent launching (device time where synchronised)
 
     def launch(self, drafting: bool) -> LaunchedStep:
-        clock = self.decoder._clock
+        clock = self.decoder.clock
         tree = self.decoder.tree if drafting else self.decoder.root_only
         start = clock()
         if drafting:
