@@ -185,14 +185,21 @@ def test_speculative_steps_launched_before_a_read_decode_as_generate(family, def
     gen = torch.Generator().manual_seed(11)
     for tree in ("small", DynamicTree(size=10, depth=4, beam=3)):
         decoder = as_on_a_gpu(SpeculativeDecoder(model, tokenizer, drafter, tree=tree, adaptive=False))
-        propose = decoder.drafter.propose
-        monkeypatch.setattr(decoder.drafter, "propose",
-                            lambda *a: (LoggedRead.log.append("propose"), propose(*a))[1])
+        one_by_one = as_on_a_gpu(SpeculativeDecoder(model, tokenizer, drafter, tree=tree, adaptive=False,
+                                                    launch_ahead=False))
+        for spied in (decoder, one_by_one):
+            propose = spied.drafter.propose
+            monkeypatch.setattr(spied.drafter, "propose",
+                                lambda *a, propose=propose: (LoggedRead.log.append("propose"), propose(*a))[1])
         for n, budget in ((3, 1), (6, 2), (9, 40), (20, 33)):
             ids = torch.randint(3, 128, (n,), generator=gen).tolist()
             LoggedRead.log = []
+            read_first = one_by_one.generate(input_ids=ids, max_new_tokens=budget)
+            assert "start propose" not in " ".join(LoggedRead.log)  # each step read before the next is launched
+            LoggedRead.log = []
             result = decoder.generate(input_ids=ids, max_new_tokens=budget)
-            assert result.token_ids == hf_greedy(model, ids, budget)
+            assert result.token_ids == read_first.token_ids == hf_greedy(model, ids, budget)
+            assert result.accepted == read_first.accepted  # the same steps, only launched earlier
             assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
             log = " ".join(LoggedRead.log)
             unread = log.count("propose") - (result.steps - 1)
