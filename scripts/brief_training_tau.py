@@ -27,7 +27,6 @@ steps=int(sys.argv[1]);
 cfg = TrainConfig(steps=steps, batch_size=2, max_len=200, roots_per_seq=int(sys.argv[2]), depth=5, cache_base=True, lr=float(sys.argv[3]), warmup_steps=5, heldout_fraction=0, eval_every=10**9, save_every=10**9)
 t=time.time(); train(model, samples, "/tmp/fx", cfg, resume=False, progress=False); print("train", time.time()-t)
 dr = load_drafter("/tmp/fx/drafter", model)
-from chimera.tree import TreeTopology
 for tree in ["small","chain4"]:
     d2 = SpeculativeDecoder(model, tok, dr, tree=tree)
     t=time.time(); ok=0; toks=0; steps_=0

@@ -1,7 +1,6 @@
 """Self-distillation and drafter training: end to end on CPU, crash-safe resume, bad input."""
 
 import json
-import os
 
 import numpy as np
 import pytest
