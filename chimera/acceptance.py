@@ -107,5 +107,6 @@ def sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers,
     deepest = accepted_path(draft_accept_probs(tokens, probs, tree), tree, generator)
     children = (tree.parents == deepest) & (tree.depths > 0)
     result = path_to(deepest, tree)
-    result.next_token = torch.multinomial(residual(probs.index_select(0, deepest.reshape(1))[0], tokens, children), 1, generator=generator)[0]
+    remaining = residual(probs.index_select(0, deepest.reshape(1))[0], tokens, children)
+    result.next_token = torch.multinomial(remaining, 1, generator=generator)[0]
     return result

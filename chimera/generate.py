@@ -318,7 +318,7 @@ class SpeculativeDecoder:
         switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
         read = StepRead(self.device)
         ahead = self.launch_ahead and generator is None and getattr(session, "keeps_in_place", False)
-        steps = StepLauncher(self, session, state, root, sampling, generator, ahead)
+        steps = StepLauncher(self, session, state, root, sampling, generator, ahead, result)
         pending = None  # a step launched before the last one was read
         delta = stopper.push(int(root)) if resume is None else ""  # a resumed decoding's newest token is out
         while True:
@@ -328,7 +328,7 @@ class SpeculativeDecoder:
                 break
             step_start = time.perf_counter()
             tb = self.clock()
-            launching = sum(steps.seconds.values())
+            launching = result.time_draft + result.time_verify
             step = pending or steps.launch(self._drafts(switch.draft_next(), session.length))
             read.start(step.readout)  # the step's one read from the device
             # the next step, queued while the host reads, detokenizes and checks this one, where it needs nothing
@@ -349,8 +349,7 @@ class SpeculativeDecoder:
             # a turn that launched a step of the other kind timed that launch too: not this step's cost (adaptive.py)
             alone = pending is None or pending.drafting == step.drafting
             switch.record(step.drafting, emitted, time.perf_counter() - step_start if alone else None)
-            result.time_other += self.clock() - tb - (sum(steps.seconds.values()) - launching)
-        result.time_draft, result.time_verify = steps.seconds["draft"], steps.seconds["verify"]
+            result.time_other += self.clock() - tb - (result.time_draft + result.time_verify - launching)
         result.seconds = self.clock() - started
         if progress:
             progress[0].verified_kv = None  # finished: nothing will continue it, so its cache need not outlive it

@@ -50,7 +50,7 @@ class StepLauncher:
     (greedy, slot cache), so a settled step lets the next one be launched before it is read."""
 
     def __init__(self, decoder, session, state, root: torch.Tensor, sampling: SamplingConfig,
-                 generator: torch.Generator | None, ahead: bool):
+                 generator: torch.Generator | None, ahead: bool, result):
         self.decoder = decoder
         self.drafter = decoder.drafter
         self.session = session
@@ -61,7 +61,7 @@ class StepLauncher:
         self.ahead = ahead
         self.counted = ahead and hasattr(self.drafter, "advance_counted")  # speculative steps settle at launch
         self.unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again
-        self.seconds = {"draft": 0.0, "verify": 0.0}  # host time spent launching (device time where synchronised)
+        self.result = result  # its time_draft and time_verify: host time launching (device time where synchronised)
 
     def launch(self, drafting: bool) -> LaunchedStep:
         clock = self.decoder.clock
@@ -73,7 +73,7 @@ class StepLauncher:
                 self.unseen.clear()
             tokens = self.drafter.propose(self.state, self.root, tree)
             drafted = clock()
-            self.seconds["draft"] += drafted - start
+            self.result.time_draft += drafted - start
             start = drafted
         else:
             tokens = self.root
@@ -95,7 +95,7 @@ class StepLauncher:
             self.session.keep_ahead(accepted.path, accepted.length, tree)
             self.drafter.advance_counted(self.state, step.path_tokens, out.hidden[accepted.path], accepted.length)
             self._settled(step)
-        self.seconds["verify"] += clock() - start
+        self.result.time_verify += clock() - start
         return step
 
     def _settled(self, step: LaunchedStep) -> None:

@@ -15,14 +15,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chimera.drafters.chimera import ChimeraConfig, ChimeraDrafter
+from step_cost_probe import SHAPES as LLAMA_SHAPES
 
-SHAPES = {  # the default model (SmolLM2-135M), Llama 3.2 1B and Llama 3 8B with their own vocabularies
+LLAMA_3_VOCABULARY = 128256
+SHAPES = {  # the default model (SmolLM2-135M); the step-cost probe's Llama 3.2 1B and Llama 3 8B, with their own
+    # vocabulary here (the probe gives them the default model's)
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-1b": {**LLAMA_SHAPES["1b"], "vocab_size": LLAMA_3_VOCABULARY},
+    "llama-8b": {**LLAMA_SHAPES["8b"], "vocab_size": LLAMA_3_VOCABULARY},
 }
 
 

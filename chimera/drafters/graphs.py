@@ -61,23 +61,21 @@ class GraphedDrafter:
         if n > self.width or state.length + 2 * self.width > state.keys.shape[1]:
             self.drafter.advance(state, tokens, hidden)
             return
-        self._replay_advance(state, tokens, hidden).fill_(n)
-        self.runner.run("advance", self._advance_run, tokens, hidden)
+        self._run_advance(state, tokens, hidden, n)
         state.length += n
 
     def advance_counted(self, state, tokens: torch.Tensor, hidden: torch.Tensor, count: torch.Tensor) -> None:
         """``advance`` by the first ``count`` (a device scalar nobody has read) of ``tokens`` and ``hidden``, the
         accepted path padded to the deepest one (acceptance.Accepted.path): the host's ``state.length`` lags until
         ``confirm``. The caller leaves room for two paths past the host's length."""
-        self._replay_advance(state, tokens, hidden).copy_(count)
-        self.runner.run("advance", self._advance_run, tokens, hidden)
+        self._run_advance(state, tokens, hidden, count)
 
     def confirm(self, state, length: int) -> None:
         """The host has read the length of an ``advance_counted``: its copy catches up with the device's."""
         state.length += length
 
-    def _replay_advance(self, state, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Capture the advance graph on first use; returns its device count, for the caller to set."""
+    def _run_advance(self, state, tokens: torch.Tensor, hidden: torch.Tensor, count: int | torch.Tensor) -> None:
+        """Replay the advance graph (captured on first use) over the first ``count`` of ``tokens`` and ``hidden``."""
         if self.count is None:
             self.count = torch.ones((), dtype=torch.long, device=tokens.device)
             self._advance_run = lambda padded_tokens, padded_hidden: self.advance_static(  # noqa: E731
@@ -90,7 +88,11 @@ class GraphedDrafter:
             with torch.inference_mode():  # the state's tensors are inference tensors
                 for buffer, value in zip(self._state_tensors(state), saved):
                     buffer.copy_(value)  # the warm-up runs advanced the state for real: undo them
-        return self.count
+        if isinstance(count, torch.Tensor):
+            self.count.copy_(count)  # on the device: nobody reads it
+        else:
+            self.count.fill_(count)
+        self.runner.run("advance", self._advance_run, tokens, hidden)
 
     @staticmethod
     def _state_tensors(state) -> tuple[torch.Tensor, ...]:
