@@ -1,15 +1,18 @@
 """How much memory a Chimera drafter takes beside its base, per base shape: its own parameters (the base's
 embeddings and vocabulary head are shared, not counted) and the trigram tables a CPU precomputes (3 x vocabulary x
 hidden; a GPU keeps none, ChimeraDrafter.prepare_inference). Counted on the meta device from configs: nothing is
-allocated, so the 8B shape runs on any machine.
+allocated, so the 8B shape runs on any machine. ``--time``: also what the tables save on this machine's CPU: the
+trigram encoding of one drafting level (6 nodes, and 1 and 64) through them and computed directly, for the default
+model's shipped drafter in float32.
 
-    python scripts/drafter_memory.py [--heads 8]
+    python scripts/drafter_memory.py [--heads 8] [--time]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -27,9 +30,33 @@ SHAPES = {  # the default model (SmolLM2-135M); the step-cost probe's Llama 3.2 
 }
 
 
+def encoding_ms() -> dict:
+    """ms of the trigram encoding of n nodes, through the tables and directly, on this CPU (median of 5 x 200)."""
+    import chimera
+    from chimera.drafters import resolve_drafter
+
+    model, _ = chimera.load_base("smollm2-135m-instruct", dtype="float32", device="cpu")
+    drafter = resolve_drafter("auto", model)
+    drafter.prepare_inference()
+    report = {}
+    with torch.inference_mode():
+        for n in (1, 6, 64):
+            tokens = torch.randint(0, drafter.config.vocab_size, (3, n))
+            for name, encode in (("tables", drafter.trigram_lookup), ("direct", drafter.trigram)):
+                runs = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    for _ in range(200):
+                        encode(*tokens)
+                    runs.append((time.perf_counter() - start) / 200 * 1e3)
+                report[f"{n} nodes, {name}"] = round(sorted(runs)[2], 3)
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--time", action="store_true")
     args = p.parse_args()
     rows = {}
     for name, shape in SHAPES.items():
@@ -44,6 +71,9 @@ def main() -> None:
                       "cpu_table_elements": tables, "cpu_tables_to_base": round(tables / weights, 4)}
         print(f"{name}: drafter {own / 1e6:.1f}M parameters, {own / weights:.1%} of the base's {weights / 1e6:.0f}M; "
               f"a CPU's trigram tables {tables / 1e6:.1f}M elements more ({tables / weights:.1%})")
+    if args.time:
+        rows["encoding_ms_this_cpu"] = encoding_ms()
+        print("trigram encoding, ms:", rows["encoding_ms_this_cpu"])
     print(json.dumps(rows))
 
 
