@@ -268,10 +268,10 @@ class ChimeraDrafter(nn.Module):
     def prepare_inference(self) -> None:
         """Choose how drafting computes the trigram encoding, once, by device. On a CPU through the tables (3 x
         vocabulary x hidden elements): a level of 6 nodes costs 0.16 ms there against 0.40 ms computed directly
-        (the default model, 2 cores; scripts/drafter_memory.py --time), for 340 MB of float32 beside its 538 MB of weights. On a GPU directly: drafting
-        there is bound by kernel launches, not arithmetic (a draft vocabulary a sixth of the full one did not make it
-        faster, docs/benchmarks.md), and the tables grow with the vocabulary (3.2 GB in bfloat16 for a Llama 3 8B,
-        a fifth of its weights)."""
+        (the default model, 2 cores; scripts/drafter_memory.py --time), for 340 MB of float32 beside its 538 MB of
+        weights. On a GPU directly: drafting there is bound by kernel launches, not arithmetic (a draft vocabulary a
+        sixth of the full one did not make it faster, docs/benchmarks.md), and the tables grow with the vocabulary
+        (3.2 GB in bfloat16 for a Llama 3 8B, a fifth of its weights)."""
         self.use_tables = self.trigram_in.weight.device.type == "cpu"
         if self.use_tables:
             self.trigram_tables()
