@@ -5,5 +5,5 @@
 set -uo pipefail
 mkdir -p "$RES"
 export CHIMERA_CACHE=$HOME/cache PYTHONPATH=.:$HOME/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-bash scripts/device/stage_model.sh
 step() { echo "$(date +%T) $1" >> "$RES/progress.txt"; }
+bash scripts/device/stage_model.sh 2>> "$RES/progress.txt" || { step "staging failed: nothing was run"; exit 1; }

