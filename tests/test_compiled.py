@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chimera import target
-from chimera.compiled import CompiledDecoder, compilable
+from chimera.compiled import Compiled, CompiledDecoder, compilable
 from chimera.generate import warm_up_lengths
 from chimera.graph_runner import GraphRunner, power_of_two_at_least
 from chimera.tree import TreeBuffers, TreeTopology
@@ -104,8 +104,10 @@ def test_capturing_a_compaction_moves_nothing():
     tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (0, 1, 0)]), "cpu")
     path = torch.tensor([0, 2, 3, 5])  # slot 1 <- 2, 2 <- 3, 3 <- 5: run twice, slot 1 would get node 3's keys
     banks = []
-    for runner, counted in ((None, False), (EagerCaptures(), False), (EagerCaptures(), True)):
-        bank = SlotBank(model, capacity=64, device=torch.device("cpu"), runner=runner)
+    compiled = CompiledDecoder(model, backend="aot_eager")  # its compaction is compiled too (SlotBank.move)
+    for runner, counted, decoder in ((None, False, None), (EagerCaptures(), False, None),
+                                     (EagerCaptures(), True, None), (EagerCaptures(), True, compiled)):
+        bank = SlotBank(model, capacity=64, device=torch.device("cpu"), runner=runner, decoder=decoder)
         bank.prefill(torch.arange(3, 10))
         bank.score(torch.arange(20, 20 + tree.topology.size), tree)
         if counted:
@@ -118,3 +120,4 @@ def test_capturing_a_compaction_moves_nothing():
         assert int(bank.prefix) == int(banks[0].prefix) == 11
         for mine, reference in zip(bank.cache.layers, banks[0].cache.layers):
             assert torch.equal(mine.keys[:, :, :11], reference.keys[:, :, :11])
+    assert isinstance(banks[-1].move, Compiled) and banks[-1].move.failure is None
