@@ -147,9 +147,11 @@ class SpeculativeDecoder:
     inductor's kernels round a 64-token tree forward differently from a one-token one often enough to change an
     output (measured: 2 of 7 Spec-Bench turns on an H200), which the uncompiled forward never did there.
 
-    ``compile_drafter``: capture the drafter's drafting compiled by torch.compile too (drafters/graphs.py). Off by
-    default: measured on an H200 in bfloat16 it made drafting far slower, not faster (the default model's 64-node
-    trees: 11.0 ms a step against 1.1 ms; an 8B shape's: 61 ms against 5.0 ms; docs/benchmarks.md).
+    ``compile_drafter``: with CUDA graphs, run each drafting level's layer and head through torch.compile inside
+    the captured drafting (``ChimeraDrafter.compile_levels``; the vocabulary projection and the choice of candidates
+    stay op by op). 'auto' (default): where the base's forward is compiled. Measured on an H200 in bfloat16 with the
+    default model's 64-node trees: drafting 3.2 → 2.1 ms a step (docs/benchmarks.md, session 12; compiling the whole
+    drafting function instead had made it 10x slower, session 9).
 
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.
@@ -165,7 +167,7 @@ class SpeculativeDecoder:
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
                  packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True,
-                 compile: bool | str = "auto", compile_drafter: bool = False, launch_ahead: bool = True):
+                 compile: bool | str = "auto", compile_drafter: bool | str = "auto", launch_ahead: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -190,6 +192,8 @@ class SpeculativeDecoder:
         self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)
         if compile == "auto":  # float32 keeps the uncompiled forward: its token-for-token identity with generate
             compile = model.dtype in (torch.bfloat16, torch.float16)
+        if compile_drafter == "auto":
+            compile_drafter = compile
         if (cuda_graphs and drafter is not None and self.tree.topology.size > 1
                 and GraphedDrafter.supported(drafter, self.device, self.limit)):
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit, compiled=compile_drafter)

@@ -1,5 +1,6 @@
 """The Chimera drafter on tiny models: tables, training/inference agreement, persistence, bad directories."""
 
+import copy
 import json
 
 import numpy as np
@@ -135,6 +136,7 @@ def test_speculative_equals_generate_on_tiny_families(family, tmp_path, default_
                 assert sum(result.accepted) == result.new_tokens and len(result.accepted) == result.steps
                 taus.append(result.tau)
         assert compiled.verifier.decoder.failure is None
+        assert all(bank.move.failure is None for bank in compiled.verifier.banks.values())  # compiled compaction
     assert max(taus) > 1.5  # the trained drafter's paths were accepted
 
 
@@ -372,32 +374,32 @@ def test_draft_vocabulary_drafts_only_frequent_tokens():
 
 @pytest.mark.parametrize("shape", ["static", "dynamic"])
 def test_compiled_drafting_drafts_what_eager_drafting_drafts(shape):
-    """What the GPU captures with --compile (drafters/graphs.py): propose_static and advance_static through
-    torch.compile, traced here by Dynamo (aot_eager backend), draft the same trees as the eager functions."""
-    from chimera.compiled import Compiled
-
+    """What the GPU captures with ``compile_drafter`` (drafters/graphs.py): each level's layer and head through
+    torch.compile (``compile_levels``), traced here by Dynamo (aot_eager backend), drafts the same trees as the eager
+    drafter, between advances by device counts."""
     torch._dynamo.reset()
     model = tiny_model("gemma")
     drafter = perturbed_drafter(model, heads=4)
+    compiled_drafter = copy.deepcopy(drafter)
+    compiled_drafter.compile_levels("aot_eager")
     tokens = torch.randint(3, 128, (40,))
     hidden = target.forward(model, kv.new_cache(), tokens).hidden
     topology = (DynamicTree(size=12, depth=4, beam=3) if shape == "dynamic"
                 else TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]))
     eager_tree, compiled_tree = TreeBuffers.build(topology, "cpu"), TreeBuffers.build(topology, "cpu")
-    propose = Compiled(drafter.propose_static, "drafting", backend="aot_eager")
-    advance = Compiled(drafter.advance_static, "the drafter's advance", backend="aot_eager")
     eager = drafter.start(tokens[:6], hidden[:6], capacity=64)
-    compiled = drafter.start(tokens[:6], hidden[:6], capacity=64)
+    compiled = compiled_drafter.start(tokens[:6], hidden[:6], capacity=64)
     length, width = 6, 5
     for count in (2, 5, 1, 3):
         padded_tokens, padded_hidden = tokens[length:length + width], hidden[length:length + width]
         drafter.advance_static(eager, padded_tokens, padded_hidden, torch.tensor(count))
-        advance(compiled, padded_tokens, padded_hidden, torch.tensor(count))
+        compiled_drafter.advance_static(compiled, padded_tokens, padded_hidden, torch.tensor(count))
         length += count
         root = tokens[length:length + 1]
         expected = drafter.propose_static(eager, root, eager_tree, window=32)
-        assert torch.equal(propose(compiled, root, compiled_tree, window=32), expected)
+        assert torch.equal(compiled_drafter.propose_static(compiled, root, compiled_tree, window=32), expected)
         assert torch.equal(compiled_tree.ancestors, eager_tree.ancestors)
         assert torch.equal(compiled.history, eager.history)
-    assert propose.failure is None and advance.failure is None
+    assert compiled_drafter.levels_compiled and not drafter.levels_compiled
+    assert compiled_drafter._level_inputs.failure is None and compiled_drafter._level_output.failure is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo traced them, not a fallback

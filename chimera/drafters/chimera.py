@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiled import Compiled
 from ..target import vocab_logits, weight_logits
 from ..cpu_linear import PackedLinear, PackedWeight
 from ..errors import ChimeraError
@@ -214,6 +215,7 @@ class ChimeraDrafter(nn.Module):
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
         self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
         self._draft_weights = None  # the vocabulary projection's rows for those ids, per head if untied
+        self._level_inputs, self._level_output = self.level_inputs, self.level_output  # compile_levels compiles them
 
     @classmethod
     def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0):
@@ -296,8 +298,11 @@ class ChimeraDrafter(nn.Module):
 
     def head_logits(self, k: int, h_last, u) -> torch.Tensor:
         """Logits of head k over the whole vocabulary."""
-        return vocab_logits(self.head_state(k, h_last, u),
-                            self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"])
+        return self.state_logits(k, self.head_state(k, h_last, u))
+
+    def state_logits(self, k: int, state: torch.Tensor) -> torch.Tensor:
+        """Head k's ``head_state`` projected onto the whole vocabulary."""
+        return vocab_logits(state, self.head_lm[k - 1] if self.head_lm is not None else self._frozen["lm_head"])
 
     def use_draft_vocabulary(self, size: int | None) -> None:
         """Draft over only the ``size`` tokens the base writes most often (FR-Spec), or over the whole vocabulary
@@ -315,12 +320,40 @@ class ChimeraDrafter(nn.Module):
         self._draft_weights = [PackedWeight(w) if isinstance(head, PackedLinear) else w for head, w in zip(heads, rows)]
         self.draft_vocab = ids
 
-    def draft_logits(self, k: int, h_last, u):
-        """Head k's logits for drafting and the token id of each column (None: column i is token i)."""
+    def draft_logits(self, k: int, state: torch.Tensor):
+        """Head k's logits for drafting from its ``head_state`` and the token id of each column (None: column i is
+        token i)."""
         if self.draft_vocab is None:
-            return self.head_logits(k, h_last, u), None
-        weight = self._draft_weights[k - 1 if self.head_lm is not None else 0]
-        return weight_logits(self.head_state(k, h_last, u), weight), self.draft_vocab
+            return self.state_logits(k, state), None
+        return weight_logits(state, self._draft_weights[k - 1 if self.head_lm is not None else 0]), self.draft_vocab
+
+    def level_inputs(self, before: torch.Tensor, last: torch.Tensor, token: torch.Tensor, positions: torch.Tensor):
+        """A drafting level's n nodes into the layer: their trigram encodings g (n, d), from the two tokens before
+        each node and its own, and the layer's keys and values (kv_heads, n, head_dim) and grouped queries at
+        ``positions`` (n,)."""
+        g = self.trigram_lookup(before, last, token)
+        rotation = self.layer.rotation(positions, g.dtype)
+        k, v = self.layer.keys_values(g, positions, rotation)
+        return g, k, v, self.layer.queries(g, positions, rotation)
+
+    def level_output(self, depth: int, h_last: torch.Tensor, g: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The layer's output for a level's nodes from their attention ``attn``, through head ``depth`` and the head
+        norm: what the vocabulary projection scores for the tokens ``depth`` after the last verified one."""
+        return self.head_state(depth, h_last, self.layer.finish(g, attn))
+
+    def compile_levels(self, backend: str = "inductor") -> None:
+        """Run each drafting level's layer and head (``level_inputs``, ``level_output``: norms, rotary, the MLP,
+        elementwise work inductor fuses) through torch.compile; attention, the vocabulary projection and the choice
+        of candidates stay op by op. Measured on an H200 in bfloat16 (default model, 64-node trees; scripts/
+        step_anatomy.py): drafting 3.19 → 2.09 ms a step, 1290 → 754 kernels. Compiling the whole drafting function
+        instead made it 10-12x slower there (docs/benchmarks.md, session 9): inductor splits the vocabulary's
+        reductions into many kernels."""
+        self._level_inputs = Compiled(self.level_inputs, "the drafter's levels", backend)
+        self._level_output = Compiled(self.level_output, "the drafter's levels", backend)
+
+    @property
+    def levels_compiled(self) -> bool:
+        return isinstance(self._level_inputs, Compiled)
 
     # ----- inference ---------------------------------------------------------------------------------------
 
@@ -414,16 +447,11 @@ class ChimeraDrafter(nn.Module):
             lo, hi = nodes.start, nodes.stop
             idx = plan.trigram_index[lo:hi]
             ext[2:] = tokens
-            g = self.trigram_lookup(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]])
-            positions = offset + tree.depths[lo:hi]
-            rotation = self.layer.rotation(positions, g.dtype)
-            k, v = self.layer.keys_values(g, positions, rotation)
+            g, k, v, q = self._level_inputs(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]], offset + tree.depths[lo:hi])
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
-            q = self.layer.queries(g, positions, rotation)
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi],
                            prefix_visible)
-            u = self.layer.finish(g, attn)
-            logits, column_ids = self.draft_logits(level + 1, state.last_hidden, u)
+            logits, column_ids = self.draft_logits(level + 1, self._level_output(level + 1, state.last_hidden, g, attn))
             top = logits.topk(plan.width[level + 1], dim=-1).indices
             top = top if column_ids is None else column_ids[top]
             slots, ranks = plan.children[level + 1]
@@ -458,15 +486,12 @@ class ChimeraDrafter(nn.Module):
             if level > 0:
                 visible[lo:hi] = visible[parent_row]
             visible.index_put_((rows, rows), torch.ones_like(rows, dtype=torch.bool))  # no host scalar: capturable
-            g = self.trigram_lookup(prev2, prev1, tok)
             positions = (offset + level) * torch.ones(hi - lo, dtype=torch.long, device=device)
-            rotation = self.layer.rotation(positions, g.dtype)
-            k, v = self.layer.keys_values(g, positions, rotation)
+            g, k, v, q = self._level_inputs(prev2, prev1, tok, positions)
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
-            q = self.layer.queries(g, positions, rotation)
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], visible[lo:hi, :hi],
                            prefix_visible)
-            logits, column_ids = self.draft_logits(level + 1, state.last_hidden, self.layer.finish(g, attn))
+            logits, column_ids = self.draft_logits(level + 1, self._level_output(level + 1, state.last_hidden, g, attn))
             top_logp, top_tokens = logits.float().log_softmax(-1).topk(beam, dim=-1)  # (queried here, beam)
             top_tokens = top_tokens if column_ids is None else column_ids[top_tokens]
             child_scores = (score[:, None] + top_logp.clamp(-30.0, -1e-4)).flatten()

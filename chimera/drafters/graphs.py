@@ -8,9 +8,11 @@ context), so each request refills that state in place instead of making a new on
 verified prefix covers a fixed window of KV slots; one graph per power-of-two window, captured when a
 sequence first needs it, keeps short sequences from paying for the whole context.
 
-``compiled`` captures torch.compile's version of the same functions instead. It drafts the same trees
-(tests/test_drafter.py) but measured far slower on an H200 in bfloat16 (11 ms a step against 1.1 ms for the
-default model, 61 against 5.0 ms on an 8B shape; docs/benchmarks.md), so it is off unless asked for.
+``compiled`` runs each drafting level's layer and head through torch.compile inside the captured drafting
+(``ChimeraDrafter.compile_levels``); attention, the vocabulary projection and the choice of candidates stay op by
+op. It drafts the same trees (tests/test_drafter.py). Compiling the whole drafting function instead measured far
+slower on an H200 in bfloat16 (11 ms a step against 1.1 ms for the default model, 61 against 5.0 ms on an 8B shape;
+docs/benchmarks.md, session 9).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import contextlib
 
 import torch
 
-from ..compiled import Compiled
 from ..graph_runner import GraphRunner, power_of_two_at_least
 from ..tree import TreeBuffers
 
@@ -40,11 +41,9 @@ class GraphedDrafter:
         self.runner = GraphRunner(graphs)  # graphs=False: the same functions run eagerly (how CPU tests cover them)
         self.count = None  # the advance graph's number of real tokens, a device scalar
         self.width = tree.topology.max_depth + 1  # the deepest accepted path: what the advance graph reads
-        # compiled: the captured functions are torch.compile's fusions of them (compiled.py), else op by op
-        self.propose_static = (Compiled(drafter.propose_static, "drafting", backend) if compiled
-                               else drafter.propose_static)
-        self.advance_static = (Compiled(drafter.advance_static, "the drafter's advance", backend) if compiled
-                               else drafter.advance_static)
+        self.compiled = compiled and hasattr(drafter, "compile_levels")
+        if self.compiled and not drafter.levels_compiled:
+            drafter.compile_levels(backend)
 
     @classmethod
     def supported(cls, drafter, device: torch.device, capacity: int) -> bool:
@@ -78,13 +77,12 @@ class GraphedDrafter:
         """Replay the advance graph (captured on first use) over the first ``count`` of ``tokens`` and ``hidden``."""
         if self.count is None:
             self.count = torch.ones((), dtype=torch.long, device=tokens.device)
-            self._advance_run = lambda padded_tokens, padded_hidden: self.advance_static(  # noqa: E731
+            self._advance_run = lambda padded_tokens, padded_hidden: self.drafter.advance_static(  # noqa: E731
                 self.state, padded_tokens, padded_hidden, self.count)
         if self.runner.graphs and not self.runner.can_run("advance"):
             saved = [t.clone() for t in self._state_tensors(state)]
-            with self._announce(self.advance_static, f"{self.width} tokens"):
-                self.runner.capture("advance", self._advance_run, tokens.new_zeros(self.width),
-                                    hidden.new_zeros(self.width, hidden.shape[-1]))
+            self.runner.capture("advance", self._advance_run, tokens.new_zeros(self.width),
+                                hidden.new_zeros(self.width, hidden.shape[-1]))
             with torch.inference_mode():  # the state's tensors are inference tensors
                 for buffer, value in zip(self._state_tensors(state), saved):
                     buffer.copy_(value)  # the warm-up runs advanced the state for real: undo them
@@ -108,13 +106,12 @@ class GraphedDrafter:
             return self.drafter.propose(state, root, tree)
         window = self.window(state.length)
         key = ("propose", window)
-        run = lambda r: self.propose_static(self.state, r, self.tree, window)  # noqa: E731
+        run = lambda r: self.drafter.propose_static(self.state, r, self.tree, window)  # noqa: E731
         if self.runner.graphs and not self.runner.can_run(key):
-            with self._announce(self.propose_static, f"{self.tree.topology.size}-node trees over {window} slots"):
+            with self._announce(f"{self.tree.topology.size}-node trees over {window} slots"):
                 self.runner.capture(key, run, root.reshape(1))
         return self.runner.run(key, run, root.reshape(1))
 
-    @staticmethod
-    def _announce(function, shape: str):
-        """The compiler's progress line around a first capture (which compiles), when ``function`` is compiled."""
-        return function.announce(shape) if isinstance(function, Compiled) else contextlib.nullcontext()
+    def _announce(self, what: str):
+        """The compiler's progress line around a first capture, which compiles the drafter's levels where asked."""
+        return self.drafter._level_inputs.announce(what) if self.compiled else contextlib.nullcontext()
