@@ -1,6 +1,5 @@
 """The Chimera drafter on tiny models: tables, training/inference agreement, persistence, bad directories."""
 
-import copy
 import json
 
 import numpy as np
@@ -375,31 +374,29 @@ def test_draft_vocabulary_drafts_only_frequent_tokens():
 @pytest.mark.parametrize("shape", ["static", "dynamic"])
 def test_compiled_drafting_drafts_what_eager_drafting_drafts(shape):
     """What the GPU captures with ``compile_drafter`` (drafters/graphs.py): each level's layer and head through
-    torch.compile (``compile_levels``), traced here by Dynamo (aot_eager backend), drafts the same trees as the eager
+    torch.compile (``compiled_levels``), traced here by Dynamo (aot_eager backend), drafts the same trees as the eager
     drafter, between advances by device counts."""
     torch._dynamo.reset()
     model = tiny_model("gemma")
     drafter = perturbed_drafter(model, heads=4)
-    compiled_drafter = copy.deepcopy(drafter)
-    compiled_drafter.compile_levels("aot_eager")
+    levels = drafter.compiled_levels("aot_eager")
     tokens = torch.randint(3, 128, (40,))
     hidden = target.forward(model, kv.new_cache(), tokens).hidden
     topology = (DynamicTree(size=12, depth=4, beam=3) if shape == "dynamic"
                 else TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]))
     eager_tree, compiled_tree = TreeBuffers.build(topology, "cpu"), TreeBuffers.build(topology, "cpu")
     eager = drafter.start(tokens[:6], hidden[:6], capacity=64)
-    compiled = compiled_drafter.start(tokens[:6], hidden[:6], capacity=64)
+    compiled = drafter.start(tokens[:6], hidden[:6], capacity=64)
     length, width = 6, 5
     for count in (2, 5, 1, 3):
         padded_tokens, padded_hidden = tokens[length:length + width], hidden[length:length + width]
         drafter.advance_static(eager, padded_tokens, padded_hidden, torch.tensor(count))
-        compiled_drafter.advance_static(compiled, padded_tokens, padded_hidden, torch.tensor(count))
+        drafter.advance_static(compiled, padded_tokens, padded_hidden, torch.tensor(count))
         length += count
         root = tokens[length:length + 1]
         expected = drafter.propose_static(eager, root, eager_tree, window=32)
-        assert torch.equal(compiled_drafter.propose_static(compiled, root, compiled_tree, window=32), expected)
+        assert torch.equal(drafter.propose_static(compiled, root, compiled_tree, window=32, levels=levels), expected)
         assert torch.equal(compiled_tree.ancestors, eager_tree.ancestors)
         assert torch.equal(compiled.history, eager.history)
-    assert compiled_drafter.levels_compiled and not drafter.levels_compiled
-    assert compiled_drafter._level_inputs.failure is None and compiled_drafter._level_output.failure is None
+    assert levels.inputs.failure is None and levels.output.failure is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo traced them, not a fallback

@@ -15,6 +15,7 @@ embeddings, ``W`` its frozen ``lm_head``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,14 @@ class DraftState:
     length_on_device: torch.Tensor  # () the same length, for drafting without reading it on the host
 
 
+class DraftLevels(NamedTuple):
+    """How drafting runs each level's layer and head: ``ChimeraDrafter.level_inputs`` and ``level_output``, or their
+    compiled twins (``ChimeraDrafter.compiled_levels``)."""
+
+    inputs: Callable
+    output: Callable
+
+
 class ChimeraDrafter(nn.Module):
     drafts_dynamic_trees = True  # it drafts level by level on real tree paths, so it can pick the tree as it goes
     per_head_modules = ("heads", "head_lm")  # module lists with one entry per draft depth
@@ -215,7 +224,6 @@ class ChimeraDrafter(nn.Module):
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
         self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
         self._draft_weights = None  # the vocabulary projection's rows for those ids, per head if untied
-        self._level_inputs, self._level_output = self.level_inputs, self.level_output  # compile_levels compiles them
 
     @classmethod
     def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0):
@@ -341,19 +349,16 @@ class ChimeraDrafter(nn.Module):
         norm: what the vocabulary projection scores for the tokens ``depth`` after the last verified one."""
         return self.head_state(depth, h_last, self.layer.finish(g, attn))
 
-    def compile_levels(self, backend: str = "inductor") -> None:
-        """Run each drafting level's layer and head (``level_inputs``, ``level_output``: norms, rotary, the MLP,
+    def compiled_levels(self, backend: str = "inductor") -> "DraftLevels":
+        """``level_inputs`` and ``level_output`` through torch.compile, for ``propose_static(levels=...)``: each
+        drafting level's layer and head (``level_inputs``, ``level_output``: norms, rotary, the MLP,
         elementwise work inductor fuses) through torch.compile; attention, the vocabulary projection and the choice
         of candidates stay op by op. Measured on an H200 in bfloat16 (default model, 64-node trees; scripts/
         step_anatomy.py): drafting 3.19 → 2.09 ms a step, 1290 → 754 kernels. Compiling the whole drafting function
         instead made it 10-12x slower there (docs/benchmarks.md, session 9): inductor splits the vocabulary's
         reductions into many kernels."""
-        self._level_inputs = Compiled(self.level_inputs, "the drafter's levels", backend)
-        self._level_output = Compiled(self.level_output, "the drafter's levels", backend)
-
-    @property
-    def levels_compiled(self) -> bool:
-        return isinstance(self._level_inputs, Compiled)
+        return DraftLevels(Compiled(self.level_inputs, "the drafter's levels", backend),
+                           Compiled(self.level_output, "the drafter's levels", backend))
 
     # ----- inference ---------------------------------------------------------------------------------------
 
@@ -422,18 +427,20 @@ class ChimeraDrafter(nn.Module):
 
     @torch.inference_mode()
     def propose_static(self, state: DraftState, root: torch.Tensor, tree: TreeBuffers,
-                       window: int | None = None) -> torch.Tensor:
+                       window: int | None = None, levels: DraftLevels | None = None) -> torch.Tensor:
         """``propose`` with every shape fixed and no host read: attends over the first ``window`` KV slots
         (all of them by default) with the unused ones masked, so one CUDA graph per window size can replay
-        it at every step while the prefix fits (drafters/graphs.py)."""
+        it at every step while the prefix fits (drafters/graphs.py). ``levels``: how each level's layer and head
+        run (``compiled_levels``); by default op by op."""
         window = window or state.keys.shape[1]
         visible = torch.arange(window, device=state.keys.device) < state.length_on_device
         return self._propose(state, root, tree, state.keys[:, :window], state.values[:, :window], visible,
-                             state.length_on_device)
+                             state.length_on_device, levels)
 
-    def _propose(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset) -> torch.Tensor:
+    def _propose(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset, levels=None) -> torch.Tensor:
+        levels = levels or DraftLevels(self.level_inputs, self.level_output)
         if tree.dynamic:
-            return self._propose_dynamic(state, root, tree, prefix_k, prefix_v, prefix_visible, offset)
+            return self._propose_dynamic(state, root, tree, prefix_k, prefix_v, prefix_visible, offset, levels)
         topo = tree.topology  # SpeculativeDecoder checked that the heads cover its depth
         plan = _tree_plan(tree)
         tokens = root.new_empty(topo.size)
@@ -447,18 +454,18 @@ class ChimeraDrafter(nn.Module):
             lo, hi = nodes.start, nodes.stop
             idx = plan.trigram_index[lo:hi]
             ext[2:] = tokens
-            g, k, v, q = self._level_inputs(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]], offset + tree.depths[lo:hi])
+            g, k, v, q = levels.inputs(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]], offset + tree.depths[lo:hi])
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi],
                            prefix_visible)
-            logits, column_ids = self.draft_logits(level + 1, self._level_output(level + 1, state.last_hidden, g, attn))
+            logits, column_ids = self.draft_logits(level + 1, levels.output(level + 1, state.last_hidden, g, attn))
             top = logits.topk(plan.width[level + 1], dim=-1).indices
             top = top if column_ids is None else column_ids[top]
             slots, ranks = plan.children[level + 1]
             tokens[topo.levels[level + 1].start: topo.levels[level + 1].stop] = top[slots, ranks]
         return tokens
 
-    def _propose_dynamic(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset) -> torch.Tensor:
+    def _propose_dynamic(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset, levels) -> torch.Tensor:
         """Grow the tree where the drafter is confident (EAGLE-2): level by level, the ``beam`` candidates with
         the highest path log-probability are drafted through (queried) and each proposes its ``beam`` best
         children; then the ``size - 1`` best candidates of all levels form the tree, written into ``tree``.
@@ -487,11 +494,11 @@ class ChimeraDrafter(nn.Module):
                 visible[lo:hi] = visible[parent_row]
             visible.index_put_((rows, rows), torch.ones_like(rows, dtype=torch.bool))  # no host scalar: capturable
             positions = (offset + level) * torch.ones(hi - lo, dtype=torch.long, device=device)
-            g, k, v, q = self._level_inputs(prev2, prev1, tok, positions)
+            g, k, v, q = levels.inputs(prev2, prev1, tok, positions)
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
             attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], visible[lo:hi, :hi],
                            prefix_visible)
-            logits, column_ids = self.draft_logits(level + 1, self._level_output(level + 1, state.last_hidden, g, attn))
+            logits, column_ids = self.draft_logits(level + 1, levels.output(level + 1, state.last_hidden, g, attn))
             top_logp, top_tokens = logits.float().log_softmax(-1).topk(beam, dim=-1)  # (queried here, beam)
             top_tokens = top_tokens if column_ids is None else column_ids[top_tokens]
             child_scores = (score[:, None] + top_logp.clamp(-30.0, -1e-4)).flatten()

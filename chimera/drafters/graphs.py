@@ -9,7 +9,7 @@ verified prefix covers a fixed window of KV slots; one graph per power-of-two wi
 sequence first needs it, keeps short sequences from paying for the whole context.
 
 ``compiled`` runs each drafting level's layer and head through torch.compile inside the captured drafting
-(``ChimeraDrafter.compile_levels``); attention, the vocabulary projection and the choice of candidates stay op by
+(``ChimeraDrafter.compiled_levels``); attention, the vocabulary projection and the choice of candidates stay op by
 op. It drafts the same trees (tests/test_drafter.py). Compiling the whole drafting function instead measured far
 slower on an H200 in bfloat16 (11 ms a step against 1.1 ms for the default model, 61 against 5.0 ms on an 8B shape;
 docs/benchmarks.md, session 9).
@@ -41,9 +41,8 @@ class GraphedDrafter:
         self.runner = GraphRunner(graphs)  # graphs=False: the same functions run eagerly (how CPU tests cover them)
         self.count = None  # the advance graph's number of real tokens, a device scalar
         self.width = tree.topology.max_depth + 1  # the deepest accepted path: what the advance graph reads
-        self.compiled = compiled and hasattr(drafter, "compile_levels")
-        if self.compiled and not drafter.levels_compiled:
-            drafter.compile_levels(backend)
+        # compiled: each drafting level's layer and head through torch.compile, where the drafter has such levels
+        self.levels = drafter.compiled_levels(backend) if compiled and hasattr(drafter, "compiled_levels") else None
 
     @classmethod
     def supported(cls, drafter, device: torch.device, capacity: int) -> bool:
@@ -106,7 +105,7 @@ class GraphedDrafter:
             return self.drafter.propose(state, root, tree)
         window = self.window(state.length)
         key = ("propose", window)
-        run = lambda r: self.drafter.propose_static(self.state, r, self.tree, window)  # noqa: E731
+        run = lambda r: self.drafter.propose_static(self.state, r, self.tree, window, levels=self.levels)  # noqa: E731
         if self.runner.graphs and not self.runner.can_run(key):
             with self._announce(f"{self.tree.topology.size}-node trees over {window} slots"):
                 self.runner.capture(key, run, root.reshape(1))
@@ -114,4 +113,4 @@ class GraphedDrafter:
 
     def _announce(self, what: str):
         """The compiler's progress line around a first capture, which compiles the drafter's levels where asked."""
-        return self.drafter._level_inputs.announce(what) if self.compiled else contextlib.nullcontext()
+        return self.levels.inputs.announce(what) if self.levels is not None else contextlib.nullcontext()
