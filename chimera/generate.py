@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import calibration
-from .adaptive import DraftingSwitch, StepCosts
+from .adaptive import DraftingSwitch, PauseMemory, StepCosts
 from .errors import ChimeraError
 from .drafters import apply_draft_vocabulary, pack_for_cpu
 from .device_read import StepRead
@@ -148,7 +148,7 @@ class SpeculativeDecoder:
     output (measured: 2 of 7 Spec-Bench turns on an H200), which the uncompiled forward never did there.
 
     ``compile_drafter``: with CUDA graphs, run each drafting level's layer and head through torch.compile inside
-    the captured drafting (``ChimeraDrafter.compile_levels``; the vocabulary projection and the choice of candidates
+    the captured drafting (``ChimeraDrafter.compiled_levels``; the vocabulary projection and the choice of candidates
     stay op by op). 'auto' (default): where the base's forward is compiled. Measured on an H200 in bfloat16 with the
     default model's 64-node trees: drafting 3.2 → 2.1 ms a step (docs/benchmarks.md, session 12; compiling the whole
     drafting function instead had made it 10x slower, session 9).
@@ -205,6 +205,7 @@ class SpeculativeDecoder:
         self.adaptive = adaptive
         self.launch_ahead = launch_ahead
         self.costs = StepCosts()  # measured as it decodes, kept across generations
+        self.pauses = PauseMemory()  # adaptive drafting's last judged trial, likewise
 
     def clock(self) -> float:
         """``time.perf_counter()``, after waiting for the device where ``sync_timing`` asks for a split of each
@@ -319,7 +320,8 @@ class SpeculativeDecoder:
         if progress is not None:
             progress.append(Progress(prompt_ids, stopper, sampling, generator, result, started,
                                      getattr(session, "verified_kv", None)))
-        switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None))
+        switch = DraftingSwitch(self.costs, adaptive=self.adaptive and (generator is None or sampling.seed is None),
+                                memory=self.pauses)
         read = StepRead(self.device)
         ahead = self.launch_ahead and generator is None and getattr(session, "keeps_in_place", False)
         steps = StepLauncher(self, session, state, root, sampling, generator, ahead, result)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from chimera import SpeculativeDecoder
-from chimera.adaptive import FIRST_PAUSE, LONGEST_PAUSE, OUTLIER_RUN, PROBE_STEPS, TRIAL_STEPS, DraftingSwitch, StepCosts
+from chimera.adaptive import (FIRST_PAUSE, LONGEST_PAUSE, OUTLIER_RUN, PROBE_STEPS, TRIAL_STEPS, DraftingSwitch,
+                              PauseMemory, StepCosts)
 from chimera.verifier import SlotVerifier
 from conftest import FAMILIES, as_on_a_gpu, tiny_model
 from test_drafter import perturbed_drafter
@@ -59,6 +60,29 @@ def test_a_trial_that_pays_resets_the_pause():
     assert switch.next_pause == 4 * FIRST_PAUSE
     run(switch, emitted=4, steps=TRIAL_STEPS)  # then a good stretch
     assert switch.next_pause == FIRST_PAUSE
+
+
+def test_a_generation_after_a_failed_trial_starts_paused():
+    """The decoder's memory carries the last judged trial into its next generation: after failures the next one
+    starts with half the pause reached, and goes on doubling from there; a drafter that pays clears it."""
+    costs, memory = StepCosts.of(1.0, 2.0), PauseMemory()
+    first = run(DraftingSwitch(costs, memory=memory), emitted=1, steps=100)
+    assert memory.failed and memory.next_pause == LONGEST_PAUSE
+    second = DraftingSwitch(costs, memory=memory)
+    trace = run(second, emitted=1, steps=100)
+    assert trace.startswith("." * (LONGEST_PAUSE // 2) + "D" * TRIAL_STEPS + "." * LONGEST_PAUSE)
+    assert trace.count("D") < first.count("D") / 2  # the ever-longer pauses were not paid again
+    assert second.paused_steps == trace.count(".")
+    third = DraftingSwitch(costs, memory=memory)
+    trace = run(third, emitted=4, steps=100)  # a text the drafter suits: one pause, then drafting throughout
+    assert trace == "." * (LONGEST_PAUSE // 2) + "D" * (100 - LONGEST_PAUSE // 2)
+    assert not memory.failed and memory.next_pause == FIRST_PAUSE
+    assert run(DraftingSwitch(costs, memory=memory), emitted=4, steps=20) == "D" * 20
+
+
+def test_without_adaptation_memory_is_ignored():
+    memory = PauseMemory(failed=True, next_pause=LONGEST_PAUSE)
+    assert run(DraftingSwitch(StepCosts.of(1.0, 2.0), adaptive=False, memory=memory), emitted=1, steps=10) == "D" * 10
 
 
 def test_unmeasured_plain_steps_are_probed_before_judging():
