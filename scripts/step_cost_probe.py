@@ -97,7 +97,7 @@ def main():
     p.add_argument("--no-hf", action="store_true", help="skip hf-compiled (its compilation takes minutes)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="graphs: op by op in CUDA graphs; compiled: the base's forward compiled; compiled_drafter: "
-                        "the drafter's drafting compiled too (default: all)")
+                        "the drafter's levels compiled too (default: all)")
     p.add_argument("--plain-only", action="store_true", help="our plain step only (no drafter, no tree)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
