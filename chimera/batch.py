@@ -1,5 +1,5 @@
-"""Plain decoding of a running batch: sequences join after their prefill and leave when they stop, and every step
-decodes one token of each in a single forward (continuous batching).
+"""Decoding of a running batch: sequences join after their prefill and leave when they stop, and every step decodes
+all of them in a single forward (continuous batching): one token each, or, with a drafter, a drafted chain each.
 
 A lone request is served faster by speculation (generate.py); many at once are served faster together: the
 forward reads the weights once for the whole batch, so on a small model a step of 16 sequences costs little more
@@ -8,6 +8,19 @@ than a step of one. The server (server/engine.py) runs this batch whenever more 
 Each sequence keeps what makes its output its own: its KV row, its length, its sampling settings and seeded
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
 float32 (greedy, and sampled with a seed: the same draws in the same order; tests/test_batch.py).
+
+Speculation in the batch: each sequence keeps its own drafter state, and a drafting step verifies a chain of
+``draft_depth`` drafted tokens per sequence in the same single forward, (rows, depth + 1) tokens at each row's own
+positions. A chain needs no tree mask (it is causal) and no compaction: the accepted prefix of a chain already sits
+in the row's next slots, and the slots of rejected tokens lie past the row's length, hidden until overwritten.
+Greedy acceptance per row is the longest run of drafts equal to the base's argmax before them, all rows at once.
+Whether a step drafts is decided as alone (adaptive.py), with step costs measured per power-of-two batch size (the
+forward's cost grows with its tokens, so drafting that pays for 2 sequences may not for 16) and one memory of the last
+trial's verdict for all sizes (a batch's size changes with every join and leave: a switch per exact size started
+afresh at each, and trials were most of a run's steps). Only greedy batches draft (a sampled
+member's draws must stay those of its plain decoding). A member with no drafter state (one that joined with copied
+keys and values has no hidden states to start one from) rides along: its chain is its newest token repeated, and
+none of it is accepted.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adaptive import DraftingSwitch, PauseMemory, StepCosts
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
 from .errors import ChimeraError
@@ -25,9 +39,10 @@ from .graph_runner import power_of_two_at_least
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, eos_token_ids, stop_condition
-from .tree import additive_mask
+from .tree import TreeBuffers, TreeTopology, additive_mask
 
 SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a few shapes serve every length
+DRAFT_DEPTH = 3  # drafted tokens per sequence in a batch's drafting step
 
 
 @dataclass
@@ -43,6 +58,7 @@ class Sequence:
     next_token: int = 0  # the newest emitted token, the input of its next step
     accepted: list[int] = field(default_factory=lambda: [1])  # tokens each forward emitted, the prefill first
     hidden_kept: bool = True  # the batch holds the final hidden states of its whole row (for a move out)
+    draft: object = None  # its drafter state, where the batch drafts and the sequence has one
 
     @property
     def done(self) -> bool:
@@ -66,7 +82,8 @@ class RunningBatch:
     The KV memory (max_batch x capacity slots per layer) is allocated on the first prefill, once.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None):
+    def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None, drafter=None,
+                 draft_depth: int = DRAFT_DEPTH, adaptive: bool = True):
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
         self.model = model
@@ -79,6 +96,12 @@ class RunningBatch:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.running: list[Sequence] = []  # row i holds running[i]
         self.hidden: torch.Tensor | None = None  # (max_batch, capacity, hidden) final hidden states, on first use
+        # a graphed drafter keeps one state for its one generation: the batch drafts with the drafter inside it
+        self.drafter = getattr(drafter, "drafter", drafter) if draft_depth > 0 else None
+        self.chain = TreeBuffers.build(TreeTopology.chain(draft_depth), self.device) if self.drafter else None
+        self.adaptive = adaptive
+        self.switches: dict[int, DraftingSwitch] = {}  # per power-of-two number of running sequences (its step costs)
+        self.pauses = PauseMemory()  # the last judged trial, whatever the size
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a sequence of this size fits a row (else it must be decoded alone)."""
@@ -140,27 +163,85 @@ class RunningBatch:
                                logits_to_keep=1)
         sequence.length = n
         self.running.append(sequence)
+        if self.drafter is not None:
+            with torch.inference_mode():
+                sequence.draft = self.drafter.start(torch.tensor(known, device=self.device), self.hidden[row, :n])
         return logits
 
     def step(self) -> list[tuple[Sequence, str]]:
-        """One token for every running sequence that has not stopped; (sequence, new text) for each."""
+        """One step of every running sequence that has not stopped (a token each, or a drafted chain each where the
+        batch drafts); (sequence, new text) for each."""
         active = [s for s in self.running if not s.done]
         if not active:
             return []
         if len(active) != len(self.running):
             raise ChimeraError("remove finished sequences before the next step")
-        count = len(active)
+        switch = self._switch(len(active))
+        drafting = self._can_draft(active) and switch.draft_next()
+        start = time.perf_counter()
+        steps = self._drafted_step(active) if drafting else self._plain_step(active)
+        out = []
+        for sequence, tokens in zip(active, steps):
+            emitted = len(sequence.stopper.tokens)
+            out.append((sequence, sequence.stopper.push_step(tokens)))
+            sequence.accepted.append(len(sequence.stopper.tokens) - emitted)
+        switch.record(drafting, sum(len(tokens) for tokens in steps) / len(steps), time.perf_counter() - start)
+        return out
+
+    def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
         tokens = torch.tensor([[s.next_token] for s in active], device=self.device)
         positions = torch.tensor([[s.length] for s in active], device=self.device)
-        logits = self._forward(slice(0, count), tokens, positions, max(s.length for s in active) + 1)
+        logits = self._forward(slice(0, len(active)), tokens, positions, max(s.length for s in active) + 1)
         chosen = self._choose(logits[:, -1], active)
-        out = []
         for sequence, token in zip(active, chosen):
             sequence.length += 1
             sequence.next_token = token
-            emitted = len(sequence.stopper.tokens)
-            out.append((sequence, sequence.stopper.push_step([token])))
-            sequence.accepted.append(len(sequence.stopper.tokens) - emitted)
+        return [[token] for token in chosen]
+
+    def _switch(self, count: int) -> DraftingSwitch:
+        size = power_of_two_at_least(count, 1)
+        if size not in self.switches:
+            self.switches[size] = DraftingSwitch(StepCosts(), adaptive=self.adaptive, memory=self.pauses)
+        return self.switches[size]
+
+    def _can_draft(self, active: list[Sequence]) -> bool:
+        """Greedy members only, each with room in its row for a whole chain, and one at least with a drafter state."""
+        depth = self.chain.topology.max_depth if self.chain is not None else 0
+        return (self.drafter is not None and any(s.draft is not None for s in active)
+                and all(s.generator is None and s.length + depth + 1 <= self.capacity for s in active))
+
+    @torch.inference_mode()
+    def _drafted_step(self, active: list[Sequence]) -> list[list[int]]:
+        """Each member drafts a chain from its newest token; one forward verifies every chain; each member keeps its
+        longest correct run of drafts and the base's token after it."""
+        width = self.chain.topology.size  # the newest token and the drafts
+        chains = []
+        for row, sequence in enumerate(active):
+            state = sequence.draft
+            if state is None:  # no drafter state: its newest token alone counts
+                chains.append(torch.full((width,), sequence.next_token, device=self.device))
+                continue
+            if state.length < sequence.length:  # tokens verified since it last drafted (plain steps, the last chain)
+                known = [*sequence.prompt_ids, *sequence.stopper.tokens][state.length:sequence.length]
+                self.drafter.advance(state, torch.tensor(known, device=self.device),
+                                     self.hidden[row, state.length:sequence.length])
+            chains.append(self.drafter.propose(state, torch.tensor([sequence.next_token], device=self.device),
+                                               self.chain))
+        tokens = torch.stack(chains)  # (rows, width)
+        lengths = torch.tensor([s.length for s in active], device=self.device)
+        positions = lengths[:, None] + torch.arange(width, device=self.device)
+        logits = self._forward(slice(0, len(active)), tokens, positions, max(s.length for s in active) + width)
+        predicted = logits.argmax(-1)  # (rows, width): the base's token after each position
+        drafted = torch.tensor([s.draft is not None for s in active], device=self.device)
+        accepted = (tokens[:, 1:] == predicted[:, :-1]).long().cumprod(-1).sum(-1) * drafted  # correct drafts in a row
+        following = predicted.gather(1, accepted[:, None])[:, 0]
+        read = torch.cat([tokens[:, 1:], following[:, None], accepted[:, None]], 1).tolist()  # the step's one read
+        out = []
+        for sequence, row in zip(active, read):
+            count = row[-1]
+            sequence.length += count + 1
+            sequence.next_token = row[-2]
+            out.append(row[:count] + [row[-2]])
         return out
 
     def remove(self, sequence: Sequence) -> None:

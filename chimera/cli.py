@@ -274,7 +274,7 @@ def server_settings(args):
     options = EngineOptions(model=args.model, dtype=args.dtype, device=args.device, drafter=args.drafter,
                             tree=args.tree, draft_vocab=args.draft_vocab, compile=args.compile,
                             max_queue=args.max_queue, timeout=args.timeout, max_batch=args.max_batch,
-                            batch_context=args.batch_context)
+                            batch_context=args.batch_context, batch_drafting=args.batch_drafting)
     config = ServerConfig(model_name=args.model, api_key=api_key, default_max_tokens=args.default_max_tokens,
                           default_temperature=args.default_temperature)
     return options, config
@@ -351,7 +351,8 @@ def cmd_throughput(args) -> int:
     drafter = resolve_drafter(args.drafter, model) if "chimera" in args.methods else None
     results = throughput(model, tokenizer, drafter, questions, list(dict.fromkeys(args.methods)),
                          args.concurrency, args.max_new_tokens, Path(args.out), args.max_batch,
-                         progress=lambda line: print(f"chimera: {line}", file=sys.stderr))
+                         progress=lambda line: print(f"chimera: {line}", file=sys.stderr),
+                         batch_drafting=args.batch_drafting)
     print(table(results))
     return 0
 
@@ -374,6 +375,9 @@ def add_server_args(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--batch-context", type=positive_int, default=2048, dest="batch_context",
                      help="tokens (prompt + completion) a batch row holds; KV memory for max-batch rows of it is "
                           "allocated once; a longer request waits and is decoded alone (default: 2048)")
+    srv.add_argument("--batch-drafting", action="store_true", dest="batch_drafting",
+                     help="the running batch drafts too: a chain per request, verified together, where the measured "
+                          "costs say it pays (off by default: slower on a 2-core CPU, not yet measured on a GPU)")
     srv.add_argument("--default-max-tokens", type=positive_int, default=256,
                      help="new tokens when a request gives no max_tokens (default: 256)")
     srv.add_argument("--default-temperature", type=non_negative_float, default=0.0,
@@ -487,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
                     help="the engine's running batch (default: the concurrency)")
     th.add_argument("--drafter", default="auto", help="drafter for chimera (default: the shipped one)")
+    th.add_argument("--batch-drafting", action="store_true", dest="batch_drafting",
+                    help="chimera's running batch drafts too (chimera serve --batch-drafting)")
     th.add_argument("--out", required=True, help="results directory: throughput.json and throughput.md")
     add_model_args(th, dtype="auto")
     th.set_defaults(func=cmd_throughput)

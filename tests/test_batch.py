@@ -1,15 +1,18 @@
 """Continuous batching of plain decoding: every sequence of a running batch decodes token for token what it
 decodes alone (float32), whatever joins or leaves around it."""
 
+import types
+
 import pytest
 import torch
 
 from chimera import SpeculativeDecoder
-from chimera.batch import RunningBatch
+from chimera.batch import DRAFT_DEPTH, RunningBatch
 from chimera.errors import ChimeraError
 from chimera.sampling import SamplingConfig
 from chimera.text import encode_prompt
 from conftest import FAMILIES, tiny_model
+from test_drafter import perturbed_drafter
 
 
 def alone(model, tokenizer, prompt, max_new_tokens, stop=(), **sampling):
@@ -200,3 +203,125 @@ def test_a_row_takes_copied_keys_and_values_only_where_they_fit():
     assert cache.write_row(1, [pair, (2 * pair[0], 2 * pair[1])])
     assert cache.layers[1].keys[1, :, :4].eq(2).all() and cache.layers[1].keys[1, :, 4:].eq(0).all()
     assert cache.layers[0].keys[0].eq(0).all()
+
+
+class BatchOracle:
+    """Drafts each sequence's own reference continuation, so that every chain is accepted whole (until the
+    reference ends): the longest steps a drafting batch takes. Its state counts the tokens it has read."""
+
+    def __init__(self, references: dict[tuple, list[int]]):
+        self.references = {prompt: torch.tensor(list(prompt) + tokens + [0] * 64) for prompt, tokens in
+                           references.items()}
+
+    def start(self, prompt_ids, hidden):
+        state = types.SimpleNamespace(length=prompt_ids.numel())
+        state.reference = next(ref for prompt, ref in self.references.items()
+                               if tuple(prompt_ids[:len(prompt)].tolist()) == prompt)
+        return state
+
+    def propose(self, state, root, tree):
+        return state.reference[state.length + torch.arange(tree.topology.size)]
+
+    def advance(self, state, tokens, hidden):
+        assert hidden.shape[0] == tokens.numel()
+        state.length += tokens.numel()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_drafting_batch_decodes_each_sequence_as_alone(family, default_model):
+    """Chains drafted per sequence and verified in one forward: every sequence is what it is alone, whether its
+    chains are accepted whole (an oracle drafter) or mostly rejected (a real drafter of random weights), with
+    sequences joining, finishing at different steps and leaving mid-way."""
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(5)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((6, 19, 11, 27))}
+    budgets = {"p0": 22, "p1": 9, "p2": 26, "p3": 14}
+    expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
+    oracle = BatchOracle({tuple(prompts[name]): expected[name].token_ids for name in prompts})
+    for drafter in (oracle, perturbed_drafter(model, heads=DRAFT_DEPTH)):
+        batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128, drafter=drafter, adaptive=False)
+        sequences, texts = {}, {}
+        for name in ("p0", "p1"):
+            sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
+        results = drain(batch, sequences, texts, [(2, "p2", (prompts["p2"], budgets["p2"])),
+                                                  (10, "p3", (prompts["p3"], budgets["p3"]))])
+        for name in prompts:
+            assert results[name].token_ids == expected[name].token_ids, (name, drafter)
+            assert results[name].text == texts[name] == expected[name].text
+            assert results[name].finish_reason == expected[name].finish_reason
+            assert sum(results[name].accepted) == len(results[name].token_ids)
+        if drafter is oracle:  # whole chains accepted: a step emits the chain and the base's next token
+            assert all(max(results[name].accepted) == DRAFT_DEPTH + 1 for name in prompts)
+            assert all(results[name].steps < len(results[name].token_ids) for name in prompts)
+
+
+def test_a_member_without_a_drafter_state_rides_along(default_model):
+    """A sequence that joined with copied keys and values has no drafter state: the others still draft, it keeps
+    one token a step, and both are what they are alone."""
+    _, tokenizer = default_model
+    model = tiny_model("qwen2")
+    prompts = [[5, 9, 23, 41, 17], [7, 7, 30, 3, 11, 64]]
+    expected = [alone(model, tokenizer, prompt, 14) for prompt in prompts]
+    oracle = BatchOracle({tuple(p): e.token_ids for p, e in zip(prompts, expected)})
+    batch = RunningBatch(model, tokenizer, max_batch=2, capacity=64, drafter=oracle, adaptive=False)
+    sequences, texts = {}, {}
+    for i, prompt in enumerate(prompts):
+        sequences[i], texts[i] = batch.add(prompt, 14)
+    sequences[1].draft = None  # as after a join by copy
+    results = drain(batch, sequences, texts)
+    assert [r.token_ids for r in results.values()] == [e.token_ids for e in expected]
+    assert max(results[0].accepted) == DRAFT_DEPTH + 1 and max(results[1].accepted) == 1
+
+
+def test_a_batch_with_a_sampled_member_does_not_draft(default_model):
+    """A sampled member's draws must stay those of its plain decoding: while it runs, the batch steps plainly."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    prompts = [[5, 9, 23, 41], [7, 7, 30, 2, 11, 64]]
+    greedy = alone(model, tokenizer, prompts[0], 16)
+    sampled = alone(model, tokenizer, prompts[1], 8, temperature=0.8, seed=3)
+    oracle = BatchOracle({tuple(prompts[0]): greedy.token_ids, tuple(prompts[1]): sampled.token_ids})
+    batch = RunningBatch(model, tokenizer, max_batch=2, capacity=64, drafter=oracle, adaptive=False)
+    sequences, texts = {}, {}
+    sequences["g"], texts["g"] = batch.add(prompts[0], 16)
+    sequences["s"], texts["s"] = batch.add(prompts[1], 8, (), SamplingConfig(temperature=0.8, seed=3))
+    results = drain(batch, sequences, texts)
+    assert results["g"].token_ids == greedy.token_ids and results["s"].token_ids == sampled.token_ids
+    steps_together = len(results["s"].accepted) - 1
+    assert results["g"].accepted[1:steps_together + 1] == [1] * steps_together  # plain while the sampled one ran
+    assert max(results["g"].accepted) == DRAFT_DEPTH + 1  # and whole chains once it had left
+
+
+def test_the_shipped_drafter_drafts_in_a_batch_as_alone(default_model):
+    """The real model and its shipped drafter, as the server's engine runs them (the verifier's model, the decoder's
+    drafter with its draft vocabulary): every greedy sequence is what it is alone, a stop string included, and some
+    drafted tokens are accepted."""
+    from chimera.drafters import resolve_drafter
+
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model))
+    prompts = [encode_prompt(tokenizer, q) for q in ("Count from one to ten in words.", "Name three colors.",
+                                                     "Write a haiku about the sea.")]
+    stops = [("4.",), (), ()]
+    batch = RunningBatch(decoder.verifier.model, tokenizer, max_batch=3, capacity=256, drafter=decoder.drafter,
+                         adaptive=False)
+    sequences, texts = {}, {}
+    for i, (prompt, stop) in enumerate(zip(prompts, stops)):
+        sequences[i], texts[i] = batch.add(prompt, 32, stop)
+    results = drain(batch, sequences, texts)
+    for i, (prompt, stop) in enumerate(zip(prompts, stops)):
+        expected = alone(model, tokenizer, prompt, 32, stop)
+        assert results[i].token_ids == expected.token_ids and results[i].text == expected.text == texts[i], i
+    assert results[0].finish_reason == "stop"
+    assert sum(r.new_tokens for r in results.values()) > sum(len(r.accepted) - 1 for r in results.values())
+
+
+def test_the_engine_drafts_in_its_batch_only_when_asked(default_model):
+    from chimera.drafters import resolve_drafter
+    from chimera.server.engine import Engine
+
+    model, tokenizer = default_model
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model))
+    assert Engine(decoder, max_batch=2).batch.drafter is None  # off by default (docs/benchmarks.md, session 12)
+    assert Engine(decoder, max_batch=2, batch_drafting=True).batch.drafter is decoder.drafter

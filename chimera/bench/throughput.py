@@ -80,14 +80,15 @@ async def replay(engine, prompts: list[list[int]], concurrency: int, max_new_tok
     return answers, time.perf_counter() - start
 
 
-def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batch: int) -> LoadResult:
+def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batch: int,
+               batch_drafting: bool = False) -> LoadResult:
     """The rows of the engine's batch hold the longest prompt and its answer (a power of two: KV memory is
     rows x this, allocated up front; the model's whole context would be 4x more for the default model)."""
     from ..server.engine import Engine
 
     context = power_of_two_at_least(max(map(len, prompts)) + max_new_tokens, 256)
     engine = Engine(decoder, max_queue=max(concurrency, 1), timeout=3600.0, max_batch=max_batch,
-                    batch_context=context)
+                    batch_context=context, batch_drafting=batch_drafting)
     engine.start()
     try:
         answers, seconds = asyncio.run(replay(engine, prompts, concurrency, max_new_tokens))
@@ -124,7 +125,7 @@ def table(results: list[LoadResult]) -> str:
 
 
 def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max_new_tokens: int, out: Path,
-               max_batch: int | None = None, progress=print) -> list[LoadResult]:
+               max_batch: int | None = None, progress=print, batch_drafting: bool = False) -> list[LoadResult]:
     """Every method at every concurrency on the first turns of ``questions``; writes ``out``/throughput.json and
     throughput.md as it goes."""
     from ..generate import SpeculativeDecoder
@@ -139,7 +140,7 @@ def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max
     warm = prompts[:2]
     for name in methods:  # untimed: calibration, packing, captures
         if name != "hf":
-            run_engine(decoders[name], warm, 2, 8, max_batch=2)
+            run_engine(decoders[name], warm, 2, 8, max_batch=2, batch_drafting=batch_drafting)
     results = []
     for concurrency in concurrencies:
         for name in methods:
@@ -147,7 +148,7 @@ def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max
                 result = run_hf(model, tokenizer, prompts, concurrency, max_new_tokens)
             else:
                 result = run_engine(decoders[name], prompts, concurrency, max_new_tokens,
-                                    max_batch=max_batch or max(concurrency, 1))
+                                    max_batch=max_batch or max(concurrency, 1), batch_drafting=batch_drafting)
             results.append(result)
             progress(f"{name} at concurrency {concurrency}: {result.tokens_per_s:.1f} tokens/s, "
                      f"p99 {result.latency_p99_s:.2f} s")

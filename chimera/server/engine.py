@@ -121,7 +121,7 @@ class Engine:
     ``RunningBatch`` of up to that many sequences of at most ``batch_context`` tokens; one thread runs both."""
 
     def __init__(self, decoder: SpeculativeDecoder, max_queue: int = 16, timeout: float = 120.0,
-                 max_batch: int = 1, batch_context: int = 2048):
+                 max_batch: int = 1, batch_context: int = 2048, batch_drafting: bool = False):
         if max_queue < 1:
             raise ChimeraError(f"the queue size must be at least 1, got {max_queue}")
         if not timeout > 0:
@@ -131,7 +131,10 @@ class Engine:
         self.decoder = decoder
         # the verifier's model: on a CPU the copy with prepacked linear layers where the decoder made one (a
         # batch of 16 steps twice as fast through it: 51 against 104 ms for the default model on one thread)
-        self.batch = (RunningBatch(decoder.verifier.model, decoder.tokenizer, max_batch, batch_context)
+        # ``batch_drafting``: and the decoder's drafter, with which the batch drafts chains where that pays at its size
+        # (batch.py); off by default: on this project's 2-core CPU it made the batch slower (docs/benchmarks.md)
+        self.batch = (RunningBatch(decoder.verifier.model, decoder.tokenizer, max_batch, batch_context,
+                                   drafter=decoder.drafter if batch_drafting else None, adaptive=decoder.adaptive)
                       if max_batch > 1 else None)
         self._running: list[tuple[Sequence, Job]] = []  # the batch's members, with their jobs
         self.speeds = Speeds()

@@ -34,6 +34,7 @@ class EngineOptions:
     timeout: float = 120.0
     max_batch: int | None = None  # None: default_max_batch
     batch_context: int = 2048
+    batch_drafting: bool = False  # the running batch drafts too (batch.py)
 
 
 WARM_UP_NEW_TOKENS = 256  # the new tokens a request is assumed to ask for when the GPU's captures are made ahead
@@ -60,7 +61,7 @@ def build_engine(options: EngineOptions) -> Engine:
         decoder.warm_up(options.batch_context, WARM_UP_NEW_TOKENS)  # context, captured before the first request
     max_batch = options.max_batch or default_max_batch(decoder.device.type == "cuda")
     return Engine(decoder, max_queue=options.max_queue, timeout=options.timeout, max_batch=max_batch,
-                  batch_context=options.batch_context)
+                  batch_context=options.batch_context, batch_drafting=options.batch_drafting)
 
 
 def bind(host: str, port: int) -> socket.socket:
