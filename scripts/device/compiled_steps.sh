@@ -6,12 +6,8 @@
 # Start it with setsid; results and progress.txt in $HOME/res-compiled, copied to $OUT by each polling call.
 RES=$HOME/res-compiled
 . scripts/device/prepare.sh
-step bench-bf16
-python3 -m chimera.cli bench --questions "$HOME/stage/spec_bench.jsonl" --limit "${LIMIT:-8}" --max-new-tokens 256 \
-  --methods hf-compiled ar chimera --device cuda --out "$RES/gpu_bench_bf16" > "$RES/gpu_bench_bf16.log" 2>&1
-step check-fp32
-python3 scripts/gpu_graph_check.py --prompts 4 --max-new-tokens 128 --trees dynamic-64 \
-  > "$RES/graph_check.txt" 2>&1
+bench_bf16
+check_fp32
 step anatomy
 python3 scripts/step_anatomy.py --questions "$HOME/stage/spec_bench.jsonl" --limit 1 --out "$RES/step_anatomy.json" \
   > "$RES/step_anatomy.log" 2>&1

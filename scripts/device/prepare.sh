@@ -7,3 +7,14 @@ mkdir -p "$RES"
 export CHIMERA_CACHE=$HOME/cache PYTHONPATH=.:$HOME/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 step() { echo "$(date +%T) $1" >> "$RES/progress.txt"; }
 bash scripts/device/stage_model.sh 2>> "$RES/progress.txt" || { step "staging failed: nothing was run"; exit 1; }
+# The two runs most device scripts start with: `chimera bench` in bfloat16 (hf-compiled, ar, chimera; $LIMIT questions
+# a category, 256 new tokens) and the float32 graph check against generate (scripts/gpu_graph_check.py).
+bench_bf16() {
+  step bench-bf16
+  python3 -m chimera.cli bench --questions "$HOME/stage/spec_bench.jsonl" --limit "${LIMIT:-8}" --max-new-tokens 256 \
+    --methods hf-compiled ar chimera --device cuda --out "$RES/gpu_bench_bf16" > "$RES/gpu_bench_bf16.log" 2>&1
+}
+check_fp32() {
+  step check-fp32
+  python3 scripts/gpu_graph_check.py --prompts 4 --max-new-tokens 128 --trees dynamic-64 > "$RES/graph_check.txt" 2>&1
+}
