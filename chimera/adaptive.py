@@ -111,13 +111,17 @@ class DraftingSwitch:
     def __init__(self, costs: StepCosts, adaptive: bool = True, memory: PauseMemory | None = None):
         self.costs = costs
         self.adaptive = adaptive
-        self.memory = memory if memory is not None else PauseMemory()
-        self.next_pause = self.memory.next_pause
+        self.memory = memory if memory is not None else PauseMemory()  # also holds the pause of the next failure
         # plain steps still to run before the next trial
         self.pause_left = self.memory.next_pause // 2 if adaptive and self.memory.failed else 0
         self.trial_steps = 0
         self.emitted = MovingAverage()  # tokens per speculative step since this trial began
         self.paused_steps = 0  # plain steps taken by choice, for the statistics
+
+    @property
+    def next_pause(self) -> int:
+        """The pause the next failed trial takes (kept in the memory, which later generations read)."""
+        return self.memory.next_pause
 
     def draft_next(self) -> bool:
         return not self.adaptive or self.pause_left == 0
@@ -153,10 +157,8 @@ class DraftingSwitch:
             self._pause(PROBE_STEPS)
         elif self.emitted.value < break_even:
             self._pause(self.next_pause)
-            self.next_pause = min(2 * self.next_pause, LONGEST_PAUSE)
-            self.memory.failed, self.memory.next_pause = True, self.next_pause
-        elif self.trial_steps == TRIAL_STEPS:
-            self.next_pause = FIRST_PAUSE  # this trial paid: a later lapse starts over with a short pause
+            self.memory.failed, self.memory.next_pause = True, min(2 * self.next_pause, LONGEST_PAUSE)
+        elif self.trial_steps == TRIAL_STEPS:  # this trial paid: a later lapse starts over with a short pause
             self.memory.failed, self.memory.next_pause = False, FIRST_PAUSE
 
     def _pause(self, steps: int) -> None:

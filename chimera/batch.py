@@ -206,9 +206,8 @@ class RunningBatch:
 
     def _can_draft(self, active: list[Sequence]) -> bool:
         """Greedy members only, each with room in its row for a whole chain, and one at least with a drafter state."""
-        depth = self.chain.topology.max_depth if self.chain is not None else 0
         return (self.drafter is not None and any(s.draft is not None for s in active)
-                and all(s.generator is None and s.length + depth + 1 <= self.capacity for s in active))
+                and all(s.generator is None and s.length + self.chain.topology.size <= self.capacity for s in active))
 
     @torch.inference_mode()
     def _drafted_step(self, active: list[Sequence]) -> list[list[int]]:
@@ -222,7 +221,8 @@ class RunningBatch:
                 chains.append(torch.full((width,), sequence.next_token, device=self.device))
                 continue
             if state.length < sequence.length:  # tokens verified since it last drafted (plain steps, the last chain)
-                known = [*sequence.prompt_ids, *sequence.stopper.tokens][state.length:sequence.length]
+                prompt = len(sequence.prompt_ids)  # the state started with the prompt: what is new is in the output
+                known = sequence.stopper.tokens[state.length - prompt:sequence.length - prompt]
                 self.drafter.advance(state, torch.tensor(known, device=self.device),
                                      self.hidden[row, state.length:sequence.length])
             chains.append(self.drafter.propose(state, torch.tensor([sequence.next_token], device=self.device),

@@ -86,6 +86,12 @@ class Compiled:
         return f"torch.compile ({self.backend})"
 
 
+def announced(function, shape: str, first: bool = True):
+    """``function.announce(shape)`` around a first call (``first``) of a function that is compiled: a first call
+    compiles; any other call, or a function run as it is, gets no line."""
+    return function.announce(shape) if first and isinstance(function, Compiled) else contextlib.nullcontext()
+
+
 class CompiledDecoder(Compiled):
     """Called like ``model.get_decoder()``, compiled, with inductor's coordinate-descent tuning of its kernels'
     launch settings (what gpt-fast turns on): measured on an H200 on a Llama-3-8B shape in bfloat16, the plain

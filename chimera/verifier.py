@@ -13,14 +13,13 @@ A verifier serves one generation at a time (the decoder's contract): starting an
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
 from . import cache as kv, cpu_linear, target
 from .target import TargetOutput
-from .compiled import Compiled, CompiledDecoder, compilable
+from .compiled import Compiled, CompiledDecoder, announced, compilable
 from .graph_runner import GraphRunner, power_of_two_at_least
 from .errors import ChimeraError
 from .tree import TreeBuffers, additive_mask
@@ -166,9 +165,8 @@ class SlotBank:
 
     def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         key = ("score", self.capacity, tree.topology)
-        if self.decoder is None or self.runner.can_run(key):
-            return self.runner.run(key, lambda t: self.score_static(t, tree), tokens)
-        with self.decoder.announce(f"{tree.topology.size}-token trees over {self.capacity} KV slots"):
+        shape = f"{tree.topology.size}-token trees over {self.capacity} KV slots"
+        with announced(self.decoder, shape, first=not self.runner.can_run(key)):
             return self.runner.run(key, lambda t: self.score_static(t, tree), tokens)
 
     def keep(self, path: torch.Tensor, tree: TreeBuffers) -> None:
@@ -191,9 +189,7 @@ class SlotBank:
         a compaction run twice is not one run (a slot moved twice carries another's keys; a length grown twice is
         wrong): it is captured over a path that moves every slot onto itself and counts of zero."""
         if self.runner.graphs and not self.runner.can_run(key):
-            compiling = (self.move.announce(f"{path.numel()}-slot paths over {self.capacity} KV slots")
-                         if isinstance(self.move, Compiled) else contextlib.nullcontext())
-            with compiling:
+            with announced(self.move, f"{path.numel()}-slot paths over {self.capacity} KV slots"):
                 self.runner.capture(key, fn, torch.arange(path.numel(), device=path.device),
                                     *(torch.zeros_like(c) for c in counts))
         self.runner.run(key, fn, path, *counts)

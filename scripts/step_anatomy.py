@@ -30,6 +30,7 @@ from chimera.acceptance import greedy_accept
 from chimera.bench.questions import load_questions, select
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
+from chimera.graph_runner import capture_graph
 from chimera.text import encode_prompt
 
 
@@ -68,11 +69,7 @@ def synthetic() -> list[dict]:
     rows = []
     x = torch.zeros(16, device="cuda")
     for n in (1, 10, 100, 300, 1000):
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                x.add_(1)
+        graph, _ = capture_graph(lambda: [x.add_(1) for _ in range(n)], warmup=1)
         rows.append({"kernels": n, **launch_costs(graph.replay)})
         print(f"synthetic {n:5d} kernels: {rows[-1]}", flush=True)
     return rows
@@ -97,10 +94,11 @@ def captured_graphs(decoder) -> list[dict]:
             decoder.drafter.count.fill_(1)  # its advance reads the path's last entry: a length of 0 has none
     for owner, runner in runners:
         for key, (graph, static, _) in runner.captured.items():
-            if not safe_to_replay(key if isinstance(key, tuple) else (key,), static):
+            key = key if isinstance(key, tuple) else (key,)  # the drafter's advance is keyed by its name alone
+            if not safe_to_replay(key, static):
                 continue
-            name = f"{owner} {key[0] if isinstance(key, tuple) else key}"
-            shape = [str(getattr(k, "size", k)) for k in (key[1:] if isinstance(key, tuple) else ())]
+            name = f"{owner} {key[0]}"
+            shape = [str(getattr(k, "size", k)) for k in key[1:]]
             count, top = kernels_in(graph.replay)
             row = {"graph": name, "shape": " ".join(shape), "kernels": count, **launch_costs(graph.replay), "top": top}
             rows.append(row)

@@ -21,21 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from chimera.graph_runner import capture_graph
+
 REPEATS = 20
 
 
 def device_ms(fn, repeats: int = REPEATS) -> float:
-    """Device milliseconds per call of ``fn``, captured ``repeats`` times in one CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
+    """Device milliseconds per call of ``fn``, captured ``repeats`` times in one CUDA graph (the loop's own
+    capture, graph_runner.capture_graph) and replayed."""
+    graph, _ = capture_graph(lambda: [fn() for _ in range(repeats)], warmup=1)
     graph.replay()
     torch.cuda.synchronize()
     times = []

@@ -17,10 +17,9 @@ docs/benchmarks.md, session 9).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from ..compiled import announced
 from ..graph_runner import GraphRunner, power_of_two_at_least
 from ..tree import TreeBuffers
 
@@ -107,10 +106,7 @@ class GraphedDrafter:
         key = ("propose", window)
         run = lambda r: self.drafter.propose_static(self.state, r, self.tree, window, levels=self.levels)  # noqa: E731
         if self.runner.graphs and not self.runner.can_run(key):
-            with self._announce(f"{self.tree.topology.size}-node trees over {window} slots"):
+            compiled = self.levels.inputs if self.levels is not None else None
+            with announced(compiled, f"{self.tree.topology.size}-node trees over {window} slots"):
                 self.runner.capture(key, run, root.reshape(1))
         return self.runner.run(key, run, root.reshape(1))
-
-    def _announce(self, what: str):
-        """The compiler's progress line around a first capture, which compiles the drafter's levels where asked."""
-        return self.levels.inputs.announce(what) if self.levels is not None else contextlib.nullcontext()
