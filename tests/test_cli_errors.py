@@ -118,3 +118,14 @@ def test_fleet_without_the_cluster_extra_says_how_to_install_it(capsys, monkeypa
     monkeypatch.delitem(sys.modules, "chimera.server.fleet", raising=False)
     monkeypatch.delattr(chimera.server, "fleet", raising=False)
     assert_one_line_error(*run_cli(capsys, "fleet")[::2], "cluster extra", "chimera-decoding[cluster]")
+
+
+def test_the_engine_imports_without_the_web_stack():
+    """``chimera throughput`` drives the engine alone: a machine without FastAPI (the GPU one) must still run it."""
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+            "from chimera.server.engine import Engine\nfrom chimera.server import Engine as Again\n"
+            "import chimera.bench.throughput\nassert Engine is Again\n"
+            "try:\n    from chimera.server import create_app\nexcept ImportError:\n    print('web stack refused')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "web stack refused"
