@@ -189,20 +189,14 @@ class TreeBuffers:
     def dynamic(self) -> bool:
         return isinstance(self.topology, DynamicTree)
 
-    def refill(self, parents: torch.Tensor, depths: torch.Tensor) -> None:
-        """Store a new tree in place (nodes in depth order, root first with parent 0): a captured graph reads
-        these very tensors. Tensor ops only, no host read."""
-        n = parents.numel()
-        ancestors = torch.eye(n, dtype=torch.bool, device=parents.device)
-        rows = node = torch.arange(n, device=parents.device)
-        on = torch.ones(n, dtype=torch.bool, device=parents.device)  # a device value: no host scalar to capture
-        for _ in range(self.topology.max_depth):
-            node = parents[node]
-            ancestors.index_put_((rows, node), on)
+    def refill(self, parents: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor,
+               siblings: torch.Tensor) -> None:
+        """Store a new tree in place (nodes in depth order, root first with parent 0; its masks from
+        ``tree_masks``): a captured graph reads these very tensors."""
         self.parents.copy_(parents)
         self.depths.copy_(depths)
         self.ancestors.copy_(ancestors)
-        self.earlier_siblings.copy_(earlier_siblings(parents))
+        self.earlier_siblings.copy_(siblings)
 
     def level_children(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For the nodes of depth ``level``: the index of each one's parent within the previous level,
@@ -213,6 +207,18 @@ class TreeBuffers:
         slots = torch.tensor([topo.parents[i] - prev.start for i in nodes], device=self.depths.device)
         ranks = torch.tensor([topo.ranks[i] for i in nodes], device=self.depths.device)
         return slots, ranks
+
+
+def tree_masks(parents: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ancestor matrix (each node sees itself) and ``earlier_siblings`` of the tree ``parents`` (nodes in depth
+    order, the root its own parent, at most ``max_depth`` deep). Tensor ops only, no host read: capturable."""
+    n = parents.numel()
+    node = torch.arange(n, device=parents.device)
+    ancestors = node[:, None] == node[None, :]
+    for _ in range(max_depth):
+        node = parents[node]
+        ancestors = ancestors | (node[:, None] == torch.arange(n, device=parents.device)[None, :])
+    return ancestors, earlier_siblings(parents)
 
 
 def earlier_siblings(parents: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ Prints and writes as JSON:
 3. ``acceptance``: the host time of greedy acceptance of a 64-node tree (eager tensor ops), device idle;
 4. ``loop``: tokens/s, ms a step and the loop's host split (launching draft / the rest of the launch / other)
    of greedy turns, unsynchronised, launched ahead, for ``ar`` and ``chimera`` (adaptive drafting off), the
-   latter also with the drafter's levels op by op (``compile_drafter=False``).
+   latter also in the ``VARIANTS`` of drafting (session 12 had the drafter's levels op by op against compiled;
+   session 13 the choice of candidates compiled or not, and a shallower tree).
 
     python scripts/step_anatomy.py --questions spec_bench.jsonl --out anatomy.json
 """
@@ -32,6 +33,15 @@ from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 from chimera.graph_runner import capture_graph
 from chimera.text import encode_prompt
+from chimera.tree import DynamicTree
+
+
+VARIANTS = [  # name, with the drafter, SpeculativeDecoder's options, the parts of drafting compiled (None: its default)
+    ("ar", False, {}, None),
+    ("chimera", True, {}, None),
+    ("chimera, selection op by op", True, {}, ("inputs", "output")),
+    ("chimera, dynamic tree 6 deep", True, {"tree": DynamicTree(size=64, depth=6, beam=8)}, None),
+]
 
 
 def launch_costs(replay, repeats: int = 30) -> dict:
@@ -145,17 +155,20 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=1, help="questions per category")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--out", required=True)
+    p.add_argument("--variants", nargs="*", help="names of VARIANTS to run (default: all)")
     args = p.parse_args()
+    variants = [v for v in VARIANTS if v[0] in args.variants] if args.variants else VARIANTS
     quiet_libraries()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "synthetic": synthetic()}
     model, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="bfloat16", device="cuda")
     prompts = [encode_prompt(tokenizer, q.turns[0]) for q in select(load_questions(args.questions), limit=args.limit)]
     drafter = resolve_drafter("auto", model)
     report["loop"] = {}
-    # the drafter's levels op by op first: compiling them (the default) compiles the drafter object for good
-    for name, chosen, options in (("ar", None, {}), ("chimera, drafter's levels op by op", drafter,
-                                                      {"compile_drafter": False}), ("chimera", drafter, {})):
+    for name, use_drafter, options, parts in variants:
+        chosen = drafter if use_drafter else None
         decoder = chimera.SpeculativeDecoder(model, tokenizer, chosen, adaptive=False, **options)
+        if parts is not None:  # only these parts of drafting compiled (before the first capture, which compiles)
+            decoder.drafter.levels = drafter.compiled_levels(parts=parts)
         decoder.warm_up(max(len(x) for x in prompts), args.new_tokens)
         report["loop"][name] = loop(decoder, prompts, args.new_tokens)
         print(name, report["loop"][name], flush=True)

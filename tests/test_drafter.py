@@ -400,3 +400,16 @@ def test_compiled_drafting_drafts_what_eager_drafting_drafts(shape):
         assert torch.equal(compiled.history, eager.history)
     assert levels.inputs.failure is None and levels.output.failure is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo traced them, not a fallback
+
+
+@pytest.mark.parametrize("columns", [4096, 5000, 49152, 3])
+def test_blockwise_top_k_equals_top_k(columns):
+    """The GPU's two-pass top-k (drafting over a vocabulary-wide row) finds torch.topk's values and columns, best
+    first, also where the row is not a whole number of blocks or narrower than one."""
+    from chimera.drafters.chimera import blockwise_top_k
+
+    scores = torch.randn(3, 8, columns)  # distinct values: no ties to resolve otherwise
+    k = min(8, columns)
+    values, index = blockwise_top_k(scores, k, chunk=1024)
+    expected = scores.topk(k)
+    assert torch.equal(values, expected.values) and torch.equal(index, expected.indices)

@@ -26,7 +26,7 @@ from ..target import vocab_logits, weight_logits
 from ..cpu_linear import PackedLinear, PackedWeight
 from ..errors import ChimeraError
 from ..identity import base_identity
-from ..tree import TreeBuffers
+from ..tree import TreeBuffers, tree_masks
 from . import persist
 
 
@@ -189,11 +189,27 @@ class DraftState:
 
 
 class DraftLevels(NamedTuple):
-    """How drafting runs each level's layer and head: ``ChimeraDrafter.level_inputs`` and ``level_output``, or their
-    compiled twins (``ChimeraDrafter.compiled_levels``)."""
+    """How drafting runs its parts: the functions below as they are (``ChimeraDrafter.eager_levels``) or through
+    torch.compile (``ChimeraDrafter.compiled_levels``). The vocabulary projection, its log-softmax and top-k run op by
+    op in both (see ``compiled_levels``)."""
 
-    inputs: Callable
-    output: Callable
+    inputs: Callable  # ChimeraDrafter.level_inputs: a level's trigram encodings, keys, values and queries
+    output: Callable  # ChimeraDrafter.level_output: their attention, the layer's rest, the head
+    expand: Callable  # expand_beam: a dynamic tree's children scored and the next level's beam chosen
+    choose: Callable  # choose_tree: a dynamic tree of the best candidates, with its masks
+
+
+class Beam(NamedTuple):
+    """The nodes one level of a dynamic tree drafts through (queries): their tokens, the token before each and the
+    one before that (for the trigram), path scores, places in the candidate pool (-1: the root) and which queried
+    nodes each one sees (itself and its ancestors), one row each."""
+
+    token: torch.Tensor
+    last: torch.Tensor
+    before: torch.Tensor
+    score: torch.Tensor
+    pool_index: torch.Tensor
+    visible: torch.Tensor  # (nodes, all queried nodes) bool
 
 
 class ChimeraDrafter(nn.Module):
@@ -344,21 +360,36 @@ class ChimeraDrafter(nn.Module):
         k, v = self.layer.keys_values(g, positions, rotation)
         return g, k, v, self.layer.queries(g, positions, rotation)
 
-    def level_output(self, depth: int, h_last: torch.Tensor, g: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The layer's output for a level's nodes from their attention ``attn``, through head ``depth`` and the head
-        norm: what the vocabulary projection scores for the tokens ``depth`` after the last verified one."""
+    def level_output(self, depth: int, h_last: torch.Tensor, g: torch.Tensor, q: torch.Tensor, prefix_k, prefix_v,
+                     draft_k, draft_v, draft_allowed, prefix_visible) -> torch.Tensor:
+        """A level's nodes through the rest of the layer (their attention over the verified prefix and the draft
+        nodes they may see, ``_attend``), head ``depth`` and the head norm: what the vocabulary projection scores
+        for the tokens ``depth`` after the last verified one."""
+        attn = _attend(q, prefix_k, prefix_v, draft_k, draft_v, draft_allowed, prefix_visible)
         return self.head_state(depth, h_last, self.layer.finish(g, attn))
 
-    def compiled_levels(self, backend: str = "inductor") -> "DraftLevels":
-        """``level_inputs`` and ``level_output`` through torch.compile, for ``propose_static(levels=...)``: each
-        drafting level's layer and head (``level_inputs``, ``level_output``: norms, rotary, the MLP,
-        elementwise work inductor fuses) through torch.compile; attention, the vocabulary projection and the choice
-        of candidates stay op by op. Measured on an H200 in bfloat16 (default model, 64-node trees; scripts/
-        step_anatomy.py): drafting 3.19 → 2.09 ms a step, 1290 → 754 kernels. Compiling the whole drafting function
-        instead made it 10-12x slower there (docs/benchmarks.md, session 9): inductor splits the vocabulary's
-        reductions into many kernels."""
-        return DraftLevels(Compiled(self.level_inputs, "the drafter's levels", backend),
-                           Compiled(self.level_output, "the drafter's levels", backend))
+    def eager_levels(self) -> DraftLevels:
+        return DraftLevels(self.level_inputs, self.level_output, expand_beam, choose_tree)
+
+    def compiled_levels(self, backend: str = "inductor", parts=DraftLevels._fields) -> DraftLevels:
+        """``eager_levels`` with the named ``parts`` through torch.compile (inductor fuses the norms, rotary, the
+        MLP, the attention's masking and softmax, and the bookkeeping of the candidates' indices), for
+        ``propose_static(levels=...)``. The vocabulary projection, its log-softmax and top-k stay op by op:
+        compiled, inductor splits each reduction over the vocabulary into many kernels, and the whole drafting
+        function compiled made drafting 10-12x slower on an H200 (docs/benchmarks.md, session 9). Measured there
+        (default model, bfloat16, 64-node trees; scripts/step_anatomy.py): the layer and head alone compiled took
+        drafting from 3.19 to 2.09 ms a step, 1290 to 754 kernels (session 12); docs/benchmarks.md, session 13,
+        has the rest."""
+        eager = self.eager_levels()
+        return DraftLevels(*(Compiled(function, "the drafter's levels", backend) if name in parts else function
+                             for name, function in zip(DraftLevels._fields, eager)))
+
+    def candidates(self, depth: int, state: torch.Tensor, k: int):
+        """Head ``depth``'s ``k`` likeliest tokens for each row of ``state`` (a level's ``level_output``), with their
+        log-probabilities in float32, best first."""
+        logits, column_ids = self.draft_logits(depth, state)
+        logp, columns = top_k(logits.log_softmax(-1, dtype=torch.float32), k)
+        return logp, columns if column_ids is None else column_ids[columns]
 
     # ----- inference ---------------------------------------------------------------------------------------
 
@@ -438,7 +469,7 @@ class ChimeraDrafter(nn.Module):
                              state.length_on_device, levels)
 
     def _propose(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset, levels=None) -> torch.Tensor:
-        levels = levels or DraftLevels(self.level_inputs, self.level_output)
+        levels = levels or self.eager_levels()
         if tree.dynamic:
             return self._propose_dynamic(state, root, tree, prefix_k, prefix_v, prefix_visible, offset, levels)
         topo = tree.topology  # SpeculativeDecoder checked that the heads cover its depth
@@ -456,10 +487,10 @@ class ChimeraDrafter(nn.Module):
             ext[2:] = tokens
             g, k, v, q = levels.inputs(ext[idx[:, 0]], ext[idx[:, 1]], ext[idx[:, 2]], offset + tree.depths[lo:hi])
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
-            attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], tree.ancestors[lo:hi, :hi],
-                           prefix_visible)
-            logits, column_ids = self.draft_logits(level + 1, levels.output(level + 1, state.last_hidden, g, attn))
-            top = logits.topk(plan.width[level + 1], dim=-1).indices
+            head_state = levels.output(level + 1, state.last_hidden, g, q, prefix_k, prefix_v, draft_k[:, :hi],
+                                       draft_v[:, :hi], tree.ancestors[lo:hi, :hi], prefix_visible)
+            logits, column_ids = self.draft_logits(level + 1, head_state)
+            top = top_k(logits, plan.width[level + 1])[1]
             top = top if column_ids is None else column_ids[top]
             slots, ranks = plan.children[level + 1]
             tokens[topo.levels[level + 1].start: topo.levels[level + 1].stop] = top[slots, ranks]
@@ -468,55 +499,34 @@ class ChimeraDrafter(nn.Module):
     def _propose_dynamic(self, state, root, tree, prefix_k, prefix_v, prefix_visible, offset, levels) -> torch.Tensor:
         """Grow the tree where the drafter is confident (EAGLE-2): level by level, the ``beam`` candidates with
         the highest path log-probability are drafted through (queried) and each proposes its ``beam`` best
-        children; then the ``size - 1`` best candidates of all levels form the tree, written into ``tree``.
-
-        A child's score is its parent's plus a log-probability capped below zero, so it is strictly lower and
-        the chosen set always contains its parents. Fixed shapes, no host reads: capturable."""
+        children (``expand_beam``); then the ``size - 1`` best candidates of all levels form the tree
+        (``choose_tree``), written into ``tree``. Fixed shapes, no host reads: capturable."""
         shape, c = tree.topology, self.config
         beam, depth = shape.beam, shape.depth
         device = root.device
         queried = 1 + (depth - 1) * beam  # the root, then `beam` nodes at each level but the last
         draft_k = state.keys.new_empty(c.num_kv_heads, queried, c.head_dim)
         draft_v = torch.empty_like(draft_k)
-        visible = torch.zeros(queried, queried, dtype=torch.bool, device=device)  # among queried nodes
-        pool_tokens, pool_scores, pool_parents = [], [], []  # candidates per level; parent = pool index, -1 root
-        # the nodes queried at the current level: tokens, their two predecessors, scores, pool index, parent
-        tok, prev1, prev2 = root.reshape(1), state.history[1:], state.history[:1]
-        score = torch.zeros(1, device=device)
-        pool_index = torch.full((1,), -1, dtype=torch.long, device=device)
-        parent_row = torch.zeros(1, dtype=torch.long, device=device)
-        pool_size = 0
+        pool = []  # per level: the candidates' path scores, tokens and parents' pool indices
+        seen = torch.zeros(1, queried, dtype=torch.bool, device=device)
+        seen[0, 0] = True
+        nodes = Beam(root.reshape(1), state.history[1:], state.history[:1], torch.zeros(1, device=device),
+                     torch.full((1,), -1, dtype=torch.long, device=device), seen)
         for level in range(depth):
             lo = 0 if level == 0 else 1 + (level - 1) * beam
-            hi = lo + tok.numel()
-            rows = torch.arange(lo, hi, device=device)
-            if level > 0:
-                visible[lo:hi] = visible[parent_row]
-            visible.index_put_((rows, rows), torch.ones_like(rows, dtype=torch.bool))  # no host scalar: capturable
-            positions = (offset + level) * torch.ones(hi - lo, dtype=torch.long, device=device)
-            g, k, v, q = levels.inputs(prev2, prev1, tok, positions)
+            hi = lo + nodes.token.numel()
+            positions = torch.as_tensor(offset + level, device=device).expand(hi - lo)
+            g, k, v, q = levels.inputs(nodes.before, nodes.last, nodes.token, positions)
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
-            attn = _attend(q, prefix_k, prefix_v, draft_k[:, :hi], draft_v[:, :hi], visible[lo:hi, :hi],
-                           prefix_visible)
-            logits, column_ids = self.draft_logits(level + 1, levels.output(level + 1, state.last_hidden, g, attn))
-            top_logp, top_tokens = logits.float().log_softmax(-1).topk(beam, dim=-1)  # (queried here, beam)
-            top_tokens = top_tokens if column_ids is None else column_ids[top_tokens]
-            child_scores = (score[:, None] + top_logp.clamp(-30.0, -1e-4)).flatten()
-            child_tokens = top_tokens.flatten()
-            pool_tokens.append(child_tokens)
-            pool_scores.append(child_scores)
-            pool_parents.append(pool_index[:, None].expand(-1, beam).reshape(-1))
-            if level + 1 < depth:
-                best = child_scores.topk(beam).indices
-                parent_of_best = best // beam
-                tok, prev1, prev2 = child_tokens[best], tok[parent_of_best], prev1[parent_of_best]
-                score = child_scores[best]
-                pool_index = pool_size + best
-                parent_row = rows[parent_of_best]
-            pool_size += child_tokens.numel()
-        tokens, parents, depths = _choose_tree(torch.cat(pool_tokens), torch.cat(pool_scores),
-                                               torch.cat(pool_parents), shape, root)
-        tree.refill(parents, depths)
+            head_state = levels.output(level + 1, state.last_hidden, g, q, prefix_k, prefix_v, draft_k[:, :hi],
+                                       draft_v[:, :hi], nodes.visible[:, :hi], prefix_visible)
+            logp, children = self.candidates(level + 1, head_state, beam)
+            scores, tokens, parents, nodes = levels.expand(nodes, logp, children, sum(p[0].numel() for p in pool),
+                                                           hi, level + 1 < depth)
+            pool.append((scores, tokens, parents))
+        tokens, parents, depths, ancestors, siblings = levels.choose(
+            *(list(column) for column in zip(*pool)), _candidate_depths(shape, device), root, shape.size, depth)
+        tree.refill(parents, depths, ancestors, siblings)
         return tokens
 
     # ----- training ----------------------------------------------------------------------------------------
@@ -574,17 +584,66 @@ class ChimeraDrafter(nn.Module):
         persist.save_directory(directory, config, self.trainable_state_dict(dtype), self.token_counts)
 
 
-def _choose_tree(tokens, scores, parents, shape, root):
-    """The ``shape.size - 1`` best-scored candidates under the root, in depth order (best first within a
-    depth), as (tokens, parent node index, depth) of the whole tree."""
-    pool_depth = _candidate_depths(shape, tokens.device)
-    chosen = scores.topk(shape.size - 1).indices  # best first
+def expand_beam(nodes: Beam, logp: torch.Tensor, children: torch.Tensor, pool_size: int, first_row: int,
+                grow: bool):
+    """One level of a dynamic tree: each queried node's ``k`` children (``children`` (m, k), their log-probabilities
+    ``logp``) scored as their parent's path score plus a log-probability capped below zero (so a child always scores
+    below its parent, and a chosen set holds its parents), with their parents' places in the pool; and where the
+    tree ``grow``s, the ``k`` best of them as the next level's beam, queried from row ``first_row`` on. Pure tensor
+    ops: ``compiled_levels`` fuses them."""
+    k = children.shape[-1]
+    scores = (nodes.score[:, None] + logp.clamp(-30.0, -1e-4)).flatten()
+    tokens = children.flatten()
+    parents = nodes.pool_index[:, None].expand(-1, k).flatten()
+    if not grow:
+        return scores, tokens, parents, None
+    best = scores.topk(k).indices
+    parent = best // k
+    rows = first_row + torch.arange(k, device=best.device)
+    own = rows[:, None] == torch.arange(nodes.visible.shape[-1], device=best.device)[None, :]
+    beam = Beam(tokens[best], nodes.token[parent], nodes.last[parent], scores[best], pool_size + best,
+                nodes.visible[parent] | own)
+    return scores, tokens, parents, beam
+
+
+def choose_tree(scores: list, tokens: list, parents: list, pool_depth: torch.Tensor, root: torch.Tensor, size: int,
+                max_depth: int):
+    """The ``size - 1`` best-scored candidates (each level's ``expand_beam`` output, in level order) under the root, in
+    depth order (best first within a depth): the tree's tokens, parent node indices, depths and masks
+    (``tree_masks``). Pure tensor ops: ``compiled_levels`` fuses them."""
+    scores, tokens, parents = torch.cat(scores), torch.cat(tokens), torch.cat(parents)
+    chosen = scores.topk(size - 1).indices  # best first
     chosen = chosen[torch.sort(pool_depth[chosen], stable=True).indices]
     node_of = torch.zeros(tokens.numel() + 1, dtype=torch.long, device=tokens.device)  # pool index + 1 -> node
-    node_of[chosen + 1] = torch.arange(1, shape.size, device=tokens.device)
+    node_of[chosen + 1] = torch.arange(1, size, device=tokens.device)
     zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
-    return (torch.cat([root.reshape(1), tokens[chosen]]), torch.cat([zero, node_of[parents[chosen] + 1]]),
-            torch.cat([zero, pool_depth[chosen]]))
+    tree_parents = torch.cat([zero, node_of[parents[chosen] + 1]])
+    return (torch.cat([root.reshape(1), tokens[chosen]]), tree_parents, torch.cat([zero, pool_depth[chosen]]),
+            *tree_masks(tree_parents, max_depth))
+
+
+TOP_K_CHUNK = 1024  # columns per block of top_k's first pass on a GPU
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k)`` along the last axis (values, column indices, best first); on a GPU over rows wider than
+    4 x TOP_K_CHUNK through ``blockwise_top_k``."""
+    if scores.device.type == "cuda" and scores.shape[-1] > 4 * TOP_K_CHUNK:
+        return blockwise_top_k(scores, k)
+    return scores.topk(k)
+
+
+def blockwise_top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k)`` in two passes: the best ``k`` of each block of ``chunk`` columns, then the best ``k`` of
+    those (ties may resolve to other columns). A single top-k over a vocabulary-wide row runs PyTorch's multi-block
+    radix selection on a GPU, about 14 kernels a call; this takes 7 (session 13, docs/benchmarks.md)."""
+    columns = scores.shape[-1]
+    pad = -columns % chunk
+    blocks = F.pad(scores, (0, pad), value=float("-inf")) if pad else scores
+    values, index = blocks.unflatten(-1, (-1, chunk)).topk(k)  # (..., blocks, k)
+    index = index + torch.arange(0, columns + pad, chunk, device=scores.device)[:, None]
+    values, pick = values.flatten(-2).topk(k)
+    return values, index.flatten(-2).gather(-1, pick)
 
 
 _CANDIDATE_DEPTHS: dict = {}
