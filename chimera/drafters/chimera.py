@@ -508,8 +508,7 @@ class ChimeraDrafter(nn.Module):
         draft_k = state.keys.new_empty(c.num_kv_heads, queried, c.head_dim)
         draft_v = torch.empty_like(draft_k)
         pool = []  # per level: the candidates' path scores, tokens and parents' pool indices
-        seen = torch.zeros(1, queried, dtype=torch.bool, device=device)
-        seen[0, 0] = True
+        seen = (torch.arange(queried, device=device) == 0)[None]  # the root sees itself; no host scalar: capturable
         nodes = Beam(root.reshape(1), state.history[1:], state.history[:1], torch.zeros(1, device=device),
                      torch.full((1,), -1, dtype=torch.long, device=device), seen)
         for level in range(depth):
