@@ -82,7 +82,8 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
                              "'none' (plain decoding) or 'random' (untrained, for testing)")
     parser.add_argument("--tree", default="auto",
                         help=f"draft tree: {', '.join(TOPOLOGIES)}, a node count built from the drafter's "
-                             "measured acceptance, or auto (a size suited to the device; default)")
+                             "measured acceptance, dynamic-N[-BEAM[-DEPTH]] (chosen anew each step), or auto (a "
+                             "size suited to the device; default)")
     parser.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice,
                         help="tokens the drafter scores: auto (its base's most written tokens on a CPU, all on a "
                              "GPU; default), full, or a count N (the N most written)")

@@ -269,8 +269,10 @@ DEFAULT_TOPOLOGY = "medium"  # what "auto" uses for a drafter without an accepta
 
 
 AUTO_TREE_SIZE = {"cuda": 64, "cpu": 5}  # nodes: verifying is nearly free on a GPU, not on a CPU (docs/benchmarks.md)
-# "auto" for drafters that build dynamic trees, per device (docs/benchmarks.md: +7 % tau over the static 64)
-AUTO_DYNAMIC = {"cuda": "dynamic-64"}
+# "auto" for drafters that build dynamic trees, per device (docs/benchmarks.md: +7 % tau over the static 64), at most
+# 6 levels deep: on an H100 in bfloat16 the shipped drafter's 8 levels gave tau 2.95 at 3.94 ms a step, 6 levels
+# tau 2.99 at 3.50 ms (docs/benchmarks.md, session 13; each level drafted costs about 0.2 ms there)
+AUTO_DYNAMIC = {"cuda": "dynamic-64-8-6"}
 
 
 DYNAMIC_BEAM = 8  # EAGLE-2 expands 10 per level for 7B models; 8 keeps a level's drafting one small batch
@@ -291,7 +293,8 @@ def tree_number(text: str, what: str, largest: int) -> int:
 
 def get_topology(name: str, drafter=None, device=None) -> TreeTopology | DynamicTree:
     """A named topology; a node count ("32") or "auto", built from the drafter's acceptance profile; or a
-    dynamic tree, "dynamic-N" (N nodes) or "dynamic-N-B" (beam B), as deep as the drafter has heads.
+    dynamic tree, "dynamic-N" (N nodes), "dynamic-N-B" (beam B) or "dynamic-N-B-D" (D levels deep; by default as
+    deep as the drafter has heads).
 
     Without a profile (an untrained or older drafter) a number or "auto" falls back to the named shapes."""
     from .errors import ChimeraError
@@ -302,10 +305,10 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology | Dynamic
         return _dynamic_tree(name, drafter)
     device_type = getattr(device, "type", device)
     if name == "auto" and device_type in AUTO_DYNAMIC and getattr(drafter, "drafts_dynamic_trees", False):
-        return _dynamic_tree(AUTO_DYNAMIC[device_type], drafter)
+        return _dynamic_tree(AUTO_DYNAMIC[device_type], drafter, cap_depth=True)
     if name != "auto" and not (name.isascii() and name.isdigit()):
         raise ChimeraError(f"unknown tree {name[:40]!r}: choose one of {', '.join(TOPOLOGIES)}, auto, a node count, "
-                           "or dynamic-N[-BEAM]")
+                           "or dynamic-N[-BEAM[-DEPTH]]")
     size = (tree_number(name, "a tree's node count", MAX_TREE_NODES) if name != "auto"
             else AUTO_TREE_SIZE.get(device_type, AUTO_TREE_SIZE["cpu"]))
     if size < 2:
@@ -320,17 +323,24 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology | Dynamic
     return TreeTopology.from_profile(profile[:heads], size)
 
 
-def _dynamic_tree(name: str, drafter) -> DynamicTree:
+def _dynamic_tree(name: str, drafter, cap_depth: bool = False) -> DynamicTree:
+    """``name`` as a dynamic tree for ``drafter``; a depth past the drafter's heads is refused, or with ``cap_depth``
+    (the automatic choice) brought down to them."""
     from .errors import ChimeraError
 
     parts = name.split("-")
-    if len(parts) not in (2, 3) or parts[0] != "dynamic" or not all(x.isascii() and x.isdigit() for x in parts[1:]):
-        raise ChimeraError(f"unknown tree {name[:40]!r}: a dynamic tree is dynamic-N or dynamic-N-BEAM, "
-                           "e.g. dynamic-64")
+    if (len(parts) not in (2, 3, 4) or parts[0] != "dynamic"
+            or not all(x.isascii() and x.isdigit() for x in parts[1:])):
+        raise ChimeraError(f"unknown tree {name[:40]!r}: a dynamic tree is dynamic-N, dynamic-N-BEAM or "
+                           "dynamic-N-BEAM-DEPTH, e.g. dynamic-64")
     require_dynamic_drafter(drafter)
     size = tree_number(parts[1], "a dynamic tree's node count", MAX_TREE_NODES)
-    beam = tree_number(parts[2], "a dynamic tree's beam", MAX_BEAM) if len(parts) == 3 else DYNAMIC_BEAM
-    depth = getattr(getattr(drafter, "config", None), "num_draft_heads", 6)
+    beam = tree_number(parts[2], "a dynamic tree's beam", MAX_BEAM) if len(parts) >= 3 else DYNAMIC_BEAM
+    heads = getattr(getattr(drafter, "config", None), "num_draft_heads", 6)
+    depth = tree_number(parts[3], "a dynamic tree's depth", MAX_BEAM) if len(parts) == 4 else heads
+    if depth > heads and not cap_depth:
+        raise ChimeraError(f"--tree {name}: the tree is {depth} deep but the drafter has {heads} heads")
+    depth = min(depth, heads)
     try:
         return DynamicTree(size=size, depth=depth, beam=beam)
     except ValueError as e:

@@ -137,8 +137,15 @@ def test_dynamic_tree_specs():
     chimera_drafter = new_drafter("chimera", model, num_draft_heads=3)
     assert get_topology("dynamic-20", chimera_drafter, "cpu") == DynamicTree(size=20, depth=3, beam=DYNAMIC_BEAM)
     assert get_topology("dynamic-10-2", chimera_drafter, "cpu") == DynamicTree(size=10, depth=3, beam=2)
+    assert get_topology("dynamic-6-2-2", chimera_drafter, "cpu") == DynamicTree(size=6, depth=2, beam=2)
+    # the automatic GPU tree is at most 6 deep, and never deeper than the drafter's heads
+    assert get_topology("auto", chimera_drafter, "cuda") == DynamicTree(size=64, depth=3, beam=DYNAMIC_BEAM)
+    eight_heads = new_drafter("chimera", model, num_draft_heads=8)
+    assert get_topology("auto", eight_heads, "cuda") == DynamicTree(size=64, depth=6, beam=DYNAMIC_BEAM)
     for bad, message in [("dynamic", "dynamic-N"), ("dynamic-x", "dynamic-N"), ("dynamic-1", "at least 2"),
-                         ("dynamic-5-0", "beam 1"), ("dynamic-20-2", "more candidates")]:
+                         ("dynamic-5-0", "beam 1"), ("dynamic-20-2", "more candidates"),
+                         ("dynamic-8-2-4", "4 deep but the drafter has 3 heads"), ("dynamic-8-2-0", "depth 1"),
+                         ("dynamic-8-2-2-2", "dynamic-N")]:
         with pytest.raises(ChimeraError, match=message):
             get_topology(bad, chimera_drafter, "cpu")
     with pytest.raises(ChimeraError, match="static trees only"):
