@@ -147,11 +147,13 @@ class SpeculativeDecoder:
     inductor's kernels round a 64-token tree forward differently from a one-token one often enough to change an
     output (measured: 2 of 7 Spec-Bench turns on an H200), which the uncompiled forward never did there.
 
-    ``compile_drafter``: with CUDA graphs, run each drafting level's layer and head through torch.compile inside
-    the captured drafting (``ChimeraDrafter.compiled_levels``; the vocabulary projection and the choice of candidates
-    stay op by op). 'auto' (default): where the base's forward is compiled. Measured on an H200 in bfloat16 with the
-    default model's 64-node trees: drafting 3.2 → 2.1 ms a step (docs/benchmarks.md, session 12; compiling the whole
-    drafting function instead had made it 10x slower, session 9).
+    ``compile_drafter``: with CUDA graphs, run drafting through torch.compile inside its capture
+    (``ChimeraDrafter.compiled_levels``: each level's layer, attention and head, and the dynamic tree's choice of
+    candidates; the vocabulary projection, its log-softmax and top-k stay op by op). 'auto' (default): where the
+    base's forward is compiled. Measured in bfloat16 with the default model's 64-node trees of 8 levels: drafting
+    3.2 → 2.1 ms a step on an H200 with the layer and head compiled (session 12), 754 → 444 kernels and 2.1 → 1.8 ms
+    on an H100 with the rest (session 13; docs/benchmarks.md; compiling the whole drafting function had made it 10x
+    slower, session 9).
 
     ``adaptive``: stop drafting for a while where the drafter's accepted tokens do not pay for its measured cost
     (adaptive.py); greedy and unseeded sampled runs only, and never a change to the output.

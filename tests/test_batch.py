@@ -102,7 +102,7 @@ def test_a_decoding_begun_alone_continues_in_a_batch_as_it_would_alone(default_m
     from chimera.drafters import resolve_drafter
 
     model, tokenizer = default_model
-    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), adaptive=False)
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="5", adaptive=False)
     prompt = encode_prompt(tokenizer, "Count from one to twenty, one number per line.")
     expected = decoder.generate(input_ids=prompt, max_new_tokens=48, stop=("15",))
     other = encode_prompt(tokenizer, "Name three colors.")
@@ -157,7 +157,9 @@ def test_a_sequence_of_a_batch_continues_alone_as_it_would_in_the_batch(default_
     from chimera.drafters import resolve_drafter
 
     model, tokenizer = default_model
-    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), adaptive=False)
+    # a tree given, not calibrated: the calibration may choose plain decoding on this machine (it does on an Intel
+    # Xeon), and this test is about speculating alone after the batch
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="5", adaptive=False)
     prompt = encode_prompt(tokenizer, "List the planets of the solar system, one per line.")
     sampling = dict(temperature=0.8, seed=5) if sampled else {}
     batch = RunningBatch(decoder.verifier.model, tokenizer, max_batch=2, capacity=256)
@@ -300,7 +302,7 @@ def test_the_shipped_drafter_drafts_in_a_batch_as_alone(default_model):
     from chimera.drafters import resolve_drafter
 
     model, tokenizer = default_model
-    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model))
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="5")  # drafting, calibrated or not
     prompts = [encode_prompt(tokenizer, q) for q in ("Count from one to ten in words.", "Name three colors.",
                                                      "Write a haiku about the sea.")]
     stops = [("4.",), (), ()]
@@ -322,6 +324,7 @@ def test_the_engine_drafts_in_its_batch_only_when_asked(default_model):
     from chimera.server.engine import Engine
 
     model, tokenizer = default_model
-    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model))
+    decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="5")  # drafting, calibrated or not
+    assert decoder.drafter is not None
     assert Engine(decoder, max_batch=2).batch.drafter is None  # off by default (docs/benchmarks.md, session 12)
     assert Engine(decoder, max_batch=2, batch_drafting=True).batch.drafter is decoder.drafter

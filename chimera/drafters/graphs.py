@@ -8,11 +8,12 @@ context), so each request refills that state in place instead of making a new on
 verified prefix covers a fixed window of KV slots; one graph per power-of-two window, captured when a
 sequence first needs it, keeps short sequences from paying for the whole context.
 
-``compiled`` runs each drafting level's layer and head through torch.compile inside the captured drafting
-(``ChimeraDrafter.compiled_levels``); attention, the vocabulary projection and the choice of candidates stay op by
-op. It drafts the same trees (tests/test_drafter.py). Compiling the whole drafting function instead measured far
-slower on an H200 in bfloat16 (11 ms a step against 1.1 ms for the default model, 61 against 5.0 ms on an 8B shape;
-docs/benchmarks.md, session 9).
+``compiled`` runs each drafting level's layer, attention and head, and the dynamic tree's choice of candidates,
+through torch.compile inside the captured drafting (``ChimeraDrafter.compiled_levels``); the vocabulary projection,
+its log-softmax and top-k stay op by op. It drafts the same trees (tests/test_drafter.py). Compiling the whole
+drafting function instead measured far slower on an H200 in bfloat16 (11 ms a step against 1.1 ms for the default
+model, 61 against 5.0 ms on an 8B shape; docs/benchmarks.md, session 9): inductor splits each reduction over the
+vocabulary into many kernels.
 """
 
 from __future__ import annotations
