@@ -8,8 +8,11 @@ MKL kernels were faster, and the same constants made it slower than ``generate``
 
 1. a plain step (one token on a 200-token cache) through each linear route, stock and prepacked: the faster
    route is used for everything after;
-2. on that route, verifying trees of each candidate size, and drafting each of them with each candidate draft
-   vocabulary (the drafter's most written tokens, FR-Spec);
+2. on that route, a one-token forward and verifying trees of each candidate size, timed in the same rounds (on a
+   shared machine a slow spell otherwise lands on whichever size was being measured: on an Intel Xeon two runs
+   a few minutes apart measured a 2-node tree at 48.4 and 40.8 ms against one token's 39.4 and 38.9 ms, and chose
+   plain decoding, then a 3-node tree), and drafting each of them with each candidate draft vocabulary (the
+   drafter's most written tokens, FR-Spec);
 3. tau: the drafter's acceptance profile (measured when it was trained) predicts tau for every tree and
    vocabulary, but on prompts it never saw the drafter accepts less (the shipped one: 3.4 predicted, 2.1
    measured on MT-bench for 5 nodes), so one short decode of a few built-in prompts with a 5-node tree
@@ -266,6 +269,20 @@ def median_ms(fn, repeats: int = 5, warmup: int = 1) -> float:
     return 1000 * statistics.median(times)
 
 
+def interleaved_median_ms(functions: dict, repeats: int = 7, warmup: int = 1) -> dict:
+    """Median milliseconds of each of ``functions`` (name: callable), timed in rounds that call each once."""
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def expected_tau(profile, size: int, coverage: float, scale: float) -> float:
     """Tokens per step of the ``size``-node tree: the profile's prediction, its probabilities times the draft
     vocabulary's ``coverage`` of what the base writes (a token outside it cannot be drafted), with the drafted
@@ -298,12 +315,11 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
     prompt = prompt[:CACHE_TOKENS]
     routes = linear_routes(model, device, remeasure=remeasure)
     # on a terminal only (disable=None): a log or a captured stderr gets no carriage-return frames
-    bar = tqdm(total=len(sizes) * (1 + len(vocabs)) + 2, desc="calibrating", unit="step",
+    bar = tqdm(total=len(sizes) * len(vocabs) + 3, desc="calibrating", unit="step",
                disable=None if progress else True, leave=False)
     plain = {name.split("/")[1]: v for name, v in routes.ms.items() if name.startswith("layers/")}
     result = Calibration(key, packed_linears=routes.layers == "packed", tree_size=0, draft_vocab=None,
                          plain_ms=plain)
-    route = routes.layers
     base = cpu_linear.shared_packed_copy(model) if result.packed_linears else model
     if result.packed_linears:
         from .drafters import pack_for_cpu
@@ -314,17 +330,20 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
     out = session.prefill(prompt)
     state = drafter.start(prompt, out.hidden)
     root = out.logits[-1].argmax(-1, keepdim=True)
-    for n in sizes:
-        tree = TreeBuffers.build(TreeTopology.from_profile(profile, n), device)
+    trees = {n: TreeBuffers.build(TreeTopology.from_profile(profile, n) if n > 1 else TreeTopology.chain(0), device)
+             for n in (1, *sizes)}
+    keep_root = torch.zeros(1, dtype=torch.long, device=device)
+
+    def verify(n):
         tokens = torch.cat([root, prompt[: n - 1]])
-        keep_root = torch.zeros(1, dtype=torch.long, device=device)
+        return lambda: (session.score(tokens, trees[n]), session.keep(keep_root, 1, trees[n]))
 
-        def verify():
-            session.score(tokens, tree)
-            session.keep(keep_root, 1, tree)
-
-        result.verify_ms[str(n)] = round(median_ms(verify), 3)
-        bar.update()
+    # one forward (a 1-node tree) and every tree size in the same rounds: a slow spell of a shared machine
+    # weighs on all of them alike rather than on whichever was being measured
+    result.verify_ms = {str(n): round(ms, 3) for n, ms in interleaved_median_ms({n: verify(n) for n in trees}).items()}
+    bar.update()
+    for n in sizes:
+        tree = trees[n]
         for v in vocabs:
             drafter.use_draft_vocabulary(v)
             result.draft_ms[f"{n}/{v or 'all'}"] = round(median_ms(lambda: drafter.propose(state, root, tree)), 3)
@@ -355,7 +374,7 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
             tau = expected_tau(profile, n, coverage(drafter, v), result.tau_scale)
             step_ms = result.draft_ms[f"{n}/{v or 'all'}"] + result.verify_ms[str(n)] + spec_other_ms
             result.expected_tokens_per_s[f"{n}/{v or 'all'}"] = round(1000 * tau / step_ms, 2)
-    plain_rate = 1000 / (result.plain_ms[route] + plain_other_ms)
+    plain_rate = 1000 / (result.verify_ms["1"] + plain_other_ms)  # measured with the trees, not with the routes
     best = max(result.expected_tokens_per_s, key=result.expected_tokens_per_s.get)
     best_rate = result.expected_tokens_per_s[best]
     if best_rate > plain_rate:
