@@ -378,8 +378,9 @@ class ChimeraDrafter(nn.Module):
         compiled, inductor splits each reduction over the vocabulary into many kernels, and the whole drafting
         function compiled made drafting 10-12x slower on an H200 (docs/benchmarks.md, session 9). Measured there
         (default model, bfloat16, 64-node trees; scripts/step_anatomy.py): the layer and head alone compiled took
-        drafting from 3.19 to 2.09 ms a step, 1290 to 754 kernels (session 12); docs/benchmarks.md, session 13,
-        has the rest."""
+        drafting from 3.19 to 2.09 ms a step, 1290 to 754 kernels (session 12); with the attention and the choice of
+        candidates compiled too, 444 kernels and 1.82 ms on an H100, against 579 and 2.08 ms with the choice op by op
+        (docs/benchmarks.md, session 13)."""
         eager = self.eager_levels()
         return DraftLevels(*(Compiled(function, "the drafter's levels", backend) if name in parts else function
                              for name, function in zip(DraftLevels._fields, eager)))
