@@ -212,12 +212,12 @@ class TreeBuffers:
 def tree_masks(parents: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ancestor matrix (each node sees itself) and ``earlier_siblings`` of the tree ``parents`` (nodes in depth
     order, the root its own parent, at most ``max_depth`` deep). Tensor ops only, no host read: capturable."""
-    n = parents.numel()
-    node = torch.arange(n, device=parents.device)
-    ancestors = node[:, None] == node[None, :]
+    columns = torch.arange(parents.numel(), device=parents.device)
+    node = columns
+    ancestors = node[:, None] == columns[None, :]
     for _ in range(max_depth):
         node = parents[node]
-        ancestors = ancestors | (node[:, None] == torch.arange(n, device=parents.device)[None, :])
+        ancestors = ancestors | (node[:, None] == columns[None, :])
     return ancestors, earlier_siblings(parents)
 
 

@@ -399,6 +399,7 @@ def test_compiled_drafting_drafts_what_eager_drafting_drafts(shape):
         assert torch.equal(compiled_tree.ancestors, eager_tree.ancestors)
         assert torch.equal(compiled.history, eager.history)
     assert levels.inputs.failure is None and levels.output.failure is None
+    assert all(part.failure is None for part in levels)  # the beam's and the tree's choice too
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo traced them, not a fallback
 
 

