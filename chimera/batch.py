@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import attention
 from .adaptive import DraftingSwitch, PauseMemory, StepCosts
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
@@ -86,7 +87,7 @@ class RunningBatch:
                  draft_depth: int = DRAFT_DEPTH, adaptive: bool = True):
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
-        self.model = model
+        self.model = model = attention.verifying_model(model)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.capacity = min(capacity or context_limit(model), context_limit(model))

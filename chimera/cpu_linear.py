@@ -12,13 +12,14 @@ copies and ``fits_in_memory`` says whether it may be made.
 
 from __future__ import annotations
 
-import copy
 import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import attention
 
 ROWS_HINT = 16  # oneDNN picks its blocking for this many rows; hints of 4 to 64 measured alike for 1-16 rows
 MEMORY_SHARE = 0.5  # pack only if the copy takes at most this share of the memory still available
@@ -88,8 +89,7 @@ def pack_linears(module: nn.Module) -> nn.Module:
 def packed_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose linear layers run packed. Parameters and buffers are shared, not copied, so
     the model itself is left as it was (``generate`` on it still runs the stock kernels)."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return pack_linears(copy.deepcopy(model, shared))
+    return pack_linears(attention.shared_copy(model))
 
 
 _SHARED_COPIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
@@ -101,7 +101,7 @@ def shared_packed_copy(model: nn.Module) -> nn.Module | None:
     if model not in _SHARED_COPIES:
         if not fits_in_memory(model):
             return None
-        _SHARED_COPIES[model] = packed_copy(model)
+        _SHARED_COPIES[model] = packed_copy(attention.verifying_model(model))  # what a verifier runs, packed
     return _SHARED_COPIES[model]
 
 

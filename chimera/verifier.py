@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from . import cache as kv, cpu_linear, target
+from . import attention, cache as kv, cpu_linear, target
 from .target import TargetOutput
 from .compiled import Compiled, CompiledDecoder, announced, compilable
 from .graph_runner import GraphRunner, power_of_two_at_least
@@ -70,7 +70,7 @@ class GrowingSession:
 
 class GrowingVerifier:
     def __init__(self, model, head_route: str | None = None):
-        self.model = model
+        self.model = attention.verifying_model(model)
         self.head_route = head_route
         self.head = target.vocab_head(model, head_route) if head_route and target.plain_vocab_head(model) else None
 
@@ -249,10 +249,10 @@ class SlotVerifier:
 
     def __init__(self, model, graphs: bool, compiled: bool = False, backend: str = "inductor",
                  padded_prefill: bool | None = None):
-        self.model = model
+        self.model = attention.verifying_model(model)
         self.device = next(model.parameters()).device
         self.runner = GraphRunner(graphs)
-        self.decoder = CompiledDecoder(model, backend) if compiled and compilable(model) else None
+        self.decoder = CompiledDecoder(self.model, backend) if compiled and compilable(self.model) else None
         self.padded_prefill = graphs and compiled if padded_prefill is None else padded_prefill
         self.banks: dict[int, SlotBank] = {}
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chimera import cache as kv, cpu_linear, target
+from chimera import attention, cache as kv, cpu_linear, target
 from chimera.cpu_linear import PackedLinear
 from chimera.drafters import pack_for_cpu, new_drafter
 from chimera.generate import SpeculativeDecoder
@@ -91,13 +91,15 @@ def test_decoder_packs_a_copy_and_falls_back_when_memory_is_short(monkeypatch, c
     assert any(isinstance(m, PackedLinear) for m in decoder.verifier.model.modules())
     again = SpeculativeDecoder(model, tokenizer, drafter=None, packed_linears=True)
     assert again.verifier.model is decoder.verifier.model  # shared
+    assert decoder.verifier.model.config._attn_implementation == attention.NAME  # packed from the verifying twin
     unpacked = SpeculativeDecoder(model, tokenizer, drafter=None, packed_linears=False)
-    assert unpacked.verifier.model is model
+    assert unpacked.verifier.model is attention.verifying_model(model)
+    assert not any(isinstance(m, PackedLinear) for m in unpacked.verifier.model.modules())
     other = tiny_model("llama", seed=1)
     monkeypatch.setattr(cpu_linear, "available_memory", lambda: 1024)
     with caplog.at_level(logging.WARNING, logger="chimera"):
         short = SpeculativeDecoder(other, tokenizer, drafter=None, packed_linears=True)
-    assert short.verifier.model is other
+    assert short.verifier.model is attention.verifying_model(other)
     assert "not enough free memory" in caplog.text
 
 
@@ -147,7 +149,8 @@ def test_auto_follows_the_measured_routes_and_stays_exact(monkeypatch, default_m
     model = tiny_model("llama")
     monkeypatch.setattr(calibration, "linear_routes", lambda *args, **kwargs: Routes({}, layers, head))
     decoder = SpeculativeDecoder(model, tokenizer, drafter=None)
-    assert (decoder.verifier.model is model) == (layers == "stock")
+    packed = any(isinstance(m, PackedLinear) for m in decoder.verifier.model.modules())
+    assert packed == (layers == "packed")
     assert decoder.verifier.head_route == head and head in decoder.verifier.describe()
     ids = [5, 9, 17, 3]
     x = torch.tensor([ids])
