@@ -40,7 +40,7 @@ from typing import Literal
 
 import torch
 
-from . import cpu_linear
+from . import cpu_linear, target
 from .errors import ChimeraError
 from .inputs import read_json
 from .tree import TreeBuffers, TreeTopology
@@ -71,6 +71,10 @@ class Calibration:
     plain_tokens_per_s: float = 0.0
     expected_tokens_per_s: dict[str, float] = field(default_factory=dict)  # "size/vocab" -> tokens/s
     reason: str = ""
+    # the vocabulary projection's fastest route for a plain step's row and the chosen tree's (target.HEAD_ROUTES;
+    # None: the linear routes' choice, made for 1 and 6 rows), and what each route took
+    head_route: str | None = None
+    head_ms: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.tree_size == 0:
@@ -110,7 +114,6 @@ def linear_routes(model, device: torch.device, remeasure: bool = False) -> Route
     saved = _read_cached(path, Routes, key, remeasure)
     if saved is not None:
         return saved
-    from . import target
     from .verifier import GrowingVerifier
 
     routes = Routes(key, layers="stock", head="linear")
@@ -127,15 +130,22 @@ def linear_routes(model, device: torch.device, remeasure: bool = False) -> Route
     if routes.layers == "stock":
         cpu_linear.drop_shared_packed_copy(model)  # the copy doubles the linear weights: keep it only if used
     if target.plain_vocab_head(model):
-        hidden = torch.randn(6, model.get_output_embeddings().weight.shape[1], dtype=model.dtype, device=device)
-        with torch.inference_mode():
-            for name in target.HEAD_ROUTES:
-                head = target.vocab_head(model, name)
-                one, six = median_ms(lambda: head(hidden[:1])), median_ms(lambda: head(hidden))
-                routes.ms[f"head/{name}"] = round(one + six, 3)
+        routes.ms.update({f"head/{name}": ms for name, ms in head_route_ms(model, device, (1, 6)).items()})
         routes.head = min(target.HEAD_ROUTES, key=lambda name: routes.ms[f"head/{name}"])
     save(routes, path)
     return routes
+
+
+def head_route_ms(model, device: torch.device, rows: tuple[int, ...]) -> dict[str, float]:
+    """For each route of the vocabulary projection (target.HEAD_ROUTES), ms to project ``rows[0]`` rows, then
+    ``rows[1]`` rows, ... summed: a plain step's one row and a tree's nodes."""
+    hidden = torch.randn(max(rows), model.get_output_embeddings().weight.shape[1], dtype=model.dtype, device=device)
+    out = {}
+    with torch.inference_mode():
+        for name in target.HEAD_ROUTES:
+            head = target.vocab_head(model, name)
+            out[name] = round(sum(median_ms(lambda: head(hidden[:n])) for n in rows), 3)
+    return out
 
 
 def _read_cached(path, schema, key: dict, remeasure: bool):
@@ -184,6 +194,8 @@ def resolve(model, tokenizer, drafter, device: torch.device, tree, draft_vocab, 
     if packed_linears == "auto" and routes_apply(model, device):
         setup.routes = linear_routes(model, device)
         setup.packed_linears, setup.head_route = setup.routes.layers == "packed", setup.routes.head
+        if setup.calibration is not None and setup.calibration.head_route and setup.drafter is not None:
+            setup.head_route = setup.calibration.head_route  # measured for the chosen tree
     return setup
 
 
@@ -383,6 +395,9 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
         result.draft_vocab = None if vocab_name == "all" else int(vocab_name)
         result.reason = (f"expected {best_rate:.1f} tokens/s against {plain_rate:.1f} plain; tau measured at "
                          f"{result.tau_scale:.0%} of the drafter's profile")
+        if target.plain_vocab_head(model):
+            result.head_ms = head_route_ms(model, device, (1, result.tree_size))
+            result.head_route = min(result.head_ms, key=result.head_ms.get)
     else:
         result.reason = (f"no tree beats plain decoding here: at best {best_rate:.1f} tokens/s against "
                          f"{plain_rate:.1f} plain")
