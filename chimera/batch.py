@@ -25,6 +25,7 @@ none of it is accepted.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
 from .errors import ChimeraError
 from .generate import GenerationResult, Progress
-from .graph_runner import power_of_two_at_least
+from .graph_runner import GraphRunner, power_of_two_at_least
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, eos_token_ids, stop_condition
@@ -84,7 +85,7 @@ class RunningBatch:
     """
 
     def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None, drafter=None,
-                 draft_depth: int = DRAFT_DEPTH, adaptive: bool = True):
+                 draft_depth: int = DRAFT_DEPTH, adaptive: bool = True, fixed_shapes: bool | None = None):
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
         self.model = model = attention.verifying_model(model)
@@ -103,6 +104,10 @@ class RunningBatch:
         self.adaptive = adaptive
         self.switches: dict[int, DraftingSwitch] = {}  # per power-of-two number of running sequences (its step costs)
         self.pauses = PauseMemory()  # the last judged trial, whatever the size
+        # plain steps over a power-of-two number of rows (the idle ones padded), so that each (rows, window) shape is
+        # captured once and replayed: by default on a GPU, where an eager step is bound by its ~600 launches
+        self.fixed_shapes = self.device.type == "cuda" if fixed_shapes is None else fixed_shapes
+        self.runner = GraphRunner(graphs=self.fixed_shapes and self.device.type == "cuda")
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a sequence of this size fits a row (else it must be decoded alone)."""
@@ -190,10 +195,21 @@ class RunningBatch:
         return out
 
     def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
-        tokens = torch.tensor([[s.next_token] for s in active], device=self.device)
-        positions = torch.tensor([[s.length] for s in active], device=self.device)
-        logits = self._forward(slice(0, len(active)), tokens, positions, max(s.length for s in active) + 1)
-        chosen = self._choose(logits[:, -1], active)
+        tokens, positions = [[s.next_token] for s in active], [[s.length] for s in active]
+        extent = max(s.length for s in active) + 1
+        if self.fixed_shapes:
+            # idle rows hold no sequence: they read their last slot, which a sequence writes before it reads it
+            rows = min(power_of_two_at_least(len(active), 1), self.max_batch)
+            tokens += [[0]] * (rows - len(active))
+            positions += [[self.capacity - 1]] * (rows - len(active))
+            window = self._window(extent)
+            logits = self.runner.run(("plain", rows, window), functools.partial(self._plain_forward, window),
+                                     torch.tensor(tokens, device=self.device),
+                                     torch.tensor(positions, device=self.device))
+        else:
+            logits = self._forward(slice(0, len(active)), torch.tensor(tokens, device=self.device),
+                                   torch.tensor(positions, device=self.device), extent)
+        chosen = self._choose(logits[:len(active), -1], active)
         for sequence, token in zip(active, chosen):
             sequence.length += 1
             sequence.next_token = token
@@ -257,11 +273,20 @@ class RunningBatch:
             self.running[row] = moved
         self.running.pop()
 
-    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, extent: int,
-                 logits_to_keep: int = 0) -> torch.Tensor:
+    def _window(self, extent: int) -> int:
+        """The slots attention covers for rows whose positions stay below ``extent``: a power of two."""
+        return min(power_of_two_at_least(extent, SMALLEST_WINDOW), self.capacity)
+
+    def _plain_forward(self, window: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A plain step of the first ``len(tokens)`` rows over ``window`` slots: fixed shapes, no host read."""
+        return self._forward(slice(0, tokens.shape[0]), tokens, positions, window=window)
+
+    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, extent: int = 0,
+                 logits_to_keep: int = 0, window: int | None = None) -> torch.Tensor:
         """Logits (rows, kept tokens, vocab) of ``tokens`` (rows, n) at ``positions``, each row attending to its own
-        slots up to its position; ``extent`` (from the host's lengths, no device read) bounds every row's slots."""
-        window = min(power_of_two_at_least(extent, SMALLEST_WINDOW), self.capacity)
+        slots up to its position; ``extent`` (from the host's lengths, no device read) bounds every row's slots, or
+        ``window`` gives their number."""
+        window = window or self._window(extent)
         self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)

@@ -40,14 +40,19 @@ def drain(batch, sequences, texts, schedule=()):
     return results
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["exact rows", "padded rows"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_sequence_of_a_running_batch_is_what_it_is_alone(family, default_model):
+def test_each_sequence_of_a_running_batch_is_what_it_is_alone(family, fixed_shapes, default_model):
+    """Padded rows: what a GPU replays (a power-of-two number of rows, idle ones padded), run eagerly."""
     _, tokenizer = default_model  # decodes the tiny vocabulary's ids; EOS 2 is the tiny models' too
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(3)
     prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((5, 17, 9, 30))}
     budgets = {"p0": 20, "p1": 7, "p2": 25, "p3": 12}  # they finish at different steps
-    batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128)
+    # 3 running sequences: 4 rows with one idle where shapes are fixed
+    batch = RunningBatch(model, tokenizer, max_batch=4 if fixed_shapes else 3, capacity=128,
+                         fixed_shapes=fixed_shapes)
+    assert not batch.runner.graphs  # a CPU: the same functions a GPU captures, run as they are
     sequences, texts = {}, {}
     for name in ("p0", "p1"):
         sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
