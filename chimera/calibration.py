@@ -357,7 +357,7 @@ def measure(model, tokenizer, drafter, device, key: dict, progress: bool = True,
     for n in sizes:
         tree = trees[n]
         for v in vocabs:
-            drafter.use_draft_vocabulary(v)
+            drafter.use_draft_vocabulary(v, routes.head)  # projected as the decoder will (about)
             result.draft_ms[f"{n}/{v or 'all'}"] = round(median_ms(lambda: drafter.propose(state, root, tree)), 3)
             bar.update()
     drafter.use_draft_vocabulary(None)

@@ -180,7 +180,7 @@ class SpeculativeDecoder:
         self.drafter = drafter
         if packed_linears and drafter is not None:
             pack_for_cpu(drafter)  # where oneDNN serves the drafter's device and dtype; a no-op elsewhere
-        self.draft_vocab = apply_draft_vocabulary(drafter, draft_vocab, self.device)
+        self.draft_vocab = apply_draft_vocabulary(drafter, draft_vocab, self.device, setup.head_route)
         if drafter is not None and hasattr(drafter, "prepare_inference"):
             drafter.prepare_inference()  # one-time precomputation, kept out of every request's time
         self.limit = context_limit(model)

@@ -81,7 +81,11 @@ def vocab_head(model, route: str):
     (``F.linear``, MKL's product), ``few_rows`` (``weight @ z.T``, faster for a few rows on some processors) or
     ``packed`` (oneDNN's prepacked product). Which is fastest depends on the processor (measured on 2 cores: on an
     AMD EPYC 6.8, 2.3 and 2.1 ms a row; on an Intel Xeon 6.0, 15.2 and 5.5 ms), so calibration.py chooses."""
-    weight = model.get_output_embeddings().weight
+    return weight_head(model.get_output_embeddings().weight, route)
+
+
+def weight_head(weight: torch.Tensor, route: str):
+    """``z @ weight.T`` (a bias-free vocabulary projection, or a drafter's rows of one) by one of HEAD_ROUTES."""
     if route == "linear":
         return lambda z: nn.functional.linear(z, weight)
     if route == "few_rows":

@@ -162,6 +162,11 @@ class DynamicTree:
     def max_depth(self) -> int:
         return self.depth
 
+    @property
+    def is_chain(self) -> bool:
+        """Never: its nodes' order is chosen anew at every step (TreeTopology.is_chain)."""
+        return False
+
     def describe(self) -> str:
         return f"dynamic, {self.size} nodes, depth {self.depth}, beam {self.beam}"
 

@@ -362,6 +362,12 @@ def test_draft_vocabulary_drafts_only_frequent_tokens():
         drafted = drafter.propose(state, root, tree)
         check_tree(drafted, tree)
         assert set(drafted[1:].tolist()) <= frequent
+    default = drafter.draft_logits(1, hidden[:3])[0]
+    for route in target.HEAD_ROUTES:  # projected the way the base's head is (calibration.py): the same logits
+        assert apply_draft_vocabulary(drafter, 16, torch.device("cpu"), route) == 16
+        logits, columns = drafter.draft_logits(1, hidden[:3])
+        torch.testing.assert_close(logits, default, atol=1e-5, rtol=1e-5)
+        assert set(columns.tolist()) == frequent
     apply_draft_vocabulary(drafter, drafter.config.vocab_size, torch.device("cpu"))
     assert all(torch.equal(drafter.propose(state, root, tree), f) for tree, f in zip(trees, full))
     assert apply_draft_vocabulary(drafter, "auto", torch.device("cuda")) is None  # the GPU projection is cheap

@@ -80,10 +80,10 @@ def pack_for_cpu(drafter) -> bool:
     return True
 
 
-def apply_draft_vocabulary(drafter, spec, device) -> int | None:
+def apply_draft_vocabulary(drafter, spec, device, route: str | None = None) -> int | None:
     """Set the drafter's draft vocabulary from ``spec`` ('auto', 'full' or a token count); returns its size,
     None for the full vocabulary. 'auto' restricts only where it pays (AUTO_DRAFT_VOCAB) and only drafters
-    that know their base's token counts."""
+    that know their base's token counts. ``route``: the projection's (the base head's calibrated route)."""
     supported = drafter is not None and hasattr(drafter, "use_draft_vocabulary")
     if spec in (None, "full"):
         size = None
@@ -100,5 +100,5 @@ def apply_draft_vocabulary(drafter, spec, device) -> int | None:
         if not supported:
             raise ChimeraError("a draft vocabulary needs a Chimera drafter: this one scores the whole vocabulary")
     if supported:
-        drafter.use_draft_vocabulary(size)
+        drafter.use_draft_vocabulary(size, route)
     return size
