@@ -32,7 +32,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "chimera_grouped_sdpa"
-ENABLED = True  # measurement scripts turn it off to time transformers' own path
 
 
 def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -61,7 +60,7 @@ def applies(model) -> bool:
     config = model.config.get_text_config()
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return (ENABLED and model.device.type == "cpu" and model.config._attn_implementation == "sdpa" and bool(heads)
+    return (model.device.type == "cpu" and model.config._attn_implementation == "sdpa" and bool(heads)
             and kv_heads < heads)
 
 

@@ -39,12 +39,10 @@ def test_models_it_does_not_serve_are_used_as_they_are():
     assert attention.verifying_model(full_heads) is full_heads
     eager = tiny_model("llama", attn="eager")  # the user's choice of attention is kept
     assert attention.verifying_model(eager) is eager
-    attention.ENABLED = False
-    try:
-        grouped = tiny_model("llama")
-        assert GrowingVerifier(grouped).model is grouped
-    finally:
-        attention.ENABLED = True
+    grouped = tiny_model("llama")
+    assert GrowingVerifier(grouped).model is attention.verifying_model(grouped) is not grouped
+    elsewhere = tiny_model("llama").to("meta")  # not a CPU: a GPU keeps transformers' path (measured faster there)
+    assert attention.verifying_model(elsewhere) is elsewhere
 
 
 def test_decoding_with_it_equals_generate_and_leaves_generate_alone(default_model):
