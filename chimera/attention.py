@@ -5,7 +5,8 @@ copying keys and values only where no mask is given, or for a single query token
 we verify comes with a mask and several tokens, so transformers repeats each layer's keys and values once per query
 head of their group (``repeat_kv``): SmolLM2-135M, 3 query heads a key head, copies 2 x 9 heads x its whole context
 at each of its 30 layers. On an Intel Xeon (2 cores, float32, a 200-token context) that copy was 5.6 of the 40.2 ms
-of a forward over 3 tree tokens (33.5 ms over one), and it grows with the context.
+of a forward over 3 tree tokens (33.5 ms over one); on the same machine in a faster spell 1.7 of 28.4 ms (24.6 over
+one; scripts/cpu_tree_costs.py); it grows with the context.
 
 ``grouped_attention`` computes the same attention through SDPA's own grouped-query support (``enable_gqa``), whose
 masked CPU kernel gives bit-identical results (measured on the default model over 3-, 5- and 8-token trees; tested

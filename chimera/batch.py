@@ -5,6 +5,11 @@ A lone request is served faster by speculation (generate.py); many at once are s
 forward reads the weights once for the whole batch, so on a small model a step of 16 sequences costs little more
 than a step of one. The server (server/engine.py) runs this batch whenever more than one request is in flight.
 
+On a GPU the plain step runs in fixed shapes, a power-of-two number of rows (idle rows padded: each reads the last
+slot of its row, which a sequence writes before it ever reads it) over a power-of-two window, captured once per
+shape and replayed (graph_runner.py): with eager forwards 4 clients got 125 tokens/s in total on an H100, a seventh of
+one request alone; replayed, 459 (685 at 16 clients; docs/benchmarks.md, session 14). Prefills stay eager.
+
 Each sequence keeps what makes its output its own: its KV row, its length, its sampling settings and seeded
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
 float32 (greedy, and sampled with a seed: the same draws in the same order; tests/test_batch.py).

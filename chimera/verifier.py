@@ -53,7 +53,7 @@ class GrowingSession:
     def keep(self, path: torch.Tensor, length: int, tree: TreeBuffers) -> None:
         """Keep the first ``length`` nodes of ``path`` (padded as acceptance.Accepted.path is). A chain's accepted
         nodes already sit right after the prefix: the cache is only cut (its 60 copies a step for the default
-        model's 30 layers cost 0.5 ms on 2 CPU cores)."""
+        model's 30 layers cost 0.4 ms on 2 CPU cores)."""
         if tree.topology.size > 1:
             start = self.length - tree.topology.size
             if tree.topology.is_chain:

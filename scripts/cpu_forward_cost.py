@@ -2,7 +2,9 @@
 docs/benchmarks.md.
 
 1. The decoder's forward over m tree tokens on a 300-token cache (m = 1 plain; m > 1 a chain with the tree mask),
-   with the stock linear layers and with oneDNN-prepacked ones (chimera.cpu_linear, what our loop runs).
+   with the stock linear layers as transformers runs them, with the attention that does not copy keys
+   (chimera.attention, what our loop runs: the copy of the model the verifier uses), and with oneDNN-prepacked
+   linear layers (chimera.cpu_linear, on that copy).
 2. The throughput of the small matrix products it is made of (the model's own shapes), both ways, against a
    plain sum over a large array (what memory can stream).
 3. With --compile: the stock forwards through ``torch.compile`` (first call = compile time).
@@ -17,7 +19,7 @@ import time
 import torch
 
 import chimera
-from chimera import cache as kv, cpu_linear
+from chimera import attention, cache as kv, cpu_linear
 from chimera.cache_argument import cache_kwargs
 from chimera.cli import quiet_libraries
 from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
@@ -83,9 +85,11 @@ def main():
     args = p.parse_args()
     quiet_libraries()
     model, _ = chimera.load_base("smollm2-135m-instruct", dtype="float32", device="cpu")
-    packed = cpu_linear.packed_copy(model)
+    grouped = attention.verifying_model(model)
+    packed = cpu_linear.packed_copy(grouped)
     result = {"threads": torch.get_num_threads(),
               "forward": forward_ms(model.get_decoder(), model, args.sizes, args.repeats),
+              "forward_grouped_attention": forward_ms(grouped.get_decoder(), grouped, args.sizes, args.repeats),
               "forward_packed": forward_ms(packed.get_decoder(), packed, args.sizes, args.repeats),
               "matmul_GB_per_s": matmul_gb_per_s(model, args.sizes, args.repeats)}
     if args.compile:

@@ -10,7 +10,8 @@ Prints and writes as JSON:
 4. ``loop``: tokens/s, ms a step and the loop's host split (launching draft / the rest of the launch / other)
    of greedy turns, unsynchronised, launched ahead, for ``ar`` and ``chimera`` (adaptive drafting off), the
    latter also in the ``VARIANTS`` of drafting (session 12 had the drafter's levels op by op against compiled;
-   session 13 the choice of candidates compiled or not, and a shallower tree).
+   session 13 the choice of candidates compiled or not, and a shallower tree; session 14 also the base's attention
+   with each group's query heads folded into one query, a variant since removed: docs/benchmarks.md).
 
     python scripts/step_anatomy.py --questions spec_bench.jsonl --out anatomy.json
 """
@@ -39,9 +40,9 @@ from chimera.tree import DynamicTree
 EIGHT_DEEP = {"tree": DynamicTree(size=64, depth=8, beam=8)}  # the GPU's "auto" tree when session 13 measured
 VARIANTS = [  # name, with the drafter, SpeculativeDecoder's options, the parts of drafting compiled (None: its default)
     ("ar", False, {}, None),
-    ("chimera", True, EIGHT_DEEP, None),
-    ("chimera, selection op by op", True, EIGHT_DEEP, ("inputs", "output")),
-    ("chimera, dynamic tree 6 deep", True, {"tree": DynamicTree(size=64, depth=6, beam=8)}, None),  # "auto" since
+    ("chimera", True, {}, None),  # the automatic tree: 64 nodes, 6 deep on a GPU since session 13
+    ("chimera, 8 deep", True, EIGHT_DEEP, None),
+    ("chimera, 8 deep, selection op by op", True, EIGHT_DEEP, ("inputs", "output")),  # session 13's variants
 ]
 
 

@@ -332,8 +332,9 @@ class ChimeraDrafter(nn.Module):
         """Draft over only the ``size`` tokens the base writes most often (FR-Spec), or over the whole vocabulary
         (None). On a CPU the vocabulary projection is most of a drafting level's cost; a token outside the set
         only goes missing from the tree, so the output is unchanged. ``route``: how its rows are projected
-        (target.HEAD_ROUTES, the base head's as calibrated; on an Intel Xeon ``linear`` took 0.29 ms for 4,096 rows
-        where ``few_rows``, the default, took 0.86); None: target.weight_logits's default."""
+        (target.HEAD_ROUTES, the base head's as calibrated; on an Intel Xeon ``linear`` took 0.39-0.43 ms for 4,096
+        rows where ``few_rows``, the default, took 0.59-0.69: scripts/cpu_tree_costs.py); None: target.weight_logits's
+        default."""
         if size is None or size >= self.config.vocab_size:
             self.draft_vocab = self._draft_weights = None
             return

@@ -41,8 +41,9 @@ WARM_UP_NEW_TOKENS = 256  # the new tokens a request is assumed to ask for when 
 
 
 def default_max_batch(on_gpu: bool) -> int:
-    """The running batch when none is given: 16 on a CPU; 1 on a GPU, where the batch does not run through CUDA
-    graphs yet and a request alone (speculative, graphed) is faster."""
+    """The running batch when none is given: 16 on a CPU; 1 on a GPU, where a request alone (speculative, its
+    forward compiled and graphed) is still faster in total: on an H100 the default model served one request at a
+    time at 886 tokens/s, and the batch, its plain step graphed but not compiled, 459 and 685 at 4 and 16 clients."""
     return 1 if on_gpu else 16
 
 
