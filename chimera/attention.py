@@ -56,20 +56,23 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # masks transformers builds it
 
 
 def applies(model) -> bool:
-    """Whether ``grouped_attention`` would change anything: the model runs transformers' SDPA attention and groups
-    its query heads."""
+    """Whether ``grouped_attention`` would change anything: a model on a CPU whose attention goes through
+    transformers' attention interface, set to SDPA, with grouped query heads."""
     config = model.config.get_text_config()
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return (model.device.type == "cpu" and model.config._attn_implementation == "sdpa" and bool(heads)
-            and kv_heads < heads)
+    return (model.device.type == "cpu" and getattr(model, "_supports_attention_backend", False)
+            and model.config._attn_implementation == "sdpa" and bool(heads) and kv_heads < heads)
 
 
 def install(model) -> bool:
     """Switch ``model`` (one the caller owns: a copy) to ``grouped_attention`` where it applies; whether it did."""
     if not applies(model):
         return False
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, KeyError, NotImplementedError):  # a model that refuses it keeps transformers' SDPA
+        return False
     return model.config._attn_implementation == NAME
 
 

@@ -43,6 +43,9 @@ def test_models_it_does_not_serve_are_used_as_they_are():
     assert GrowingVerifier(grouped).model is attention.verifying_model(grouped) is not grouped
     elsewhere = tiny_model("llama").to("meta")  # not a CPU: a GPU keeps transformers' path (measured faster there)
     assert attention.verifying_model(elsewhere) is elsewhere
+    old_style = tiny_model("llama")
+    old_style._supports_attention_backend = False  # a model that does not call transformers' attention interface
+    assert attention.verifying_model(old_style) is old_style
 
 
 def test_decoding_with_it_equals_generate_and_leaves_generate_alone(default_model):
