@@ -92,5 +92,7 @@ def verifying_model(model):
         return model
     if model not in _TWINS:
         twin = shared_copy(model)
-        _TWINS[model] = twin if install(twin) else model
+        if not install(twin):
+            return model  # not kept: a value holding its own key would never leave the weak dictionary
+        _TWINS[model] = twin
     return _TWINS[model]

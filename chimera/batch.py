@@ -170,8 +170,8 @@ class RunningBatch:
         """``known`` tokens into the next free row for ``sequence``, which joins the batch; the last one's logits."""
         row, n = len(self.running), len(known)
         positions = torch.arange(n, device=self.device)[None]
-        logits = self._forward(slice(row, row + 1), torch.tensor([known], device=self.device), positions, n,
-                               logits_to_keep=1)
+        logits = self._forward(slice(row, row + 1), torch.tensor([known], device=self.device), positions,
+                               self._window(n), logits_to_keep=1)
         sequence.length = n
         self.running.append(sequence)
         if self.drafter is not None:
@@ -200,20 +200,13 @@ class RunningBatch:
         return out
 
     def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
-        tokens, positions = [[s.next_token] for s in active], [[s.length] for s in active]
-        extent = max(s.length for s in active) + 1
-        if self.fixed_shapes:
-            # idle rows hold no sequence: they read their last slot, which a sequence writes before it reads it
-            rows = min(power_of_two_at_least(len(active), 1), self.max_batch)
-            tokens += [[0]] * (rows - len(active))
-            positions += [[self.capacity - 1]] * (rows - len(active))
-            window = self._window(extent)
-            logits = self.runner.run(("plain", rows, window), functools.partial(self._plain_forward, window),
-                                     torch.tensor(tokens, device=self.device),
-                                     torch.tensor(positions, device=self.device))
-        else:
-            logits = self._forward(slice(0, len(active)), torch.tensor(tokens, device=self.device),
-                                   torch.tensor(positions, device=self.device), extent)
+        rows = min(power_of_two_at_least(len(active), 1), self.max_batch) if self.fixed_shapes else len(active)
+        # idle rows hold no sequence: they read their last slot, which a sequence writes before it reads it
+        tokens = [[s.next_token] for s in active] + [[0]] * (rows - len(active))
+        positions = [[s.length] for s in active] + [[self.capacity - 1]] * (rows - len(active))
+        window = self._window(max(s.length for s in active) + 1)
+        logits = self.runner.run(("plain", rows, window), functools.partial(self._plain_forward, window),
+                                 torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device))
         chosen = self._choose(logits[:len(active), -1], active)
         for sequence, token in zip(active, chosen):
             sequence.length += 1
@@ -252,7 +245,8 @@ class RunningBatch:
         tokens = torch.stack(chains)  # (rows, width)
         lengths = torch.tensor([s.length for s in active], device=self.device)
         positions = lengths[:, None] + torch.arange(width, device=self.device)
-        logits = self._forward(slice(0, len(active)), tokens, positions, max(s.length for s in active) + width)
+        logits = self._forward(slice(0, len(active)), tokens, positions,
+                               self._window(max(s.length for s in active) + width))
         predicted = logits.argmax(-1)  # (rows, width): the base's token after each position
         drafted = torch.tensor([s.draft is not None for s in active], device=self.device)
         accepted = (tokens[:, 1:] == predicted[:, :-1]).long().cumprod(-1).sum(-1) * drafted  # correct drafts in a row
@@ -283,15 +277,14 @@ class RunningBatch:
         return min(power_of_two_at_least(extent, SMALLEST_WINDOW), self.capacity)
 
     def _plain_forward(self, window: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """A plain step of the first ``len(tokens)`` rows over ``window`` slots: fixed shapes, no host read."""
-        return self._forward(slice(0, tokens.shape[0]), tokens, positions, window=window)
+        """A plain step of the first ``len(tokens)`` rows over ``window`` slots: no host read (capturable)."""
+        return self._forward(slice(0, tokens.shape[0]), tokens, positions, window)
 
-    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, extent: int = 0,
-                 logits_to_keep: int = 0, window: int | None = None) -> torch.Tensor:
+    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, window: int,
+                 logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (rows, kept tokens, vocab) of ``tokens`` (rows, n) at ``positions``, each row attending to its own
-        slots up to its position; ``extent`` (from the host's lengths, no device read) bounds every row's slots, or
-        ``window`` gives their number."""
-        window = window or self._window(extent)
+        slots up to its position, within the first ``window`` (``_window``, from the host's lengths: no device
+        read)."""
         self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)

@@ -194,8 +194,8 @@ def resolve(model, tokenizer, drafter, device: torch.device, tree, draft_vocab, 
     if packed_linears == "auto" and routes_apply(model, device):
         setup.routes = linear_routes(model, device)
         setup.packed_linears, setup.head_route = setup.routes.layers == "packed", setup.routes.head
-        if setup.calibration is not None and setup.calibration.head_route and setup.drafter is not None:
-            setup.head_route = setup.calibration.head_route  # measured for the chosen tree
+        if setup.calibration is not None and setup.calibration.head_route:  # set only where it chose a tree
+            setup.head_route = setup.calibration.head_route  # measured for that tree
     return setup
 
 
@@ -269,12 +269,15 @@ def save(calibration: Calibration, path) -> None:
         log.warning("could not save the calibration to %s: %s", path, exc.strerror or exc)
 
 
-def median_ms(fn, repeats: int = 5, warmup: int = 1) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+def median_ms(fn, repeats: int = 5, warmup: int = 1, before=None) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones; ``before()``, untimed,
+    precedes each timed call (e.g. a sweep that evicts the caches)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)

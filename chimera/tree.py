@@ -54,7 +54,7 @@ class TreeTopology:
     def chain(cls, depth: int) -> "TreeTopology":
         return cls.from_paths([(0,) * k for k in range(1, depth + 1)])
 
-    @property
+    @cached_property
     def is_chain(self) -> bool:
         """Each node the parent of the next: any accepted path is a prefix of the nodes, in order."""
         return self.parents == tuple(range(-1, len(self.parents) - 1))

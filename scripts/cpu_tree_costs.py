@@ -18,7 +18,6 @@ Usage: python scripts/cpu_tree_costs.py [--compile-drafter] [--out FILE.json]
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -27,23 +26,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import chimera
 from chimera import attention, cache as kv, target
-from chimera.calibration import processor_name
+from chimera.calibration import median_ms, processor_name
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-
-
-def median_ms(fn, repeats=30, before=None) -> float:
-    times = []
-    for _ in range(repeats + 3):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times[3:]), 3)
 
 
 def tree_profile(model, top: int = 6) -> list[dict]:
@@ -76,8 +64,9 @@ def draft_projection_ms(model) -> dict:
         z = torch.randn(rows, weight.shape[1])
         for route in target.HEAD_ROUTES:
             head = target.weight_head(weight, route)
-            out[f"{rows} rows/{route}"] = {"warm": median_ms(lambda: head(z)),
-                                           "flushed": median_ms(lambda: head(z), before=lambda: sweep.fill_(0))}
+            flushed = median_ms(lambda: head(z), 30, 3, before=lambda: sweep.fill_(0))
+            out[f"{rows} rows/{route}"] = {"warm": round(median_ms(lambda: head(z), 30, 3), 3),
+                                           "flushed": round(flushed, 3)}
     return out
 
 
@@ -88,9 +77,9 @@ def mkl_packed_ms() -> dict:
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, packed_for) for w in weights]
         for rows in (1, 3, 4, 8):
             xs = {i: torch.randn(rows, i) for i in (576, 1536)}
-            stock = median_ms(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], repeats=10)
-            mkl = median_ms(lambda: [torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, None, packed_for)
-                                     for w, p in zip(weights, packed)], repeats=10)
+            stock = round(median_ms(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], 10, 3), 3)
+            mkl = round(median_ms(lambda: [torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, None, packed_for)
+                                           for w, p in zip(weights, packed)], 10, 3), 3)
             same = torch.equal(F.linear(xs[576], weights[4]),
                                torch.ops.mkl._mkl_linear(xs[576], packed[4], weights[4], None, packed_for))
             out[f"packed for {packed_for}/{rows} rows"] = {"stock_ms": stock, "mkl_packed_ms": mkl, "same_bits": same}
@@ -110,13 +99,13 @@ def drafter_compile(model) -> dict:
             return drafter._propose(state, root, tree, state.keys[:, :state.length],
                                     state.values[:, :state.length], None, state.length, levels)
 
-    eager = median_ms(lambda: propose(None))
+    eager = round(median_ms(lambda: propose(None), 30, 3), 3)
     levels = drafter.compiled_levels("inductor")
     start = time.perf_counter()
     propose(levels)
     first = time.perf_counter() - start
     return {"eager_ms": eager, "compiled_first_call_s": round(first, 1),
-            "compiled_ms": median_ms(lambda: propose(levels), repeats=10)}
+            "compiled_ms": round(median_ms(lambda: propose(levels), 10, 3), 3)}
 
 
 def main():

@@ -53,6 +53,10 @@ def test_each_sequence_of_a_running_batch_is_what_it_is_alone(family, fixed_shap
     batch = RunningBatch(model, tokenizer, max_batch=4 if fixed_shapes else 3, capacity=128,
                          fixed_shapes=fixed_shapes)
     assert not batch.runner.graphs  # a CPU: the same functions a GPU captures, run as they are
+    rows_run = []
+    plain_forward = batch._plain_forward
+    batch._plain_forward = lambda window, tokens, positions: (rows_run.append(tokens.shape[0]),
+                                                              plain_forward(window, tokens, positions))[1]
     sequences, texts = {}, {}
     for name in ("p0", "p1"):
         sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
@@ -68,6 +72,7 @@ def test_each_sequence_of_a_running_batch_is_what_it_is_alone(family, fixed_shap
         assert results[name].token_ids == ref[0, len(prompt):].tolist()[:len(expected.token_ids)], name
         assert results[name].text == texts[name] == expected.text
         assert results[name].finish_reason == expected.finish_reason
+    assert (4 in rows_run) == fixed_shapes and (3 in rows_run) != fixed_shapes  # 3 running: padded to 4, or 3
 
 
 def test_stop_strings_and_seeded_sampling_in_a_batch_are_as_alone(default_model):

@@ -15,6 +15,7 @@ embeddings, ``W`` its frozen ``lm_head``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -239,7 +240,7 @@ class ChimeraDrafter(nn.Module):
         self._tables_version = None
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
         self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
-        self._draft_weights = None  # the vocabulary projection's rows for those ids, per head if untied
+        self._draft_heads = None  # the vocabulary projection onto those ids (callables), per head if untied
 
     @classmethod
     def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0):
@@ -336,7 +337,7 @@ class ChimeraDrafter(nn.Module):
         rows where ``few_rows``, the default, took 0.59-0.69: scripts/cpu_tree_costs.py); None: target.weight_logits's
         default."""
         if size is None or size >= self.config.vocab_size:
-            self.draft_vocab = self._draft_weights = None
+            self.draft_vocab = self._draft_heads = None
             return
         if self.token_counts is None:
             raise ChimeraError("this drafter has no token counts (token_counts.safetensors), which a draft "
@@ -345,10 +346,10 @@ class ChimeraDrafter(nn.Module):
         ids = self.token_counts.argsort(descending=True, stable=True)[:size].to(heads[0].weight.device)
         rows = [head.weight.detach()[ids].contiguous() for head in heads]
         if route is not None:
-            self._draft_weights = [weight_head(w, route) for w in rows]
+            self._draft_heads = [weight_head(w, route) for w in rows]
         else:
-            self._draft_weights = [PackedWeight(w) if isinstance(head, PackedLinear) else w
-                                   for head, w in zip(heads, rows)]
+            self._draft_heads = [PackedWeight(w) if isinstance(head, PackedLinear) else partial(weight_logits, weight=w)
+                                 for head, w in zip(heads, rows)]
         self.draft_vocab = ids
 
     def draft_logits(self, k: int, state: torch.Tensor):
@@ -356,8 +357,7 @@ class ChimeraDrafter(nn.Module):
         token i)."""
         if self.draft_vocab is None:
             return self.state_logits(k, state), None
-        project = self._draft_weights[k - 1 if self.head_lm is not None else 0]
-        return (project(state) if callable(project) else weight_logits(state, project)), self.draft_vocab
+        return self._draft_heads[k - 1 if self.head_lm is not None else 0](state), self.draft_vocab
 
     def level_inputs(self, before: torch.Tensor, last: torch.Tensor, token: torch.Tensor, positions: torch.Tensor):
         """A drafting level's n nodes into the layer: their trigram encodings g (n, d), from the two tokens before
