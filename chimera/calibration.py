@@ -76,6 +76,10 @@ class Calibration:
     head_route: str | None = None
     head_ms: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def drafts(self) -> bool:
+        return self.tree_size > 0
+
     def describe(self) -> str:
         if self.tree_size == 0:
             return f"plain decoding ({self.reason})"
@@ -172,30 +176,39 @@ class Setup:
     draft_vocab: object
     packed_linears: bool
     head_route: str | None = None  # target.HEAD_ROUTES; None: target.vocab_logits's default
-    calibration: Calibration | None = None
+    calibration: object = None  # Calibration (CPU) or gpu_calibration.TreeCalibration, where one decided
     routes: Routes | None = None
 
 
 def resolve(model, tokenizer, drafter, device: torch.device, tree, draft_vocab, packed_linears,
-            calibrate: bool = True) -> Setup:
+            calibrate: bool = True, options: dict | None = None) -> Setup:
     """On a CPU: the tree and draft vocabulary from the calibration (``tree`` 'auto', a profiled drafter), and
-    the linear routes (``packed_linears`` 'auto', float32), each measured once and cached. Elsewhere, and for
-    options given explicitly, what was given ('auto' packed linears meaning the prepacked route)."""
+    the linear routes (``packed_linears`` 'auto', float32), each measured once and cached. On a GPU: the dynamic
+    tree and draft vocabulary from gpu_calibration (``tree`` 'auto'), measured by decoding with the decoder's
+    switches ``options``. Elsewhere, and for options given explicitly, what was given ('auto' packed linears
+    meaning the prepacked route)."""
+    from . import gpu_calibration
+
     setup = Setup(drafter, tree, draft_vocab, packed_linears is True or packed_linears == "auto")
     if calibrate and applies(drafter, device, tree):
         setup.calibration = load_or_measure(model, tokenizer, drafter, device)
         if setup.calibration.tree_size:
             profile = drafter.acceptance_profile[: drafter.config.num_draft_heads]
             setup.tree = TreeTopology.from_profile(profile, setup.calibration.tree_size)
-            if draft_vocab == "auto":
-                setup.draft_vocab = setup.calibration.draft_vocab or "full"
-        else:
+    elif calibrate and gpu_calibration.applies(drafter, device, tree):
+        setup.calibration = gpu_calibration.load_or_measure(model, tokenizer, drafter, device,
+                                                            options or gpu_calibration.decoder_options())
+        setup.tree = setup.calibration.tree or tree
+    if setup.calibration is not None:
+        if not setup.calibration.drafts:
             setup.drafter = None
+        elif draft_vocab == "auto":
+            setup.draft_vocab = setup.calibration.draft_vocab or "full"
     if packed_linears == "auto" and routes_apply(model, device):
         setup.routes = linear_routes(model, device)
         setup.packed_linears, setup.head_route = setup.routes.layers == "packed", setup.routes.head
-        if setup.calibration is not None and setup.calibration.head_route:  # set only where it chose a tree
-            setup.head_route = setup.calibration.head_route  # measured for that tree
+        chosen = getattr(setup.calibration, "head_route", None)  # the CPU's, set only where it chose a tree
+        setup.head_route = chosen or setup.head_route  # measured for that tree
     return setup
 
 

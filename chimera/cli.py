@@ -162,20 +162,26 @@ def compare_decodings(args, model, tokenizer, drafter) -> int:
 def cmd_calibrate(args) -> int:
     from dataclasses import asdict
 
-    from . import calibration
+    from . import calibration, gpu_calibration
     from .drafters import resolve_drafter
     from .models import load_base, resolve_device, resolve_dtype
 
     resolve_dtype(args.dtype)
     device = resolve_device(args.device)
-    if device.type != "cpu":
-        raise ChimeraError("calibration measures CPU decoding; on a GPU the trees are chosen as they are drafted "
-                           "(dynamic trees)")
+    if device.type not in ("cpu", "cuda"):
+        raise ChimeraError(f"calibration measures CPU or CUDA decoding, not {device.type}")
     model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     drafter = resolve_drafter(args.drafter, model)
-    if not calibration.applies(drafter, device, "auto"):
-        raise ChimeraError("calibration needs a Chimera drafter with an acceptance profile (chimera train saves one)")
-    result = calibration.load_or_measure(model, tokenizer, drafter, device, remeasure=True)
+    if device.type == "cuda":
+        if not gpu_calibration.applies(drafter, device, "auto"):
+            raise ChimeraError("calibration on a GPU needs a Chimera drafter (it drafts dynamic trees)")
+        result = gpu_calibration.load_or_measure(model, tokenizer, drafter, device,
+                                                 gpu_calibration.decoder_options(), remeasure=True)
+    else:
+        if not calibration.applies(drafter, device, "auto"):
+            raise ChimeraError("calibration needs a Chimera drafter with an acceptance profile "
+                               "(chimera train saves one)")
+        result = calibration.load_or_measure(model, tokenizer, drafter, device, remeasure=True)
     if args.json:
         print(json.dumps(asdict(result)))
     else:
@@ -407,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="makes a sampled run reproducible (default: random)")
     gen.set_defaults(func=cmd_generate)
 
-    cal = sub.add_parser("calibrate", help="measure what speculation should look like on this machine (CPU): "
-                                           "linear route, tree size, draft vocabulary, or none; cached")
+    cal = sub.add_parser("calibrate", help="measure what speculation should look like on this machine: on a CPU "
+                                           "the linear route, tree size and draft vocabulary, on a GPU the dynamic "
+                                           "tree and draft vocabulary, or no drafting; cached")
     add_model_args(cal)
     cal.add_argument("--drafter", default="auto", help="drafter directory or 'auto' (the shipped one; default)")
     cal.add_argument("--json", action="store_true", help="print every measurement as JSON")

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 
 import torch
 
@@ -92,6 +93,9 @@ def announced(function, shape: str, first: bool = True):
     return function.announce(shape) if first and isinstance(function, Compiled) else contextlib.nullcontext()
 
 
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {backend: CompiledDecoder}
+
+
 class CompiledDecoder(Compiled):
     """Called like ``model.get_decoder()``, compiled, with inductor's coordinate-descent tuning of its kernels'
     launch settings (what gpt-fast turns on): measured on an H200 on a Llama-3-8B shape in bfloat16, the plain
@@ -101,6 +105,16 @@ class CompiledDecoder(Compiled):
 
     def __init__(self, model, backend: str = "inductor"):
         super().__init__(model.get_decoder(), "the base forward", backend, tuned=True)
+
+    @classmethod
+    def shared(cls, model, backend: str = "inductor") -> "CompiledDecoder":
+        """One per model and backend in a process, so that every decoder of it (the bench's methods, the
+        calibration's candidates, the server's) replays what the first one compiled: a second torch.compile of
+        the same module compiles each shape again (from inductor's disk cache at best)."""
+        per_model = _SHARED.setdefault(model, {})
+        if backend not in per_model:
+            per_model[backend] = cls(model, backend)
+        return per_model[backend]
 
     @staticmethod
     def mark_capacity(tensor: torch.Tensor, dim: int) -> None:

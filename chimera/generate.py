@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import calibration
+from . import calibration, gpu_calibration
 from .adaptive import DraftingSwitch, PauseMemory, StepCosts
 from .errors import ChimeraError
 from .drafters import apply_draft_vocabulary, pack_for_cpu
@@ -136,9 +136,10 @@ class SpeculativeDecoder:
     prepacked weights (cpu_linear): a second copy of the base's linear weights, made only if memory allows,
     that makes a forward over a few tree tokens cost about what one token does. ``model`` itself is not changed.
 
-    ``calibrate``: on a CPU with ``tree="auto"``, choose the tree and the draft vocabulary (where 'auto') by
-    measuring them on this machine once (calibration.py; cached on disk), down to no drafting where nothing beats
-    plain decoding. ``packed_linears`` 'auto' (CPU, float32): the linear layers' route and the vocabulary
+    ``calibrate``: with ``tree="auto"``, choose the tree and the draft vocabulary (where 'auto') by measuring them
+    on this machine once (cached on disk), down to no drafting where nothing beats plain decoding: on a CPU from
+    the measured costs of its parts and the drafter's profile (calibration.py), on a GPU by decoding with each
+    candidate dynamic tree (gpu_calibration.py). ``packed_linears`` 'auto' (CPU, float32): the linear layers' route and the vocabulary
     projection's, measured likewise (calibration.linear_routes); True or False forces the layers' route.
 
     ``compile``: with CUDA graphs on a GPU, capture the base's decoder compiled by torch.compile (fused norms,
@@ -174,7 +175,8 @@ class SpeculativeDecoder:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         setup = calibration.resolve(model, tokenizer, drafter, self.device, tree, draft_vocab, packed_linears,
-                                    calibrate)
+                                    calibrate, gpu_calibration.decoder_options(cuda_graphs, compile, compile_drafter,
+                                                                               launch_ahead, packed_linears))
         self.calibration, self.routes = setup.calibration, setup.routes
         drafter, tree, draft_vocab, packed_linears = setup.drafter, setup.tree, setup.draft_vocab, setup.packed_linears
         self.drafter = drafter

@@ -315,7 +315,7 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology | Dynamic
         return _dynamic_tree(name, drafter)
     device_type = getattr(device, "type", device)
     if name == "auto" and device_type in AUTO_DYNAMIC and getattr(drafter, "drafts_dynamic_trees", False):
-        return _dynamic_tree(AUTO_DYNAMIC[device_type], drafter, cap_depth=True)
+        return default_dynamic_tree(drafter, device_type)
     if name != "auto" and not (name.isascii() and name.isdigit()):
         raise ChimeraError(f"unknown tree {name[:40]!r}: choose one of {', '.join(TOPOLOGIES)}, auto, a node count, "
                            "or dynamic-N[-BEAM[-DEPTH]]")
@@ -331,6 +331,12 @@ def get_topology(name: str, drafter=None, device=None) -> TreeTopology | Dynamic
         return TOPOLOGIES[DEFAULT_TOPOLOGY]
     heads = getattr(getattr(drafter, "config", None), "num_draft_heads", len(profile))
     return TreeTopology.from_profile(profile[:heads], size)
+
+
+def default_dynamic_tree(drafter, device_type: str = "cuda") -> DynamicTree:
+    """The dynamic tree 'auto' gives ``drafter`` on ``device_type`` before any calibration (AUTO_DYNAMIC), no deeper
+    than its heads."""
+    return _dynamic_tree(AUTO_DYNAMIC[device_type], drafter, cap_depth=True)
 
 
 def _dynamic_tree(name: str, drafter, cap_depth: bool = False) -> DynamicTree:

@@ -258,7 +258,7 @@ class SlotVerifier:
         self.model = attention.verifying_model(model)
         self.device = next(model.parameters()).device
         self.runner = GraphRunner(graphs)
-        self.decoder = CompiledDecoder(self.model, backend) if compiled and compilable(self.model) else None
+        self.decoder = CompiledDecoder.shared(self.model, backend) if compiled and compilable(self.model) else None
         self.padded_prefill = graphs and compiled if padded_prefill is None else padded_prefill
         self.banks: dict[int, SlotBank] = {}
 

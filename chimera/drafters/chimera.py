@@ -389,9 +389,13 @@ class ChimeraDrafter(nn.Module):
         drafting from 3.19 to 2.09 ms a step, 1290 to 754 kernels (session 12); with the attention and the choice of
         candidates compiled too, 444 kernels and 1.82 ms on an H100, against 579 and 2.08 ms with the choice op by op
         (docs/benchmarks.md, session 13)."""
-        eager = self.eager_levels()
-        return DraftLevels(*(Compiled(function, "the drafter's levels", backend) if name in parts else function
-                             for name, function in zip(DraftLevels._fields, eager)))
+        key = (backend, tuple(parts))  # one per drafter, so that every decoder drafting with it shares what compiled
+        cache = self.__dict__.setdefault("_compiled_levels", {})
+        if key not in cache:
+            eager = self.eager_levels()
+            cache[key] = DraftLevels(*(Compiled(function, "the drafter's levels", backend) if name in parts
+                                       else function for name, function in zip(DraftLevels._fields, eager)))
+        return cache[key]
 
     def candidates(self, depth: int, state: torch.Tensor, k: int):
         """Head ``depth``'s ``k`` likeliest tokens for each row of ``state`` (a level's ``level_output``), with their
