@@ -54,6 +54,7 @@ class Compiled:
         self.compiled = torch.compile(function, backend=backend, dynamic=None, options=options)
         self.failure: str | None = None  # why compiling failed, once it has
         self.seconds = 0.0  # spent in calls that compiled a new shape
+        self.shapes: set[str] = set()  # the shapes announced (compiled) so far
 
     def __call__(self, *args, **kwargs):
         if self.failure is not None:
@@ -71,7 +72,12 @@ class Compiled:
 
     @contextlib.contextmanager
     def announce(self, shape: str):
-        """Around the first call of a new shape: one progress line before it, its duration after."""
+        """Around the first call of a new shape: one progress line before it, its duration after. A shape met
+        before (by another decoder sharing this function) gets no line: it is not compiled again."""
+        if shape in self.shapes:
+            yield
+            return
+        self.shapes.add(shape)
         if self.failure is None:
             log.info("compiling %s for %s (once per process and shape)...", self.what, shape)
         start = time.perf_counter()
@@ -109,8 +115,8 @@ class CompiledDecoder(Compiled):
     @classmethod
     def shared(cls, model, backend: str = "inductor") -> "CompiledDecoder":
         """One per model and backend in a process, so that every decoder of it (the bench's methods, the
-        calibration's candidates, the server's) replays what the first one compiled: a second torch.compile of
-        the same module compiles each shape again (from inductor's disk cache at best)."""
+        calibration's candidates, the server's) replays what the first one compiled, each shape compiled and
+        announced once, rather than each decoder compiling through a wrapper of its own."""
         per_model = _SHARED.setdefault(model, {})
         if backend not in per_model:
             per_model[backend] = cls(model, backend)

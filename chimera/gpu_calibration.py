@@ -1,22 +1,30 @@
 """What the dynamic tree and the draft vocabulary should be on this GPU, chosen by decoding with each.
 
 Why: on a GPU ``--tree auto`` was one tree measured once (64 nodes, beam 8, 6 levels, the whole vocabulary), but
-what pays depends on the card and the model. For the default model on an H100 a drafted level costs about 0.2 ms and
-verifying 64 nodes about what one token does; on a Llama-3-8B shape verifying 64 nodes costs 1.5x a plain step
-and each level projects a 128k-token vocabulary (docs/benchmarks.md). The CPU's calibration (calibration.py)
+what pays depends on the card and the model. For the default model on an H100 a drafted level costs about 0.2 ms
+and verifying 64 nodes about what one token does; on a Llama-3-8B shape verifying 64 nodes costs more than a plain
+step and each level projects a 128k-token vocabulary (docs/benchmarks.md). The CPU's calibration (calibration.py)
 predicts tau from the drafter's acceptance profile, which describes static trees; a dynamic tree is chosen at
-every step from the drafter's own probabilities, so here each candidate is measured whole: greedy decodes of a few
-built-in prompts with that tree and draft vocabulary, through the decoder exactly as it will run (CUDA graphs,
-compiled forwards, the same switches), timed without the prefill after an untimed pass that captures every
-shape. Plain decoding is measured the same way, and the highest tokens/s wins, "no drafting" included.
+every step from the drafter's own probabilities, so here each candidate is measured whole: greedy decodes of six
+built-in prompts (the CPU's three, a translation, a summary and a sum) with that tree and draft vocabulary, through
+the decoder exactly as it will run (CUDA graphs, compiled forwards, the same switches), timed without the prefill
+after an untimed pass that captures every shape. Plain decoding is measured the same way, and the highest tokens/s
+wins, "no drafting" included.
 
 The search goes one choice at a time from the default tree: its depth (levels drafted), then the draft
-vocabulary at the best depth, then the node count at both: about ten decodes. Each node count compiles the
-base's forward once (compiled.py shares it between decoders; inductor keeps it on disk), so a first calibration
-on a fresh machine costs a few minutes and a later one, or another process, seconds. The result is kept in the
-cache directory like the CPU's (keyed by GPU, libraries, model, drafter and the decoder's compile switches); a
-corrupt or stale file is ignored with one warning and measured again; ``chimera calibrate`` re-measures. It
-changes what is drafted, never what is accepted.
+vocabulary at the best depth, then the node count at both: about ten decodes. Measured on an H100 in bfloat16
+(default model and drafter; ``chimera calibrate --device cuda --dtype bfloat16 --json``, docs/benchmarks.md,
+session 15): plain 942 tokens/s on its prompts; 64 nodes 3/4/5/6/8 levels deep 940/916/866/826/746 (tau
+2.43-2.74: each level drafted cost more than the tokens it added); at 3 levels a 16,384-token draft vocabulary 975
+(the whole one 940, 32,768 957, 8,192 960); then 32 and 128 nodes 936 and 916: it chose 64 nodes, 3 levels,
+16,384 tokens. On Spec-Bench that choice gave 1.08x over our plain loop against 1.10x for the former fixed tree, the
+same within the run-to-run spread of ``ar`` (846-890 tokens/s). It took 403 s on a fresh machine, 373 of them
+compiling (the base's forward for four tree sizes 226 s, of which the 1- and 64-token ones, 116 s, any decoder
+compiles; the drafter's levels and the KV compaction for five depths 146 s); each shape compiles once (compiled.py
+shares the base's forward and the drafter's levels between decoders; inductor keeps its kernels on disk), and a
+later run reads the choice from the cache. It is kept in the cache directory like the CPU's (keyed by GPU,
+libraries, model, drafter and the decoder's compile switches); a corrupt or stale file is ignored with one warning
+and measured again; ``chimera calibrate`` re-measures. It changes what is drafted, never what is accepted.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ class TreeCalibration:
     key: dict
     tree: str  # a dynamic tree's name (tree.get_topology); "" where plain decoding won
     draft_vocab: int | None  # None: the whole vocabulary
-    tokens_per_s: dict[str, float] = field(default_factory=dict)  # candidate ("dynamic-64-8-6/all", "plain") -> measured
+    tokens_per_s: dict[str, float] = field(default_factory=dict)  # "dynamic-64-8-6/all", "plain"... -> measured
     tau: dict[str, float] = field(default_factory=dict)  # candidate -> tokens per drafted step
     seconds: float = 0.0  # the whole calibration, compilation included
     reason: str = ""
@@ -114,6 +122,8 @@ def measure(model, tokenizer, drafter, key: dict, options: dict, progress: bool 
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    log.info("calibrating the trees on this GPU: decoding %d prompts with each candidate (once per card, model and "
+             "drafter; a first run compiles each shape it meets, minutes on a fresh machine)", len(prompts))
     default = default_dynamic_tree(drafter)
     heads = drafter.config.num_draft_heads
     vocab_size = model.get_output_embeddings().weight.shape[0]

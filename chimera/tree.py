@@ -281,7 +281,8 @@ DEFAULT_TOPOLOGY = "medium"  # what "auto" uses for a drafter without an accepta
 AUTO_TREE_SIZE = {"cuda": 64, "cpu": 5}  # nodes: verifying is nearly free on a GPU, not on a CPU (docs/benchmarks.md)
 # "auto" for drafters that build dynamic trees, per device (docs/benchmarks.md: +7 % tau over the static 64), at most
 # 6 levels deep: on an H100 in bfloat16 the shipped drafter's 8 levels gave tau 2.95 at 3.94 ms a step, 6 levels
-# tau 2.99 at 3.50 ms (docs/benchmarks.md, session 13; each level drafted costs about 0.2 ms there)
+# tau 2.99 at 3.50 ms (docs/benchmarks.md, session 13; each level drafted costs about 0.2 ms there). Since session 15
+# this is where the GPU's calibration starts (gpu_calibration.py), and what runs uncalibrated (calibrate=False)
 AUTO_DYNAMIC = {"cuda": "dynamic-64-8-6"}
 
 

@@ -100,7 +100,7 @@ def main() -> None:
     save()
     for name in args.variants:
         drafter = resolve_drafter("auto", model)
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, **VARIANTS[name])
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, calibrate=False, **VARIANTS[name])
         row = run(decoder, prompts, args.new_tokens)
         row["r"] = round(row["ms_per_step"] / plain["ms_per_step"], 3)
         row["draft_over_plain_step"] = round(row["split_ms"]["draft"] / plain["ms_per_step"], 3)

@@ -61,7 +61,8 @@ def main():
             ("chimera-eager", True, False, False), ("chimera-graph", True, True, False),
             ("chimera-compiled", True, True, True)]:
         decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter if with_drafter else None,
-                                             sync_timing=True, cuda_graphs=graphs, compile=compiled)
+                                             sync_timing=True, cuda_graphs=graphs, compile=compiled,
+                                             calibrate=False)  # each path on the same default tree
         print(name, json.dumps(measure(decoder, prompts, args.max_new_tokens, references)), flush=True)
     for tree in args.trees:
         decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree)

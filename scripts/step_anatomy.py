@@ -168,7 +168,7 @@ def main() -> None:
     report["loop"] = {}
     for name, use_drafter, options, parts in variants:
         chosen = drafter if use_drafter else None
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, chosen, adaptive=False, **options)
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, chosen, adaptive=False, calibrate=False, **options)
         if parts is not None:  # only these parts of drafting compiled (before the first capture, which compiles)
             decoder.drafter.levels = drafter.compiled_levels(parts=parts)
         decoder.warm_up(max(len(x) for x in prompts), args.new_tokens)

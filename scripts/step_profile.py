@@ -59,7 +59,7 @@ def main() -> None:
     drafter = resolve_drafter("auto", model)
     lines = []
     for name, options in (("launched ahead", {}), ("read before the next launch", {"launch_ahead": False})):
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, adaptive=False, **options)
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, adaptive=False, calibrate=False, **options)
         decoder.warm_up(max(len(x) for x in prompts), args.new_tokens)
         tokens, seconds, steps = 0, 0.0, 0
         for prompt in prompts:

@@ -121,3 +121,17 @@ def test_capturing_a_compaction_moves_nothing():
         for mine, reference in zip(bank.cache.layers, banks[0].cache.layers):
             assert torch.equal(mine.keys[:, :, :11], reference.keys[:, :, :11])
     assert isinstance(banks[-1].move, Compiled) and banks[-1].move.failure is None
+
+
+def test_one_compiled_decoder_per_model_and_each_shape_announced_once(caplog):
+    model = tiny_model("llama")
+    shared = CompiledDecoder.shared(model, backend="aot_eager")
+    assert CompiledDecoder.shared(model, backend="aot_eager") is shared  # every decoder replays what one compiled
+    assert CompiledDecoder.shared(model, backend="eager") is not shared
+    assert CompiledDecoder.shared(tiny_model("llama"), backend="aot_eager") is not shared
+    with caplog.at_level(logging.INFO, logger="chimera"):
+        for shape in ("1-token trees", "1-token trees", "64-token trees"):
+            with shared.announce(shape):
+                pass
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
+    assert len(lines) == 2 and "1-token" in lines[0] and "64-token" in lines[1]
