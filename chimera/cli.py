@@ -82,11 +82,11 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
                              "'none' (plain decoding) or 'random' (untrained, for testing)")
     parser.add_argument("--tree", default="auto",
                         help=f"draft tree: {', '.join(TOPOLOGIES)}, a node count built from the drafter's "
-                             "measured acceptance, dynamic-N[-BEAM[-DEPTH]] (chosen anew each step), or auto (a "
-                             "size suited to the device; default)")
+                             "measured acceptance, dynamic-N[-BEAM[-DEPTH]] (chosen anew each step), or auto (the "
+                             "tree measured fastest on this machine, once, cached: chimera calibrate; default)")
     parser.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice,
-                        help="tokens the drafter scores: auto (its base's most written tokens on a CPU, all on a "
-                             "GPU; default), full, or a count N (the N most written)")
+                        help="tokens the drafter scores: auto (as many of its base's most written tokens as measured "
+                             "fastest here; default), full, or a count N (the N most written)")
     add_compile_arg(parser)
 
 
@@ -359,7 +359,7 @@ def cmd_throughput(args) -> int:
     results = throughput(model, tokenizer, drafter, questions, list(dict.fromkeys(args.methods)),
                          args.concurrency, args.max_new_tokens, Path(args.out), args.max_batch,
                          progress=lambda line: print(f"chimera: {line}", file=sys.stderr),
-                         batch_drafting=args.batch_drafting)
+                         batch_drafting=args.batch_drafting, tree=args.tree, draft_vocab=args.draft_vocab)
     print(table(results))
     return 0
 
@@ -499,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
                     help="the engine's running batch (default: the concurrency)")
     th.add_argument("--drafter", default="auto", help="drafter for chimera (default: the shipped one)")
+    th.add_argument("--tree", default="auto", help="draft tree for chimera alone (as in 'generate')")
+    th.add_argument("--draft-vocab", default="auto", type=draft_vocab_choice,
+                    help="chimera's draft vocabulary (as in 'generate')")
     th.add_argument("--batch-drafting", action="store_true", dest="batch_drafting",
                     help="chimera's running batch drafts too (chimera serve --batch-drafting)")
     th.add_argument("--out", required=True, help="results directory: throughput.json and throughput.md")

@@ -125,7 +125,8 @@ def table(results: list[LoadResult]) -> str:
 
 
 def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max_new_tokens: int, out: Path,
-               max_batch: int | None = None, progress=print, batch_drafting: bool = False) -> list[LoadResult]:
+               max_batch: int | None = None, progress=print, batch_drafting: bool = False, tree="auto",
+               draft_vocab="auto") -> list[LoadResult]:
     """Every method at every concurrency on the first turns of ``questions``; writes ``out``/throughput.json and
     throughput.md as it goes."""
     from ..generate import SpeculativeDecoder
@@ -136,7 +137,7 @@ def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max
     if "chimera" in methods:
         if drafter is None:
             raise ChimeraError("method chimera needs a drafter: none is shipped for this model")
-        decoders["chimera"] = SpeculativeDecoder(model, tokenizer, drafter)
+        decoders["chimera"] = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=draft_vocab)
     warm = prompts[:2]
     for name in methods:  # untimed: calibration, packing, captures
         if name != "hf":
