@@ -86,3 +86,10 @@ def as_on_a_gpu(decoder):
     if decoder.drafter is not None and hasattr(decoder.drafter, "propose_static"):
         decoder.drafter = GraphedDrafter(decoder.drafter, decoder.tree, capacity=decoder.limit, graphs=False)
     return decoder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache directory of the test's own (calibrations, converted models): nothing read from or left in the user's."""
+    monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path))
+    return tmp_path

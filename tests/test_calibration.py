@@ -10,22 +10,15 @@ import torch
 from chimera import SpeculativeDecoder, calibration, target
 from chimera.calibration import Calibration
 from conftest import FAMILIES, tiny_model
-from test_drafter import perturbed_drafter
+from test_drafter import counted_drafter, perturbed_drafter
 
 PROFILE = [[0.7, 0.15, 0.05], [0.6, 0.15, 0.05], [0.5, 0.1, 0.05], [0.5, 0.1, 0.05], [0.4, 0.1, 0.05]]
 
 
 def profiled_drafter(model):
-    drafter = perturbed_drafter(model, heads=5)
+    drafter = counted_drafter(model, heads=5)
     drafter.acceptance_profile = PROFILE
-    drafter.token_counts = torch.arange(model.config.vocab_size, 0, -1)
     return drafter
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path))
-    return tmp_path
 
 
 def test_it_measures_once_then_reads_the_cache(cache, default_model, monkeypatch):

@@ -22,6 +22,13 @@ def perturbed_drafter(model, heads=4):
     return drafter.eval()
 
 
+def counted_drafter(model, heads=5):
+    """``perturbed_drafter`` that knows its base's token counts (what a draft vocabulary is chosen from)."""
+    drafter = perturbed_drafter(model, heads=heads)
+    drafter.token_counts = torch.arange(model.config.vocab_size, 0, -1)
+    return drafter
+
+
 def test_trigram_tables_equal_direct_computation():
     drafter = perturbed_drafter(tiny_model("llama"))
     t0, t1, t2 = torch.randint(0, drafter.pad_id + 1, (3, 200))

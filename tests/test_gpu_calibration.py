@@ -12,23 +12,9 @@ from chimera import SpeculativeDecoder, gpu_calibration
 from chimera.gpu_calibration import TreeCalibration
 from chimera.tree import DynamicTree, get_topology
 from conftest import FAMILIES, tiny_model
-from test_drafter import perturbed_drafter
+from test_drafter import counted_drafter
 
-CPU = torch.device("cpu")
-
-
-def counted_drafter(model, heads=5):
-    """A drafter that drafts dynamic trees and knows its base's token counts, without an acceptance profile (so the
-    CPU's own calibration leaves it alone)."""
-    drafter = perturbed_drafter(model, heads=heads)
-    drafter.token_counts = torch.arange(model.config.vocab_size, 0, -1)
-    return drafter
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path))
-    return tmp_path
+CPU = torch.device("cpu")  # counted_drafter has no acceptance profile, so the CPU's own calibration leaves it alone
 
 
 def rates(plain: float, table):
