@@ -8,7 +8,10 @@ than a step of one. The server (server/engine.py) runs this batch whenever more 
 On a GPU the plain step runs in fixed shapes, a power-of-two number of rows (idle rows padded: each reads the last
 slot of its row, which a sequence writes before it ever reads it) over a power-of-two window, captured once per
 shape and replayed (graph_runner.py): with eager forwards 4 clients got 125 tokens/s in total on an H100, a seventh of
-one request alone; replayed, 459 (685 at 16 clients; docs/benchmarks.md, session 14). Prefills stay eager.
+one request alone; replayed, 459 (685 at 16 clients; docs/benchmarks.md, session 14). Prefills stay eager. Those
+figures, and 990 tokens/s at 64 clients (session 15), include the capture of each shape the batch met first inside
+the timed run; ``warm_up`` now captures every shape before the first request (server start, ``chimera
+throughput``'s untimed setup), not yet measured on a GPU.
 
 Each sequence keeps what makes its output its own: its KV row, its length, its sampling settings and seeded
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
@@ -199,8 +202,31 @@ class RunningBatch:
         switch.record(drafting, sum(len(tokens) for tokens in steps) / len(steps), time.perf_counter() - start)
         return out
 
+    def warm_up(self) -> float:
+        """Capture the plain step for every shape it can take (each rows bucket over each window) before a request
+        meets one: a first capture inside serving stalls every member of the batch for it, and a benchmark would
+        count it. Returns the seconds it took; nothing to do without captures. The captures' runs write the last
+        slot of each row, as idle rows do (``_plain_step``): a sequence writes that slot before it reads it."""
+        if not self.runner.graphs:
+            return 0.0
+        start = time.perf_counter()
+        windows = sorted({self._window(extent) for extent in (*(1 << k for k in range(self.capacity.bit_length())),
+                                                              self.capacity)})
+        for rows in sorted({self._rows(count) for count in range(1, self.max_batch + 1)}):
+            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+            positions = torch.full((rows, 1), self.capacity - 1, device=self.device)
+            for window in windows:
+                key = ("plain", rows, window)
+                if not self.runner.can_run(key):
+                    self.runner.capture(key, functools.partial(self._plain_forward, window), tokens, positions)
+        return time.perf_counter() - start
+
+    def _rows(self, count: int) -> int:
+        """The rows a plain step of ``count`` sequences runs: a power of two with fixed shapes (idle rows padded)."""
+        return min(power_of_two_at_least(count, 1), self.max_batch) if self.fixed_shapes else count
+
     def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
-        rows = min(power_of_two_at_least(len(active), 1), self.max_batch) if self.fixed_shapes else len(active)
+        rows = self._rows(len(active))
         # idle rows hold no sequence: they read their last slot, which a sequence writes before it reads it
         tokens = [[s.next_token] for s in active] + [[0]] * (rows - len(active))
         positions = [[s.length] for s in active] + [[self.capacity - 1]] * (rows - len(active))

@@ -9,6 +9,7 @@ import torch
 from chimera import SpeculativeDecoder
 from chimera.batch import DRAFT_DEPTH, RunningBatch
 from chimera.errors import ChimeraError
+from chimera.graph_runner import GraphRunner
 from chimera.sampling import SamplingConfig
 from chimera.text import encode_prompt
 from conftest import FAMILIES, tiny_model
@@ -73,6 +74,48 @@ def test_each_sequence_of_a_running_batch_is_what_it_is_alone(family, fixed_shap
         assert results[name].text == texts[name] == expected.text
         assert results[name].finish_reason == expected.finish_reason
     assert (4 in rows_run) == fixed_shapes and (3 in rows_run) != fixed_shapes  # 3 running: padded to 4, or 3
+
+
+class RecordingRunner(GraphRunner):
+    """A GraphRunner as on a GPU, run eagerly on a CPU: a capture runs its function three times over copies of its
+    inputs (as capture_graph's warm-up and capture do), and every run notes whether its key was captured first."""
+
+    def __init__(self):
+        super().__init__(graphs=True)
+        self.uncaptured: list = []
+
+    def capture(self, key, fn, *inputs, warmup=2):
+        static = tuple(x.clone() for x in inputs)
+        self.captured[key] = (None, static, [fn(*static) for _ in range(warmup + 1)][-1])
+
+    def run(self, key, fn, *inputs):
+        if key not in self.captured:
+            self.uncaptured.append(key)
+            self.capture(key, fn, *inputs)
+        return fn(*inputs)
+
+
+def test_a_warmed_up_batch_meets_no_new_shape_and_decodes_the_same(default_model):
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(4)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((5, 60, 9))}
+    budgets = {"p0": 20, "p1": 30, "p2": 25}  # p1 crosses from a 64-slot window into the 128-slot one
+    outputs = {}
+    for warmed in (False, True):
+        batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128, fixed_shapes=True)
+        batch.runner = RecordingRunner()
+        if warmed:
+            batch.warm_up()
+            # rows 1, 2 and 3 (the batch's size caps the last bucket) over windows of 64 and 128 slots
+            assert set(batch.runner.captured) == {("plain", r, w) for r in (1, 2, 3) for w in (64, 128)}
+        sequences, texts = {}, {}
+        sequences["p0"], texts["p0"] = batch.add(prompts["p0"], budgets["p0"])
+        results = drain(batch, sequences, texts, [(2, "p1", (prompts["p1"], budgets["p1"])),
+                                                  (4, "p2", (prompts["p2"], budgets["p2"]))])
+        outputs[warmed] = {name: r.token_ids for name, r in results.items()}
+        assert bool(batch.runner.uncaptured) != warmed  # cold, the steps met shapes first; warmed, none
+    assert outputs[True] == outputs[False]  # the captures' writes to each row's last slot change nothing
 
 
 def test_stop_strings_and_seeded_sampling_in_a_batch_are_as_alone(default_model):

@@ -178,6 +178,10 @@ class Engine:
         while self._emitted and now - self._emitted[0][0] > THROUGHPUT_WINDOW:
             self._emitted.popleft()
 
+    def warm_up(self) -> float:
+        """Capture the running batch's step shapes before the first request (RunningBatch.warm_up); seconds taken."""
+        return self.batch.warm_up() if self.batch is not None else 0.0
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="chimera-engine", daemon=True)

@@ -61,8 +61,10 @@ def build_engine(options: EngineOptions) -> Engine:
     if decoder.device.type == "cuda":  # every cache size and prompt length bucket of requests within the batch's
         decoder.warm_up(options.batch_context, WARM_UP_NEW_TOKENS)  # context, captured before the first request
     max_batch = options.max_batch or default_max_batch(decoder.device.type == "cuda")
-    return Engine(decoder, max_queue=options.max_queue, timeout=options.timeout, max_batch=max_batch,
-                  batch_context=options.batch_context, batch_drafting=options.batch_drafting)
+    engine = Engine(decoder, max_queue=options.max_queue, timeout=options.timeout, max_batch=max_batch,
+                    batch_context=options.batch_context, batch_drafting=options.batch_drafting)
+    engine.warm_up()  # and every shape of the running batch's step (on a GPU)
+    return engine
 
 
 def bind(host: str, port: int) -> socket.socket:
