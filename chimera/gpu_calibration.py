@@ -141,8 +141,14 @@ def measure(model, tokenizer, drafter, key: dict, options: dict, progress: bool 
             return 0.0
         name = candidate_name(tree, vocab)
         if name not in result.tokens_per_s:
-            result.tokens_per_s[name], result.tau[name] = decode_rate(
-                model, tokenizer, drafter, name.split("/")[0], vocab, options, prompts, new_tokens)
+            try:
+                result.tokens_per_s[name], result.tau[name] = decode_rate(
+                    model, tokenizer, drafter, name.split("/")[0], vocab, options, prompts, new_tokens)
+            except torch.OutOfMemoryError:  # a tree too large for what is left of the card: not a candidate here
+                log.warning("calibration: %s did not fit in the GPU's memory; left out", name)
+                result.tokens_per_s[name], result.tau[name] = 0.0, 0.0
+                gc.collect()
+                torch.cuda.empty_cache()
             bar.update()
         return result.tokens_per_s[name]
 

@@ -60,6 +60,24 @@ def test_plain_decoding_wins_where_no_tree_is_faster(monkeypatch):
     assert not got.drafts and got.tree == "" and "no tree beats plain decoding" in got.reason
 
 
+def test_a_candidate_that_runs_out_of_memory_is_left_out_with_a_warning(monkeypatch, caplog):
+    model = tiny_model("llama")
+    drafter = counted_drafter(model)
+    fake, _ = rates(90.0, lambda size, depth, vocab: 100.0 + size)  # the more nodes the better, if they fit
+
+    def decode_rate(model, tokenizer, drafter, tree, vocab, *args):
+        if tree == "dynamic-128-8-3":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return fake(model, tokenizer, drafter, tree, vocab, *args)
+
+    monkeypatch.setattr(gpu_calibration, "decode_rate", decode_rate)
+    with caplog.at_level(logging.WARNING, logger="chimera"):
+        got = gpu_calibration.measure(model, None, drafter, {}, {}, progress=False, depths=(3,), vocabs=(None,),
+                                      sizes=(32, 64, 128))
+    assert got.tree == "dynamic-64-8-3" and got.tokens_per_s["dynamic-128-8-3/all"] == 0.0
+    assert any("did not fit" in r.getMessage() for r in caplog.records)
+
+
 def test_a_real_search_measures_what_it_chose(default_model):
     _, tokenizer = default_model
     model = tiny_model("llama", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
