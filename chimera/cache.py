@@ -4,6 +4,12 @@ Two kinds, both through transformers' public ``Cache`` interface. ``GrowingCache
 attention covers exactly the verified tokens (best without graphs, e.g. on a CPU). ``SlotCache`` has a fixed
 number of slots and writes each forward's tokens at explicit slot indices, so a tree forward has the same
 shapes every step and can be captured in a CUDA graph; the attention mask hides the unused slots.
+
+Where a forward writes is set on the cache just before the call (``slots``; the running batch's ``rows`` and
+``window``), not passed with the forward: transformers 5.17's attention calls ``update(keys, values, layer_idx)``
+with nothing else (5.24 passes the forward's keyword arguments along; checked in both sources, session 15), so on
+the GPU machine's version an attribute read at the call is the only public way in. Each is set by the one function
+that runs the forward.
 """
 
 from __future__ import annotations
