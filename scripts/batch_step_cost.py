@@ -1,0 +1,105 @@
+"""Where a running batch's step goes (chimera/batch.py): the figures behind issue #17's GPU rows.
+
+`chimera throughput` on an H100 gave 990 tokens/s in total at 64 clients (session 15), about 45 ms a step for 64
+sequences, where one request alone steps in about 1.1 ms. This script separates what a plain step of R sequences
+over a W-slot window costs: the whole ``RunningBatch.step`` (forward, argmax, the one read, each member's
+detokenization and stop check), the captured forward alone, and the host's part (the rest); and how long
+``RunningBatch.warm_up`` takes to capture every shape up to the largest R and W. Runs on a CPU too (eager
+forwards, no captures), which is how it is tested.
+
+    python scripts/batch_step_cost.py --rows 1 4 16 64 --windows 256 1024 2048 --out batch_step_cost.json
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+import chimera
+from chimera.batch import RunningBatch
+from chimera.cli import quiet_libraries
+from chimera.models import resolve_device
+from chimera.text import encode_prompt
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mean_ms(fn, device: torch.device, repeats: int) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: list[int], filler: int) -> dict:
+    """R sequences whose prompts (``request`` after filler tokens) put the step's window at W, then ``steps``
+    timed steps of each kind. A sequence that ends early leaves (``rows_at_end`` says how many stayed)."""
+    prompt = [filler] * (window // 2 + 1 - len(request)) + request  # the first steps attend over W slots
+    for _ in range(rows):
+        batch.add(prompt, max_new_tokens=4 * steps + 8)
+    device = batch.device
+
+    def step():
+        batch.step()
+        for sequence in [s for s in batch.running if s.done]:
+            batch.remove(sequence)
+
+    step()  # the shape met once (captured here if warm_up did not)
+    active = list(batch.running)
+    whole = mean_ms(step, device, steps)
+    padded = batch._rows(rows)
+    tokens = torch.zeros(padded, 1, dtype=torch.long, device=device)
+    positions = torch.full((padded, 1), batch.capacity - 1, device=device)
+    key = ("plain", padded, batch._window(max(s.length for s in active) + 1))
+    forward = mean_ms(lambda: batch.runner.run(key, lambda t, p: batch._plain_forward(key[2], t, p),
+                                              tokens, positions), device, steps)
+    active = list(batch.running)
+    for sequence in active:
+        batch.remove(sequence)
+    return {"rows": rows, "rows_at_end": len(active), "window": key[2], "step_ms": round(whole, 3),
+            "forward_ms": round(forward, 3),
+            "host_and_rest_ms": round(whole - forward, 3), "tokens_per_s": round(1000 * len(active) / whole, 1)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--windows", type=int, nargs="+", default=[256, 1024, 2048])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    quiet_libraries()
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    model, tokenizer = chimera.load_base(args.model, dtype=dtype, device=str(device))
+    batch = RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows))
+    filler = next(t for t in range(1, 1 << 20) if t not in batch.eos_ids)
+    request = encode_prompt(tokenizer, "Write a long story about a lighthouse keeper and a storm.")  # a long answer
+    batch.add([filler] * 8, max_new_tokens=1)  # the KV memory is allocated by a first forward
+    batch.remove(batch.running[0])
+    captured = batch.warm_up()
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "dtype": dtype, "graphs": batch.runner.graphs,
+              "warm_up_s": round(captured, 2), "shapes_captured": len(batch.runner.captured), "steps": []}
+    for window in args.windows:
+        for rows in args.rows:
+            row = measure(batch, rows, window, args.steps, request, filler)
+            report["steps"].append(row)
+            print(json.dumps(row), flush=True)
+    print(json.dumps({k: v for k, v in report.items() if k != "steps"}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
