@@ -93,3 +93,14 @@ def cache(tmp_path, monkeypatch):
     """A cache directory of the test's own (calibrations, converted models): nothing read from or left in the user's."""
     monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path))
     return tmp_path
+
+
+def assert_decodes_like_generate(decoder, model, lengths=(3, 9), max_new_tokens: int = 24, seed: int = 5) -> None:
+    """``decoder`` emits greedy ``generate``'s tokens on random prompts of each length of the tiny vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    for n in lengths:
+        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+        x = torch.tensor([ids])
+        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=sorted(decoder.eos_ids))
+        assert decoder.generate(input_ids=ids, max_new_tokens=max_new_tokens).token_ids == ref[0, n:].tolist(), n

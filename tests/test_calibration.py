@@ -9,7 +9,7 @@ import torch
 
 from chimera import SpeculativeDecoder, calibration, target
 from chimera.calibration import Calibration
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, assert_decodes_like_generate, tiny_model
 from test_drafter import counted_drafter, perturbed_drafter
 
 PROFILE = [[0.7, 0.15, 0.05], [0.6, 0.15, 0.05], [0.5, 0.1, 0.05], [0.5, 0.1, 0.05], [0.4, 0.1, 0.05]]
@@ -108,10 +108,4 @@ def test_every_choice_decodes_exactly(family, choice, default_model, monkeypatch
         assert decoder.tree.topology.size == tree_size and decoder.draft_vocab == vocab
     routes = calibration.linear_routes(model, torch.device("cpu"))
     assert decoder.verifier.head_route == (made.head_route or routes.head)  # the tree's route, else the routes'
-    gen = torch.Generator().manual_seed(5)
-    for n in (3, 9):
-        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
-        x = torch.tensor([ids])
-        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24,
-                             eos_token_id=sorted(decoder.eos_ids))
-        assert decoder.generate(input_ids=ids, max_new_tokens=24).token_ids == ref[0, n:].tolist()
+    assert_decodes_like_generate(decoder, model)

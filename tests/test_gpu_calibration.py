@@ -11,7 +11,7 @@ import torch
 from chimera import SpeculativeDecoder, gpu_calibration
 from chimera.gpu_calibration import TreeCalibration
 from chimera.tree import DynamicTree, get_topology
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, assert_decodes_like_generate, tiny_model
 from test_drafter import counted_drafter
 
 CPU = torch.device("cpu")  # counted_drafter has no acceptance profile, so the CPU's own calibration leaves it alone
@@ -135,13 +135,7 @@ def test_every_choice_decodes_exactly(family, choice, default_model, monkeypatch
     assert decoder.calibration is made and (decoder.drafter is None) == (not tree)
     if tree:
         assert decoder.tree.topology == get_topology(tree, drafter) and decoder.draft_vocab == vocab
-    gen = torch.Generator().manual_seed(5)
-    for n in (3, 9):
-        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
-        x = torch.tensor([ids])
-        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24,
-                             eos_token_id=sorted(decoder.eos_ids))
-        assert decoder.generate(input_ids=ids, max_new_tokens=24).token_ids == ref[0, n:].tolist()
+    assert_decodes_like_generate(decoder, model)
 
 
 def test_explicit_options_skip_it():
