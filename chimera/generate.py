@@ -139,8 +139,9 @@ class SpeculativeDecoder:
     ``calibrate``: with ``tree="auto"``, choose the tree and the draft vocabulary (where 'auto') by measuring them
     on this machine once (cached on disk), down to no drafting where nothing beats plain decoding: on a CPU from
     the measured costs of its parts and the drafter's profile (calibration.py), on a GPU by decoding with each
-    candidate dynamic tree (gpu_calibration.py). ``packed_linears`` 'auto' (CPU, float32): the linear layers' route and the vocabulary
-    projection's, measured likewise (calibration.linear_routes); True or False forces the layers' route.
+    candidate dynamic tree (gpu_calibration.py). ``packed_linears`` 'auto' (CPU, float32): the linear layers'
+    route and the vocabulary projection's, measured likewise (calibration.linear_routes); True or False forces
+    the layers' route.
 
     ``compile``: with CUDA graphs on a GPU, capture the base's decoder compiled by torch.compile (fused norms,
     rotary, activations; compiled.py) rather than transformers' op-by-op forward. Each tree size then compiles
