@@ -21,6 +21,7 @@ from chimera.batch import RunningBatch
 from chimera.cli import quiet_libraries
 from chimera.models import resolve_device
 from chimera.text import encode_prompt
+from report_json import save_json
 
 
 def synchronize(device: torch.device) -> None:
@@ -96,9 +97,7 @@ def main():
             report["steps"].append(row)
             print(json.dumps(row), flush=True)
     print(json.dumps({k: v for k, v in report.items() if k != "steps"}))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    save_json(report, args.out)
 
 
 if __name__ == "__main__":

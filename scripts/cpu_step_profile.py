@@ -9,7 +9,6 @@ Usage: OMP_NUM_THREADS=2 python scripts/cpu_step_profile.py [--out FILE.json]
 """
 
 import argparse
-import json
 import platform
 import time
 
@@ -18,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from chimera import cache as kv, cpu_linear, target
 from chimera.calibration import median_ms, processor_name
+from report_json import print_and_save
 
 SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
@@ -73,10 +73,7 @@ def main():
         total = time.perf_counter() - start
     prefill = ms(lambda: model(x, logits_to_keep=1), repeats=3)
     report["generate_ms_per_token"] = round((1000 * total - prefill) / (new - 1), 2)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    print_and_save(report, args.out)
 
 
 if __name__ == "__main__":

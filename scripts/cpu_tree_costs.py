@@ -17,7 +17,6 @@ Usage: python scripts/cpu_tree_costs.py [--compile-drafter] [--out FILE.json]
 """
 
 import argparse
-import json
 import time
 
 import torch
@@ -30,6 +29,7 @@ from chimera.calibration import median_ms, processor_name
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
+from report_json import print_and_save
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
@@ -123,10 +123,7 @@ def main():
                   "mkl_packed_ms": mkl_packed_ms()}
     if args.compile_drafter:
         report["drafter_compile"] = drafter_compile(model)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    print_and_save(report, args.out)
 
 
 if __name__ == "__main__":

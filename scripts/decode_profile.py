@@ -26,6 +26,7 @@ from chimera.bench.questions import load_questions, select
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 from chimera.text import encode_prompt
+from report_json import save_json
 
 PAUSES: list[float] = []
 DEVICE = "cuda"
@@ -132,8 +133,7 @@ def main() -> None:
             entry["back_to_back_ms_per_step"] = round(back_to_back(decoder, prompts[0], args.new_tokens), 3)
         report["methods"][name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if k != "turns"}), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        save_json(report, args.out)
         del decoder, drafter
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

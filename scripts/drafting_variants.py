@@ -25,6 +25,7 @@ from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 from chimera.text import encode_prompt
 from chimera.tree import DynamicTree
+from report_json import save_json
 
 VARIANTS = {  # name: SpeculativeDecoder's options
     "default": {},
@@ -91,8 +92,7 @@ def main() -> None:
               "new_tokens": args.new_tokens, "variants": {}}
 
     def save():
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        save_json(report, args.out)
 
     plain = run(chimera.SpeculativeDecoder(model, tokenizer, None), prompts, args.new_tokens)
     report["ar"] = plain

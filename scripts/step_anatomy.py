@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import time
 
@@ -35,6 +34,7 @@ from chimera.drafters import resolve_drafter
 from chimera.graph_runner import capture_graph
 from chimera.text import encode_prompt
 from chimera.tree import DynamicTree
+from report_json import save_json
 
 
 EIGHT_DEEP = {"tree": DynamicTree(size=64, depth=8, beam=8)}  # the GPU's "auto" tree when session 13 measured
@@ -178,8 +178,7 @@ def main() -> None:
         if chosen is not None and "acceptance" not in report:
             report["acceptance"] = acceptance_cost(decoder)
             print(report["acceptance"], flush=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        save_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from chimera.bench.methods import Decoding, HFGenerate, warm_up_static
 from chimera.cli import quiet_libraries
 from chimera.drafters.chimera import ChimeraDrafter
 from chimera.tree import DynamicTree
+from report_json import save_json
 
 SHAPES = {  # Llama 3.2 1B and Llama 3 8B, with the default model's vocabulary
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -139,8 +140,7 @@ def main():
         report["shapes"][shape] = row
         del model, drafter
         torch.cuda.empty_cache()
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        save_json(report, args.out)
     print(json.dumps(report, indent=1))
 
 

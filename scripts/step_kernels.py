@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chimera.graph_runner import capture_graph
+from report_json import save_json
 
 REPEATS = 20
 
@@ -112,8 +112,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["attention"] = attention()
     report["compaction"] = compaction()
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    save_json(report, args.out)
 
 
 if __name__ == "__main__":
