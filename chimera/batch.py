@@ -210,8 +210,7 @@ class RunningBatch:
         if not self.runner.graphs:
             return 0.0
         start = time.perf_counter()
-        windows = sorted({self._window(extent) for extent in (*(1 << k for k in range(self.capacity.bit_length())),
-                                                              self.capacity)})
+        windows = sorted({self._window(1 << k) for k in range(self.capacity.bit_length() + 1)})  # up to capacity
         for rows in sorted({self._rows(count) for count in range(1, self.max_batch + 1)}):
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
             positions = torch.full((rows, 1), self.capacity - 1, device=self.device)

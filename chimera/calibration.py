@@ -115,7 +115,7 @@ def linear_routes(model, device: torch.device, remeasure: bool = False) -> Route
     cache) and of the vocabulary projection (1 and 6 rows), from the cache or measured (about 2 s)."""
     key = {**model_key(model), "what": "linear routes"}
     path = cache_path(key)
-    saved = _read_cached(path, Routes, key, remeasure)
+    saved = read_cached(path, Routes, key, remeasure)
     if saved is not None:
         return saved
     from .verifier import GrowingVerifier
@@ -152,7 +152,7 @@ def head_route_ms(model, device: torch.device, rows: tuple[int, ...]) -> dict[st
     return out
 
 
-def _read_cached(path, schema, key: dict, remeasure: bool):
+def read_cached(path, schema, key: dict, remeasure: bool):
     """A cached measurement if it is there, readable and made here; else None (with a warning if it was not)."""
     if remeasure or not path.is_file():
         return None
@@ -207,8 +207,8 @@ def resolve(model, tokenizer, drafter, device: torch.device, tree, draft_vocab, 
     if packed_linears == "auto" and routes_apply(model, device):
         setup.routes = linear_routes(model, device)
         setup.packed_linears, setup.head_route = setup.routes.layers == "packed", setup.routes.head
-        chosen = getattr(setup.calibration, "head_route", None)  # the CPU's, set only where it chose a tree
-        setup.head_route = chosen or setup.head_route  # measured for that tree
+        if setup.calibration is not None and setup.calibration.head_route:  # set only where the CPU's chose a tree
+            setup.head_route = setup.calibration.head_route  # measured for that tree
     return setup
 
 
@@ -264,7 +264,7 @@ def load_or_measure(model, tokenizer, drafter, device, progress: bool = True, re
     """The calibration for this machine, model and drafter: read from the cache, else measured and saved."""
     key = machine_key(model, drafter)
     path = cache_path(key)
-    saved = _read_cached(path, Calibration, key, remeasure)
+    saved = read_cached(path, Calibration, key, remeasure)
     if saved is not None:
         return saved
     calibration = measure(model, tokenizer, drafter, device, key, progress, remeasure)
@@ -285,26 +285,20 @@ def save(calibration: Calibration, path) -> None:
 def median_ms(fn, repeats: int = 5, warmup: int = 1, before=None) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones; ``before()``, untimed,
     precedes each timed call (e.g. a sweep that evicts the caches)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return interleaved_median_ms({None: fn}, repeats, warmup, before)[None]
 
 
-def interleaved_median_ms(functions: dict, repeats: int = 7, warmup: int = 1) -> dict:
-    """Median milliseconds of each of ``functions`` (name: callable), timed in rounds that call each once."""
+def interleaved_median_ms(functions: dict, repeats: int = 7, warmup: int = 1, before=None) -> dict:
+    """Median milliseconds of each of ``functions`` (name: callable), timed in rounds that call each once (``before``
+    as in ``median_ms``)."""
     for fn in functions.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

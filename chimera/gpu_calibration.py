@@ -62,6 +62,7 @@ class TreeCalibration:
     tau: dict[str, float] = field(default_factory=dict)  # candidate -> tokens per drafted step
     seconds: float = 0.0  # the whole calibration, compilation included
     reason: str = ""
+    head_route = None  # not a field: the vocabulary projection's route is chosen on a CPU only (calibration.py)
 
     @property
     def drafts(self) -> bool:
@@ -86,8 +87,8 @@ def decoder_options(cuda_graphs: bool = True, compile="auto", compile_drafter="a
 
 def applies(drafter, device: torch.device, tree) -> bool:
     """A GPU, a tree left to ``auto`` and a drafter that drafts dynamic trees over a draft vocabulary of any size."""
-    return (device.type == "cuda" and tree == "auto" and getattr(drafter, "drafts_dynamic_trees", False)
-            and hasattr(drafter, "use_draft_vocabulary") and device.type in AUTO_DYNAMIC)
+    return (device.type in AUTO_DYNAMIC and tree == "auto" and getattr(drafter, "drafts_dynamic_trees", False)
+            and hasattr(drafter, "use_draft_vocabulary"))
 
 
 def machine_key(model, drafter, device: torch.device, options: dict) -> dict:
@@ -103,7 +104,7 @@ def load_or_measure(model, tokenizer, drafter, device: torch.device, options: di
     decoder's switches (cuda_graphs, compile, ...), which the candidates are decoded with."""
     key = machine_key(model, drafter, device, options)
     path = calibration.cache_path(key)
-    saved = calibration._read_cached(path, TreeCalibration, key, remeasure)
+    saved = calibration.read_cached(path, TreeCalibration, key, remeasure)
     if saved is not None:
         return saved
     result = measure(model, tokenizer, drafter, key, options, progress)
@@ -112,7 +113,7 @@ def load_or_measure(model, tokenizer, drafter, device: torch.device, options: di
 
 
 def candidate_name(tree: DynamicTree, vocab: int | None) -> str:
-    return f"dynamic-{tree.size}-{tree.beam}-{tree.depth}/{vocab or 'all'}"
+    return f"{tree.name}/{vocab or 'all'}"
 
 
 def measure(model, tokenizer, drafter, key: dict, options: dict, progress: bool = True, depths=DEPTHS,
@@ -143,12 +144,10 @@ def measure(model, tokenizer, drafter, key: dict, options: dict, progress: bool 
         if name not in result.tokens_per_s:
             try:
                 result.tokens_per_s[name], result.tau[name] = decode_rate(
-                    model, tokenizer, drafter, name.split("/")[0], vocab, options, prompts, new_tokens)
+                    model, tokenizer, drafter, tree.name, vocab, options, prompts, new_tokens)
             except torch.OutOfMemoryError:  # a tree too large for what is left of the card: not a candidate here
                 log.warning("calibration: %s did not fit in the GPU's memory; left out", name)
                 result.tokens_per_s[name], result.tau[name] = 0.0, 0.0
-                gc.collect()
-                torch.cuda.empty_cache()
             bar.update()
         return result.tokens_per_s[name]
 
@@ -163,7 +162,7 @@ def measure(model, tokenizer, drafter, key: dict, options: dict, progress: bool 
     result.seconds = round(time.perf_counter() - start, 1)
     if best > plain:
         tree = DynamicTree(size, depth, default.beam)
-        result.tree, result.draft_vocab = candidate_name(tree, None).split("/")[0], vocab
+        result.tree, result.draft_vocab = tree.name, vocab
         result.reason = (f"measured {best:.1f} tokens/s (tau {result.tau[candidate_name(tree, vocab)]:.2f}) "
                          f"against {plain:.1f} plain")
     else:
@@ -178,9 +177,10 @@ def decode_rate(model, tokenizer, drafter, tree: str | None, vocab: int | None, 
     pass (the first captures and compiles every shape they meet)."""
     from .generate import SpeculativeDecoder
 
-    decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree or "auto", draft_vocab=vocab or "full",
-                                 adaptive=False, calibrate=False, **options)
-    try:
+    decoder = None
+    try:  # the decoder made and run inside: whatever fails (out of memory), its captures are let go
+        decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree or "auto", draft_vocab=vocab or "full",
+                                     adaptive=False, calibrate=False, **options)
         for prompt in prompts:
             decoder.generate(prompt, max_new_tokens=new_tokens)
         runs = [decoder.generate(prompt, max_new_tokens=new_tokens) for prompt in prompts]
@@ -190,6 +190,6 @@ def decode_rate(model, tokenizer, drafter, tree: str | None, vocab: int | None, 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # each decoder's captures hold a memory pool of their own
     seconds = sum(r.seconds - r.time_prefill for r in runs)
+    tokens = sum(r.new_tokens - 1 for r in runs)  # the first comes from the prefill
     steps = max(sum(r.steps - 1 for r in runs), 1)
-    tokens_per_s = sum(r.new_tokens - 1 for r in runs) / seconds if seconds > 0 else 0.0
-    return round(tokens_per_s, 2), round(sum(r.new_tokens - 1 for r in runs) / steps, 3)
+    return round(tokens / seconds if seconds > 0 else 0.0, 2), round(tokens / steps, 3)

@@ -84,8 +84,11 @@ def vocab_head(model, route: str):
     return weight_head(model.get_output_embeddings().weight, route)
 
 
-def weight_head(weight: torch.Tensor, route: str):
-    """``z @ weight.T`` (a bias-free vocabulary projection, or a drafter's rows of one) by one of HEAD_ROUTES."""
+def weight_head(weight: torch.Tensor, route: str | None):
+    """``z @ weight.T`` (a bias-free vocabulary projection, or a drafter's rows of one) by one of HEAD_ROUTES, or
+    (None) by ``weight_logits``'s own choice."""
+    if route is None:
+        return lambda z: weight_logits(z, weight)
     if route == "linear":
         return lambda z: nn.functional.linear(z, weight)
     if route == "few_rows":

@@ -167,6 +167,11 @@ class DynamicTree:
         """Never: its nodes' order is chosen anew at every step (TreeTopology.is_chain)."""
         return False
 
+    @property
+    def name(self) -> str:
+        """What ``get_topology`` reads back as this tree: dynamic-N-BEAM-DEPTH."""
+        return f"dynamic-{self.size}-{self.beam}-{self.depth}"
+
     def describe(self) -> str:
         return f"dynamic, {self.size} nodes, depth {self.depth}, beam {self.beam}"
 

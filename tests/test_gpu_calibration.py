@@ -42,6 +42,7 @@ def test_the_search_keeps_the_fastest_choice_one_at_a_time(monkeypatch):
                                   vocabs=(None, 64, 1 << 20), sizes=(32, 64))
     assert got.drafts and got.tree == "dynamic-32-8-4" and got.draft_vocab == 64
     assert isinstance(get_topology(got.tree, drafter), DynamicTree)
+    assert get_topology(got.tree, drafter) == DynamicTree(size=32, depth=4, beam=8)  # the name reads back as the tree
     assert got.tokens_per_s["plain"] == 90.0 and got.tokens_per_s["dynamic-32-8-4/64"] == 118
     # depth 8 is past the drafter's 5 heads and a vocabulary past the model's is no draft vocabulary: not tried;
     # every candidate decoded once (plain, 3 depths, 1 more vocabulary, 1 more size)

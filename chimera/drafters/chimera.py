@@ -15,7 +15,6 @@ embeddings, ``W`` its frozen ``lm_head``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compiled import Compiled
-from ..target import vocab_logits, weight_head, weight_logits
-from ..cpu_linear import PackedLinear, PackedWeight
+from ..target import vocab_logits, weight_head
+from ..cpu_linear import PackedLinear
 from ..errors import ChimeraError
 from ..identity import base_identity
 from ..tree import TreeBuffers, tree_masks
@@ -345,11 +344,9 @@ class ChimeraDrafter(nn.Module):
         heads = list(self.head_lm) if self.head_lm is not None else [self._frozen["lm_head"]]
         ids = self.token_counts.argsort(descending=True, stable=True)[:size].to(heads[0].weight.device)
         rows = [head.weight.detach()[ids].contiguous() for head in heads]
-        if route is not None:
-            self._draft_heads = [weight_head(w, route) for w in rows]
-        else:
-            self._draft_heads = [PackedWeight(w) if isinstance(head, PackedLinear) else partial(weight_logits, weight=w)
-                                 for head, w in zip(heads, rows)]
+        if route is None and isinstance(heads[0], PackedLinear):  # heads packed for this CPU: their rows likewise
+            route = "packed"
+        self._draft_heads = [weight_head(w, route) for w in rows]
         self.draft_vocab = ids
 
     def draft_logits(self, k: int, state: torch.Tensor):
