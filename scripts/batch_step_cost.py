@@ -40,11 +40,16 @@ def mean_ms(fn, device: torch.device, repeats: int) -> float:
 
 def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: list[int], filler: int) -> dict:
     """R sequences whose prompts (``request`` after filler tokens) put the step's window at W, then ``steps``
-    timed steps of each kind. A sequence that ends early leaves (``rows_at_end`` says how many stayed)."""
+    timed steps of each kind; the
+    mean time of a join (``add``: the prompt's prefill and first token) is timed too. A sequence that ends early leaves (``rows_at_end`` says how many stayed)."""
     prompt = [filler] * (window // 2 + 1 - len(request)) + request  # the first steps attend over W slots
+    device = batch.device
+    synchronize(device)
+    start = time.perf_counter()
     for _ in range(rows):
         batch.add(prompt, max_new_tokens=4 * steps + 8)
-    device = batch.device
+    synchronize(device)
+    add = 1000 * (time.perf_counter() - start) / rows  # a join: its prefill (eager) and first token
 
     def step():
         batch.step()
@@ -63,7 +68,8 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
     active = list(batch.running)
     for sequence in active:
         batch.remove(sequence)
-    return {"rows": rows, "rows_at_end": len(active), "window": key[2], "step_ms": round(whole, 3),
+    return {"rows": rows, "rows_at_end": len(active), "window": key[2], "prompt_tokens": len(prompt),
+            "add_ms": round(add, 3), "step_ms": round(whole, 3),
             "forward_ms": round(forward, 3),
             "host_and_rest_ms": round(whole - forward, 3), "tokens_per_s": round(1000 * len(active) / whole, 1)}
 
