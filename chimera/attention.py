@@ -18,7 +18,14 @@ Tried on a GPU and not kept: masked grouped-query SDPA falls back to the math ke
 heads of a group were read as one longer query over their shared key head, the mask repeated to match. On an H100 in
 bfloat16 (torch.compile, CUDA graphs; scripts/step_anatomy.py) a 64-token tree's forward went from 529 to 507 kernels
 and 1.84/2.07/2.53 to 1.80/2.04/2.51 ms over 512/1024/2048 KV slots, but a one-token forward from 1.12/1.13/1.22 to
-1.08/1.30/1.73 ms, and our plain loop from 914 to 795 tokens/s. On a GPU the copy is cheap; the model stays as it is.
+1.08/1.30/1.73 ms, and our plain loop from 914 to 795 tokens/s. On a GPU the copy is cheap for one sequence; the model stays as it is.
+
+The running batch on a GPU (batch.py) is another matter: its plain step is one query token per row over every row's
+keys and values, and the copy grows with rows x slots (an H100, bfloat16, 64 rows: 5.2 ms a step over 256 slots,
+17.0 over 2,048, against 3.1 for one row; docs/gpu/batch_step_cost_session16_h100.jsonl). ``batch_attention``
+reads the query heads of each group as that many queries of its key head (what transformers 5.24 does itself for a
+single query, outside torch.compile), so nothing is copied; the batch runs it on its own twin of the model
+(``batch_model``).
 """
 
 from __future__ import annotations
@@ -51,29 +58,57 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return out.transpose(1, 2).contiguous(), None
 
 
+def folded_queries(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scaling: float | None = None) -> torch.Tensor:
+    """Attention of one query token per row, (b, heads, 1, d), over grouped keys and values (b, kv heads, slots, d)
+    with a mask shared by the heads, (b, 1, 1, slots): each group's query heads read as that many queries of their
+    key head, so the keys and values are not repeated. Returns (b, 1, heads, d), as transformers' functions do."""
+    b, heads, _, d = query.shape
+    folded = query.reshape(b, key.shape[1], heads // key.shape[1], d)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def batch_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """The running batch's attention on a GPU: ``folded_queries`` for a plain step (one token a row, a mask shared
+    by the heads), transformers' SDPA for anything else (a prefill, a drafted chain)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    folded = (groups > 1 and query.shape[2] == 1 and attention_mask is not None and attention_mask.dim() == 4
+              and attention_mask.shape[1:3] == (1, 1) and not dropout and kwargs.get("position_bias") is None
+              and kwargs.get("softcap") is None and not kwargs.get("output_attentions"))
+    if not folded:
+        return grouped_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 **kwargs)
+    return folded_queries(query, key, value, attention_mask, scaling), None
+
+
 AttentionInterface.register(NAME, grouped_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # masks transformers builds itself (a prefill's) stay SDPA's
+BATCH_NAME = "chimera_batch_sdpa"
+AttentionInterface.register(BATCH_NAME, batch_attention)
+AttentionMaskInterface.register(BATCH_NAME, sdpa_mask)
 
 
-def applies(model) -> bool:
-    """Whether ``grouped_attention`` would change anything: a model on a CPU whose attention goes through
-    transformers' attention interface, set to SDPA, with grouped query heads."""
+def applies(model, device_type: str = "cpu") -> bool:
+    """Whether ``grouped_attention`` (``device_type`` cpu) or ``batch_attention`` (cuda) would change anything: a
+    model on that device whose attention goes through transformers' attention interface, set to SDPA, with grouped
+    query heads."""
     config = model.config.get_text_config()
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return (model.device.type == "cpu" and getattr(model, "_supports_attention_backend", False)
+    return (model.device.type == device_type and getattr(model, "_supports_attention_backend", False)
             and model.config._attn_implementation == "sdpa" and bool(heads) and kv_heads < heads)
 
 
-def install(model) -> bool:
-    """Switch ``model`` (one the caller owns: a copy) to ``grouped_attention`` where it applies; whether it did."""
-    if not applies(model):
-        return False
+def install(model, name: str = NAME) -> bool:
+    """Switch ``model`` (one the caller owns: a copy) to the attention registered as ``name``; whether it did."""
     try:
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(name)
     except (ValueError, KeyError, NotImplementedError):  # a model that refuses it keeps transformers' SDPA
         return False
-    return model.config._attn_implementation == NAME
+    return model.config._attn_implementation == name
 
 
 def shared_copy(model):
@@ -82,17 +117,29 @@ def shared_copy(model):
     return copy.deepcopy(model, shared)
 
 
-_TWINS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_TWINS: dict[str, "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]"] = {
+    NAME: weakref.WeakKeyDictionary(), BATCH_NAME: weakref.WeakKeyDictionary()}
+
+
+def _twin(model, name: str):
+    """A copy of ``model`` sharing its weights and running the attention registered as ``name`` (one per model and
+    name, living as long as the model); ``model`` itself where the copy refuses it."""
+    twins = _TWINS[name]
+    if model not in twins:
+        twin = shared_copy(model)
+        if not install(twin, name):
+            return model  # not kept: a value holding its own key would never leave the weak dictionary
+        twins[model] = twin
+    return twins[model]
 
 
 def verifying_model(model):
-    """The model to verify with: where ``grouped_attention`` applies, a copy of ``model`` sharing its weights and
-    running it (one per model, shared by every verifier of it, living as long as the model); ``model`` otherwise."""
-    if not applies(model):
-        return model
-    if model not in _TWINS:
-        twin = shared_copy(model)
-        if not install(twin):
-            return model  # not kept: a value holding its own key would never leave the weak dictionary
-        _TWINS[model] = twin
-    return _TWINS[model]
+    """The model to verify with: where ``grouped_attention`` applies (a CPU), a twin of ``model`` running it, shared
+    by every verifier of it; ``model`` otherwise."""
+    return _twin(model, NAME) if applies(model) else model
+
+
+def batch_model(model):
+    """The model a running batch steps with: on a GPU where ``batch_attention`` applies, a twin of ``model`` running
+    it; ``verifying_model(model)`` otherwise."""
+    return _twin(model, BATCH_NAME) if applies(model, "cuda") else verifying_model(model)

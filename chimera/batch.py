@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import attention
+from . import attention, target
 from .adaptive import DraftingSwitch, PauseMemory, StepCosts
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
+from .compiled import CompiledDecoder, announced, compilable
 from .errors import ChimeraError
 from .generate import GenerationResult, Progress
 from .graph_runner import GraphRunner, power_of_two_at_least
@@ -52,6 +53,7 @@ from .text import StopCondition, eos_token_ids, stop_condition
 from .tree import TreeBuffers, TreeTopology, additive_mask
 
 SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a few shapes serve every length
+SMALLEST_PREFILL = 16  # tokens: a captured prefill's shortest padded length
 DRAFT_DEPTH = 3  # drafted tokens per sequence in a batch's drafting step
 
 
@@ -93,10 +95,11 @@ class RunningBatch:
     """
 
     def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None, drafter=None,
-                 draft_depth: int = DRAFT_DEPTH, adaptive: bool = True, fixed_shapes: bool | None = None):
+                 draft_depth: int = DRAFT_DEPTH, adaptive: bool = True, fixed_shapes: bool | None = None,
+                 compiled: bool = False, backend: str = "inductor"):
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
-        self.model = model = attention.verifying_model(model)
+        self.model = model = attention.batch_model(model)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.capacity = min(capacity or context_limit(model), context_limit(model))
@@ -116,6 +119,11 @@ class RunningBatch:
         # captured once and replayed: by default on a GPU, where an eager step is bound by its ~600 launches
         self.fixed_shapes = self.device.type == "cuda" if fixed_shapes is None else fixed_shapes
         self.runner = GraphRunner(graphs=self.fixed_shapes and self.device.type == "cuda")
+        # ``compiled``: the plain step's decoder stack through torch.compile (compiled.py), one compilation for any
+        # number of rows (a symbol; one row apart), attending over every slot of a row (no windows: one shape a
+        # rows bucket)
+        self.decoder = (CompiledDecoder.shared(self.model, backend) if compiled and self.fixed_shapes
+                        and compilable(self.model) else None)
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a sequence of this size fits a row (else it must be decoded alone)."""
@@ -170,11 +178,22 @@ class RunningBatch:
             raise ChimeraError(f"the prompt is {len(prompt_ids)} tokens but a batch row holds {self.capacity}")
 
     def _prefill(self, sequence: Sequence, known: list[int]) -> torch.Tensor:
-        """``known`` tokens into the next free row for ``sequence``, which joins the batch; the last one's logits."""
+        """``known`` tokens into the next free row for ``sequence``, which joins the batch; the last one's logits.
+        With graphs, the tokens are padded to a power-of-two length and the prefill replayed from a capture per
+        length, for any row (an eager prefill costs an H100 about 20 ms, most of it launches, where a step of 64
+        rows costs 5-17; docs/gpu/batch_step_cost_session16_h100.jsonl). The pads write slots past the prompt,
+        hidden until the row's steps overwrite them; padded products may round otherwise than unpadded ones, so
+        the CPU's path (exact against ``generate`` in float32) reads the prompt as it is."""
         row, n = len(self.running), len(known)
-        positions = torch.arange(n, device=self.device)[None]
-        logits = self._forward(slice(row, row + 1), torch.tensor([known], device=self.device), positions,
-                               self._window(n), logits_to_keep=1)
+        if self.runner.graphs:
+            bucket = self._prefill_length(n)
+            tokens = torch.tensor([known + [0] * (bucket - n)], device=self.device)
+            logits = self.runner.run(("prefill", bucket), self._padded_prefill, tokens,
+                                     torch.tensor([row, n - 1], device=self.device))
+        else:
+            positions = torch.arange(n, device=self.device)[None]
+            logits = self._forward(slice(row, row + 1), torch.tensor([known], device=self.device), positions,
+                                   self._window(n), logits_to_keep=1)
         sequence.length = n
         self.running.append(sequence)
         if self.drafter is not None:
@@ -203,22 +222,47 @@ class RunningBatch:
         return out
 
     def warm_up(self) -> float:
-        """Capture the plain step for every shape it can take (each rows bucket over each window) before a request
-        meets one: a first capture inside serving stalls every member of the batch for it, and a benchmark would
-        count it. Returns the seconds it took; nothing to do without captures. The captures' runs write the last
-        slot of each row, as idle rows do (``_plain_step``): a sequence writes that slot before it reads it."""
+        """Capture the prefill for every padded length and the plain step for every shape it can take (each rows
+        bucket over each window) before a request meets one: a first capture inside serving stalls every member of
+        the batch for it, and a benchmark would count it. Returns the seconds it took; nothing to do without
+        captures. The plain step's captured runs write the last slot of each row, as idle rows do (``_plain_step``):
+        a sequence writes that slot before it reads it; the prefills' write the first row, so the batch must be
+        empty."""
         if not self.runner.graphs:
             return 0.0
+        if self.running:
+            raise ChimeraError("warm the batch up before its first sequence: its prefills' captures write a row")
         start = time.perf_counter()
-        windows = sorted({self._window(1 << k) for k in range(self.capacity.bit_length() + 1)})  # up to capacity
+        row = torch.tensor([0, 0], device=self.device)  # the first row, scored at its first token
+        for length in sorted({self._prefill_length(1 << k) for k in range(self.capacity.bit_length() + 1)}):
+            if not self.runner.can_run(("prefill", length)):
+                tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
+                self.runner.capture(("prefill", length), self._padded_prefill, tokens, row)
+        windows = sorted({self._plain_window(1 << k) for k in range(self.capacity.bit_length() + 1)})
         for rows in sorted({self._rows(count) for count in range(1, self.max_batch + 1)}):
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
             positions = torch.full((rows, 1), self.capacity - 1, device=self.device)
             for window in windows:
                 key = ("plain", rows, window)
                 if not self.runner.can_run(key):
-                    self.runner.capture(key, functools.partial(self._plain_forward, window), tokens, positions)
+                    with announced(self.decoder, self._compiled_shape(rows, window)):
+                        self.runner.capture(key, functools.partial(self._plain_forward, window), tokens, positions)
         return time.perf_counter() - start
+
+    def _prefill_length(self, n: int) -> int:
+        """The padded length a captured prefill of ``n`` tokens reads: a power of two, at most a row."""
+        return min(power_of_two_at_least(n, SMALLEST_PREFILL), self.capacity)
+
+    def _padded_prefill(self, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (1, padded length) into row ``where[0]``, causal from slot 0; logits of token ``where[1]`` (the
+        prompt's last). Reads the row and the length on the device: one capture serves every row and prompt of this
+        padded length."""
+        positions = torch.arange(tokens.shape[1], device=self.device)[None]
+        return self._forward(where[:1], tokens, positions, tokens.shape[1], logits_to_keep=where[1:])
+
+    def _compiled_shape(self, rows: int, window: int) -> str:
+        """What one compilation of the plain step serves (compiled.Compiled.announce)."""
+        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch over {window} KV slots"
 
     def _rows(self, count: int) -> int:
         """The rows a plain step of ``count`` sequences runs: a power of two with fixed shapes (idle rows padded)."""
@@ -229,9 +273,12 @@ class RunningBatch:
         # idle rows hold no sequence: they read their last slot, which a sequence writes before it reads it
         tokens = [[s.next_token] for s in active] + [[0]] * (rows - len(active))
         positions = [[s.length] for s in active] + [[self.capacity - 1]] * (rows - len(active))
-        window = self._window(max(s.length for s in active) + 1)
-        logits = self.runner.run(("plain", rows, window), functools.partial(self._plain_forward, window),
-                                 torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device))
+        window = self._plain_window(max(s.length for s in active) + 1)
+        key = ("plain", rows, window)
+        with announced(self.decoder, self._compiled_shape(rows, window), first=not self.runner.can_run(key)):
+            logits = self.runner.run(key, functools.partial(self._plain_forward, window),
+                                     torch.tensor(tokens, device=self.device),
+                                     torch.tensor(positions, device=self.device))
         chosen = self._choose(logits[:len(active), -1], active)
         for sequence, token in zip(active, chosen):
             sequence.length += 1
@@ -301,27 +348,46 @@ class RunningBatch:
         """The slots attention covers for rows whose positions stay below ``extent``: a power of two."""
         return min(power_of_two_at_least(extent, SMALLEST_WINDOW), self.capacity)
 
+    def _plain_window(self, extent: int) -> int:
+        """``_window`` for a plain step; every slot where the step is compiled (a rows bucket is then one shape:
+        attention over idle slots costs little beside the copies the compiled step saves)."""
+        return self.capacity if self.decoder is not None else self._window(extent)
+
     def _plain_forward(self, window: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A plain step of the first ``len(tokens)`` rows over ``window`` slots: no host read (capturable)."""
-        return self._forward(slice(0, tokens.shape[0]), tokens, positions, window)
+        return self._forward(slice(0, tokens.shape[0]), tokens, positions, window, decoder=self.decoder)
 
-    def _forward(self, rows: slice, tokens: torch.Tensor, positions: torch.Tensor, window: int,
-                 logits_to_keep: int = 0) -> torch.Tensor:
+    def _forward(self, rows: slice | torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, window: int,
+                 logits_to_keep: int | torch.Tensor = 0, decoder: CompiledDecoder | None = None) -> torch.Tensor:
         """Logits (rows, kept tokens, vocab) of ``tokens`` (rows, n) at ``positions``, each row attending to its own
         slots up to its position, within the first ``window`` (``_window``, from the host's lengths: no device
-        read)."""
+        read). ``rows``: a slice of the cache's rows, or their indices on the device. ``logits_to_keep``: the last
+        that many tokens (0: all), or the indices of those to score. ``decoder``: the compiled decoder stack in
+        place of the model's (a plain vocabulary head: the logits are projected here), its rows axis a symbol."""
         self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
+        inputs = dict(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True)
         with torch.inference_mode():
-            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
-                             logits_to_keep=logits_to_keep, output_hidden_states=True,
-                             **cache_kwargs(self.model, self.cache))
-            final = out.hidden_states[-1]  # (rows, n, hidden): what a drafter reads, kept for a move out
+            if decoder is not None:
+                decoder.mark_rows(tokens, positions, mask)
+                final = decoder(**inputs, **cache_kwargs(self.model, self.cache)).last_hidden_state
+                if isinstance(logits_to_keep, torch.Tensor):
+                    kept = final[:, logits_to_keep]
+                else:
+                    kept = final[:, -logits_to_keep:] if logits_to_keep else final
+                logits = target.vocab_logits(kept, self.model.get_output_embeddings())
+            else:
+                out = self.model(**inputs, logits_to_keep=logits_to_keep, output_hidden_states=True,
+                                 **cache_kwargs(self.model, self.cache))
+                final, logits = out.hidden_states[-1], out.logits  # final: (rows, n, hidden), what a drafter reads
             if self.hidden is None:
                 self.hidden = final.new_zeros(self.max_batch, self.capacity, final.shape[-1])
-            self.hidden[rows].scatter_(1, positions[:, :, None].expand(-1, -1, final.shape[-1]), final)
-        return out.logits.float()
+            if isinstance(rows, torch.Tensor):
+                self.hidden.index_put_((rows[:, None], positions), final)
+            else:
+                self.hidden[rows].scatter_(1, positions[:, :, None].expand(-1, -1, final.shape[-1]), final)
+        return logits.float()
 
     def progress_of(self, sequence: Sequence) -> Progress:
         """Where ``sequence`` stands, with copies of its KV and final hidden states, so that it can continue alone

@@ -164,7 +164,8 @@ class SlotCache(Cache):
 
 class RowSlotLayer(CacheLayerMixin):
     """One layer's keys and values for a running batch: ``rows`` sequences of ``capacity`` slots each. A forward
-    covers the rows ``cache.rows`` (a slice: the running batch, or one row being prefilled), writes its tokens at
+    covers the rows ``cache.rows`` (a slice: the running batch, or one row being prefilled; or a tensor of row
+    indices, for a forward captured once for any row), writes its tokens at
     ``cache.slots`` (rows x tokens), and attends over the first ``cache.window`` slots of each row."""
 
     is_compileable = False
@@ -183,7 +184,15 @@ class RowSlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         rows, slots, window = self.cache.rows, self.cache.slots, self.cache.window
-        keys, values = self.keys[rows], self.values[rows]  # views: the writes land in the cache
+        if isinstance(rows, torch.Tensor):  # rows chosen on the device (a captured prefill): written in place, read
+            heads = torch.arange(key_states.shape[1], device=slots.device)[None, :, None]  # as a copy of the window
+            where = (rows[:, None, None], heads, slots[:, None, :])
+            self.keys.index_put_(where, key_states)
+            self.values.index_put_(where, value_states)
+            return self.keys[:, :, :window].index_select(0, rows), self.values[:, :, :window].index_select(0, rows)
+        # views, the writes landing in the cache; their extent from the states (a symbol where compiled)
+        keys = self.keys[rows.start:rows.start + key_states.shape[0]]
+        values = self.values[rows.start:rows.start + key_states.shape[0]]
         index = slots[:, None, :, None]
         keys.scatter_(2, index.expand(-1, keys.shape[1], -1, keys.shape[-1]), key_states)
         values.scatter_(2, index.expand(-1, values.shape[1], -1, values.shape[-1]), value_states)

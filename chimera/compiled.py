@@ -123,6 +123,13 @@ class CompiledDecoder(Compiled):
         return per_model[backend]
 
     @staticmethod
+    def mark_rows(*tensors: torch.Tensor) -> None:
+        """Compile the leading (rows) axis of ``tensors`` as a symbol, so that one compilation serves every rows
+        bucket of a running batch (batch.py); a single row is compiled apart (Dynamo specializes sizes 0 and 1)."""
+        for tensor in tensors:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+    @staticmethod
     def mark_capacity(tensor: torch.Tensor, dim: int) -> None:
         """Compile ``tensor``'s axis ``dim`` (a number of KV slots) as a symbol, so that one compilation per tree
         size serves every capacity of slot cache (graph_runner still captures one graph per capacity)."""

@@ -75,6 +75,8 @@ class GrowingSession:
 
 
 class GrowingVerifier:
+    decoder = None  # never compiled (SlotVerifier's may be)
+
     def __init__(self, model, head_route: str | None = None):
         self.model = attention.verifying_model(model)
         self.head_route = head_route

@@ -4,8 +4,11 @@
 sequences, where one request alone steps in about 1.1 ms. This script separates what a plain step of R sequences
 over a W-slot window costs: the whole ``RunningBatch.step`` (forward, argmax, the one read, each member's
 detokenization and stop check), the captured forward alone, and the host's part (the rest); and how long
-``RunningBatch.warm_up`` takes to capture every shape up to the largest R and W. Runs on a CPU too (eager
-forwards, no captures), which is how it is tested.
+``RunningBatch.warm_up`` takes to capture every shape up to the largest R and W. Session 16 measured the
+uncaptured-prefill, uncompiled batch on an H100 (docs/gpu/batch_step_cost_session16_h100.jsonl: 3.1 ms a step for
+one row, 17 ms for 64 rows over 2,048 slots, 20 ms a join); ``--compile`` (on by default on a GPU in bfloat16)
+measures the compiled step, which attends over every slot (W then only sets the prompts' lengths). Runs on a CPU
+too (eager forwards, no captures).
 
     python scripts/batch_step_cost.py --rows 1 4 16 64 --windows 256 1024 2048 --out batch_step_cost.json
 """
@@ -62,7 +65,7 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
     padded = batch._rows(rows)
     tokens = torch.zeros(padded, 1, dtype=torch.long, device=device)
     positions = torch.full((padded, 1), batch.capacity - 1, device=device)
-    key = ("plain", padded, batch._window(max(s.length for s in active) + 1))
+    key = ("plain", padded, batch._plain_window(max(s.length for s in active) + 1))
     forward = mean_ms(lambda: batch.runner.run(key, lambda t, p: batch._plain_forward(key[2], t, p),
                                               tokens, positions), device, steps)
     active = list(batch.running)
@@ -82,13 +85,16 @@ def main():
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--windows", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="the plain step through torch.compile; auto: on a GPU in bfloat16 or float16")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     quiet_libraries()
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = chimera.load_base(args.model, dtype=dtype, device=str(device))
-    batch = RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows))
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and dtype != "float32")
+    batch = RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows), compiled=compiled)
     filler = next(t for t in range(1, 1 << 20) if t not in batch.eos_ids)
     request = encode_prompt(tokenizer, "Write a long story about a lighthouse keeper and a storm.")  # a long answer
     batch.add([filler] * 8, max_new_tokens=1)  # the KV memory is allocated by a first forward
@@ -96,7 +102,9 @@ def main():
     captured = batch.warm_up()
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": dtype, "graphs": batch.runner.graphs,
-              "warm_up_s": round(captured, 2), "shapes_captured": len(batch.runner.captured), "steps": []}
+              "compiled": batch.decoder.describe() if batch.decoder is not None else "no",
+              "warm_up_s": round(captured, 2), "compile_s": round(batch.decoder.seconds, 1) if batch.decoder else 0.0,
+              "shapes_captured": len(batch.runner.captured), "steps": []}
     for window in args.windows:
         for rows in args.rows:
             row = measure(batch, rows, window, args.steps, request, filler)

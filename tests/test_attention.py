@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from chimera import attention, cache as kv, target
+from chimera.cache_argument import cache_kwargs
 from chimera.drafters import resolve_drafter
 from chimera.generate import SpeculativeDecoder
 from chimera.tree import TreeBuffers, TreeTopology, tree_attention_mask
@@ -60,3 +61,47 @@ def test_decoding_with_it_equals_generate_and_leaves_generate_alone(default_mode
     assert torch.equal(before, after)
     assert ours.token_ids == before[0, 12:].tolist()
     assert decoder.tree.topology.size > 1 and ours.plain_steps == 0  # every step verified a tree
+
+
+def test_folded_queries_attend_like_repeated_keys():
+    """The batch's plain step on a GPU: each group's query heads read as queries of their key head, no copy."""
+    gen = torch.Generator().manual_seed(5)
+    rows, heads, kv_heads, slots, size = 3, 6, 2, 20, 8
+    query = torch.randn(rows, heads, 1, size, generator=gen)
+    key, value = torch.randn(2, rows, kv_heads, slots, size, generator=gen)
+    lengths = torch.tensor([4, 20, 11])
+    mask = torch.where(torch.arange(slots)[None, :] < lengths[:, None], 0.0, float("-inf"))[:, None, None]
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=0.3)
+    folded = attention.folded_queries(query, key, value, mask, scaling=0.3)
+    assert folded.shape == (rows, 1, heads, size)
+    torch.testing.assert_close(folded, expected.transpose(1, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
+    """``batch_attention`` on a twin (a GPU's, built here on a CPU): one token a row, each row masked to its own
+    length, the same logits as the model's own SDPA; anything else (a prefill) goes to transformers' path."""
+    model = tiny_model(family)
+    twin = attention._twin(model, attention.BATCH_NAME)
+    assert twin is not model and twin.config._attn_implementation == attention.BATCH_NAME
+    assert model.config._attn_implementation == "sdpa"
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(3, 128, (3, 16), generator=gen)
+    mask = torch.zeros(3, 1, 16, 16).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    caches = [kv.new_cache(), kv.new_cache()]
+    outs = [m(input_ids=tokens, attention_mask=mask, use_cache=True, **cache_kwargs(m, c))
+            for m, c in zip((model, twin), caches)]
+    torch.testing.assert_close(outs[0].logits, outs[1].logits)  # a prefill: transformers' SDPA in both
+    folded, calls = attention.folded_queries, []
+    monkeypatch.setattr(attention, "folded_queries", lambda *args, **kwargs: calls.append(1) or folded(*args, **kwargs))
+    step = torch.randint(3, 128, (3, 1), generator=gen)
+    lengths = torch.tensor([5, 16, 9])  # each row sees its first lengths slots and the new token
+    step_mask = torch.where(torch.arange(17)[None, :] <= lengths[:, None], 0.0, float("-inf"))[:, None, None]
+    step_mask[:, :, :, 16] = 0.0
+    logits = [m(input_ids=step, attention_mask=step_mask, position_ids=lengths[:, None], **cache_kwargs(m, c)).logits
+              for m, c in zip((model, twin), caches)]
+    torch.testing.assert_close(logits[0], logits[1])
+    assert len(calls) == model.config.num_hidden_layers  # the step, every layer, folded; the prefill not
+    assert attention.batch_model(model) is attention.verifying_model(model)  # a CPU: the verifier's own path

@@ -108,7 +108,9 @@ def test_a_warmed_up_batch_meets_no_new_shape_and_decodes_the_same(default_model
         if warmed:
             batch.warm_up()
             # rows 1, 2 and 3 (the batch's size caps the last bucket) over windows of 64 and 128 slots
-            assert set(batch.runner.captured) == {("plain", r, w) for r in (1, 2, 3) for w in (64, 128)}
+            # and prefills padded to 16, 32, 64 and 128 tokens
+            assert set(batch.runner.captured) == ({("plain", r, w) for r in (1, 2, 3) for w in (64, 128)}
+                                                  | {("prefill", n) for n in (16, 32, 64, 128)})
         sequences, texts = {}, {}
         sequences["p0"], texts["p0"] = batch.add(prompts["p0"], budgets["p0"])
         results = drain(batch, sequences, texts, [(2, "p1", (prompts["p1"], budgets["p1"])),
@@ -381,3 +383,54 @@ def test_the_engine_drafts_in_its_batch_only_when_asked(default_model):
     assert decoder.drafter is not None
     assert Engine(decoder, max_batch=2).batch.drafter is None  # off by default (docs/benchmarks.md, session 12)
     assert Engine(decoder, max_batch=2, batch_drafting=True).batch.drafter is decoder.drafter
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_compiled_batch_decodes_as_alone_and_compiles_once_for_any_rows(family, default_model):
+    """The GPU's compiled plain step (rows a symbol, every slot attended), traced here by Dynamo with a backend that
+    runs the traced graph as it is and counts compilations."""
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    compilations = []
+
+    def counting(graph, example_inputs):
+        compilations.append(len(example_inputs))
+        return graph.forward
+
+    gen = torch.Generator().manual_seed(8)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((5, 17, 9))}
+    budgets = {"p0": 14, "p1": 6, "p2": 12}
+    batch = RunningBatch(model, tokenizer, max_batch=4, capacity=128, fixed_shapes=True, compiled=True,
+                         backend=counting)
+    assert batch.decoder is not None and batch._plain_window(3) == 128  # one window: all slots
+    sequences, texts = {}, {}
+    sequences["p0"], texts["p0"] = batch.add(prompts["p0"], budgets["p0"])
+    results = drain(batch, sequences, texts, [(1, "p1", (prompts["p1"], budgets["p1"])),
+                                              (2, "p2", (prompts["p2"], budgets["p2"]))])
+    for name, prompt in prompts.items():
+        expected = alone(model, tokenizer, prompt, budgets[name])
+        assert results[name].token_ids == expected.token_ids, name
+        assert results[name].text == texts[name] == expected.text
+    assert batch.decoder.failure is None
+    assert 2 <= len(compilations) <= 3  # one row, then rows 2 and 4 alike (a graph break may add one)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_prefills_padded_to_their_length_bucket_decode_as_alone(family, default_model):
+    """A GPU's prefill, run eagerly: the prompt padded to a power of two, its row and last position read on the
+    device (one capture per padded length serves every row); each sequence still decodes what it does alone."""
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(9)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((5, 17, 40))}
+    budgets = {"p0": 12, "p1": 9, "p2": 10}
+    batch = RunningBatch(model, tokenizer, max_batch=4, capacity=128, fixed_shapes=True)
+    batch.runner = RecordingRunner()
+    sequences, texts = {}, {}
+    for name in ("p0", "p1"):
+        sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
+    results = drain(batch, sequences, texts, [(3, "p2", (prompts["p2"], budgets["p2"]))])
+    assert {key for key in batch.runner.captured if key[0] == "prefill"} == {("prefill", 16), ("prefill", 32),
+                                                                              ("prefill", 64)}
+    for name, prompt in prompts.items():
+        assert results[name].token_ids == alone(model, tokenizer, prompt, budgets[name]).token_ids, name

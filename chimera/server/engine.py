@@ -133,8 +133,10 @@ class Engine:
         # batch of 16 steps twice as fast through it: 51 against 104 ms for the default model on one thread)
         # ``batch_drafting``: and the decoder's drafter, with which the batch drafts chains where that pays at its size
         # (batch.py); off by default: on this project's 2-core CPU it made the batch slower (docs/benchmarks.md)
+        # and its steps compiled where the decoder's forward is (bfloat16 and float16 on a GPU)
         self.batch = (RunningBatch(decoder.verifier.model, decoder.tokenizer, max_batch, batch_context,
-                                   drafter=decoder.drafter if batch_drafting else None, adaptive=decoder.adaptive)
+                                   drafter=decoder.drafter if batch_drafting else None, adaptive=decoder.adaptive,
+                                   compiled=decoder.verifier.decoder is not None)
                       if max_batch > 1 else None)
         self._running: list[tuple[Sequence, Job]] = []  # the batch's members, with their jobs
         self.speeds = Speeds()
