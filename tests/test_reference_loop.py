@@ -120,6 +120,22 @@ def test_a_step_decoded_at_once_releases_what_token_by_token_does(default_model,
     assert one.text and ("\ufffd" not in one.text or one.finish_reason == "length")  # a cut may split a character
 
 
+def test_the_rust_tokenizers_own_decode_gives_transformers_text(default_model, monkeypatch):
+    """text.text_of takes the Rust tokenizer's decode where transformers' only forwards to it: the same text for
+    windows of every length over multi-byte characters, special tokens and spaces."""
+    from chimera.text import text_of
+
+    _, tokenizer = default_model
+    ids = tokenizer("  Über 5 Äpfel 🍎 — 苹果! ✓ naïve\n\tdef f(x): return x ** 2 ,  .", add_special_tokens=False)[
+        "input_ids"]
+    ids = [tokenizer.bos_token_id or 1, *ids, tokenizer.eos_token_id, *ids[:5]]
+    windows = [ids[start:end] for start in range(len(ids)) for end in range(start, min(start + 6, len(ids)) + 1)]
+    expected = [tokenizer.decode(w, skip_special_tokens=True, clean_up_tokenization_spaces=False) for w in windows]
+    decode = text_of(tokenizer)
+    monkeypatch.setattr(tokenizer, "decode", None)  # not called: the Rust tokenizer decodes
+    assert [decode(w) for w in windows] == expected
+
+
 def stops_at_a_stop_string(decoder, ids: list[int]) -> None:
     """A stop string taken from the middle of the text ends the same decoding there, itself left out."""
     text = decoder.generate(input_ids=ids, max_new_tokens=30).text
