@@ -371,7 +371,7 @@ class RunningBatch:
         with torch.inference_mode():
             if decoder is not None:
                 decoder.mark_rows(tokens, positions, mask)
-                final = decoder(**inputs, **cache_kwargs(self.model, self.cache)).last_hidden_state
+                final = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache)).last_hidden_state
                 if isinstance(logits_to_keep, torch.Tensor):
                     kept = final[:, logits_to_keep]
                 else:
