@@ -363,7 +363,8 @@ class RunningBatch:
         slots up to its position, within the first ``window`` (``_window``, from the host's lengths: no device
         read). ``rows``: a slice of the cache's rows, or their indices on the device. ``logits_to_keep``: the last
         that many tokens (0: all), or the indices of those to score. ``decoder``: the compiled decoder stack in
-        place of the model's (a plain vocabulary head: the logits are projected here), its rows axis a symbol."""
+        place of the model's, for a plain step (every token scored; a plain vocabulary head, projected here), its
+        rows axis a symbol."""
         self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
@@ -372,11 +373,7 @@ class RunningBatch:
             if decoder is not None:
                 decoder.mark_rows(tokens, positions, mask)
                 final = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache)).last_hidden_state
-                if isinstance(logits_to_keep, torch.Tensor):
-                    kept = final[:, logits_to_keep]
-                else:
-                    kept = final[:, -logits_to_keep:] if logits_to_keep else final
-                logits = target.vocab_logits(kept, self.model.get_output_embeddings())
+                logits = target.vocab_logits(final, self.model.get_output_embeddings())  # a plain step's: all
             else:
                 out = self.model(**inputs, logits_to_keep=logits_to_keep, output_hidden_states=True,
                                  **cache_kwargs(self.model, self.cache))
