@@ -1,0 +1,125 @@
+"""Which attention kernel suits a running batch's plain step on a GPU: one query token a row over each row's keys.
+
+Session 16 compiled the batch's step and folded each group's query heads into queries of their key head
+(attention.batch_attention), yet 64 rows over 2,048 slots still cost an H100 11.6 ms a step against 2.0 ms for
+one row (docs/gpu/batch_step_cost_session16_compiled_h100.json): 30 layers reading 64 x 2,048 slots of keys and
+values, 1.5 GB, should take about 0.5 ms at the card's bandwidth. This script times one layer's attention of that
+shape by each route, in bfloat16, with each row's length drawn between half the slots and all of them:
+
+- ``repeat``: keys and values repeated per query head, SDPA with the mask (transformers' path for a masked query)
+- ``folded``: attention.folded_queries, SDPA's own choice of kernel, then each kernel forced
+- ``gqa``: SDPA's ``enable_gqa`` with the mask
+- ``flex``: flex_attention (compiled) over a block mask from the lengths, which skips blocks past a row's length
+- ``compiled_math``: matmul, softmax, matmul in one torch.compile'd function
+
+    python scripts/batch_attention_kernels.py --rows 16 64 --slots 2048 --out batch_attention_kernels.json
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from report_json import save_json
+
+
+def time_us(fn, repeats: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    if not torch.cuda.is_available():  # a CPU: the script's own check, not a figure
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1e6 * (time.perf_counter() - start) / repeats
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / repeats
+
+
+def routes(query, key, value, mask, lengths):
+    rows, heads, _, size = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    folded = query.reshape(rows, kv_heads, groups, size)
+    out = {
+        "repeat": lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(groups, 1),
+                                                         value.repeat_interleave(groups, 1), attn_mask=mask),
+        "folded": lambda: F.scaled_dot_product_attention(folded, key, value, attn_mask=mask),
+        "gqa": lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True),
+    }
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, backend in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        def forced(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(folded, key, value, attn_mask=mask)
+        out[f"folded_{name}"] = forced
+
+    def math(q, k, v, m):
+        scores = (q @ k.transpose(-1, -2)) * size ** -0.5 + m
+        return scores.float().softmax(-1).to(v.dtype) @ v
+    compiled_math = torch.compile(math)
+    out["compiled_math"] = lambda: compiled_math(folded, key, value, mask)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention)
+        block_mask = create_block_mask(lambda b, h, q, kv: kv <= lengths[b], rows, None, 1, key.shape[2],
+                                       device=query.device)
+        out["flex"] = lambda: flex(query, key, value, block_mask=block_mask, enable_gqa=True)
+    except Exception as exc:  # noqa: BLE001 - a torch without flex attention: noted, not fatal
+        print(f"flex attention unavailable: {type(exc).__name__}: {exc}")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--slots", type=int, nargs="+", default=[2048])
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device=device).manual_seed(0)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": []}
+    for slots in args.slots:
+        for rows in args.rows:
+            query = torch.randn(rows, args.heads, 1, args.head_size, device=device, dtype=torch.bfloat16,
+                                generator=gen)
+            key, value = torch.randn(2, rows, args.kv_heads, slots, args.head_size, device=device,
+                                     dtype=torch.bfloat16, generator=gen)
+            lengths = torch.randint(slots // 2, slots, (rows,), device=device, generator=gen)
+            allowed = torch.arange(slots, device=device)[None, :] <= lengths[:, None]
+            mask = torch.zeros(rows, 1, 1, slots, device=device, dtype=torch.bfloat16).masked_fill(
+                ~allowed[:, None, None], float("-inf"))
+            gigabytes = 2 * key.numel() * key.element_size() / 1e9
+            row = {"rows": rows, "slots": slots, "kv_gb": round(gigabytes, 4)}
+            groups = args.heads // args.kv_heads
+            reference = F.scaled_dot_product_attention(query, key.repeat_interleave(groups, 1),
+                                                       value.repeat_interleave(groups, 1), attn_mask=mask)
+            for name, fn in routes(query, key, value, mask, lengths).items():
+                try:
+                    result = fn().reshape(reference.shape)
+                    error = (result.float() - reference.float()).abs().max().item()
+                    us = time_us(fn)
+                    row[name] = {"us": round(us, 1), "gb_per_s": round(gigabytes / us * 1e6, 1),
+                                 "max_error": round(error, 4)}
+                except Exception as exc:  # noqa: BLE001 - a kernel that refuses the shape: noted
+                    row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+    save_json(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
