@@ -375,10 +375,9 @@ def add_server_args(srv: argparse.ArgumentParser) -> None:
                      help="requests that may wait for the decoder; more are refused with 429 (default: 16)")
     srv.add_argument("--timeout", type=non_negative_float, default=120.0,
                      help="seconds a request may take, queueing included (default: 120)")
-    srv.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
+    srv.add_argument("--max-batch", type=positive_int, default=16, dest="max_batch",
                      help="requests decoded together in one running batch when more than one is in flight (a "
-                          "request alone is decoded speculatively); 1 = one at a time (default: 16 on a CPU, 1 on "
-                          "a GPU, where one request at a time is still faster for small models)")
+                          "request alone is decoded speculatively); 1 = one at a time (default: 16)")
     srv.add_argument("--batch-context", type=positive_int, default=2048, dest="batch_context",
                      help="tokens (prompt + completion) a batch row holds; KV memory for max-batch rows of it is "
                           "allocated once; a longer request waits and is decoded alone (default: 2048)")

@@ -30,7 +30,7 @@ import logging
 import signal
 import time
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .app import PROMETHEUS_TEXT, ServerConfig, check_api_key, create_app, health_of, metrics_of, read_body
 from .engine import timeout_error
 from .responses import sse
-from .run import EngineOptions, build_engine, default_max_batch
+from .run import EngineOptions, build_engine
 from .schemas import APIError
 
 log = logging.getLogger("chimera.server")
@@ -312,11 +312,9 @@ class Relay(Response):
 def application(options: EngineOptions, config: ServerConfig, fleet: FleetOptions):
     """The Ray Serve application: ``fleet.replicas`` engine replicas behind one front."""
     device_is_gpu = fleet.gpus_per_replica > 0
-    max_batch = options.max_batch or default_max_batch(device_is_gpu)
-    options = replace(options, max_batch=max_batch)
     threads = fleet.threads or (None if device_is_gpu else max(1, int(fleet.cpus_per_replica)))
     replica = serve.deployment(name="chimera-replica",
-                               **fleet.deployment_options(max_batch, options.max_queue))(EngineReplica)
+                               **fleet.deployment_options(options.max_batch, options.max_queue))(EngineReplica)
     front = serve.deployment(name="chimera-front", num_replicas=1, max_ongoing_requests=100_000,
                              ray_actor_options={"num_cpus": 0})(Front)
     return front.bind(replica.bind(options, config, threads), config, options.timeout, options.max_queue)

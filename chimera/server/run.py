@@ -18,6 +18,14 @@ from .app import ServerConfig, create_app
 from .engine import Engine
 
 
+# The running batch when none is given, on a CPU and a GPU alike. On a GPU it was 1 before session 16: the batch's
+# plain step was graphed but not compiled, and one request at a time served more (886 tokens/s on an H100, against
+# 459 and 685 at 4 and 16 clients). With the step compiled and the prefills captured, `ar` served 865, 1,251, 2,675
+# and 3,478 tokens/s at 1, 4, 16 and 64 clients (docs/benchmarks.md, session 16). 16 rows of 2,048 tokens keep the
+# KV memory of an 8B Llama shape at 4 GB.
+DEFAULT_MAX_BATCH = 16
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """What one engine decodes with: the model, its drafter, and the engine's limits (``chimera serve``'s
@@ -32,19 +40,13 @@ class EngineOptions:
     compile: str = "auto"
     max_queue: int = 16
     timeout: float = 120.0
-    max_batch: int | None = None  # None: default_max_batch
+    max_batch: int = DEFAULT_MAX_BATCH
     batch_context: int = 2048
     batch_drafting: bool = False  # the running batch drafts too (batch.py)
 
 
 WARM_UP_NEW_TOKENS = 256  # the new tokens a request is assumed to ask for when the GPU's captures are made ahead
 
-
-def default_max_batch(on_gpu: bool) -> int:
-    """The running batch when none is given: 16 on a CPU; 1 on a GPU, where a request alone (speculative, its
-    forward compiled and graphed) is still faster in total: on an H100 the default model served one request at a
-    time at 886 tokens/s, and the batch, its plain step graphed but not compiled, 459 and 685 at 4 and 16 clients."""
-    return 1 if on_gpu else 16
 
 
 def build_engine(options: EngineOptions) -> Engine:
@@ -60,8 +62,7 @@ def build_engine(options: EngineOptions) -> Engine:
                                  draft_vocab=options.draft_vocab, compile=COMPILE_CHOICES[options.compile])
     if decoder.device.type == "cuda":  # every cache size and prompt length bucket of requests within the batch's
         decoder.warm_up(options.batch_context, WARM_UP_NEW_TOKENS)  # context, captured before the first request
-    max_batch = options.max_batch or default_max_batch(decoder.device.type == "cuda")
-    engine = Engine(decoder, max_queue=options.max_queue, timeout=options.timeout, max_batch=max_batch,
+    engine = Engine(decoder, max_queue=options.max_queue, timeout=options.timeout, max_batch=options.max_batch,
                     batch_context=options.batch_context, batch_drafting=options.batch_drafting)
     engine.warm_up()  # and every shape of the running batch's step (on a GPU)
     return engine
