@@ -6,12 +6,14 @@ forward reads the weights once for the whole batch, so on a small model a step o
 than a step of one. The server (server/engine.py) runs this batch whenever more than one request is in flight.
 
 On a GPU the plain step runs in fixed shapes, a power-of-two number of rows (idle rows padded: each reads the last
-slot of its row, which a sequence writes before it ever reads it) over a power-of-two window, captured once per
-shape and replayed (graph_runner.py): with eager forwards 4 clients got 125 tokens/s in total on an H100, a seventh of
-one request alone; replayed, 459 (685 at 16 clients; docs/benchmarks.md, session 14). Prefills stay eager. Those
-figures, and 990 tokens/s at 64 clients (session 15), include the capture of each shape the batch met first inside
-the timed run; ``warm_up`` now captures every shape before the first request (server start, ``chimera
-throughput``'s untimed setup), not yet measured on a GPU.
+slot of its row, which a sequence writes before it ever reads it), captured once per shape and replayed
+(graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows a symbol,
+so one compilation serves every bucket but a single row's), attending over every slot of its rows; uncompiled, over a
+power-of-two window. A joining sequence's prompt is padded to a power-of-two length and read from a capture per
+length, its row chosen on the device. ``warm_up`` captures every shape before the first request (server start,
+``chimera throughput``'s untimed setup). Measured on an H100 (docs/benchmarks.md, sessions 14-16), total tokens/s
+of `ar` at 4 / 16 / 64 clients: eager forwards 125 / 274 / -, graphed 459 / 685 / 990 (captures inside the timing),
+compiled with captured prefills 1,251 / 2,675 / 3,478, against 865 for one client alone.
 
 Each sequence keeps what makes its output its own: its KV row, its length, its sampling settings and seeded
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
