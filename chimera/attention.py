@@ -18,7 +18,8 @@ Tried on a GPU and not kept: masked grouped-query SDPA falls back to the math ke
 heads of a group were read as one longer query over their shared key head, the mask repeated to match. On an H100 in
 bfloat16 (torch.compile, CUDA graphs; scripts/step_anatomy.py) a 64-token tree's forward went from 529 to 507 kernels
 and 1.84/2.07/2.53 to 1.80/2.04/2.51 ms over 512/1024/2048 KV slots, but a one-token forward from 1.12/1.13/1.22 to
-1.08/1.30/1.73 ms, and our plain loop from 914 to 795 tokens/s. On a GPU the copy is cheap for one sequence; the model stays as it is.
+1.08/1.30/1.73 ms, and our plain loop from 914 to 795 tokens/s. On a GPU the copy is cheap for one sequence; the
+verifier's model stays as it is.
 
 The running batch on a GPU (batch.py) is another matter: its plain step is one query token per row over every row's
 keys and values, and the copy grows with rows x slots (an H100, bfloat16, 64 rows: 5.2 ms a step over 256 slots,

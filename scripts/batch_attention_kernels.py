@@ -91,7 +91,8 @@ def main():
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(0)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": []}
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "results": []}
     for slots in args.slots:
         for rows in args.rows:
             query = torch.randn(rows, args.heads, 1, args.head_size, device=device, dtype=torch.bfloat16,

@@ -43,8 +43,8 @@ def mean_ms(fn, device: torch.device, repeats: int) -> float:
 
 def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: list[int], filler: int) -> dict:
     """R sequences whose prompts (``request`` after filler tokens) put the step's window at W, then ``steps``
-    timed steps of each kind; the
-    mean time of a join (``add``: the prompt's prefill and first token) is timed too. A sequence that ends early leaves (``rows_at_end`` says how many stayed)."""
+    timed steps of each kind; the mean time of a join (``add``: the prompt's prefill and first token) is timed too.
+    A sequence that ends early leaves (``rows_at_end`` says how many stayed)."""
     prompt = [filler] * (window // 2 + 1 - len(request)) + request  # the first steps attend over W slots
     device = batch.device
     synchronize(device)

@@ -126,8 +126,8 @@ def test_the_rust_tokenizers_own_decode_gives_transformers_text(default_model, m
     from chimera.text import text_of
 
     _, tokenizer = default_model
-    ids = tokenizer("  Über 5 Äpfel 🍎 — 苹果! ✓ naïve\n\tdef f(x): return x ** 2 ,  .", add_special_tokens=False)[
-        "input_ids"]
+    text = "  Über 5 Äpfel 🍎 — 苹果! ✓ naïve\n\tdef f(x): return x ** 2 ,  ."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = [tokenizer.bos_token_id or 1, *ids, tokenizer.eos_token_id, *ids[:5]]
     windows = [ids[start:end] for start in range(len(ids)) for end in range(start, min(start + 6, len(ids)) + 1)]
     expected = [tokenizer.decode(w, skip_special_tokens=True, clean_up_tokenization_spaces=False) for w in windows]

@@ -48,7 +48,6 @@ class EngineOptions:
 WARM_UP_NEW_TOKENS = 256  # the new tokens a request is assumed to ask for when the GPU's captures are made ahead
 
 
-
 def build_engine(options: EngineOptions) -> Engine:
     """Load the model and drafter and make the engine (not started). On a GPU the graphs are captured (and the
     forward compiled) here, before the first request, not inside it."""
