@@ -77,6 +77,28 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
             "host_and_rest_ms": round(whole - forward, 3), "tokens_per_s": round(1000 * len(active) / whole, 1)}
 
 
+def profile(batch: RunningBatch, rows: int, top: int = 15) -> dict:
+    """One plain forward of ``rows`` rows over the whole row, run as it is (not replayed, so that the profiler sees
+    each kernel; compiled where the batch is): the ``top`` kernels by device time, microseconds over all calls."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    device = batch.device
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+    positions = torch.full((rows, 1), batch.capacity - 1, device=device)
+    run = lambda: batch._plain_forward(batch._plain_window(batch.capacity), tokens, positions)  # noqa: E731
+    run()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    events = [e for e in prof.key_averages() if (e.device_time_total if device.type == "cuda" else e.cpu_time_total)]
+    time_of = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    events.sort(key=time_of, reverse=True)
+    return {"rows": rows, "kernels": [{"name": e.key[:120], "calls": e.count, "us": round(time_of(e), 1)}
+                                      for e in events[:top]]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -87,6 +109,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="the plain step through torch.compile; auto: on a GPU in bfloat16 or float16")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also profile one uncaptured plain forward of ROWS rows: its 15 costliest kernels")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     quiet_libraries()
@@ -110,7 +134,10 @@ def main():
             row = measure(batch, rows, window, args.steps, request, filler)
             report["steps"].append(row)
             print(json.dumps(row), flush=True)
-    print(json.dumps({k: v for k, v in report.items() if k != "steps"}))
+    if args.profile:
+        report["profile"] = profile(batch, args.profile)
+        print(json.dumps(report["profile"], indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("steps", "profile")}))
     save_json(report, args.out)
 
 
