@@ -3,9 +3,9 @@
 # $HOME/stage, this call carrying .device/q4): where a running batch's plain step goes in bfloat16
 # (scripts/batch_step_cost.py: the whole step, the captured forward alone, the host's rest, for 1/4/16/64 sequences
 # over 256/1024/2048-slot windows, a join's time, and the time RunningBatch.warm_up takes to capture every shape;
-# COMPILE=off for the uncompiled step, session 16's first run; and the kernels of one 64-row forward), then (METHODS, default "ar chimera")
-# `chimera throughput` at 1, 4, 16 and 64 clients with the batch's shapes captured before the timing (session 15's
-# change), the tree given as the calibration chose it on an H100 in session 15.
+# COMPILE=off for the uncompiled step, session 16's first run; and the kernels of one 64-row forward), then
+# `chimera throughput` (METHODS, default "ar chimera") at 1, 4, 16 and 64 clients with the batch's shapes captured
+# before the timing, the tree given as the calibration chose it on an H100 in session 15.
 # Start it with setsid; results and progress.txt in $HOME/res-batch, copied to $OUT by each polling call.
 RES=$HOME/res-batch
 . scripts/device/prepare.sh
