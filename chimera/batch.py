@@ -10,7 +10,8 @@ slot of its row, which a sequence writes before it ever reads it), captured once
 (graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows a symbol,
 so one compilation serves every bucket but a single row's), attending over every slot of its rows; uncompiled, over a
 power-of-two window. A joining sequence's prompt is padded to a power-of-two length and read from a capture per
-length, its row chosen on the device. ``warm_up`` captures every shape before the first request (server start,
+length, its row chosen on the device (compiled too, its length a symbol: one more compilation; since after session
+16's GPU runs, so not yet measured there). ``warm_up`` captures every shape before the first request (server start,
 ``chimera throughput``'s untimed setup). Measured on an H100 (docs/benchmarks.md, sessions 14-16), total tokens/s
 of `ar` at 4 / 16 / 64 clients: eager forwards 125 / 274 / -, graphed 459 / 685 / 990 (captures inside the timing),
 compiled with captured prefills 1,251 / 2,675 / 3,478, against 865 for one client alone.
@@ -260,7 +261,8 @@ class RunningBatch:
         prompt's last). Reads the row and the length on the device: one capture serves every row and prompt of this
         padded length."""
         positions = torch.arange(tokens.shape[1], device=self.device)[None]
-        return self._forward(where[:1], tokens, positions, tokens.shape[1], logits_to_keep=where[1:])
+        window = self.capacity if self.decoder is not None else tokens.shape[1]  # compiled: one shape for all lengths
+        return self._forward(where[:1], tokens, positions, window, logits_to_keep=where[1:], decoder=self.decoder)
 
     def _compiled_shape(self, rows: int, window: int) -> str:
         """What one compilation of the plain step serves (compiled.Compiled.announce)."""
@@ -365,17 +367,27 @@ class RunningBatch:
         slots up to its position, within the first ``window`` (``_window``, from the host's lengths: no device
         read). ``rows``: a slice of the cache's rows, or their indices on the device. ``logits_to_keep``: the last
         that many tokens (0: all), or the indices of those to score. ``decoder``: the compiled decoder stack in
-        place of the model's, for a plain step (every token scored; a plain vocabulary head, projected here), its
-        rows axis a symbol."""
+        place of the model's (a plain vocabulary head, projected here), for a plain step (its rows a symbol) or a
+        prefill of one row chosen on the device (its length a symbol)."""
         self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
         inputs = dict(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True)
+        if not self.cache.allocated:  # the first forward allocates the KV memory: eagerly, not inside a compilation
+            decoder = None  # (which would then be compiled again without the allocation)
         with torch.inference_mode():
             if decoder is not None:
-                decoder.mark_rows(tokens, positions, mask)
+                if isinstance(rows, torch.Tensor):  # a prefill: its tokens
+                    decoder.mark_symbol(1, tokens, positions)
+                    decoder.mark_symbol(2, mask)
+                else:  # a step: its rows
+                    decoder.mark_symbol(0, tokens, positions, mask)
                 final = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache)).last_hidden_state
-                logits = target.vocab_logits(final, self.model.get_output_embeddings())  # a plain step's: all
+                if isinstance(logits_to_keep, torch.Tensor):
+                    scored = final[:, logits_to_keep]
+                else:
+                    scored = final[:, -logits_to_keep:] if logits_to_keep else final
+                logits = target.vocab_logits(scored, self.model.get_output_embeddings())
             else:
                 out = self.model(**inputs, logits_to_keep=logits_to_keep, output_hidden_states=True,
                                  **cache_kwargs(self.model, self.cache))

@@ -224,11 +224,16 @@ class RowSlotCache(Cache):
         self.window = capacity
         super().__init__(layers=[RowSlotLayer(self) for _ in range(num_layers)])
 
+    @property
+    def allocated(self) -> bool:
+        """Whether every layer's keys and values exist (a first forward allocates them)."""
+        return all(layer.is_initialized for layer in self.layers)
+
     @torch.inference_mode()
     def write_row(self, row: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Each layer's (1, heads, n, head size) keys and values into the first n slots of ``row``; False (and
         nothing written) where this cache cannot take them (not allocated yet, or other shapes)."""
-        if len(pairs) != len(self.layers) or not all(layer.is_initialized for layer in self.layers):
+        if len(pairs) != len(self.layers) or not self.allocated:
             return False
         for layer, (keys, values) in zip(self.layers, pairs):
             same_heads = keys.shape[1::2] == layer.keys.shape[1::2]  # (heads, head size)

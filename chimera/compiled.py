@@ -123,11 +123,12 @@ class CompiledDecoder(Compiled):
         return per_model[backend]
 
     @staticmethod
-    def mark_rows(*tensors: torch.Tensor) -> None:
-        """Compile the leading (rows) axis of ``tensors`` as a symbol, so that one compilation serves every rows
-        bucket of a running batch (batch.py); a single row is compiled apart (Dynamo specializes sizes 0 and 1)."""
+    def mark_symbol(dim: int, *tensors: torch.Tensor) -> None:
+        """Compile axis ``dim`` of ``tensors`` as a symbol, so that one compilation serves every rows bucket of a
+        running batch, or every padded length of its prefills (batch.py); a size of 1 is compiled apart (Dynamo
+        specializes sizes 0 and 1)."""
         for tensor in tensors:
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
     @staticmethod
     def mark_capacity(tensor: torch.Tensor, dim: int) -> None:

@@ -385,10 +385,12 @@ def test_the_engine_drafts_in_its_batch_only_when_asked(default_model):
     assert Engine(decoder, max_batch=2, batch_drafting=True).batch.drafter is decoder.drafter
 
 
+@pytest.mark.parametrize("captured", [False, True], ids=["prefills as they are", "padded prefills"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_compiled_batch_decodes_as_alone_and_compiles_once_for_any_rows(family, default_model):
-    """The GPU's compiled plain step (rows a symbol, every slot attended), traced here by Dynamo with a backend that
-    runs the traced graph as it is and counts compilations."""
+def test_a_compiled_batch_decodes_as_alone_and_compiles_once_for_any_rows(family, captured, default_model):
+    """The GPU's compiled plain step (rows a symbol, every slot attended) and, where captured, its compiled padded
+    prefills (the length a symbol), traced here by Dynamo with a backend that runs the traced graph as it is and
+    counts compilations."""
     _, tokenizer = default_model
     model = tiny_model(family)
     compilations = []
@@ -403,6 +405,8 @@ def test_a_compiled_batch_decodes_as_alone_and_compiles_once_for_any_rows(family
     batch = RunningBatch(model, tokenizer, max_batch=4, capacity=128, fixed_shapes=True, compiled=True,
                          backend=counting)
     assert batch.decoder is not None and batch._plain_window(3) == 128  # one window: all slots
+    if captured:
+        batch.runner = RecordingRunner()
     sequences, texts = {}, {}
     sequences["p0"], texts["p0"] = batch.add(prompts["p0"], budgets["p0"])
     results = drain(batch, sequences, texts, [(1, "p1", (prompts["p1"], budgets["p1"])),
@@ -412,7 +416,11 @@ def test_a_compiled_batch_decodes_as_alone_and_compiles_once_for_any_rows(family
         assert results[name].token_ids == expected.token_ids, name
         assert results[name].text == texts[name] == expected.text
     assert batch.decoder.failure is None
-    assert 2 <= len(compilations) <= 3  # one row, then rows 2 and 4 alike (a graph break may add one)
+    # one row, then rows 2 and 4 alike; padded prefills of 16 and 32 tokens alike (the first forward, which
+    # allocates the KV memory, runs uncompiled)
+    assert len(compilations) == 2 + captured
+    if captured:
+        assert {("prefill", 16), ("prefill", 32)} <= set(batch.runner.captured)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
