@@ -57,6 +57,7 @@ from .tree import TreeBuffers, TreeTopology, additive_mask
 
 SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a few shapes serve every length
 SMALLEST_PREFILL = 16  # tokens: a captured prefill's shortest padded length
+PREFILL_SHAPE = "a running batch's prefills of any padded length"  # what their one compilation serves (announced)
 DRAFT_DEPTH = 3  # drafted tokens per sequence in a batch's drafting step
 
 
@@ -191,8 +192,9 @@ class RunningBatch:
         if self.runner.graphs:
             bucket = self._prefill_length(n)
             tokens = torch.tensor([known + [0] * (bucket - n)], device=self.device)
-            logits = self.runner.run(("prefill", bucket), self._padded_prefill, tokens,
-                                     torch.tensor([row, n - 1], device=self.device))
+            with announced(self.decoder, PREFILL_SHAPE, first=not self.runner.can_run(("prefill", bucket))):
+                logits = self.runner.run(("prefill", bucket), self._padded_prefill, tokens,
+                                         torch.tensor([row, n - 1], device=self.device))
         else:
             positions = torch.arange(n, device=self.device)[None]
             logits = self._forward(slice(row, row + 1), torch.tensor([known], device=self.device), positions,
@@ -240,7 +242,8 @@ class RunningBatch:
         for length in sorted({self._prefill_length(1 << k) for k in range(self.capacity.bit_length() + 1)}):
             if not self.runner.can_run(("prefill", length)):
                 tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
-                self.runner.capture(("prefill", length), self._padded_prefill, tokens, row)
+                with announced(self.decoder, PREFILL_SHAPE):
+                    self.runner.capture(("prefill", length), self._padded_prefill, tokens, row)
         windows = sorted({self._plain_window(1 << k) for k in range(self.capacity.bit_length() + 1)})
         for rows in sorted({self._rows(count) for count in range(1, self.max_batch + 1)}):
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
