@@ -373,12 +373,14 @@ class RunningBatch:
         that many tokens (0: all), or the indices of those to score. ``decoder``: the compiled decoder stack in
         place of the model's (a plain vocabulary head, projected here), for a plain step (its rows a symbol) or a
         prefill of one row chosen on the device (its length a symbol)."""
-        self.cache.rows, self.cache.slots, self.cache.window = rows, positions, window
+        self.cache.rows, self.cache.slots = rows, positions
+        self.cache.window = None if window == self.capacity else window  # None: no cut (nothing to specialize on)
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
         inputs = dict(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True)
-        if not self.cache.allocated:  # the first forward allocates the KV memory: eagerly, not inside a compilation
-            decoder = None  # (which would then be compiled again without the allocation)
+        allocating = not self.cache.allocated
+        if allocating:  # the first forward allocates the KV memory: eagerly, not inside a compilation (which would
+            decoder = None  # then be compiled again without the allocation)
         with torch.inference_mode():
             if decoder is not None:
                 if isinstance(rows, torch.Tensor):  # a prefill: its tokens
@@ -386,6 +388,7 @@ class RunningBatch:
                     decoder.mark_symbol(2, mask)
                 else:  # a step: its rows
                     decoder.mark_symbol(0, tokens, positions, mask)
+                decoder.mark_symbol(3, mask)  # and the row's slots, a symbol like the buffers' (any capacity)
                 final = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache)).last_hidden_state
                 if isinstance(logits_to_keep, torch.Tensor):
                     scored = final[:, logits_to_keep]
@@ -398,6 +401,9 @@ class RunningBatch:
                 final, logits = out.hidden_states[-1], out.logits  # final: (rows, n, hidden), what a drafter reads
             if self.hidden is None:
                 self.hidden = final.new_zeros(self.max_batch, self.capacity, final.shape[-1])
+            if allocating and self.decoder is not None:  # one compilation for every batch size and row capacity
+                self.decoder.mark_symbol(0, *self.cache.buffers)
+                self.decoder.mark_symbol(2, *self.cache.buffers)
             if isinstance(rows, torch.Tensor):
                 self.hidden.index_put_((rows[:, None], positions), final)
             else:

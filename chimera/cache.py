@@ -196,13 +196,14 @@ class RowSlotLayer(CacheLayerMixin):
         where = (index[:, None, None], heads, slots[:, None, :])
         self.keys.index_put_(where, key_states)
         self.values.index_put_(where, value_states)
+        keys, values = (self.keys, self.values) if window is None else (self.keys[:, :, :window],
+                                                                         self.values[:, :, :window])
         if isinstance(rows, torch.Tensor):  # rows chosen on the device (a captured prefill): a copy of the window
-            return self.keys[:, :, :window].index_select(0, rows), self.values[:, :, :window].index_select(0, rows)
-        end = rows.start + count
-        return self.keys[rows.start:end, :, :window], self.values[rows.start:end, :, :window]
+            return keys.index_select(0, rows), values.index_select(0, rows)
+        return keys[rows.start:rows.start + count], values[rows.start:rows.start + count]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.window, 0
+        return self.cache.window or self.cache.capacity, 0
 
     def get_seq_length(self) -> int:
         return 0  # positions and masks are always given explicitly
@@ -214,15 +215,21 @@ class RowSlotLayer(CacheLayerMixin):
 class RowSlotCache(Cache):
     """KV slots for a running batch of sequences, one row each (batch.py). The running rows are always the first
     ones: a sequence that leaves is replaced by the last (``move_row``), so a step's forward covers a prefix of
-    rows, a view. ``rows``, ``slots`` and ``window`` describe the forward under way."""
+    rows, a view. ``rows``, ``slots`` and ``window`` (None: every slot, no cut, which a compiled forward then need
+    not specialize on) describe the forward under way."""
 
     def __init__(self, num_layers: int, row_count: int, capacity: int, device):
         self.row_count = row_count
         self.capacity = capacity
         self.rows = slice(0, 0)
         self.slots = torch.zeros(0, 0, dtype=torch.long, device=device)
-        self.window = capacity
+        self.window: int | None = None
         super().__init__(layers=[RowSlotLayer(self) for _ in range(num_layers)])
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """Every allocated layer's keys and values, (row_count, heads, capacity, head size) each."""
+        return [t for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values)]
 
     @property
     def allocated(self) -> bool:

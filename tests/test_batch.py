@@ -421,6 +421,17 @@ def test_a_compiled_batch_decodes_as_alone_and_compiles_once_for_any_rows(family
     assert len(compilations) == 2 + captured
     if captured:
         assert {("prefill", 16), ("prefill", 32)} <= set(batch.runner.captured)
+    # another batch of the same model, of other rows and row capacity (a server's, after a benchmark's warm-up one),
+    # replays what was compiled: the buffers' sizes are symbols too
+    other = RunningBatch(model, tokenizer, max_batch=8, capacity=256, fixed_shapes=True, compiled=True,
+                         backend=counting)
+    if captured:
+        other.runner = RecordingRunner()
+    sequences, texts = {}, {}
+    sequences["p0"], texts["p0"] = other.add(prompts["p0"], budgets["p0"])
+    again = drain(other, sequences, texts, [(1, "p1", (prompts["p1"], budgets["p1"]))])
+    assert {name: r.token_ids for name, r in again.items()} == {n: results[n].token_ids for n in ("p0", "p1")}
+    assert len(compilations) == 2 + captured
 
 
 @pytest.mark.parametrize("family", FAMILIES)
