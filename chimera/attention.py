@@ -23,13 +23,14 @@ verifier's model stays as it is.
 
 The running batch on a GPU (batch.py) is another matter: its plain step is one query token per row over every row's
 keys and values, and the copy grows with rows x slots (an H100, bfloat16, 64 rows: 5.2 ms a step over 256 slots,
-17.0 over 2,048, against 3.1 for one row; docs/gpu/batch_step_cost_session16_h100.jsonl). ``batch_attention``
-reads the query heads of each group as that many queries of its key head (what transformers 5.24 does itself for a
-single query, outside torch.compile), so nothing is copied; the batch runs it on its own twin of the model
-(``batch_model``). One layer's attention of 64 rows over 2,048 slots on an H100 (scripts/batch_attention_kernels.py,
-docs/gpu/batch_attention_kernels_h100.json): repeated keys 463 us, folded queries 67 us, and SDPA's own grouped
-support with the mask (``enable_gqa``, which transformers avoids on CUDA) 39 us: the next candidate, not yet measured
-inside the compiled step.
+17.0 over 2,048, against 3.1 for one row; docs/gpu/batch_step_cost_session16_h100.jsonl). One layer's attention of
+64 rows over 2,048 slots on that H100 with torch 2.11 (scripts/batch_attention_kernels.py,
+docs/gpu/batch_attention_kernels_h100.json): repeated keys 463 us; each group's query heads folded into queries of
+their key head (what transformers 5.24 does itself for a single query, outside torch.compile) 67 us; SDPA's own
+grouped support with the mask (``enable_gqa``, which transformers avoids on CUDA for fear of the math kernel, 414 us
+here) 39 us (16 rows: 126, 35 and 22 us). So ``batch_attention`` takes grouped SDPA for a plain step, on the batch's
+own twin of the model (``batch_model``). Session 16's GPU runs had the folded queries; grouped SDPA inside the
+compiled step is not yet measured.
 """
 
 from __future__ import annotations
@@ -46,46 +47,40 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "chimera_grouped_sdpa"
 
 
+def _plain(module, attention_mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
+    """Whether grouped SDPA has nothing to offer: no grouped heads, no mask shared by the heads, or a feature it
+    lacks (dropout, a position bias, soft-capping, attention weights asked for)."""
+    return (getattr(module, "num_key_value_groups", 1) == 1 or attention_mask is None or attention_mask.dim() != 4
+            or attention_mask.shape[1] != 1 or bool(dropout) or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or bool(kwargs.get("output_attentions")))
+
+
+def _grouped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                  scaling: float | None) -> tuple[torch.Tensor, None]:
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (b, heads, n, d), key and value (b, kv heads, slots, d),
-    a mask broadcast over heads (b or 1, 1, n, slots); returns (b, n, heads, d)."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    plain = (groups == 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
-             or query.device.type != "cpu" or dropout or kwargs.get("position_bias") is not None
-             or kwargs.get("softcap") is not None or kwargs.get("output_attentions"))
-    if plain:
+    a mask broadcast over heads (b or 1, 1, n, slots); returns (b, n, heads, d). Grouped SDPA on a CPU."""
+    if _plain(module, attention_mask, dropout, kwargs) or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def folded_queries(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                   scaling: float | None = None) -> torch.Tensor:
-    """Attention of one query token per row, (b, heads, 1, d), over grouped keys and values (b, kv heads, slots, d)
-    with a mask shared by the heads, (b, 1, 1, slots): each group's query heads read as that many queries of their
-    key head, so the keys and values are not repeated. Returns (b, 1, heads, d), as transformers' functions do."""
-    b, heads, _, d = query.shape
-    folded = query.reshape(b, key.shape[1], heads // key.shape[1], d)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous()
+    return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
 def batch_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    """The running batch's attention on a GPU: ``folded_queries`` for a plain step (one token a row, a mask shared
-    by the heads), transformers' SDPA for anything else (a prefill, a drafted chain)."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    folded = (groups > 1 and query.shape[2] == 1 and attention_mask is not None and attention_mask.dim() == 4
-              and attention_mask.shape[1:3] == (1, 1) and not dropout and kwargs.get("position_bias") is None
-              and kwargs.get("softcap") is None and not kwargs.get("output_attentions"))
-    if not folded:
+    """The running batch's attention on a GPU: grouped SDPA for a plain step (one token a row), ``grouped_attention``
+    for anything else (a prefill, a drafted chain)."""
+    if _plain(module, attention_mask, dropout, kwargs) or query.shape[2] != 1:
         return grouped_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                  **kwargs)
-    return folded_queries(query, key, value, attention_mask, scaling), None
+    return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
 AttentionInterface.register(NAME, grouped_attention)

@@ -9,10 +9,11 @@ On a GPU the plain step runs in fixed shapes, a power-of-two number of rows (idl
 slot of its row, which a sequence writes before it ever reads it), captured once per shape and replayed
 (graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows a symbol,
 so one compilation serves every bucket but a single row's), attending over every slot of its rows; uncompiled, over a
-power-of-two window. Its attention reads each group's query heads as queries of their key head (attention.py's
-``batch_attention``, on a twin of the model). A joining sequence's prompt is padded to a power-of-two length and read
+power-of-two window. Its attention is SDPA's own grouped-query kernel, the keys and values not repeated per query
+head (attention.py's ``batch_attention``, on a twin of the model). A joining sequence's prompt is padded to a power-of-two length and read
 from a capture per length, its row chosen on the device (compiled too, its length a symbol: one more compilation;
-added after session 16's GPU runs and not yet measured there, like the KV write by index in cache.py). ``warm_up`` captures every shape before the first request (server start,
+added after session 16's GPU runs and not yet measured there, like the KV write by index in cache.py and the grouped
+SDPA, which replaced queries folded per key head after a measurement of the kernels alone). ``warm_up`` captures every shape before the first request (server start,
 ``chimera throughput``'s untimed setup). Measured on an H100 (docs/benchmarks.md, sessions 14-16), total tokens/s
 of `ar` at 4 / 16 / 64 clients: eager forwards 125 / 274 / -, graphed 459 / 685 / 990 (captures inside the timing),
 compiled with captured prefills 1,251 / 2,675 / 3,478, against 865 for one client alone.

@@ -63,26 +63,29 @@ def test_decoding_with_it_equals_generate_and_leaves_generate_alone(default_mode
     assert decoder.tree.topology.size > 1 and ours.plain_steps == 0  # every step verified a tree
 
 
-def test_folded_queries_attend_like_repeated_keys():
-    """The batch's plain step on a GPU: each group's query heads read as queries of their key head, no copy."""
+def test_the_batchs_single_query_attends_like_repeated_keys():
+    """The batch's plain step on a GPU: grouped SDPA over keys and values not repeated, each row masked to its own
+    length; anything but a single query goes to grouped_attention."""
+    import types
+
     gen = torch.Generator().manual_seed(5)
     rows, heads, kv_heads, slots, size = 3, 6, 2, 20, 8
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads)
     query = torch.randn(rows, heads, 1, size, generator=gen)
     key, value = torch.randn(2, rows, kv_heads, slots, size, generator=gen)
     lengths = torch.tensor([4, 20, 11])
     mask = torch.where(torch.arange(slots)[None, :] < lengths[:, None], 0.0, float("-inf"))[:, None, None]
-    groups = heads // kv_heads
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=0.3)
-    folded = attention.folded_queries(query, key, value, mask, scaling=0.3)
-    assert folded.shape == (rows, 1, heads, size)
-    torch.testing.assert_close(folded, expected.transpose(1, 2))
+    repeated = [t.repeat_interleave(heads // kv_heads, 1) for t in (key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.3)
+    out, _ = attention.batch_attention(module, query, key, value, mask, scaling=0.3)
+    assert out.shape == (rows, 1, heads, size)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
     """``batch_attention`` on a twin (a GPU's, built here on a CPU): one token a row, each row masked to its own
-    length, the same logits as the model's own SDPA; anything else (a prefill) goes to transformers' path."""
+    length, the same logits as the model's own SDPA; anything else (a prefill) goes to grouped_attention."""
     model = tiny_model(family)
     twin = attention._twin(model, attention.BATCH_NAME)
     assert twin is not model and twin.config._attn_implementation == attention.BATCH_NAME
@@ -93,9 +96,10 @@ def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
     caches = [kv.new_cache(), kv.new_cache()]
     outs = [m(input_ids=tokens, attention_mask=mask, use_cache=True, **cache_kwargs(m, c))
             for m, c in zip((model, twin), caches)]
-    torch.testing.assert_close(outs[0].logits, outs[1].logits)  # a prefill: transformers' SDPA in both
-    folded, calls = attention.folded_queries, []
-    monkeypatch.setattr(attention, "folded_queries", lambda *args, **kwargs: calls.append(1) or folded(*args, **kwargs))
+    torch.testing.assert_close(outs[0].logits, outs[1].logits)  # a prefill
+    grouped, queries = attention._grouped_sdpa, []
+    monkeypatch.setattr(attention, "_grouped_sdpa",
+                        lambda query, *args: queries.append(query.shape[2]) or grouped(query, *args))
     step = torch.randint(3, 128, (3, 1), generator=gen)
     lengths = torch.tensor([5, 16, 9])  # each row sees its first lengths slots and the new token
     step_mask = torch.where(torch.arange(17)[None, :] <= lengths[:, None], 0.0, float("-inf"))[:, None, None]
@@ -103,5 +107,5 @@ def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
     logits = [m(input_ids=step, attention_mask=step_mask, position_ids=lengths[:, None], **cache_kwargs(m, c)).logits
               for m, c in zip((model, twin), caches)]
     torch.testing.assert_close(logits[0], logits[1])
-    assert len(calls) == model.config.num_hidden_layers  # the step, every layer, folded; the prefill not
+    assert queries.count(1) == model.config.num_hidden_layers  # the step, every layer, through grouped SDPA
     assert attention.batch_model(model) is attention.verifying_model(model)  # a CPU: the verifier's own path
