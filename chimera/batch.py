@@ -253,7 +253,7 @@ class RunningBatch:
             for window in windows:
                 key = ("plain", rows, window)
                 if not self.runner.can_run(key):
-                    with announced(self.decoder, self._compiled_shape(rows, window)):
+                    with announced(self.decoder, self._compiled_shape(rows)):
                         self.runner.capture(key, functools.partial(self._plain_forward, window), tokens, positions)
         return time.perf_counter() - start
 
@@ -269,9 +269,10 @@ class RunningBatch:
         window = self.capacity if self.decoder is not None else tokens.shape[1]  # compiled: one shape for all lengths
         return self._forward(where[:1], tokens, positions, window, logits_to_keep=where[1:], decoder=self.decoder)
 
-    def _compiled_shape(self, rows: int, window: int) -> str:
-        """What one compilation of the plain step serves (compiled.Compiled.announce)."""
-        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch over {window} KV slots"
+    @staticmethod
+    def _compiled_shape(rows: int) -> str:
+        """What one compilation of the plain step serves (compiled.Compiled.announce): any batch size and capacity."""
+        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch"
 
     def _rows(self, count: int) -> int:
         """The rows a plain step of ``count`` sequences runs: a power of two with fixed shapes (idle rows padded)."""
@@ -284,7 +285,7 @@ class RunningBatch:
         positions = [[s.length] for s in active] + [[self.capacity - 1]] * (rows - len(active))
         window = self._plain_window(max(s.length for s in active) + 1)
         key = ("plain", rows, window)
-        with announced(self.decoder, self._compiled_shape(rows, window), first=not self.runner.can_run(key)):
+        with announced(self.decoder, self._compiled_shape(rows), first=not self.runner.can_run(key)):
             logits = self.runner.run(key, functools.partial(self._plain_forward, window),
                                      torch.tensor(tokens, device=self.device),
                                      torch.tensor(positions, device=self.device))
