@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 4, 16, 64],
                     help="clients sending at once (default: 1 4 16 64)")
     th.add_argument("--methods", nargs="+", default=["hf", "ar", "chimera"],
-                    help="from hf (generate on batches, a reference), ar, chimera (default: all)")
+                    help="from hf (generate on batches, a reference), hf-compiled (the same with a static cache, "
+                         "compiled on a GPU), ar, chimera (default: hf ar chimera)")
     th.add_argument("--max-new-tokens", type=positive_int, default=128)
     th.add_argument("--max-batch", type=positive_int, default=None, dest="max_batch",
                     help="the engine's running batch (default: the concurrency)")

@@ -4,8 +4,11 @@ For each concurrency c (1, 4, 16, 64 by default) c clients each send the next qu
 their last answer is complete, until every question is answered; the engine batches what is in flight
 (server/engine.py: a request alone decodes speculatively, several join one running batch). Reported per method
 and concurrency: total tokens/s (all answers over the wall time), mean per-request tokens/s, and latency p50 and
-p99. Methods: ``ar`` (the engine without a drafter), ``chimera`` (with one), and ``hf`` (transformers'
-``generate`` on left-padded batches of c prompts at a time: a reference, not a server).
+p99. Methods: ``ar`` (the engine without a drafter), ``chimera`` (with one), and, as references rather than servers,
+``hf`` (transformers' ``generate`` on left-padded batches of c prompts at a time) and ``hf-compiled`` (the same with
+``cache_implementation="static"``, which transformers compiles and replays as CUDA graphs on a GPU: the strongest
+baseline there; each batch is filled up to c rows with its last prompt, the extra answers dropped, so that one
+static cache, sized and compiled in an untimed first batch, serves every batch).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..errors import ChimeraError
 from ..graph_runner import power_of_two_at_least
 from ..text import encode_prompt, eos_token_ids
 
-METHODS = ("hf", "ar", "chimera")
+METHODS = ("hf", "hf-compiled", "ar", "chimera")
 
 
 @dataclass
@@ -98,22 +101,35 @@ def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batc
     return summarize("chimera" if decoder.drafter is not None else "ar", concurrency, answers, seconds)
 
 
-def run_hf(model, tokenizer, prompts, concurrency: int, max_new_tokens: int) -> LoadResult:
+def run_hf(model, tokenizer, prompts, concurrency: int, max_new_tokens: int, static: bool = False) -> LoadResult:
     """``generate`` on batches of ``concurrency`` prompts (left-padded, greedy); each request's latency is its
-    batch's time."""
+    batch's time. ``static``: with a static cache (``hf-compiled``), every batch ``concurrency`` rows (filled with its
+    last prompt), after an untimed batch of the longest prompts that sizes the cache and compiles."""
     from ..train.distill import answer_batch
+    from .methods import synchronize
 
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    options = {"cache_implementation": "static"} if static else {}
+
+    def answer(first: int, batch: list[tuple[int, list[int]]]):
+        if static:
+            batch = batch + [batch[-1]] * (concurrency - len(batch))
+        return answer_batch(model, first, batch, max_new_tokens, 0.0, 0, pad, eos, device, **options)  # greedy
+
+    if static:
+        answer(0, [(0, p) for p in sorted(prompts, key=len)[-concurrency:]])
     answers, start = [], time.perf_counter()
     for first in range(0, len(prompts), concurrency):
         batch = list(enumerate(prompts[first: first + concurrency]))
+        synchronize(device)
         t0 = time.perf_counter()
-        rows = answer_batch(model, first, batch, max_new_tokens, 0.0, 0, pad, eos, device)  # greedy
+        rows = answer(first, batch)[:len(batch)]
+        synchronize(device)
         seconds = time.perf_counter() - t0
         answers += [(sum(mask), seconds) for _, _, mask in rows]
-    return summarize("hf", concurrency, answers, time.perf_counter() - start)
+    return summarize("hf-compiled" if static else "hf", concurrency, answers, time.perf_counter() - start)
 
 
 def table(results: list[LoadResult]) -> str:
@@ -141,15 +157,15 @@ def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max
         decoders["chimera"] = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=draft_vocab)
     warm = prompts[:2]
     for name in methods:  # untimed: calibration, packing, captures
-        if name != "hf":
+        if name in decoders:
             # a request decoding alone replays captured (and compiled) shapes on a GPU: every one the prompts reach
             decoders[name].warm_up(max(map(len, prompts)), max_new_tokens)
             run_engine(decoders[name], warm, 2, 8, max_batch=2, batch_drafting=batch_drafting)
     results = []
     for concurrency in concurrencies:
         for name in methods:
-            if name == "hf":
-                result = run_hf(model, tokenizer, prompts, concurrency, max_new_tokens)
+            if name in ("hf", "hf-compiled"):
+                result = run_hf(model, tokenizer, prompts, concurrency, max_new_tokens, static=name == "hf-compiled")
             else:
                 result = run_engine(decoders[name], prompts, concurrency, max_new_tokens,
                                     max_batch=max_batch or max(concurrency, 1), batch_drafting=batch_drafting)

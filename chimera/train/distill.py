@@ -77,8 +77,9 @@ def _distill_into(store, model, tokenizer, prompts, max_new_tokens, batch_size, 
 
 
 def answer_batch(model, start: int, batch, max_new_tokens: int, temperature: float, seed: int, pad_id: int, eos,
-                 device) -> list[tuple]:
-    """The base's answers to one batch of (prompt id, prompt token ids): (id, tokens, assistant mask) each."""
+                 device, **generate_options) -> list[tuple]:
+    """The base's answers to one batch of (prompt id, prompt token ids): (id, tokens, assistant mask) each.
+    ``generate_options`` go to ``generate`` as they are (e.g. a static cache)."""
     width = max(len(ids) for _, ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -90,7 +91,7 @@ def answer_batch(model, start: int, batch, max_new_tokens: int, temperature: flo
         torch.manual_seed(seed + start)
     with torch.inference_mode():
         out = model.generate(input_ids.to(device), attention_mask=attention.to(device),
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling, **generate_options)
     rows = []
     for (pid, ids), answer in zip(batch, out[:, width:].tolist()):
         cut = next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))
