@@ -4,7 +4,7 @@ tau is a property of the drafter and the tree, not of the device, so this runs a
 the reference that every other one's tokens must equal (greedy decoding is unique).
 
 Usage: python scripts/compare_trees.py --questions spec_bench.jsonl [--categories mt_bench] [--limit 4]
-       [--max-new-tokens 256] [--trees 64 dynamic-64] [--device cpu] [--out FILE]
+       [--max-new-tokens 256] [--trees 64 dynamic-64] [--device cpu] [--draft-vocab full] [--out FILE]
 """
 
 import argparse
@@ -31,6 +31,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--drafter", default="auto")
+    p.add_argument("--draft-vocab", default="auto", help="auto, full or a token count (as in chimera generate)")
     p.add_argument("--out")
     args = p.parse_args()
     quiet_libraries()
@@ -40,7 +41,9 @@ def main():
     questions = select(load_questions(args.questions), args.categories, args.limit)
     results, reference = {}, None
     for tree in args.trees:
-        method = OurDecoder(model, tokenizer, drafter, tree=tree)
+        draft_vocab = args.draft_vocab if args.draft_vocab in ("auto", "full") else int(args.draft_vocab)
+        # adaptive drafting off: a paused drafter would count plain steps into the tree's tau
+        method = OurDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=draft_vocab, adaptive=False)
         method(tokenizer.encode("Hello"), 8)
         per_group, outputs, t0 = {}, [], time.perf_counter()
         for q in questions:

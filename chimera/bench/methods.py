@@ -123,9 +123,9 @@ class OurDecoder:
     """Our loop: plain autoregressive (no drafter) or speculative with a drafter and tree."""
 
     def __init__(self, model, tokenizer, drafter=None, tree="auto", decoding: Decoding = Decoding(),
-                 draft_vocab="auto", compile="auto"):
+                 draft_vocab="auto", compile="auto", adaptive: bool = True):
         self.decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, draft_vocab=draft_vocab,
-                                          compile=compile)
+                                          compile=compile, adaptive=adaptive)
         self.device = self.decoder.device
         self.decoding = decoding
 
