@@ -10,11 +10,12 @@ slot of its row, which a sequence writes before it ever reads it), captured once
 (graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows a symbol,
 so one compilation serves every bucket but a single row's), attending over every slot of its rows; uncompiled, over a
 power-of-two window. Its attention is SDPA's own grouped-query kernel, the keys and values not repeated per query
-head (attention.py's ``batch_attention``, on a twin of the model). A joining sequence's prompt is padded to a power-of-two length and read
-from a capture per length, its row chosen on the device (compiled too, its length a symbol: one more compilation;
-added after session 16's GPU runs and not yet measured there, like the KV write by index in cache.py and the grouped
-SDPA, which replaced queries folded per key head after a measurement of the kernels alone). ``warm_up`` captures every shape before the first request (server start,
-``chimera throughput``'s untimed setup). Measured on an H100 (docs/benchmarks.md, sessions 14-16), total tokens/s
+head (attention.py's ``batch_attention``, on a twin of the model). A joining sequence's prompt is padded to a
+power-of-two length and read from a capture per length, its row chosen on the device (compiled too, its length a
+symbol: one more compilation; added after session 16's GPU runs and not yet measured there, like the KV write by
+index in cache.py and the grouped SDPA, which replaced queries folded per key head after a measurement of the
+kernels alone). ``warm_up`` captures every shape before the first request (server start, ``chimera throughput``'s
+untimed setup). Measured on an H100 (docs/benchmarks.md, sessions 14-16), total tokens/s
 of `ar` at 4 / 16 / 64 clients: eager forwards 125 / 274 / -, graphed 459 / 685 / 990 (captures inside the timing),
 compiled with captured prefills 1,251 / 2,675 / 3,478, against 865 for one client alone.
 
@@ -392,11 +393,8 @@ class RunningBatch:
                     decoder.mark_symbol(0, tokens, positions, mask)
                 decoder.mark_symbol(3, mask)  # and the row's slots, a symbol like the buffers' (any capacity)
                 final = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache)).last_hidden_state
-                if isinstance(logits_to_keep, torch.Tensor):
-                    scored = final[:, logits_to_keep]
-                else:
-                    scored = final[:, -logits_to_keep:] if logits_to_keep else final
-                logits = target.vocab_logits(scored, self.model.get_output_embeddings())
+                logits = target.vocab_logits(target.kept_states(final, logits_to_keep),
+                                             self.model.get_output_embeddings())
             else:
                 out = self.model(**inputs, logits_to_keep=logits_to_keep, output_hidden_states=True,
                                  **cache_kwargs(self.model, self.cache))
@@ -404,12 +402,9 @@ class RunningBatch:
             if self.hidden is None:
                 self.hidden = final.new_zeros(self.max_batch, self.capacity, final.shape[-1])
             if allocating and self.decoder is not None:  # one compilation for every batch size and row capacity
-                self.decoder.mark_symbol(0, *self.cache.buffers)
+                self.decoder.mark_symbol(0, self.cache.row_numbers, *self.cache.buffers)
                 self.decoder.mark_symbol(2, *self.cache.buffers)
-            if isinstance(rows, torch.Tensor):
-                self.hidden.index_put_((rows[:, None], positions), final)
-            else:
-                self.hidden[rows].scatter_(1, positions[:, :, None].expand(-1, -1, final.shape[-1]), final)
+            self.hidden[self.cache.row_index(final.shape[0])[:, None], positions] = final
         return logits.float()
 
     def progress_of(self, sequence: Sequence) -> Progress:

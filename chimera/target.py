@@ -38,14 +38,18 @@ def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | 
     if decoder is not None or (plain_vocab_head(model) and input_ids.device.type == "cpu"):
         stack = model.get_decoder()
         hidden = (decoder or stack)(**inputs, **cache_kwargs(stack, cache)).last_hidden_state[0]
-        if isinstance(logits_to_keep, torch.Tensor):
-            scored = hidden[logits_to_keep]
-        else:
-            scored = hidden[-logits_to_keep:] if logits_to_keep else hidden
         project = head or (lambda z: vocab_logits(z, model.get_output_embeddings()))
-        return TargetOutput(logits=project(scored).float(), hidden=hidden)
+        return TargetOutput(logits=project(kept_states(hidden, logits_to_keep)).float(), hidden=hidden)
     out = model(**inputs, **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=logits_to_keep)
     return TargetOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
+
+
+def kept_states(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The states of ``hidden`` (..., tokens, size) that ``logits_to_keep`` asks logits for, as transformers reads
+    it: the last that many tokens (0: all), or those at the indices given (a tensor)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden[..., logits_to_keep, :]
+    return hidden[..., -logits_to_keep:, :] if logits_to_keep else hidden
 
 
 def plain_vocab_head(model) -> bool:

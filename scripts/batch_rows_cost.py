@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chimera.batch import RunningBatch
+from chimera.bench.methods import synchronize
 from report_json import save_json
 
 
@@ -57,13 +58,11 @@ def main():
         positions = torch.full((rows, 1), 100, device=device)
         with torch.inference_mode():
             batch._plain_forward(batch.capacity, tokens, positions)  # compiles, where compiled
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(args.repeats):
                 batch._plain_forward(batch.capacity, tokens, positions)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
         report["ms"][rows] = round(1000 * (time.perf_counter() - start) / args.repeats, 3)
         print(json.dumps({"rows": rows, "ms": report["ms"][rows]}), flush=True)
     save_json(report, args.out)

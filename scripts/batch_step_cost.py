@@ -21,15 +21,11 @@ import torch
 
 import chimera
 from chimera.batch import RunningBatch
+from chimera.bench.methods import synchronize
 from chimera.cli import quiet_libraries
 from chimera.models import resolve_device
 from chimera.text import encode_prompt
 from report_json import save_json
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def mean_ms(fn, device: torch.device, repeats: int) -> float:
