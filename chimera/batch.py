@@ -56,7 +56,8 @@ from .graph_runner import GraphRunner, power_of_two_at_least
 from .models import context_limit
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, eos_token_ids, stop_condition
-from .tree import TreeBuffers, TreeTopology, additive_mask
+from .drafters.rows import PAD
+from .tree import additive_mask
 
 SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a few shapes serve every length
 SMALLEST_PREFILL = 16  # tokens: a captured prefill's shortest padded length
@@ -77,11 +78,20 @@ class Sequence:
     next_token: int = 0  # the newest emitted token, the input of its next step
     accepted: list[int] = field(default_factory=lambda: [1])  # tokens each forward emitted, the prefill first
     hidden_kept: bool = True  # the batch holds the final hidden states of its whole row (for a move out)
-    draft: object = None  # its drafter state, where the batch drafts and the sequence has one
+    drafted: int | None = None  # positions its row's drafter state has read; None: it has none (drafters/rows.py)
 
     @property
     def done(self) -> bool:
         return self.stopper.done
+
+    def token_at(self, position: int) -> int:
+        """Its token at ``position``: of the prompt, then of the output; PAD before the start, 0 past the newest."""
+        if position < 0:
+            return PAD
+        if position < len(self.prompt_ids):
+            return self.prompt_ids[position]
+        tokens = self.stopper.tokens
+        return tokens[position - len(self.prompt_ids)] if position - len(self.prompt_ids) < len(tokens) else 0
 
     def progress(self) -> Progress:
         """Where this sequence stands, to continue it alone (``SpeculativeDecoder.resume``)."""
@@ -116,9 +126,14 @@ class RunningBatch:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.running: list[Sequence] = []  # row i holds running[i]
         self.hidden: torch.Tensor | None = None  # (max_batch, capacity, hidden) final hidden states, on first use
-        # a graphed drafter keeps one state for its one generation: the batch drafts with the drafter inside it
-        self.drafter = getattr(drafter, "drafter", drafter) if draft_depth > 0 else None
-        self.chain = TreeBuffers.build(TreeTopology.chain(draft_depth), self.device) if self.drafter else None
+        # a graphed drafter keeps one state for its one generation: the batch drafts with the drafter inside it,
+        # every row at once (drafters/rows.py)
+        drafter = getattr(drafter, "drafter", drafter) if draft_depth > 0 else None
+        heads = getattr(getattr(drafter, "config", None), "num_draft_heads", draft_depth)
+        if drafter is not None and heads < draft_depth:
+            raise ChimeraError(f"the drafter has {heads} heads: it cannot draft chains of {draft_depth}")
+        self.draft_depth = draft_depth
+        self.drafts = drafter.rows(max_batch, self.capacity, self.device) if drafter is not None else None
         self.adaptive = adaptive
         self.switches: dict[int, DraftingSwitch] = {}  # per power-of-two number of running sequences (its step costs)
         self.pauses = PauseMemory()  # the last judged trial, whatever the size
@@ -201,12 +216,10 @@ class RunningBatch:
         else:
             positions = torch.arange(n, device=self.device)[None]
             logits = self._forward(slice(row, row + 1), torch.tensor([known], device=self.device), positions,
-                                   self._window(n), logits_to_keep=1)
+                                   self._window(n), logits_to_keep=1)[0]
         sequence.length = n
+        sequence.drafted = 0 if self.drafts is not None else None  # its drafter reads the prompt when it first drafts
         self.running.append(sequence)
-        if self.drafter is not None:
-            with torch.inference_mode():
-                sequence.draft = self.drafter.start(torch.tensor(known, device=self.device), self.hidden[row, :n])
         return logits
 
     def step(self) -> list[tuple[Sequence, str]]:
@@ -256,6 +269,10 @@ class RunningBatch:
                 if not self.runner.can_run(key):
                     with announced(self.decoder, self._compiled_shape(rows)):
                         self.runner.capture(key, functools.partial(self._plain_forward, window), tokens, positions)
+                if self.drafts is not None and not self.runner.can_run(("chains", rows, window)):
+                    with announced(self.decoder, self._compiled_shape(rows, self.draft_depth + 1)):
+                        self.runner.capture(("chains", rows, window), functools.partial(self._chain_forward, window),
+                                            *self._idle_chains(rows))
         return time.perf_counter() - start
 
     def _prefill_length(self, n: int) -> int:
@@ -268,12 +285,13 @@ class RunningBatch:
         padded length."""
         positions = torch.arange(tokens.shape[1], device=self.device)[None]
         window = self.capacity if self.decoder is not None else tokens.shape[1]  # compiled: one shape for all lengths
-        return self._forward(where[:1], tokens, positions, window, logits_to_keep=where[1:], decoder=self.decoder)
+        return self._forward(where[:1], tokens, positions, window, logits_to_keep=where[1:], decoder=self.decoder)[0]
 
     @staticmethod
-    def _compiled_shape(rows: int) -> str:
-        """What one compilation of the plain step serves (compiled.Compiled.announce): any batch size and capacity."""
-        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch"
+    def _compiled_shape(rows: int, tokens: int = 1) -> str:
+        """What one compilation of a step serves (compiled.Compiled.announce): any batch size and capacity."""
+        chains = f", a chain of {tokens} tokens each" if tokens > 1 else ""
+        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch{chains}"
 
     def _rows(self, count: int) -> int:
         """The rows a plain step of ``count`` sequences runs: a power of two with fixed shapes (idle rows padded)."""
@@ -304,44 +322,76 @@ class RunningBatch:
 
     def _can_draft(self, active: list[Sequence]) -> bool:
         """Greedy members only, each with room in its row for a whole chain, and one at least with a drafter state."""
-        return (self.drafter is not None and any(s.draft is not None for s in active)
-                and all(s.generator is None and s.length + self.chain.topology.size <= self.capacity for s in active))
+        return (self.drafts is not None and any(s.drafted is not None for s in active)
+                and all(s.generator is None and s.length + self.draft_depth + 1 <= self.capacity for s in active))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: the chains it drafts are the forward's inputs, which are ordinary
     def _drafted_step(self, active: list[Sequence]) -> list[list[int]]:
-        """Each member drafts a chain from its newest token; one forward verifies every chain; each member keeps its
-        longest correct run of drafts and the base's token after it."""
-        width = self.chain.topology.size  # the newest token and the drafts
-        chains = []
-        for row, sequence in enumerate(active):
-            state = sequence.draft
-            if state is None:  # no drafter state: its newest token alone counts
-                chains.append(torch.full((width,), sequence.next_token, device=self.device))
-                continue
-            if state.length < sequence.length:  # tokens verified since it last drafted (plain steps, the last chain)
-                prompt = len(sequence.prompt_ids)  # the state started with the prompt: what is new is in the output
-                known = sequence.stopper.tokens[state.length - prompt:sequence.length - prompt]
-                self.drafter.advance(state, torch.tensor(known, device=self.device),
-                                     self.hidden[row, state.length:sequence.length])
-            chains.append(self.drafter.propose(state, torch.tensor([sequence.next_token], device=self.device),
-                                               self.chain))
-        tokens = torch.stack(chains)  # (rows, width)
-        lengths = torch.tensor([s.length for s in active], device=self.device)
-        positions = lengths[:, None] + torch.arange(width, device=self.device)
-        logits = self._forward(slice(0, len(active)), tokens, positions,
-                               self._window(max(s.length for s in active) + width))
-        predicted = logits.argmax(-1)  # (rows, width): the base's token after each position
-        drafted = torch.tensor([s.draft is not None for s in active], device=self.device)
-        accepted = (tokens[:, 1:] == predicted[:, :-1]).long().cumprod(-1).sum(-1) * drafted  # correct drafts in a row
-        following = predicted.gather(1, accepted[:, None])[:, 0]
-        read = torch.cat([tokens[:, 1:], following[:, None], accepted[:, None]], 1).tolist()  # the step's one read
+        """Every member drafts a chain from its newest token, one forward verifies them all, and each keeps its
+        longest correct run of drafts and the base's token after it: one capture per rows bucket (``_chain_forward``),
+        idle rows padded as in a plain step."""
+        self._catch_up(active)
+        rows, width = self._rows(len(active)), self.draft_depth + 1
+        idle = self._idle_chains(rows - len(active))
+        tokens = torch.cat([torch.tensor([[s.token_at(s.length + k) for k in (-2, -1, 0)] for s in active],
+                                         device=self.device), idle[0]])
+        lengths = torch.cat([torch.tensor([s.length for s in active], device=self.device), idle[1]])
+        drafted = torch.cat([torch.tensor([s.drafted is not None for s in active], device=self.device), idle[2]])
+        window = self._plain_window(max(s.length for s in active) + width)
+        key = ("chains", rows, window)
+        with announced(self.decoder, self._compiled_shape(rows, width), first=not self.runner.can_run(key)):
+            read = self.runner.run(key, functools.partial(self._chain_forward, window), tokens, lengths, drafted)
         out = []
-        for sequence, row in zip(active, read):
+        for sequence, row in zip(active, read.tolist()):  # the step's one read
             count = row[-1]
             sequence.length += count + 1
+            sequence.drafted = sequence.length if sequence.drafted is not None else None
             sequence.next_token = row[-2]
             out.append(row[:count] + [row[-2]])
         return out
+
+    def _idle_chains(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs of ``_chain_forward`` for ``count`` idle rows: they draft from the last slots of their row, which a
+        sequence writes before it reads them, and none of their drafts is accepted."""
+        return (torch.zeros(count, 3, dtype=torch.long, device=self.device),
+                torch.full((count,), self.capacity - self.draft_depth - 1, device=self.device),
+                torch.zeros(count, dtype=torch.bool, device=self.device))
+
+    def _chain_forward(self, window: int, tokens: torch.Tensor, lengths: torch.Tensor,
+                       drafted: torch.Tensor) -> torch.Tensor:
+        """A drafted step of the first ``len(tokens)`` rows, all on the device (capturable): each row's chain drafted
+        from ``tokens`` (rows, 3: the two tokens before its newest and the newest) at its ``lengths``, verified in
+        one forward, the longest run of drafts equal to the base's argmax before them accepted (none in a row not
+        ``drafted``), and the chain read into the drafter's state (the rejected part past the new length, hidden).
+        Returns (rows, depth + 2): the drafts, the base's token after the accepted ones, and their count."""
+        rows, width = tokens.shape[0], self.draft_depth + 1
+        index = self.cache.row_numbers[:rows]
+        chain = self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], self.draft_depth, window)
+        positions = lengths[:, None] + torch.arange(width, device=self.device)
+        logits, final = self._forward(slice(0, rows), chain, positions, window, decoder=self.decoder)
+        predicted = logits.argmax(-1)  # (rows, width): the base's token after each position
+        accepted = (chain[:, 1:] == predicted[:, :-1]).long().cumprod(-1).sum(-1) * drafted  # correct drafts in a row
+        following = predicted.gather(1, accepted[:, None])[:, 0]
+        self.drafts.read(index, torch.cat([tokens[:, :2], chain], 1), final, lengths)
+        return torch.cat([chain[:, 1:], following[:, None], accepted[:, None]], 1)
+
+    def _catch_up(self, active: list[Sequence]) -> None:
+        """Read into the drafter's state what the base verified since each member's drafter last read (a prompt
+        just prefilled, plain steps): one forward of the drafter's layer for all members behind, eagerly (they fall
+        behind only when the batch stops drafting)."""
+        behind = [(row, s) for row, s in enumerate(active) if s.drafted is not None and s.drafted < s.length]
+        if not behind:
+            return
+        span = max(s.length - s.drafted for _, s in behind)
+        rows = torch.tensor([row for row, _ in behind], device=self.device)
+        starts = torch.tensor([s.drafted for _, s in behind], device=self.device)
+        tokens = torch.tensor([[s.token_at(p) for p in range(s.drafted - 2, s.drafted + span)] for _, s in behind],
+                              device=self.device)
+        with torch.inference_mode():
+            positions = (starts[:, None] + torch.arange(span, device=self.device)).clamp(max=self.capacity - 1)
+            self.drafts.read(rows, tokens, self.hidden[rows[:, None], positions], starts)
+        for _, sequence in behind:
+            sequence.drafted = sequence.length
 
     def remove(self, sequence: Sequence) -> None:
         """Take ``sequence`` out; the last row moves into its place, so the running rows stay the first ones."""
@@ -350,6 +400,8 @@ class RunningBatch:
         if row != last:
             moved = self.running[last]
             self.cache.move_row(last, row, moved.length)
+            if self.drafts is not None:
+                self.drafts.move(last, row, moved.drafted or 0)
             with torch.inference_mode():
                 self.hidden[row, :moved.length] = self.hidden[last, :moved.length]
             self.running[row] = moved
@@ -366,11 +418,13 @@ class RunningBatch:
 
     def _plain_forward(self, window: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A plain step of the first ``len(tokens)`` rows over ``window`` slots: no host read (capturable)."""
-        return self._forward(slice(0, tokens.shape[0]), tokens, positions, window, decoder=self.decoder)
+        return self._forward(slice(0, tokens.shape[0]), tokens, positions, window, decoder=self.decoder)[0]
 
     def _forward(self, rows: slice | torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, window: int,
-                 logits_to_keep: int | torch.Tensor = 0, decoder: CompiledDecoder | None = None) -> torch.Tensor:
-        """Logits (rows, kept tokens, vocab) of ``tokens`` (rows, n) at ``positions``, each row attending to its own
+                 logits_to_keep: int | torch.Tensor = 0, decoder: CompiledDecoder | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (rows, kept tokens, vocab) and final hidden states (rows, n, hidden) of ``tokens`` (rows, n) at
+        ``positions``, each row attending to its own
         slots up to its position, within the first ``window`` (``_window``, from the host's lengths: no device
         read). ``rows``: a slice of the cache's rows, or their indices on the device. ``logits_to_keep``: the last
         that many tokens (0: all), or the indices of those to score. ``decoder``: the compiled decoder stack in
@@ -405,7 +459,7 @@ class RunningBatch:
                 self.decoder.mark_symbol(0, self.cache.row_numbers, *self.cache.buffers)
                 self.decoder.mark_symbol(2, *self.cache.buffers)
             self.hidden[self.cache.row_index(final.shape[0])[:, None], positions] = final
-        return logits.float()
+        return logits.float(), final
 
     def progress_of(self, sequence: Sequence) -> Progress:
         """Where ``sequence`` stands, with copies of its KV and final hidden states, so that it can continue alone

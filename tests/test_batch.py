@@ -264,31 +264,41 @@ def test_a_row_takes_copied_keys_and_values_only_where_they_fit():
 
 class BatchOracle:
     """Drafts each sequence's own reference continuation, so that every chain is accepted whole (until the
-    reference ends): the longest steps a drafting batch takes. Its state counts the tokens it has read."""
+    reference ends): the longest steps a drafting batch takes. It knows a row's sequence from the prompt its row
+    reads first (from position 0)."""
 
     def __init__(self, references: dict[tuple, list[int]]):
         self.references = {prompt: torch.tensor(list(prompt) + tokens + [0] * 64) for prompt, tokens in
                            references.items()}
 
-    def start(self, prompt_ids, hidden):
-        state = types.SimpleNamespace(length=prompt_ids.numel())
-        state.reference = next(ref for prompt, ref in self.references.items()
-                               if tuple(prompt_ids[:len(prompt)].tolist()) == prompt)
-        return state
+    def rows(self, count, capacity, device):
+        oracle = types.SimpleNamespace(of_row=[None] * count)
 
-    def propose(self, state, root, tree):
-        return state.reference[state.length + torch.arange(tree.topology.size)]
+        def read(rows, tokens, hidden, starts):
+            assert hidden.shape[:2] == (tokens.shape[0], tokens.shape[1] - 2)
+            for row, row_tokens, start in zip(rows.tolist(), tokens.tolist(), starts.tolist()):
+                if start == 0:
+                    oracle.of_row[row] = next(ref for prompt, ref in self.references.items()
+                                              if tuple(row_tokens[2:2 + len(prompt)]) == prompt)
 
-    def advance(self, state, tokens, hidden):
-        assert hidden.shape[0] == tokens.numel()
-        state.length += tokens.numel()
+        def propose(tokens, starts, last_hidden, depth, window):
+            assert last_hidden.shape[0] == tokens.shape[0] == starts.shape[0]
+            return torch.stack([oracle.of_row[row][start + torch.arange(depth + 1)] if oracle.of_row[row] is not None
+                                else tokens[row, 2].repeat(depth + 1) for row, start in enumerate(starts.tolist())])
+
+        def move(source, target, length):
+            oracle.of_row[target] = oracle.of_row[source]
+
+        oracle.read, oracle.propose, oracle.move = read, propose, move
+        return oracle
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["exact rows", "padded rows"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_drafting_batch_decodes_each_sequence_as_alone(family, default_model):
-    """Chains drafted per sequence and verified in one forward: every sequence is what it is alone, whether its
-    chains are accepted whole (an oracle drafter) or mostly rejected (a real drafter of random weights), with
-    sequences joining, finishing at different steps and leaving mid-way."""
+def test_a_drafting_batch_decodes_each_sequence_as_alone(family, fixed_shapes, default_model):
+    """Chains drafted for every row at once and verified in one forward: every sequence is what it is alone,
+    whether its chains are accepted whole (an oracle drafter) or mostly rejected (a real drafter of random weights),
+    with sequences joining, finishing at different steps and leaving mid-way, and idle rows padded or not."""
     _, tokenizer = default_model
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(5)
@@ -297,7 +307,8 @@ def test_a_drafting_batch_decodes_each_sequence_as_alone(family, default_model):
     expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
     oracle = BatchOracle({tuple(prompts[name]): expected[name].token_ids for name in prompts})
     for drafter in (oracle, perturbed_drafter(model, heads=DRAFT_DEPTH)):
-        batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128, drafter=drafter, adaptive=False)
+        batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128, drafter=drafter, adaptive=False,
+                             fixed_shapes=fixed_shapes)
         sequences, texts = {}, {}
         for name in ("p0", "p1"):
             sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
@@ -325,7 +336,7 @@ def test_a_member_without_a_drafter_state_rides_along(default_model):
     sequences, texts = {}, {}
     for i, prompt in enumerate(prompts):
         sequences[i], texts[i] = batch.add(prompt, 14)
-    sequences[1].draft = None  # as after a join by copy
+    sequences[1].drafted = None  # as after a join by copy
     results = drain(batch, sequences, texts)
     assert [r.token_ids for r in results.values()] == [e.token_ids for e in expected]
     assert max(results[0].accepted) == DRAFT_DEPTH + 1 and max(results[1].accepted) == 1
@@ -381,8 +392,9 @@ def test_the_engine_drafts_in_its_batch_only_when_asked(default_model):
     model, tokenizer = default_model
     decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="5")  # drafting, calibrated or not
     assert decoder.drafter is not None
-    assert Engine(decoder, max_batch=2).batch.drafter is None  # off by default (docs/benchmarks.md, session 12)
-    assert Engine(decoder, max_batch=2, batch_drafting=True).batch.drafter is decoder.drafter
+    assert Engine(decoder, max_batch=2).batch.drafts is None  # off by default (docs/benchmarks.md, session 12)
+    drafts = Engine(decoder, max_batch=2, batch_drafting=True).batch.drafts
+    assert drafts.drafter is getattr(decoder.drafter, "drafter", decoder.drafter)
 
 
 @pytest.mark.parametrize("captured", [False, True], ids=["prefills as they are", "padded prefills"])
@@ -453,3 +465,45 @@ def test_captured_prefills_padded_to_their_length_bucket_decode_as_alone(family,
                                                                               ("prefill", 64)}
     for name, prompt in prompts.items():
         assert results[name].token_ids == alone(model, tokenizer, prompt, budgets[name]).token_ids, name
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_a_warmed_up_compiled_drafting_batch_meets_no_new_shape_and_decodes_as_alone(family, default_model):
+    """The GPU's drafting batch run eagerly: shapes captured by ``warm_up`` (a capture runs a step three times over
+    its inputs, so a step must write the same whatever it ran after), the forwards traced by Dynamo with rows a
+    symbol (one compilation for a chain of one row, one for any number of rows), chains drafted for every row at
+    once: each sequence is what it is alone, with the oracle's chains accepted whole and a random drafter's not."""
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    compilations = []
+
+    def counting(graph, example_inputs):
+        compilations.append(len(example_inputs))
+        return graph.forward
+
+    gen = torch.Generator().manual_seed(11)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((5, 17, 9, 30))}
+    budgets = {"p0": 20, "p1": 7, "p2": 15, "p3": 11}
+    expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
+    oracle = BatchOracle({tuple(prompts[name]): expected[name].token_ids for name in prompts})
+    for drafter in (oracle, perturbed_drafter(model, heads=DRAFT_DEPTH)):
+        batch = RunningBatch(model, tokenizer, max_batch=4, capacity=64, drafter=drafter, adaptive=False,
+                             fixed_shapes=True, compiled=True, backend=counting)
+        batch.add([3, 4], 1)  # the KV memory is allocated by a first forward, uncompiled
+        batch.remove(batch.running[0])
+        batch.runner = RecordingRunner()
+        batch.warm_up()
+        assert {key[0] for key in batch.runner.captured} == {"prefill", "plain", "chains"}
+        sequences, texts = {}, {}
+        for name in ("p0", "p1"):
+            sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
+        results = drain(batch, sequences, texts, [(1, "p2", (prompts["p2"], budgets["p2"])),
+                                                  (3, "p3", (prompts["p3"], budgets["p3"]))])
+        assert batch.runner.uncaptured == [] and batch.decoder.failure is None
+        for name in prompts:
+            assert results[name].token_ids == expected[name].token_ids, (name, drafter)
+            assert results[name].text == texts[name] == expected[name].text
+        if drafter is oracle:
+            assert all(max(results[name].accepted) == DRAFT_DEPTH + 1 for name in prompts)
+    # prefills; plain steps of one row and of any rows; chains of one row and of any rows: compiled once each
+    assert len(compilations) == 5

@@ -28,6 +28,7 @@ from ..errors import ChimeraError
 from ..identity import base_identity
 from ..tree import TreeBuffers, tree_masks
 from . import persist
+from .rows import ChimeraRows
 
 
 MAX_DRAFT_HEADS = 64
@@ -538,6 +539,10 @@ class ChimeraDrafter(nn.Module):
         tree.refill(parents, depths, ancestors, siblings)
         return tokens
 
+    def rows(self, count: int, capacity: int, device) -> ChimeraRows:
+        """Drafting state for ``count`` rows of a running batch, drafted all at once (drafters/rows.py)."""
+        return ChimeraRows(self, count, capacity, device)
+
     # ----- training ----------------------------------------------------------------------------------------
 
     def unrolled_forward(self, tokens: torch.Tensor, hidden: torch.Tensor, depth: int,
@@ -701,17 +706,18 @@ def _tree_plan(tree: TreeBuffers) -> _TreePlan:
 def _attend(q, prefix_k, prefix_v, draft_k, draft_v, draft_allowed, prefix_visible=None):
     """Tree-node queries q (kvh, grp, m, hd) over the whole verified prefix (kvh, s, hd; only the positions
     ``prefix_visible`` (s,) when given) and the draft nodes they may see (kvh, n, hd; ``draft_allowed`` (m, n)).
-    Scores are joined, keys are never copied."""
+    Scores are joined, keys are never copied. Any axes in front (a running batch's rows: drafters/rows.py) are
+    carried through, ``prefix_visible`` then broadcasting against the scores (rows, 1, 1, 1, s)."""
     scale = q.shape[-1] ** -0.5
-    s_prefix = torch.einsum("hgmd,hsd->hgms", q, prefix_k) * scale
+    s_prefix = torch.einsum("...hgmd,...hsd->...hgms", q, prefix_k) * scale
     if prefix_visible is not None:
         s_prefix = s_prefix.masked_fill(~prefix_visible, float("-inf"))
-    s_draft = torch.einsum("hgmd,hnd->hgmn", q, draft_k) * scale
+    s_draft = torch.einsum("...hgmd,...hnd->...hgmn", q, draft_k) * scale
     s_draft = s_draft.masked_fill(~draft_allowed, float("-inf"))
     probs = torch.cat([s_prefix, s_draft], -1).float().softmax(-1).to(q.dtype)
     s = prefix_k.shape[-2]
-    return (torch.einsum("hgms,hsd->hgmd", probs[..., :s], prefix_v)
-            + torch.einsum("hgmn,hnd->hgmd", probs[..., s:], draft_v))
+    return (torch.einsum("...hgms,...hsd->...hgmd", probs[..., :s], prefix_v)
+            + torch.einsum("...hgmn,...hnd->...hgmd", probs[..., s:], draft_v))
 
 
 def _attend_chains(q, ver_k, ver_v, visible, draft_k, draft_v):

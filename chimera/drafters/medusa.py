@@ -19,6 +19,7 @@ from ..target import vocab_logits
 from ..identity import base_identity
 from ..tree import TreeBuffers
 from . import persist
+from .rows import MedusaRows
 from .chimera import MAX_DRAFT_HEADS, RMSNorm
 
 
@@ -118,6 +119,10 @@ class MedusaDrafter(nn.Module):
         logits = vocab_logits(z, self._frozen["lm_head"])  # (depth, V): one matmul for the whole tree
         top = logits.topk(plan.width, dim=-1).indices
         return torch.cat([root.reshape(1), top[plan.head, plan.rank]])
+
+    def rows(self, count: int, capacity: int, device) -> MedusaRows:
+        """Drafting for the rows of a running batch, all at once (drafters/rows.py)."""
+        return MedusaRows(self)
 
     # ----- persistence --------------------------------------------------------------------------------------
 
