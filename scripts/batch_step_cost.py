@@ -8,7 +8,9 @@ detokenization and stop check), the captured forward alone, and the host's part 
 uncaptured-prefill, uncompiled batch on an H100 (docs/gpu/batch_step_cost_session16_h100.jsonl: 3.1 ms a step for
 one row, 17 ms for 64 rows over 2,048 slots, 20 ms a join); ``--compile`` (on by default on a GPU in bfloat16)
 measures the compiled step, which attends over every slot (W then only sets the prompts' lengths). Runs on a CPU
-too (eager forwards, no captures).
+too (eager forwards, no captures). ``--draft-depth D`` measures, beside each plain step, the drafted step of a second
+batch whose rows draft chains of D tokens with the shipped drafter (drafters/rows.py; every step drafts), and the
+tokens it emitted a step (on these prompts, not a measure of tau).
 
     python scripts/batch_step_cost.py --rows 1 4 16 64 --windows 256 1024 2048 --out batch_step_cost.json
 """
@@ -22,7 +24,9 @@ import torch
 import chimera
 from chimera.batch import RunningBatch
 from chimera.bench.methods import synchronize
+from chimera import SpeculativeDecoder
 from chimera.cli import quiet_libraries
+from chimera.drafters import resolve_drafter
 from chimera.models import resolve_device
 from chimera.text import encode_prompt
 from report_json import save_json
@@ -50,13 +54,18 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
     synchronize(device)
     add = 1000 * (time.perf_counter() - start) / rows  # a join: its prefill (eager) and first token
 
+    emitted = []
+
     def step():
+        emitted.append(sum(len(sequence.stopper.tokens) for sequence in batch.running))
         batch.step()
+        emitted[-1] = sum(len(sequence.stopper.tokens) for sequence in batch.running) - emitted[-1]
         for sequence in [s for s in batch.running if s.done]:
             batch.remove(sequence)
 
     step()  # the shape met once (captured here if warm_up did not)
     active = list(batch.running)
+    emitted.clear()
     whole = mean_ms(step, device, steps)
     padded = batch._rows(rows)
     tokens = torch.zeros(padded, 1, dtype=torch.long, device=device)
@@ -67,6 +76,9 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
     active = list(batch.running)
     for sequence in active:
         batch.remove(sequence)
+    if batch.drafts is not None:  # the drafted step alone: its forward is the plain step's plus the drafting
+        return {"rows": rows, "draft_depth": batch.draft_depth, "window": key[2], "drafted_step_ms": round(whole, 3),
+                "tokens_per_step": round(sum(emitted) / len(emitted), 2)}
     return {"rows": rows, "rows_at_end": len(active), "window": key[2], "prompt_tokens": len(prompt),
             "add_ms": round(add, 3), "step_ms": round(whole, 3),
             "forward_ms": round(forward, 3),
@@ -107,6 +119,8 @@ def main():
                    help="the plain step through torch.compile; auto: on a GPU in bfloat16 or float16")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="also profile one uncaptured plain forward of ROWS rows: its 15 costliest kernels")
+    p.add_argument("--draft-depth", type=int, default=0,
+                   help="also time a batch drafting chains of this many tokens (the shipped drafter)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     quiet_libraries()
@@ -117,9 +131,18 @@ def main():
     batch = RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows), compiled=compiled)
     filler = next(t for t in range(1, 1 << 20) if t not in batch.eos_ids)
     request = encode_prompt(tokenizer, "Write a long story about a lighthouse keeper and a storm.")  # a long answer
-    batch.add([filler] * 8, max_new_tokens=1)  # the KV memory is allocated by a first forward
-    batch.remove(batch.running[0])
-    captured = batch.warm_up()
+    batches = [batch]
+    if args.draft_depth:
+        decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="dynamic-64-8-3",
+                                     draft_vocab=16384)  # as scripts/device/batch_step_cost.sh's throughput runs
+        batches.append(RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows),
+                                    compiled=compiled, drafter=decoder.drafter, draft_depth=args.draft_depth,
+                                    adaptive=False))
+    captured = 0.0
+    for each in batches:
+        each.add([filler] * 8, max_new_tokens=1)  # the KV memory is allocated by a first forward
+        each.remove(each.running[0])
+        captured += each.warm_up()
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": dtype, "graphs": batch.runner.graphs,
               "compiled": batch.decoder.describe() if batch.decoder is not None else "no",
@@ -128,6 +151,8 @@ def main():
     for window in args.windows:
         for rows in args.rows:
             row = measure(batch, rows, window, args.steps, request, filler)
+            if args.draft_depth:
+                row.update(measure(batches[1], rows, window, args.steps, request, filler))
             report["steps"].append(row)
             print(json.dumps(row), flush=True)
     if args.profile:
