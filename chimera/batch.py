@@ -23,18 +23,22 @@ Each sequence keeps what makes its output its own: its KV row, its length, its s
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
 float32 (greedy, and sampled with a seed: the same draws in the same order; tests/test_batch.py).
 
-Speculation in the batch: each sequence keeps its own drafter state, and a drafting step verifies a chain of
-``draft_depth`` drafted tokens per sequence in the same single forward, (rows, depth + 1) tokens at each row's own
-positions. A chain needs no tree mask (it is causal) and no compaction: the accepted prefix of a chain already sits
-in the row's next slots, and the slots of rejected tokens lie past the row's length, hidden until overwritten.
-Greedy acceptance per row is the longest run of drafts equal to the base's argmax before them, all rows at once.
-Whether a step drafts is decided as alone (adaptive.py), with step costs measured per power-of-two batch size (the
-forward's cost grows with its tokens, so drafting that pays for 2 sequences may not for 16) and one memory of the last
-trial's verdict for all sizes (a batch's size changes with every join and leave: a switch per exact size started
-afresh at each, and trials were most of a run's steps). Only greedy batches draft (a sampled
-member's draws must stay those of its plain decoding). A member with no drafter state (one that joined with copied
-keys and values has no hidden states to start one from) rides along: its chain is its newest token repeated, and
-none of it is accepted.
+Speculation in the batch: every row drafts a chain of ``draft_depth`` greedy tokens from its newest one, all rows at
+once (drafters/rows.py: the drafter's per-row keys and values in one buffer; a row's two tokens before its root and
+the base's last hidden state are the batch's own), and one forward verifies every chain, (rows, depth + 1) tokens at
+each row's own positions: one capturable function per rows bucket (``_chain_forward``), compiled where the plain
+step is. A chain needs no tree mask (it is causal) and no compaction: the accepted prefix of a chain already sits in
+the row's next slots, and the slots of rejected tokens lie past the row's length, hidden until overwritten. Greedy
+acceptance per row is the longest run of drafts equal to the base's argmax before them, all rows at once. (Drafted
+per sequence, as until session 17, a batch of 16 paid 16 drafters' launches a step: on an H100 `chimera` served
+233 tokens/s at 16 clients against `ar`'s 356, docs/benchmarks.md session 13.) Whether a step drafts is decided as
+alone (adaptive.py), with step costs measured per power-of-two batch size (the forward's cost grows with its tokens,
+so drafting that pays for 2 sequences may not for 16) and one memory of the last trial's verdict for all sizes (a
+batch's size changes with every join and leave: a switch per exact size started afresh at each, and trials were most
+of a run's steps). Only greedy batches draft (a sampled member's draws must stay those of its plain decoding). A
+member whose drafter has not read some verified tokens (a prompt just prefilled, plain steps) catches up before it
+drafts; one with no drafter state (it joined with copied keys and values, no hidden states to read) rides along:
+none of its chain is accepted.
 """
 
 from __future__ import annotations
