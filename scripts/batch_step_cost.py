@@ -27,6 +27,7 @@ from chimera.bench.methods import synchronize
 from chimera import SpeculativeDecoder
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
+from chimera.drafters.chimera import ChimeraDrafter
 from chimera.models import resolve_device
 from chimera.text import encode_prompt
 from report_json import save_json
@@ -121,23 +122,37 @@ def main():
                    help="also profile one uncaptured plain forward of ROWS rows: its 15 costliest kernels")
     p.add_argument("--draft-depth", type=int, default=0,
                    help="also time a batch drafting chains of this many tokens (the shipped drafter)")
+    p.add_argument("--random-weights", metavar="DIR",
+                   help="a model of the config in DIR (config.json and a tokenizer) with random weights, and a drafter "
+                        "of random weights (timings do not depend on the weights): no model to bring to the device")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     quiet_libraries()
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    model, tokenizer = chimera.load_base(args.model, dtype=dtype, device=str(device))
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.random_weights)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights),
+                                                 dtype=getattr(torch, dtype))
+        model = model.to(device).eval().requires_grad_(False)
+    else:
+        model, tokenizer = chimera.load_base(args.model, dtype=dtype, device=str(device))
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and dtype != "float32")
     batch = RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows), compiled=compiled)
     filler = next(t for t in range(1, 1 << 20) if t not in batch.eos_ids)
     request = encode_prompt(tokenizer, "Write a long story about a lighthouse keeper and a storm.")  # a long answer
     batches = [batch]
     if args.draft_depth:
-        decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="dynamic-64-8-3",
-                                     draft_vocab=16384)  # as scripts/device/batch_step_cost.sh's throughput runs
+        if args.random_weights:  # the whole vocabulary: a random drafter has no token counts to choose from
+            drafter = ChimeraDrafter.for_base(model, num_draft_heads=args.draft_depth).eval().requires_grad_(False)
+            drafter.prepare_inference()
+        else:  # as scripts/device/batch_drafting.sh's throughput runs
+            drafter = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="dynamic-64-8-3",
+                                         draft_vocab=16384).drafter
         batches.append(RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows),
-                                    compiled=compiled, drafter=decoder.drafter, draft_depth=args.draft_depth,
-                                    adaptive=False))
+                                    compiled=compiled, drafter=drafter, draft_depth=args.draft_depth, adaptive=False))
     captured = 0.0
     for each in batches:
         each.add([filler] * 8, max_new_tokens=1)  # the KV memory is allocated by a first forward
