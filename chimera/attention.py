@@ -29,8 +29,12 @@ docs/gpu/batch_attention_kernels_h100.json): repeated keys 463 us; each group's 
 their key head (what transformers 5.24 does itself for a single query, outside torch.compile) 67 us; SDPA's own
 grouped support with the mask (``enable_gqa``, which transformers avoids on CUDA for fear of the math kernel, 414 us
 here) 39 us (16 rows: 126, 35 and 22 us). So ``batch_attention`` takes grouped SDPA for a plain step, on the batch's
-own twin of the model (``batch_model``). Session 16's GPU runs had the folded queries; grouped SDPA inside the
-compiled step is not yet measured.
+own twin of the model (``batch_model``). Session 17 measured it inside the compiled step on an H100: a 64-row step
+over 2,048 slots 2.7-3.6 ms, its 30 layers' attention 1.17 ms (cuDNN; docs/gpu/batch_step_cost_session17_h100.json).
+A drafted chain of a few tokens a row went on through transformers' repeated keys until the same session measured
+it (uncompiled, graphed, 1,024 slots: a chain of 4 tokens over 64 rows 13.1 ms a step against 4.2 for one token,
+docs/gpu/batch_drafting_step_cost_uncompiled_h100.json); it now takes grouped SDPA too, which is not yet measured
+on a GPU.
 """
 
 from __future__ import annotations
@@ -72,12 +76,15 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
+STEP_QUERIES = 8  # at most this many query tokens a row: a batch's step (one token or a drafted chain); a prefill has 16+
+
+
 def batch_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    """The running batch's attention on a GPU: grouped SDPA for a plain step (one token a row), ``grouped_attention``
-    for anything else (a prefill, a drafted chain)."""
-    if _plain(module, attention_mask, dropout, kwargs) or query.shape[2] != 1:
+    """The running batch's attention on a GPU: grouped SDPA for a step (one token a row, or a drafted chain),
+    ``grouped_attention`` for a prefill (one row: the copy is small)."""
+    if _plain(module, attention_mask, dropout, kwargs) or query.shape[2] > STEP_QUERIES:
         return grouped_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                  **kwargs)
     return _grouped_sdpa(query, key, value, attention_mask, scaling)

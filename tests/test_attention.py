@@ -63,29 +63,30 @@ def test_decoding_with_it_equals_generate_and_leaves_generate_alone(default_mode
     assert decoder.tree.topology.size > 1 and ours.plain_steps == 0  # every step verified a tree
 
 
-def test_the_batchs_single_query_attends_like_repeated_keys():
-    """The batch's plain step on a GPU: grouped SDPA over keys and values not repeated, each row masked to its own
-    length; anything but a single query goes to grouped_attention."""
+@pytest.mark.parametrize("queries", [1, 4], ids=["a plain step", "a drafted chain"])
+def test_the_batchs_step_attends_like_repeated_keys(queries):
+    """The batch's step on a GPU: grouped SDPA over keys and values not repeated, each row masked to its own
+    length and its chain causal."""
     import types
 
     gen = torch.Generator().manual_seed(5)
     rows, heads, kv_heads, slots, size = 3, 6, 2, 20, 8
     module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads)
-    query = torch.randn(rows, heads, 1, size, generator=gen)
+    query = torch.randn(rows, heads, queries, size, generator=gen)
     key, value = torch.randn(2, rows, kv_heads, slots, size, generator=gen)
-    lengths = torch.tensor([4, 20, 11])
-    mask = torch.where(torch.arange(slots)[None, :] < lengths[:, None], 0.0, float("-inf"))[:, None, None]
+    positions = torch.tensor([4, 15, 11])[:, None] + torch.arange(queries)
+    mask = torch.where(torch.arange(slots) <= positions[:, :, None], 0.0, float("-inf"))[:, None]
     repeated = [t.repeat_interleave(heads // kv_heads, 1) for t in (key, value)]
     expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.3)
     out, _ = attention.batch_attention(module, query, key, value, mask, scaling=0.3)
-    assert out.shape == (rows, 1, heads, size)
+    assert out.shape == (rows, queries, heads, size)
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
-    """``batch_attention`` on a twin (a GPU's, built here on a CPU): one token a row, each row masked to its own
-    length, the same logits as the model's own SDPA; anything else (a prefill) goes to grouped_attention."""
+    """``batch_attention`` on a twin (a GPU's, built here on a CPU): one token a row, or a chain a row, each row masked
+    to its own length, the same logits as the model's own SDPA; a prefill goes to grouped_attention."""
     model = tiny_model(family)
     twin = attention._twin(model, attention.BATCH_NAME)
     assert twin is not model and twin.config._attn_implementation == attention.BATCH_NAME
@@ -108,4 +109,13 @@ def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
               for m, c in zip((model, twin), caches)]
     torch.testing.assert_close(logits[0], logits[1])
     assert queries.count(1) == model.config.num_hidden_layers  # the step, every layer, through grouped SDPA
+    chain = torch.randint(3, 128, (3, 4), generator=gen)  # a drafted chain a row, causal, after the step's token
+    positions = lengths[:, None] + 1 + torch.arange(4)
+    chain_mask = torch.where(torch.arange(21) <= positions[:, :, None], 0.0, float("-inf"))[:, None]
+    chain_mask[:, :, :, 16] = 0.0  # the step's token, in slot 16 of both caches
+    chain_mask[:, :, :, 17:] = torch.where(torch.ones(4, 4, dtype=torch.bool).tril(), 0.0, float("-inf"))
+    logits = [m(input_ids=chain, attention_mask=chain_mask, position_ids=positions, **cache_kwargs(m, c)).logits
+              for m, c in zip((model, twin), caches)]
+    torch.testing.assert_close(logits[0], logits[1])
+    assert queries.count(4) == model.config.num_hidden_layers
     assert attention.batch_model(model) is attention.verifying_model(model)  # a CPU: the verifier's own path
