@@ -8,8 +8,8 @@ than a step of one. The server (server/engine.py) runs this batch whenever more 
 On a GPU the plain step runs in fixed shapes, a power-of-two number of rows (idle rows padded: each reads the last
 slot of its row, which a sequence writes before it ever reads it), captured once per shape and replayed
 (graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows a symbol,
-so one compilation serves every bucket but a single row's), attending over every slot of its rows; uncompiled, over a
-power-of-two window. Its attention is SDPA's own grouped-query kernel, the keys and values not repeated per query
+so one compilation serves every bucket, a lone member padded to two rows), attending over every slot of its rows;
+uncompiled, over a power-of-two window. Its attention is SDPA's own grouped-query kernel, the keys and values not repeated per query
 head (attention.py's ``batch_attention``, on a twin of the model; for a drafted chain too since session 17). A joining
 sequence's prompt is padded to a power-of-two length and read from a capture per length, its row chosen on the device
 (compiled too, its length a symbol: one more compilation). ``warm_up`` captures every shape before the first request
@@ -294,11 +294,16 @@ class RunningBatch:
     def _compiled_shape(rows: int, tokens: int = 1) -> str:
         """What one compilation of a step serves (compiled.Compiled.announce): any batch size and capacity."""
         chains = f", a chain of {tokens} tokens each" if tokens > 1 else ""
-        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch{chains}"
+        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch{chains}"  # one: max_batch 1
 
     def _rows(self, count: int) -> int:
-        """The rows a plain step of ``count`` sequences runs: a power of two with fixed shapes (idle rows padded)."""
-        return min(power_of_two_at_least(count, 1), self.max_batch) if self.fixed_shapes else count
+        """The rows a step of ``count`` sequences runs: a power of two with fixed shapes (idle rows padded); two at
+        least where the step is compiled, since Dynamo compiles a single row apart from any other number (a fresh
+        H100 took 64 s for it beside 73 s for any rows, session 17) and a batch of one member is rare: the server
+        decodes a request alone, speculatively, whenever nothing else is in flight."""
+        if not self.fixed_shapes:
+            return count
+        return min(power_of_two_at_least(count, 2 if self.decoder is not None else 1), self.max_batch)
 
     def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
         rows = self._rows(len(active))
