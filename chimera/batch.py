@@ -69,6 +69,22 @@ DRAFT_DEPTH = 3  # drafted tokens per sequence in a batch's drafting step
 
 
 @dataclass
+class StepCounts:
+    """What a running batch's steps did, for reports (``chimera throughput``): whether its switch drafted, and what a
+    drafted step yielded."""
+
+    plain: int = 0  # plain steps
+    drafted: int = 0  # drafted steps
+    drafted_rows: int = 0  # sequences in them
+    drafted_tokens: int = 0  # tokens they emitted
+
+    @property
+    def tau(self) -> float | None:
+        """Tokens a sequence emitted per drafted step."""
+        return self.drafted_tokens / self.drafted_rows if self.drafted_rows else None
+
+
+@dataclass
 class Sequence:
     """One member of the running batch."""
 
@@ -140,6 +156,7 @@ class RunningBatch:
         self.adaptive = adaptive
         self.switches: dict[int, DraftingSwitch] = {}  # per power-of-two number of running sequences (its step costs)
         self.pauses = PauseMemory()  # the last judged trial, whatever the size
+        self.counts = StepCounts()
         # plain steps over a power-of-two number of rows (the idle ones padded), so that each (rows, window) shape is
         # captured once and replayed: by default on a GPU, where an eager step is bound by its ~600 launches
         self.fixed_shapes = self.device.type == "cuda" if fixed_shapes is None else fixed_shapes
@@ -242,7 +259,14 @@ class RunningBatch:
             emitted = len(sequence.stopper.tokens)
             out.append((sequence, sequence.stopper.push_step(tokens)))
             sequence.accepted.append(len(sequence.stopper.tokens) - emitted)
-        switch.record(drafting, sum(len(tokens) for tokens in steps) / len(steps), time.perf_counter() - start)
+        emitted = sum(len(tokens) for tokens in steps)
+        switch.record(drafting, emitted / len(steps), time.perf_counter() - start)
+        if drafting:
+            self.counts.drafted += 1
+            self.counts.drafted_rows += len(steps)
+            self.counts.drafted_tokens += emitted
+        else:
+            self.counts.plain += 1
         return out
 
     def warm_up(self) -> float:

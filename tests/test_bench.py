@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from chimera.batch import DRAFT_DEPTH
 from chimera.bench.methods import emitted_per_forward
 from chimera.bench.questions import load_questions, select
 from chimera.cli import main
@@ -184,6 +185,13 @@ def test_throughput_replays_every_question_at_every_concurrency(tmp_path, tiny_m
     # are left-padded, which may round otherwise; hf-compiled's last batch is filled up, its extra answers dropped)
     assert len({r["tokens"] for r in rows if not r["method"].startswith("hf")}) == 1
     assert "| ar | 3 |" in capsys.readouterr().out and (out / "throughput.md").is_file()
+    assert all(r["batch_drafted_share"] is None for r in rows)  # no drafting batch
+    assert main(["throughput", "--questions", str(questions), "--out", str(tmp_path / "drafting"), "--model",
+                 str(tiny_model_dir), "--device", "cpu", "--drafter", "random", "--concurrency", "3",
+                 "--max-new-tokens", "12", "--methods", "chimera", "--batch-drafting"]) == 0
+    drafting = json.loads((tmp_path / "drafting" / "throughput.json").read_text())[0]
+    assert drafting["tokens"] == rows[0]["tokens"] and 0 <= drafting["batch_drafted_share"] <= 1
+    assert drafting["batch_drafted_share"] == 0 or 1 <= drafting["batch_tau"] <= 1 + DRAFT_DEPTH
     assert main(["throughput", "--questions", str(questions), "--out", str(out), "--model", str(tiny_model_dir),
                  "--methods", "ar", "beam"]) == 2
     assert "unknown method beam" in capsys.readouterr().err

@@ -37,6 +37,8 @@ class LoadResult:
     latency_p50_s: float
     latency_p99_s: float
     request_tokens_per_s: float  # mean over requests of their tokens / their latency
+    batch_drafted_share: float | None = None  # of the running batch's steps, the drafted ones (a drafting batch)
+    batch_tau: float | None = None  # tokens a sequence emitted per drafted batch step
 
     @property
     def tokens_per_s(self) -> float:
@@ -98,7 +100,12 @@ def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batc
         answers, seconds = asyncio.run(replay(engine, prompts, concurrency, max_new_tokens))
     finally:
         engine.stop()
-    return summarize("chimera" if decoder.drafter is not None else "ar", concurrency, answers, seconds)
+    result = summarize("chimera" if decoder.drafter is not None else "ar", concurrency, answers, seconds)
+    counts = engine.batch.counts if engine.batch is not None and engine.batch.drafts is not None else None
+    if counts is not None and counts.plain + counts.drafted:
+        result.batch_drafted_share = round(counts.drafted / (counts.plain + counts.drafted), 3)
+        result.batch_tau = round(counts.tau, 3) if counts.tau is not None else None
+    return result
 
 
 def run_hf(model, tokenizer, prompts, concurrency: int, max_new_tokens: int, static: bool = False) -> LoadResult:
@@ -170,8 +177,10 @@ def throughput(model, tokenizer, drafter, questions, methods, concurrencies, max
                 result = run_engine(decoders[name], prompts, concurrency, max_new_tokens,
                                     max_batch=max_batch or max(concurrency, 1), batch_drafting=batch_drafting)
             results.append(result)
+            drafting = (f", the batch drafted {100 * result.batch_drafted_share:.0f} % of its steps (tau "
+                        f"{result.batch_tau})" if result.batch_drafted_share is not None else "")
             progress(f"{name} at concurrency {concurrency}: {result.tokens_per_s:.1f} tokens/s, "
-                     f"p99 {result.latency_p99_s:.2f} s")
+                     f"p99 {result.latency_p99_s:.2f} s{drafting}")
             (out / "throughput.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
             (out / "throughput.md").write_text(table(results) + "\n")
     return results
