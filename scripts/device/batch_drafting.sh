@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
 # $HOME/stage, this call carrying .device/q4): a running batch that drafts every row's chain at once
-# (chimera/drafters/rows.py) against one that does not. First scripts/batch_step_cost.py with --draft-depth (DEPTH,
+# (chimera/drafters/rows.py) against one that does not. First scripts/batch_exactness_check.py in float32 (graphed
+# batches, plain and drafting, token for token against decoding alone), then scripts/batch_step_cost.py with --draft-depth (DEPTH,
 # default 3): each rows bucket's compiled plain step beside its compiled drafted step; then `chimera throughput` at
 # 1, 4, 16 and 64 clients, `ar` and `chimera` with --batch-drafting (the batch drafts where its switch measures that
 # it pays, per power-of-two size), the tree of a request alone as the calibration chose it on an H100 in session 15.
+# Last, the exactness check in bfloat16 (compiled batches; the share identical to decoding alone).
 # On a fresh machine compiling takes most of the time: session 17's first attempt compiled for 438 s inside the
 # throughput run (the lone decoder's shapes 180 s, the batch's prefills, steps and chains) and measured nothing in
 # its 850 s; the step costs now come first, and the throughput run reads back what they compiled.
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
 RES=$HOME/res-drafting
 . scripts/device/prepare.sh
+step check-fp32
+python3 scripts/batch_exactness_check.py --dtype float32 --out "$RES/batch_exactness_fp32.json" \
+  > "$RES/batch_exactness_fp32.log" 2>&1
 step batch-step-cost
 python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --out "$RES/batch_step_cost.json" \
   > "$RES/batch_step_cost.log" 2>&1
@@ -18,4 +23,7 @@ step throughput
 python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit 11 --concurrency 1 4 16 64 \
   --max-new-tokens 128 --methods ar chimera --batch-drafting --max-batch 64 --tree dynamic-64-8-3 --draft-vocab 16384 \
   --device cuda --out "$RES/throughput" > "$RES/throughput.log" 2>&1
+step check-bf16
+python3 scripts/batch_exactness_check.py --dtype bfloat16 --out "$RES/batch_exactness_bf16.json" \
+  > "$RES/batch_exactness_bf16.log" 2>&1
 step done
