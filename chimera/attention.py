@@ -76,7 +76,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
-STEP_QUERIES = 8  # at most this many query tokens a row: a batch's step (one token or a drafted chain); a prefill has 16+
+STEP_QUERIES = 8  # at most this many query tokens a row: a batch's step (a token or a drafted chain); prefills have 16+
 
 
 def batch_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -9,14 +9,15 @@ On a GPU the plain step runs in fixed shapes, a power-of-two number of rows (idl
 slot of its row, which a sequence writes before it ever reads it), captured once per shape and replayed
 (graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows a symbol,
 so one compilation serves every bucket, a lone member padded to two rows), attending over every slot of its rows;
-uncompiled, over a power-of-two window. Its attention is SDPA's own grouped-query kernel, the keys and values not repeated per query
-head (attention.py's ``batch_attention``, on a twin of the model; for a drafted chain too since session 17). A joining
-sequence's prompt is padded to a power-of-two length and read from a capture per length, its row chosen on the device
-(compiled too, its length a symbol: one more compilation). ``warm_up`` captures every shape before the first request
-(server start, ``chimera throughput``'s untimed setup). Measured on an H100 (docs/benchmarks.md, sessions 14-17),
-total tokens/s of `ar` at 4 / 16 / 64 clients: eager forwards 125 / 274 / -, graphed 459 / 685 / 990 (captures
-inside the timing), compiled with captured prefills 1,251 / 2,675 / 3,478 (session 16), with the KV written by index
-(cache.py) and grouped SDPA 2,379 / 5,970 / 11,188 (session 17), against 880 for one client alone: 12.7x at 64.
+uncompiled, over a power-of-two window. Its attention is SDPA's own grouped-query kernel, the keys and values not
+repeated per query head (attention.py's ``batch_attention``, on a twin of the model; for a drafted chain too since
+session 17). A joining sequence's prompt is padded to a power-of-two length and read from a capture per length, its
+row chosen on the device (compiled too, its length a symbol: one more compilation). ``warm_up`` captures every shape
+before the first request (server start, ``chimera throughput``'s untimed setup). Measured on an H100
+(docs/benchmarks.md, sessions 14-17), total tokens/s of `ar` at 4 / 16 / 64 clients: eager forwards 125 / 274 / -,
+graphed 459 / 685 / 990 (captures inside the timing), compiled with captured prefills 1,251 / 2,675 / 3,478 (session
+16), with the KV written by index (cache.py) and grouped SDPA 2,379 / 5,970 / 11,188 (session 17), against 880 for
+one client alone: 12.7x at 64.
 
 Each sequence keeps what makes its output its own: its KV row, its length, its sampling settings and seeded
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in

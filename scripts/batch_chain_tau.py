@@ -36,7 +36,8 @@ def batch_tau(batch: RunningBatch, prompts: list[tuple[str, list[int]]], max_new
             result = sequence.result()
             totals[category_of[id(sequence)]][0] += result.new_tokens
             totals[category_of[id(sequence)]][1] += result.steps - 1  # the prefill's token is no step's
-    out = {category: {"tau": round(tokens / steps, 3), "tokens": tokens} for category, (tokens, steps) in totals.items()}
+    out = {category: {"tau": round(tokens / steps, 3), "tokens": tokens}
+           for category, (tokens, steps) in totals.items()}
     tokens, steps = map(sum, zip(*totals.values()))
     out["overall"] = {"tau": round(tokens / steps, 3), "tokens": tokens}
     return out

@@ -4,8 +4,9 @@
 # (chimera/drafters/rows.py) against one that does not. First scripts/batch_exactness_check.py in float32 (graphed
 # batches, plain and drafting, token for token against decoding alone), then scripts/batch_step_cost.py with
 # --draft-depth (DEPTH, default 3): each rows bucket's compiled plain step beside its compiled drafted step; then
-# `chimera throughput` at 1, 4, 16 and 64 clients, `ar` and `chimera` with --batch-drafting (the batch drafts where its switch measures that
-# it pays, per power-of-two size), the tree of a request alone as the calibration chose it on an H100 in session 15.
+# `chimera throughput` at 1, 4, 16 and 64 clients, `ar` and `chimera` with --batch-drafting (the batch drafts where
+# its switch measures that it pays, per power-of-two size), the tree of a request alone as the calibration chose it
+# on an H100 in session 15.
 # Last, the exactness check in bfloat16 (compiled batches; the share identical to decoding alone).
 # On a fresh machine compiling takes most of the time: session 17's first attempt compiled for 438 s inside the
 # throughput run (the lone decoder's shapes 180 s, the batch's prefills, steps and chains) and measured nothing in
