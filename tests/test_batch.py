@@ -478,7 +478,7 @@ def test_a_warmed_up_compiled_drafting_batch_meets_no_new_shape_and_decodes_as_a
     """The GPU's drafting batch run eagerly: shapes captured by ``warm_up`` (a capture runs a step three times over
     its inputs, so a step must write the same whatever it ran after), the forwards traced by Dynamo with rows a
     symbol (one compilation for chains of any number of rows, a lone member padded to two), chains drafted for every
-    row at once: each sequence is what it is alone, with the oracle's chains accepted whole and a random drafter's not."""
+    row at once: each sequence is what it is alone, the oracle's chains accepted whole and a random drafter's not."""
     _, tokenizer = default_model
     model = tiny_model(family)
     counting, compilations = counting_backend()
