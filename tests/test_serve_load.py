@@ -182,15 +182,23 @@ def test_request_timeout(tiny):
         assert quick.choices[0].finish_reason in ("length", "stop")
 
 
-def test_a_running_batch_under_load_loses_nothing(tiny):
+@pytest.mark.parametrize("drafting", [False, True], ids=["plain batch", "drafting batch"])
+def test_a_running_batch_under_load_loses_nothing(tiny, drafting):
     """Continuous batching with clients that leave mid-stream, a burst past the queue and long requests beside
-    short ones: every stream that stays is complete and is what that request decodes alone."""
-    decoder = SpeculativeDecoder(*tiny, None)
+    short ones: every stream that stays is complete and is what that request decodes alone; also where the batch
+    drafts a chain for every row (a drafter of random weights: most of its drafts rejected, rows moved as members
+    leave)."""
+    drafter = None
+    if drafting:
+        from chimera.drafters.chimera import ChimeraDrafter
+
+        drafter = ChimeraDrafter.for_base(tiny[0], num_draft_heads=6).eval()
+    decoder = SpeculativeDecoder(*tiny, drafter, tree="small" if drafting else "auto", adaptive=False)
     expected = {}
     for prompt in PROMPTS:
         r = decoder.generate([{"role": "user", "content": prompt}], max_new_tokens=12)
         expected[prompt] = (r.text, r.finish_reason)
-    engine = Engine(decoder, max_queue=QUEUE, timeout=60, max_batch=4)
+    engine = Engine(decoder, max_queue=QUEUE, timeout=60, max_batch=4, batch_drafting=drafting)
     with BackgroundServer(engine, ServerConfig(MODEL)) as url:
         cancelled = metric(url, 'chimera_generations_total{outcome="cancelled"}')
 
@@ -225,6 +233,7 @@ def test_a_running_batch_under_load_loses_nothing(tiny):
         assert metric(url, "chimera_running_generations") == 0
         quick = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
         assert quick.status_code == 200
+    assert (engine.batch.counts.drafted > 0) == drafting  # the drafting batch drafted (its switch off: always)
 
 
 def test_a_request_longer_than_a_batch_row_waits_and_is_decoded_alone(tiny):
