@@ -23,22 +23,21 @@ Each sequence keeps what makes its output its own: its KV row, its length, its s
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
 float32 (greedy, and sampled with a seed: the same draws in the same order; tests/test_batch.py).
 
-Speculation in the batch: every row drafts a chain of ``draft_depth`` greedy tokens from its newest one, all rows at
-once (drafters/rows.py: the drafter's per-row keys and values in one buffer; a row's two tokens before its root and
-the base's last hidden state are the batch's own), and one forward verifies every chain, (rows, depth + 1) tokens at
-each row's own positions: one capturable function per rows bucket (``_chain_forward``), compiled where the plain
-step is. A chain needs no tree mask (it is causal) and no compaction: the accepted prefix of a chain already sits in
-the row's next slots, and the slots of rejected tokens lie past the row's length, hidden until overwritten. Greedy
-acceptance per row is the longest run of drafts equal to the base's argmax before them, all rows at once. (Drafted
-per sequence, as until session 17, a batch of 16 paid 16 drafters' launches a step: on an H100 `chimera` served
-233 tokens/s at 16 clients against `ar`'s 356, docs/benchmarks.md session 13.) Whether a step drafts is decided as
-alone (adaptive.py), with step costs measured per power-of-two batch size (the forward's cost grows with its tokens,
-so drafting that pays for 2 sequences may not for 16) and one memory of the last trial's verdict for all sizes (a
-batch's size changes with every join and leave: a switch per exact size started afresh at each, and trials were most
-of a run's steps). Only greedy batches draft (a sampled member's draws must stay those of its plain decoding). A
-member whose drafter has not read some verified tokens (a prompt just prefilled, plain steps) catches up before it
-drafts; one with no drafter state (it joined with copied keys and values, no hidden states to read) rides along:
-none of its chain is accepted.
+Speculation in the batch: every row drafts a chain of greedy tokens from its newest one, all rows at once
+(drafters/rows.py: the drafter's per-row keys and values in one buffer; a row's two tokens before its root and the
+base's last hidden state are the batch's own), and one forward verifies every chain, (rows, depth + 1) tokens at
+each row's own positions: one capturable function per rows bucket and depth (``_chain_forward``), compiled where the
+plain step is (one compilation for every depth). A chain needs no tree mask (it is causal) and no compaction: the
+accepted prefix of a chain already sits in the row's next slots, and the slots of rejected tokens lie past the row's
+length, hidden until overwritten. Greedy acceptance per row is the longest run of drafts equal to the base's argmax
+before them, all rows at once. (Drafted per sequence, as until session 17, a batch of 16 paid 16 drafters' launches
+a step: on an H100 `chimera` served 233 tokens/s at 16 clients against `ar`'s 356, docs/benchmarks.md session 13.)
+How deep a step drafts, from 0 (plain) to ``draft_depth``, is measured per power-of-two batch size (chain_depth.py:
+the depth of the most tokens per second; the forward's cost grows with its tokens, so a depth that pays for 2
+sequences may not for 16). Only greedy batches draft (a sampled member's draws must stay those of its plain
+decoding). A member whose drafter has not read some verified tokens (a prompt just prefilled, plain steps) catches
+up before it drafts; one with no drafter state (it joined with copied keys and values, no hidden states to read)
+rides along: none of its chain is accepted.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention, target
-from .adaptive import DraftingSwitch, PauseMemory, StepCosts
+from .chain_depth import ChainDepth
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
 from .compiled import CompiledDecoder, announced, compilable
@@ -71,13 +70,22 @@ DRAFT_DEPTH = 3  # drafted tokens per sequence in a batch's drafting step
 
 @dataclass
 class StepCounts:
-    """What a running batch's steps did, for reports (``chimera throughput``): whether its switch drafted, and what a
+    """What a running batch's steps did, for reports (``chimera throughput``): how deep they drafted, and what a
     drafted step yielded."""
 
     plain: int = 0  # plain steps
     drafted: int = 0  # drafted steps
     drafted_rows: int = 0  # sequences in them
     drafted_tokens: int = 0  # tokens they emitted
+    by_depth: dict[int, int] = field(default_factory=dict)  # steps at each chain depth (0: plain)
+
+    def add(self, depth: int, rows: int, tokens: int) -> None:
+        self.by_depth[depth] = self.by_depth.get(depth, 0) + 1
+        if depth:
+            self.drafted, self.drafted_rows, self.drafted_tokens = (self.drafted + 1, self.drafted_rows + rows,
+                                                                    self.drafted_tokens + tokens)
+        else:
+            self.plain += 1
 
     @property
     def tau(self) -> float | None:
@@ -155,8 +163,7 @@ class RunningBatch:
         self.draft_depth = draft_depth
         self.drafts = drafter.rows(max_batch, self.capacity, self.device) if drafter is not None else None
         self.adaptive = adaptive
-        self.switches: dict[int, DraftingSwitch] = {}  # per power-of-two number of running sequences (its step costs)
-        self.pauses = PauseMemory()  # the last judged trial, whatever the size
+        self.depths: dict[int, ChainDepth] = {}  # how deep to draft, per power-of-two number of running sequences
         self.counts = StepCounts()
         # plain steps over a power-of-two number of rows (the idle ones padded), so that each (rows, window) shape is
         # captured once and replayed: by default on a GPU, where an eager step is bound by its ~600 launches
@@ -251,23 +258,18 @@ class RunningBatch:
             return []
         if len(active) != len(self.running):
             raise ChimeraError("remove finished sequences before the next step")
-        switch = self._switch(len(active))
-        drafting = self._can_draft(active) and switch.draft_next()
+        choice = self._depth_choice(len(active))
+        depth = choice.next_depth() if self._can_draft(active) else 0
         start = time.perf_counter()
-        steps = self._drafted_step(active) if drafting else self._plain_step(active)
+        steps = self._drafted_step(active, depth) if depth else self._plain_step(active)
         out = []
         for sequence, tokens in zip(active, steps):
             emitted = len(sequence.stopper.tokens)
             out.append((sequence, sequence.stopper.push_step(tokens)))
             sequence.accepted.append(len(sequence.stopper.tokens) - emitted)
-        emitted = sum(len(tokens) for tokens in steps)
-        switch.record(drafting, emitted / len(steps), time.perf_counter() - start)
-        if drafting:
-            self.counts.drafted += 1
-            self.counts.drafted_rows += len(steps)
-            self.counts.drafted_tokens += emitted
-        else:
-            self.counts.plain += 1
+        drafting = [len(tokens) - 1 for sequence, tokens in zip(active, steps) if sequence.drafted is not None]
+        choice.record(depth, drafting if depth else [], time.perf_counter() - start)
+        self.counts.add(depth, len(steps), sum(len(tokens) for tokens in steps))
         return out
 
     def warm_up(self) -> float:
@@ -297,10 +299,12 @@ class RunningBatch:
                 if not self.runner.can_run(key):
                     with announced(self.decoder, self._compiled_shape(rows)):
                         self.runner.capture(key, functools.partial(self._plain_forward, window), tokens, positions)
-                if self.drafts is not None and not self.runner.can_run(("chains", rows, window)):
-                    with announced(self.decoder, self._compiled_shape(rows, self.draft_depth + 1)):
-                        self.runner.capture(("chains", rows, window), functools.partial(self._chain_forward, window),
-                                            *self._idle_chains(rows))
+                for depth in range(1, self.draft_depth + 1) if self.drafts is not None else ():
+                    if not self.runner.can_run(("chains", rows, window, depth)):
+                        with announced(self.decoder, self._compiled_shape(rows, chains=True)):
+                            self.runner.capture(("chains", rows, window, depth),
+                                                functools.partial(self._chain_forward, window, depth),
+                                                *self._idle_chains(rows))
         return time.perf_counter() - start
 
     def _prefill_length(self, n: int) -> int:
@@ -316,10 +320,10 @@ class RunningBatch:
         return self._forward(where[:1], tokens, positions, window, logits_to_keep=where[1:], decoder=self.decoder)[0]
 
     @staticmethod
-    def _compiled_shape(rows: int, tokens: int = 1) -> str:
+    def _compiled_shape(rows: int, chains: bool = False) -> str:
         """What one compilation of a step serves (compiled.Compiled.announce): any batch size and capacity."""
-        chains = f", a chain of {tokens} tokens each" if tokens > 1 else ""
-        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch{chains}"  # one: max_batch 1
+        what = ", a drafted chain of any depth each" if chains else ""
+        return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch{what}"  # one: max_batch 1
 
     def _rows(self, count: int) -> int:
         """The rows a step of ``count`` sequences runs: a power of two with fixed shapes (idle rows padded); two at
@@ -347,33 +351,35 @@ class RunningBatch:
             sequence.next_token = token
         return [[token] for token in chosen]
 
-    def _switch(self, count: int) -> DraftingSwitch:
+    def _depth_choice(self, count: int) -> ChainDepth:
         size = power_of_two_at_least(count, 1)
-        if size not in self.switches:
-            self.switches[size] = DraftingSwitch(StepCosts(), adaptive=self.adaptive, memory=self.pauses)
-        return self.switches[size]
+        if size not in self.depths:
+            self.depths[size] = ChainDepth(self.draft_depth, adaptive=self.adaptive)
+        return self.depths[size]
 
     def _can_draft(self, active: list[Sequence]) -> bool:
-        """Greedy members only, each with room in its row for a whole chain, and one at least with a drafter state."""
+        """Greedy members only, each with room in its row for the deepest chain, and one at least with a drafter
+        state."""
         return (self.drafts is not None and any(s.drafted is not None for s in active)
                 and all(s.generator is None and s.length + self.draft_depth + 1 <= self.capacity for s in active))
 
     @torch.no_grad()  # not inference mode: the chains it drafts are the forward's inputs, which are ordinary
-    def _drafted_step(self, active: list[Sequence]) -> list[list[int]]:
-        """Every member drafts a chain from its newest token, one forward verifies them all, and each keeps its
-        longest correct run of drafts and the base's token after it: one capture per rows bucket (``_chain_forward``),
-        idle rows padded as in a plain step."""
+    def _drafted_step(self, active: list[Sequence], depth: int) -> list[list[int]]:
+        """Every member drafts a chain of ``depth`` tokens from its newest one, one forward verifies them all, and
+        each keeps its longest correct run of drafts and the base's token after it: one capture per rows bucket and
+        depth (``_chain_forward``), idle rows padded as in a plain step."""
         self._catch_up(active)
-        rows, width = self._rows(len(active)), self.draft_depth + 1
+        rows, width = self._rows(len(active)), depth + 1
         idle = self._idle_chains(rows - len(active))
         tokens = torch.cat([torch.tensor([[s.token_at(s.length + k) for k in (-2, -1, 0)] for s in active],
                                          device=self.device), idle[0]])
         lengths = torch.cat([torch.tensor([s.length for s in active], device=self.device), idle[1]])
         drafted = torch.cat([torch.tensor([s.drafted is not None for s in active], device=self.device), idle[2]])
         window = self._plain_window(max(s.length for s in active) + width)
-        key = ("chains", rows, window)
-        with announced(self.decoder, self._compiled_shape(rows, width), first=not self.runner.can_run(key)):
-            read = self.runner.run(key, functools.partial(self._chain_forward, window), tokens, lengths, drafted)
+        key = ("chains", rows, window, depth)
+        with announced(self.decoder, self._compiled_shape(rows, chains=True), first=not self.runner.can_run(key)):
+            read = self.runner.run(key, functools.partial(self._chain_forward, window, depth), tokens, lengths,
+                                   drafted)
         out = []
         for sequence, row in zip(active, read.tolist()):  # the step's one read
             count = row[-1]
@@ -384,22 +390,22 @@ class RunningBatch:
         return out
 
     def _idle_chains(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inputs of ``_chain_forward`` for ``count`` idle rows: they draft from the last slots of their row, which a
-        sequence writes before it reads them, and none of their drafts is accepted."""
+        """Inputs of ``_chain_forward`` for ``count`` idle rows: they draft from the last slots of their row (room for
+        the deepest chain), which a sequence writes before it reads them, and none of their drafts is accepted."""
         return (torch.zeros(count, 3, dtype=torch.long, device=self.device),
                 torch.full((count,), self.capacity - self.draft_depth - 1, device=self.device),
                 torch.zeros(count, dtype=torch.bool, device=self.device))
 
-    def _chain_forward(self, window: int, tokens: torch.Tensor, lengths: torch.Tensor,
+    def _chain_forward(self, window: int, depth: int, tokens: torch.Tensor, lengths: torch.Tensor,
                        drafted: torch.Tensor) -> torch.Tensor:
-        """A drafted step of the first ``len(tokens)`` rows, all on the device (capturable): each row's chain drafted
-        from ``tokens`` (rows, 3: the two tokens before its newest and the newest) at its ``lengths``, verified in
+        """A drafted step of the first ``len(tokens)`` rows, all on the device (capturable): each row's chain of
+        ``depth`` drafts from ``tokens`` (rows, 3: the two tokens before its newest and the newest) at its ``lengths``, verified in
         one forward, the longest run of drafts equal to the base's argmax before them accepted (none in a row not
         ``drafted``), and the chain read into the drafter's state (the rejected part past the new length, hidden).
         Returns (rows, depth + 2): the drafts, the base's token after the accepted ones, and their count."""
-        rows, width = tokens.shape[0], self.draft_depth + 1
+        rows, width = tokens.shape[0], depth + 1
         index = self.cache.row_numbers[:rows]
-        chain = self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], self.draft_depth, window)
+        chain = self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], depth, window)
         positions = lengths[:, None] + torch.arange(width, device=self.device)
         logits, final = self._forward(slice(0, rows), chain, positions, window, decoder=self.decoder)
         predicted = logits.argmax(-1)  # (rows, width): the base's token after each position
@@ -476,8 +482,11 @@ class RunningBatch:
                 if isinstance(rows, torch.Tensor):  # a prefill: its tokens
                     decoder.mark_symbol(1, tokens, positions)
                     decoder.mark_symbol(2, mask)
-                else:  # a step: its rows
+                else:  # a step: its rows, and a drafted chain's length (one compilation for every depth)
                     decoder.mark_symbol(0, tokens, positions, mask)
+                    if tokens.shape[1] > 1:
+                        decoder.mark_symbol(1, tokens, positions)
+                        decoder.mark_symbol(2, mask)
                 decoder.mark_symbol(3, mask)  # and the row's slots, a symbol like the buffers' (any capacity)
                 final = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache)).last_hidden_state
                 logits = target.vocab_logits(target.kept_states(final, logits_to_keep),

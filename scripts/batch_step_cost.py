@@ -140,17 +140,20 @@ def main():
     else:
         model, tokenizer = chimera.load_base(args.model, dtype=dtype, device=str(device))
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and dtype != "float32")
+    drafter = None
+    if args.draft_depth and args.random_weights:  # the whole vocabulary: a random drafter has no token counts
+        drafter = ChimeraDrafter.for_base(model, num_draft_heads=args.draft_depth).eval().requires_grad_(False)
+        drafter.prepare_inference()
+    elif args.draft_depth:  # as scripts/device/batch_drafting.sh's throughput runs, through the engine's model (on a
+        # CPU the copy with the calibrated linear layers)
+        decoder = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="dynamic-64-8-3",
+                                     draft_vocab=16384)
+        model, drafter = decoder.verifier.model, decoder.drafter
     batch = RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows), compiled=compiled)
     filler = next(t for t in range(1, 1 << 20) if t not in batch.eos_ids)
     request = encode_prompt(tokenizer, "Write a long story about a lighthouse keeper and a storm.")  # a long answer
     batches = [batch]
-    if args.draft_depth:
-        if args.random_weights:  # the whole vocabulary: a random drafter has no token counts to choose from
-            drafter = ChimeraDrafter.for_base(model, num_draft_heads=args.draft_depth).eval().requires_grad_(False)
-            drafter.prepare_inference()
-        else:  # as scripts/device/batch_drafting.sh's throughput runs
-            drafter = SpeculativeDecoder(model, tokenizer, resolve_drafter("auto", model), tree="dynamic-64-8-3",
-                                         draft_vocab=16384).drafter
+    if drafter is not None:
         batches.append(RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows),
                                     compiled=compiled, drafter=drafter, draft_depth=args.draft_depth, adaptive=False))
     captured = 0.0

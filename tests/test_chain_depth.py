@@ -1,0 +1,71 @@
+"""How deep a running batch drafts (chimera/chain_depth.py): every depth measured before one is chosen, the yield of
+shallower depths read from the deepest's steps, the depth of the most tokens per second taken, and a running batch
+whose depths change from step to step still decodes every sequence as alone."""
+
+import pytest
+import torch
+
+from chimera.batch import DRAFT_DEPTH, RunningBatch
+from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, ChainDepth
+from conftest import tiny_model
+from test_batch import BatchOracle, alone, drain
+from test_drafter import perturbed_drafter
+
+
+def run(choice: ChainDepth, costs: dict[int, float], accepted: list[int], steps: int) -> list[int]:
+    """``steps`` steps at the depths ``choice`` picks, each costing ``costs[depth]`` seconds, the deepest chains'
+    drafts accepted as ``accepted`` says (shallower ones cut to their depth)."""
+    depths = []
+    for _ in range(steps):
+        depth = choice.next_depth()
+        choice.record(depth, [min(a, depth) for a in accepted] if depth else [], costs[depth])
+        depths.append(depth)
+    return depths
+
+
+def test_every_depth_is_measured_the_deepest_first_and_shallower_yields_come_from_it():
+    choice = ChainDepth(3)
+    depths = run(choice, {0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, accepted=[3, 0], steps=2 * (COUNTED_AFTER + 1) * 4)
+    first = depths[:COUNTED_AFTER + 1]
+    assert first == [3] * (COUNTED_AFTER + 1)  # the deepest first, its yield tells every depth's
+    assert [choice.tokens[d].value for d in range(4)] == [1.0, 1.5, 2.0, 2.5]  # 1 + mean of min(a, d) over [3, 0]
+    assert all(choice.costs[d].value is not None for d in range(4))
+
+
+@pytest.mark.parametrize("costs, best", [({0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, 3),  # 2.5 / 1.6 beats 1 / 1.0
+                                         ({0: 1.0, 1: 1.1, 2: 2.5, 3: 3.0}, 1),  # 1.5 / 1.1 beats the rest
+                                         ({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, 0)])  # drafting never pays
+def test_the_depth_of_the_most_tokens_per_second_is_taken(costs, best):
+    choice = ChainDepth(3)
+    depths = run(choice, costs, accepted=[3, 0], steps=5 * EXPLORE_EVERY)
+    settled = depths[2 * EXPLORE_EVERY:]
+    assert settled.count(best) >= len(settled) - len(settled) // EXPLORE_EVERY - 1  # but the deepest, now and then
+    assert set(settled) <= {best, 3}
+
+
+def test_without_adaptation_the_deepest_always():
+    choice = ChainDepth(2, adaptive=False)
+    assert run(choice, {0: 1.0, 1: 9.0, 2: 9.0}, accepted=[0], steps=20) == [2] * 20
+
+
+@pytest.mark.parametrize("drafter", ["oracle", "random"])
+def test_a_batch_whose_depth_changes_step_by_step_decodes_as_alone(drafter, default_model):
+    """Adaptive depths: the exploration alone takes every depth, plain steps included; each sequence is what it is
+    alone."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(12)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((6, 19, 11))}
+    budgets = {"p0": 30, "p1": 24, "p2": 28}
+    expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
+    chosen = (BatchOracle({tuple(prompts[n]): expected[n].token_ids for n in prompts}) if drafter == "oracle"
+              else perturbed_drafter(model, heads=DRAFT_DEPTH))
+    batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128, drafter=chosen, adaptive=True)
+    sequences, texts = {}, {}
+    for name in prompts:
+        sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
+    results = drain(batch, sequences, texts)
+    assert set(batch.counts.by_depth) == set(range(DRAFT_DEPTH + 1))
+    for name in prompts:
+        assert results[name].token_ids == expected[name].token_ids, name
+        assert results[name].text == texts[name] == expected[name].text
