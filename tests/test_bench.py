@@ -192,6 +192,10 @@ def test_throughput_replays_every_question_at_every_concurrency(tmp_path, tiny_m
     drafting = json.loads((tmp_path / "drafting" / "throughput.json").read_text())[0]
     assert drafting["tokens"] == rows[0]["tokens"] and 0 <= drafting["batch_drafted_share"] <= 1
     assert drafting["batch_drafted_share"] == 0 or 1 <= drafting["batch_tau"] <= 1 + DRAFT_DEPTH
+    steps = {int(depth): count for depth, count in drafting["batch_depths"].items()}
+    assert set(steps) <= set(range(DRAFT_DEPTH + 1))
+    assert sum(count for depth, count in steps.items() if depth) / sum(steps.values()) == pytest.approx(
+        drafting["batch_drafted_share"], abs=1e-3)
     assert main(["throughput", "--questions", str(questions), "--out", str(out), "--model", str(tiny_model_dir),
                  "--methods", "ar", "beam"]) == 2
     assert "unknown method beam" in capsys.readouterr().err

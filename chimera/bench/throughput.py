@@ -39,6 +39,7 @@ class LoadResult:
     request_tokens_per_s: float  # mean over requests of their tokens / their latency
     batch_drafted_share: float | None = None  # of the running batch's steps, the drafted ones (a drafting batch)
     batch_tau: float | None = None  # tokens a sequence emitted per drafted batch step
+    batch_depths: dict | None = None  # the running batch's steps at each chain depth (0: plain)
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,6 +106,7 @@ def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batc
     if counts is not None and counts.plain + counts.drafted:
         result.batch_drafted_share = round(counts.drafted / (counts.plain + counts.drafted), 3)
         result.batch_tau = round(counts.tau, 3) if counts.tau is not None else None
+        result.batch_depths = dict(sorted(counts.by_depth.items()))
     return result
 
 
