@@ -304,6 +304,16 @@ class BatchOracle:
         return oracle
 
 
+def with_references(model, tokenizer, seed: int, budgets_by_length: dict[int, int]):
+    """Prompts p0, p1, ... of random tokens of the given lengths, their budgets, what each decodes alone, and an
+    oracle that drafts each one's own continuation."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate(budgets_by_length)}
+    budgets = dict(zip(prompts, budgets_by_length.values()))
+    expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
+    return prompts, budgets, expected, BatchOracle({tuple(prompts[n]): expected[n].token_ids for n in prompts})
+
+
 @pytest.mark.parametrize("fixed_shapes", [False, True], ids=["exact rows", "padded rows"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_drafting_batch_decodes_each_sequence_as_alone(family, fixed_shapes, default_model):
@@ -312,11 +322,7 @@ def test_a_drafting_batch_decodes_each_sequence_as_alone(family, fixed_shapes, d
     with sequences joining, finishing at different steps and leaving mid-way, and idle rows padded or not."""
     _, tokenizer = default_model
     model = tiny_model(family)
-    gen = torch.Generator().manual_seed(5)
-    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((6, 19, 11, 27))}
-    budgets = {"p0": 22, "p1": 9, "p2": 26, "p3": 14}
-    expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
-    oracle = BatchOracle({tuple(prompts[name]): expected[name].token_ids for name in prompts})
+    prompts, budgets, expected, oracle = with_references(model, tokenizer, 5, {6: 22, 19: 9, 11: 26, 27: 14})
     for drafter in (oracle, perturbed_drafter(model, heads=DRAFT_DEPTH)):
         batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128, drafter=drafter, adaptive=False,
                              fixed_shapes=fixed_shapes)
@@ -482,11 +488,7 @@ def test_a_warmed_up_compiled_drafting_batch_meets_no_new_shape_and_decodes_as_a
     _, tokenizer = default_model
     model = tiny_model(family)
     counting, compilations = counting_backend()
-    gen = torch.Generator().manual_seed(11)
-    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((5, 17, 9, 30))}
-    budgets = {"p0": 20, "p1": 7, "p2": 15, "p3": 11}
-    expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
-    oracle = BatchOracle({tuple(prompts[name]): expected[name].token_ids for name in prompts})
+    prompts, budgets, expected, oracle = with_references(model, tokenizer, 11, {5: 20, 17: 7, 9: 15, 30: 11})
     for drafter in (oracle, perturbed_drafter(model, heads=DRAFT_DEPTH)):
         batch = RunningBatch(model, tokenizer, max_batch=4, capacity=64, drafter=drafter, adaptive=False,
                              fixed_shapes=True, compiled=True, backend=counting)

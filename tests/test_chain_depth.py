@@ -3,12 +3,11 @@ shallower depths read from the deepest's steps, the depth of the most tokens per
 whose depths change from step to step still decodes every sequence as alone."""
 
 import pytest
-import torch
 
 from chimera.batch import DRAFT_DEPTH, RunningBatch
 from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, ChainDepth
 from conftest import tiny_model
-from test_batch import BatchOracle, alone, drain
+from test_batch import drain, with_references
 from test_drafter import perturbed_drafter
 
 
@@ -54,12 +53,8 @@ def test_a_batch_whose_depth_changes_step_by_step_decodes_as_alone(drafter, defa
     alone."""
     _, tokenizer = default_model
     model = tiny_model("llama")
-    gen = torch.Generator().manual_seed(12)
-    prompts = {f"p{i}": torch.randint(3, 128, (n,), generator=gen).tolist() for i, n in enumerate((6, 19, 11))}
-    budgets = {"p0": 30, "p1": 24, "p2": 28}
-    expected = {name: alone(model, tokenizer, prompt, budgets[name]) for name, prompt in prompts.items()}
-    chosen = (BatchOracle({tuple(prompts[n]): expected[n].token_ids for n in prompts}) if drafter == "oracle"
-              else perturbed_drafter(model, heads=DRAFT_DEPTH))
+    prompts, budgets, expected, oracle = with_references(model, tokenizer, 12, {6: 30, 19: 24, 11: 28})
+    chosen = oracle if drafter == "oracle" else perturbed_drafter(model, heads=DRAFT_DEPTH)
     batch = RunningBatch(model, tokenizer, max_batch=3, capacity=128, drafter=chosen, adaptive=True)
     sequences, texts = {}, {}
     for name in prompts:
