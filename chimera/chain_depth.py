@@ -5,8 +5,10 @@ A chain of depth d emits, for each sequence, 1 + min(a, d) tokens, where a count
 the base accepted: so the steps at the deepest depth tell what every shallower depth would have yielded, and only
 each depth's cost needs steps of its own. The choice explores each depth once per batch size (the deepest first,
 two steps each: a first step may carry a capture or a compilation and is not counted), then takes the depth of the
-most tokens per second, going back to the deepest every ``EXPLORE_EVERY`` steps to follow the text (what a drafter
-guesses right changes with it).
+most tokens per second, going back to the deepest now and then to follow the text (what a drafter guesses right
+changes with it): after ``EXPLORE_EVERY`` steps, and twice as long after each return that changed nothing, up to
+``LONGEST_EXPLORE``. (Every 16 steps, a return to the deepest depth where plain steps are best would cost a GPU
+batch of 64 rows about 13 %: a drafted step cost three plain ones there, below.)
 
 Why a choice of depths and not only of drafting or not (the lone decoder's switch, adaptive.py): the cost of a
 drafted step grows with its depth (a drafting level, and a longer chain to verify for every row) faster than its
@@ -26,7 +28,8 @@ from __future__ import annotations
 
 from .adaptive import MovingAverage
 
-EXPLORE_EVERY = 16  # steps between two at the deepest depth, which refresh every depth's yield
+EXPLORE_EVERY = 16  # steps before a first return to the deepest depth, which refreshes every depth's yield
+LONGEST_EXPLORE = 256  # the interval doubles after each return that left the choice as it was, up to this
 COUNTED_AFTER = 1  # steps of a depth not counted at first (a capture, a compilation)
 
 
@@ -41,22 +44,28 @@ class ChainDepth:
         self.steps = [0] * (deepest + 1)  # steps taken at each depth
         # tokens a sequence emits a step, by depth: a plain step one; a drafted depth from the deepest's steps
         self.tokens = [MovingAverage(1.0, 1)] + [MovingAverage() for _ in range(deepest)]
-        self.chosen = 0  # choices made
+        self.explore_every = EXPLORE_EVERY
+        self.since_explored = 0  # choices since the last return to the deepest depth
+        self.before_explore: int | None = None  # the depth chosen before a return under way
 
     def yield_per_second(self, depth: int) -> float | None:
         cost, tokens = self.costs[depth].value, self.tokens[depth].value
         return None if cost is None or tokens is None or cost <= 0 else tokens / cost
 
+    def best(self) -> int:
+        return max(range(self.deepest + 1), key=self.yield_per_second)
+
     def next_depth(self) -> int:
         if not self.adaptive:
             return self.deepest
-        self.chosen += 1
         for depth in (self.deepest, *range(self.deepest)):  # each measured first, the deepest (every yield) first
             if self.yield_per_second(depth) is None:
                 return depth
-        if self.chosen % EXPLORE_EVERY == 0:
+        self.since_explored += 1
+        if self.since_explored >= self.explore_every:
+            self.since_explored, self.before_explore = 0, self.best()
             return self.deepest
-        return max(range(self.deepest + 1), key=self.yield_per_second)
+        return self.best()
 
     def record(self, depth: int, accepted: list[int], seconds: float) -> None:
         """A step at ``depth`` took ``seconds``; ``accepted``: the drafts accepted in each drafting sequence."""
@@ -66,3 +75,7 @@ class ChainDepth:
         if depth and accepted:
             for shallower in range(1, depth + 1):
                 self.tokens[shallower].add(1 + sum(min(a, shallower) for a in accepted) / len(accepted))
+        if self.before_explore is not None and depth == self.deepest:  # a return: did it change the choice?
+            same = self.best() == self.before_explore
+            self.explore_every = min(2 * self.explore_every, LONGEST_EXPLORE) if same else EXPLORE_EVERY
+            self.before_explore = None

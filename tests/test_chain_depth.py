@@ -5,7 +5,7 @@ whose depths change from step to step still decodes every sequence as alone."""
 import pytest
 
 from chimera.batch import DRAFT_DEPTH, RunningBatch
-from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, ChainDepth
+from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, LONGEST_EXPLORE, ChainDepth
 from conftest import tiny_model
 from test_batch import drain, with_references
 from test_drafter import perturbed_drafter
@@ -40,6 +40,23 @@ def test_the_depth_of_the_most_tokens_per_second_is_taken(costs, best):
     settled = depths[2 * EXPLORE_EVERY:]
     assert settled.count(best) >= len(settled) - len(settled) // EXPLORE_EVERY - 1  # but the deepest, now and then
     assert set(settled) <= {best, 3}
+
+
+def test_returns_to_the_deepest_depth_grow_rarer_while_they_change_nothing():
+    choice = ChainDepth(3)
+    depths = run(choice, {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, accepted=[1], steps=2000)
+    settled = depths[8:]  # after each depth's two measured steps
+    returns = [i for i, depth in enumerate(settled) if depth == 3]
+    gaps = [b - a for a, b in zip(returns, returns[1:])]
+    assert gaps[:4] == [2 * EXPLORE_EVERY, 4 * EXPLORE_EVERY, 8 * EXPLORE_EVERY, LONGEST_EXPLORE]
+    assert set(gaps[3:]) == {LONGEST_EXPLORE} and set(settled) == {0, 3}
+    # the text turns predictable: the next return finds the deepest chain best and returns come often again
+    for _ in range(LONGEST_EXPLORE):
+        choice.record(3, [3], 4.0)  # as steps drafted elsewhere would teach it
+    choice.since_explored = choice.explore_every - 1
+    assert choice.next_depth() == 3
+    choice.record(3, [3], 1.5)
+    assert choice.best() == 3 and choice.explore_every == EXPLORE_EVERY
 
 
 def test_without_adaptation_the_deepest_always():
