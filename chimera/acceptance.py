@@ -57,6 +57,17 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
     return result
 
 
+def greedy_accept_chains(chains: torch.Tensor, logits: torch.Tensor, drafted: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``greedy_accept`` for a chain per row (a running batch's drafted step, batch.py): ``chains`` (rows, depth + 1)
+    the newest token then the drafts, ``logits`` (rows, depth + 1, vocab) the base's after each. Returns how many
+    drafts each row accepts, the longest run equal to the base's argmax before them (none in a row not ``drafted``),
+    and the base's token after them, (rows,) each. A chain's accepted nodes are a prefix of it, in order."""
+    predicted = logits.argmax(-1)
+    accepted = (chains[:, 1:] == predicted[:, :-1]).long().cumprod(-1).sum(-1) * drafted
+    return accepted, predicted.gather(1, accepted[:, None])[:, 0]
+
+
 def draft_accept_probs(tokens: torch.Tensor, probs: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
     """The probability that node i is accepted once its parent is accepted and its earlier siblings rejected.
 

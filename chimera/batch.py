@@ -57,6 +57,7 @@ from .errors import ChimeraError
 from .generate import GenerationResult, Progress
 from .graph_runner import GraphRunner, power_of_two_at_least
 from .models import context_limit
+from .acceptance import greedy_accept_chains
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, eos_token_ids, stop_condition
 from .drafters.rows import PAD
@@ -73,19 +74,24 @@ class StepCounts:
     """What a running batch's steps did, for reports (``chimera throughput``): how deep they drafted, and what a
     drafted step yielded."""
 
-    plain: int = 0  # plain steps
-    drafted: int = 0  # drafted steps
-    drafted_rows: int = 0  # sequences in them
-    drafted_tokens: int = 0  # tokens they emitted
     by_depth: dict[int, int] = field(default_factory=dict)  # steps at each chain depth (0: plain)
+    drafted_rows: int = 0  # sequences in the drafted steps
+    drafted_tokens: int = 0  # tokens they emitted
 
     def add(self, depth: int, rows: int, tokens: int) -> None:
         self.by_depth[depth] = self.by_depth.get(depth, 0) + 1
         if depth:
-            self.drafted, self.drafted_rows, self.drafted_tokens = (self.drafted + 1, self.drafted_rows + rows,
-                                                                    self.drafted_tokens + tokens)
-        else:
-            self.plain += 1
+            self.drafted_rows += rows
+            self.drafted_tokens += tokens
+
+    @property
+    def steps(self) -> int:
+        return sum(self.by_depth.values())
+
+    @property
+    def drafted(self) -> int:
+        """Drafted steps."""
+        return self.steps - self.by_depth.get(0, 0)
 
     @property
     def tau(self) -> float | None:
@@ -112,14 +118,13 @@ class Sequence:
     def done(self) -> bool:
         return self.stopper.done
 
-    def token_at(self, position: int) -> int:
-        """Its token at ``position``: of the prompt, then of the output; PAD before the start, 0 past the newest."""
-        if position < 0:
-            return PAD
-        if position < len(self.prompt_ids):
-            return self.prompt_ids[position]
-        tokens = self.stopper.tokens
-        return tokens[position - len(self.prompt_ids)] if position - len(self.prompt_ids) < len(tokens) else 0
+    def tokens_at(self, start: int, stop: int) -> list[int]:
+        """Its tokens at positions ``start`` to ``stop`` - 1: of the prompt, then of the output; PAD before the start,
+        0 past the newest. Slices, not the whole sequence joined (a step reads three tokens a row)."""
+        prompt, output, first = self.prompt_ids, self.stopper.tokens, max(start, 0)
+        before = [PAD] * (first - start)
+        known = prompt[first:stop] + output[max(first - len(prompt), 0):max(stop - len(prompt), 0)]
+        return before + known + [0] * (stop - start - len(before) - len(known))
 
     def progress(self) -> Progress:
         """Where this sequence stands, to continue it alone (``SpeculativeDecoder.resume``)."""
@@ -304,7 +309,7 @@ class RunningBatch:
                         with announced(self.decoder, self._compiled_shape(rows, chains=True)):
                             self.runner.capture(("chains", rows, window, depth),
                                                 functools.partial(self._chain_forward, window, depth),
-                                                *self._idle_chains(rows))
+                                                *self._chain_inputs([], rows))
         return time.perf_counter() - start
 
     def _prefill_length(self, n: int) -> int:
@@ -369,17 +374,12 @@ class RunningBatch:
         each keeps its longest correct run of drafts and the base's token after it: one capture per rows bucket and
         depth (``_chain_forward``), idle rows padded as in a plain step."""
         self._catch_up(active)
-        rows, width = self._rows(len(active)), depth + 1
-        idle = self._idle_chains(rows - len(active))
-        tokens = torch.cat([torch.tensor([[s.token_at(s.length + k) for k in (-2, -1, 0)] for s in active],
-                                         device=self.device), idle[0]])
-        lengths = torch.cat([torch.tensor([s.length for s in active], device=self.device), idle[1]])
-        drafted = torch.cat([torch.tensor([s.drafted is not None for s in active], device=self.device), idle[2]])
-        window = self._plain_window(max(s.length for s in active) + width)
+        rows = self._rows(len(active))
+        window = self._plain_window(max(s.length for s in active) + depth + 1)
         key = ("chains", rows, window, depth)
         with announced(self.decoder, self._compiled_shape(rows, chains=True), first=not self.runner.can_run(key)):
-            read = self.runner.run(key, functools.partial(self._chain_forward, window, depth), tokens, lengths,
-                                   drafted)
+            read = self.runner.run(key, functools.partial(self._chain_forward, window, depth),
+                                   *self._chain_inputs(active, rows))
         out = []
         for sequence, row in zip(active, read.tolist()):  # the step's one read
             count = row[-1]
@@ -389,28 +389,29 @@ class RunningBatch:
             out.append(row[:count] + [row[-2]])
         return out
 
-    def _idle_chains(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inputs of ``_chain_forward`` for ``count`` idle rows: they draft from the last slots of their row (room for
-        the deepest chain), which a sequence writes before it reads them, and none of their drafts is accepted."""
-        return (torch.zeros(count, 3, dtype=torch.long, device=self.device),
-                torch.full((count,), self.capacity - self.draft_depth - 1, device=self.device),
-                torch.zeros(count, dtype=torch.bool, device=self.device))
+    def _chain_inputs(self, active: list[Sequence], rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_chain_forward``'s inputs for ``active`` in ``rows`` rows: each row's two tokens before its newest and
+        the newest, its length, whether it has a drafter state. Idle rows draft from the last slots of their row (room
+        for the deepest chain), which a sequence writes before it reads them, and none of their drafts is accepted."""
+        idle = rows - len(active)
+        tokens = [s.tokens_at(s.length - 2, s.length + 1) for s in active] + [[0, 0, 0]] * idle
+        lengths = [s.length for s in active] + [self.capacity - self.draft_depth - 1] * idle
+        drafted = [s.drafted is not None for s in active] + [False] * idle
+        return tuple(torch.tensor(values, device=self.device) for values in (tokens, lengths, drafted))
 
     def _chain_forward(self, window: int, depth: int, tokens: torch.Tensor, lengths: torch.Tensor,
                        drafted: torch.Tensor) -> torch.Tensor:
         """A drafted step of the first ``len(tokens)`` rows, all on the device (capturable): each row's chain of
-        ``depth`` drafts from ``tokens`` (rows, 3: the two tokens before its newest and the newest) at its ``lengths``, verified in
-        one forward, the longest run of drafts equal to the base's argmax before them accepted (none in a row not
-        ``drafted``), and the chain read into the drafter's state (the rejected part past the new length, hidden).
-        Returns (rows, depth + 2): the drafts, the base's token after the accepted ones, and their count."""
-        rows, width = tokens.shape[0], depth + 1
+        ``depth`` drafts from ``tokens`` (rows, 3: the two tokens before its newest and the newest) at its
+        ``lengths``, verified in one forward, accepted greedily (none of it in a row not ``drafted``), and read into
+        the drafter's state (the rejected part past the new length, hidden). Returns (rows, depth + 2): the drafts,
+        the base's token after the accepted ones, and their count."""
+        rows = tokens.shape[0]
         index = self.cache.row_numbers[:rows]
         chain = self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], depth, window)
-        positions = lengths[:, None] + torch.arange(width, device=self.device)
+        positions = lengths[:, None] + torch.arange(depth + 1, device=self.device)
         logits, final = self._forward(slice(0, rows), chain, positions, window, decoder=self.decoder)
-        predicted = logits.argmax(-1)  # (rows, width): the base's token after each position
-        accepted = (chain[:, 1:] == predicted[:, :-1]).long().cumprod(-1).sum(-1) * drafted  # correct drafts in a row
-        following = predicted.gather(1, accepted[:, None])[:, 0]
+        accepted, following = greedy_accept_chains(chain, logits, drafted)
         self.drafts.read(index, torch.cat([tokens[:, :2], chain], 1), final, lengths)
         return torch.cat([chain[:, 1:], following[:, None], accepted[:, None]], 1)
 
@@ -424,11 +425,9 @@ class RunningBatch:
         span = max(s.length - s.drafted for _, s in behind)
         rows = torch.tensor([row for row, _ in behind], device=self.device)
         starts = torch.tensor([s.drafted for _, s in behind], device=self.device)
-        tokens = torch.tensor([[s.token_at(p) for p in range(s.drafted - 2, s.drafted + span)] for _, s in behind],
-                              device=self.device)
-        with torch.inference_mode():
-            positions = (starts[:, None] + torch.arange(span, device=self.device)).clamp(max=self.capacity - 1)
-            self.drafts.read(rows, tokens, self.hidden[rows[:, None], positions], starts)
+        tokens = torch.tensor([s.tokens_at(s.drafted - 2, s.drafted + span) for _, s in behind], device=self.device)
+        positions = (starts[:, None] + torch.arange(span, device=self.device)).clamp(max=self.capacity - 1)
+        self.drafts.read(rows, tokens, self.hidden[rows[:, None], positions], starts)
         for _, sequence in behind:
             sequence.drafted = sequence.length
 
@@ -463,12 +462,12 @@ class RunningBatch:
                  logits_to_keep: int | torch.Tensor = 0, decoder: CompiledDecoder | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (rows, kept tokens, vocab) and final hidden states (rows, n, hidden) of ``tokens`` (rows, n) at
-        ``positions``, each row attending to its own
-        slots up to its position, within the first ``window`` (``_window``, from the host's lengths: no device
-        read). ``rows``: a slice of the cache's rows, or their indices on the device. ``logits_to_keep``: the last
-        that many tokens (0: all), or the indices of those to score. ``decoder``: the compiled decoder stack in
-        place of the model's (a plain vocabulary head, projected here), for a plain step (its rows a symbol) or a
-        prefill of one row chosen on the device (its length a symbol)."""
+        ``positions``, each row attending to its own slots up to its position, within the first ``window``
+        (``_window``, from the host's lengths: no device read). ``rows``: a slice of the cache's rows, or their
+        indices on the device. ``logits_to_keep``: the last that many tokens (0: all), or the indices of those to
+        score. ``decoder``: the compiled decoder stack in place of the model's (a plain vocabulary head, projected
+        here), for a step (its rows a symbol, a chain's length too) or a prefill of one row chosen on the device (its
+        length a symbol)."""
         self.cache.rows, self.cache.slots = rows, positions
         self.cache.window = None if window == self.capacity else window  # None: no cut (nothing to specialize on)
         allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]

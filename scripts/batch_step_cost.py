@@ -55,35 +55,40 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
     synchronize(device)
     add = 1000 * (time.perf_counter() - start) / rows  # a join: its prefill (eager) and first token
 
-    emitted = []
-
     def step():
-        emitted.append(sum(len(sequence.stopper.tokens) for sequence in batch.running))
         batch.step()
-        emitted[-1] = sum(len(sequence.stopper.tokens) for sequence in batch.running) - emitted[-1]
         for sequence in [s for s in batch.running if s.done]:
             batch.remove(sequence)
 
+    def leave() -> int:
+        """Every sequence out of the batch; how many had stayed."""
+        stayed = list(batch.running)
+        for sequence in stayed:
+            batch.remove(sequence)
+        return len(stayed)
+
     step()  # the shape met once (captured here if warm_up did not)
     active = list(batch.running)
-    emitted.clear()
+    counts = batch.counts
+    drafted, drafted_tokens = counts.drafted, counts.drafted_tokens
     whole = mean_ms(step, device, steps)
+    attended = batch._plain_window(max(s.length for s in active) + 1)  # the slots the steps attended over
+    if batch.drafts is not None:  # the drafted step alone: its forward is the plain step's plus the drafting
+        leave()
+        per_step = (counts.drafted_tokens - drafted_tokens) / max(counts.drafted - drafted, 1)
+        return {"rows": rows, "draft_depth": batch.draft_depth, "window": attended, "drafted_step_ms": round(whole, 3),
+                "tokens_per_step": round(per_step, 2)}
     padded = batch._rows(rows)
     tokens = torch.zeros(padded, 1, dtype=torch.long, device=device)
     positions = torch.full((padded, 1), batch.capacity - 1, device=device)
-    key = ("plain", padded, batch._plain_window(max(s.length for s in active) + 1))
-    forward = mean_ms(lambda: batch.runner.run(key, lambda t, p: batch._plain_forward(key[2], t, p),
+    key = ("plain", padded, attended)
+    forward = mean_ms(lambda: batch.runner.run(key, lambda t, p: batch._plain_forward(attended, t, p),
                                               tokens, positions), device, steps)
-    active = list(batch.running)
-    for sequence in active:
-        batch.remove(sequence)
-    if batch.drafts is not None:  # the drafted step alone: its forward is the plain step's plus the drafting
-        return {"rows": rows, "draft_depth": batch.draft_depth, "window": key[2], "drafted_step_ms": round(whole, 3),
-                "tokens_per_step": round(sum(emitted) / len(emitted), 2)}
-    return {"rows": rows, "rows_at_end": len(active), "window": key[2], "prompt_tokens": len(prompt),
+    stayed = leave()
+    return {"rows": rows, "rows_at_end": stayed, "window": attended, "prompt_tokens": len(prompt),
             "add_ms": round(add, 3), "step_ms": round(whole, 3),
             "forward_ms": round(forward, 3),
-            "host_and_rest_ms": round(whole - forward, 3), "tokens_per_s": round(1000 * len(active) / whole, 1)}
+            "host_and_rest_ms": round(whole - forward, 3), "tokens_per_s": round(1000 * stayed / whole, 1)}
 
 
 def profile(batch: RunningBatch, rows: int, top: int = 15) -> dict:

@@ -3,7 +3,7 @@
 import torch
 
 from chimera.tree import TreeBuffers, TreeTopology
-from chimera.acceptance import greedy_accept
+from chimera.acceptance import greedy_accept, greedy_accept_chains
 
 V = 10
 
@@ -46,6 +46,25 @@ def test_a_correct_node_under_a_wrong_parent_is_not_accepted():
     tokens = torch.tensor([1, 2, 3])
     path, bonus = path_and_bonus(tokens, logits_predicting([9, 3, 0]), tree)  # node 2 matches node 1's argmax
     assert path.tolist() == [0] and int(bonus) == 9
+
+
+def test_a_chain_per_row_is_accepted_as_each_chain_alone():
+    """The running batch's acceptance, every row's chain at once, against the tree acceptance of each chain alone;
+    a row not drafted accepts nothing and takes the base's token after its newest."""
+    gen = torch.Generator().manual_seed(3)
+    tree = TreeBuffers.build(TreeTopology.chain(3), "cpu")
+    chains = torch.randint(0, 4, (32, 4), generator=gen)  # a small vocabulary: many drafts right
+    logits = torch.randn(32, 4, V, generator=gen)
+    logits[..., 4:] = -9.0
+    drafted = torch.arange(32) % 5 != 0
+    accepted, following = greedy_accept_chains(chains, logits, drafted)
+    for row in range(32):
+        path, bonus = path_and_bonus(chains[row], logits[row], tree)
+        if drafted[row]:
+            assert int(accepted[row]) == len(path) - 1 and int(following[row]) == int(bonus)
+        else:
+            assert int(accepted[row]) == 0 and int(following[row]) == int(logits[row, 0].argmax())
+    assert 0 < int(accepted.sum()) and int(accepted.max()) == 3  # some drafts accepted, some whole chains
 
 
 def test_a_root_only_tree_is_plain_decoding():

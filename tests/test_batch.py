@@ -257,6 +257,16 @@ def test_a_sequence_of_a_batch_continues_alone_as_it_would_in_the_batch(default_
         assert result.finish_reason in ("stop", "length") and len(result.token_ids) <= 40
 
 
+def test_a_sequence_reads_its_tokens_across_prompt_and_output():
+    from chimera.batch import Sequence
+    from chimera.drafters.rows import PAD
+
+    sequence = Sequence([5, 6, 7], types.SimpleNamespace(tokens=[8, 9]), SamplingConfig(), None)
+    assert sequence.tokens_at(-2, 7) == [PAD, PAD, 5, 6, 7, 8, 9, 0, 0]
+    assert sequence.tokens_at(1, 4) == [6, 7, 8] and sequence.tokens_at(3, 5) == [8, 9]
+    assert sequence.tokens_at(4, 6) == [9, 0] and sequence.tokens_at(-1, 1) == [PAD, 5]
+
+
 def test_a_row_takes_copied_keys_and_values_only_where_they_fit():
     from chimera.cache import RowSlotCache
 

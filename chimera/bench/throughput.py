@@ -103,8 +103,8 @@ def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batc
         engine.stop()
     result = summarize("chimera" if decoder.drafter is not None else "ar", concurrency, answers, seconds)
     counts = engine.batch.counts if engine.batch is not None and engine.batch.drafts is not None else None
-    if counts is not None and counts.plain + counts.drafted:
-        result.batch_drafted_share = round(counts.drafted / (counts.plain + counts.drafted), 3)
+    if counts is not None and counts.steps:
+        result.batch_drafted_share = round(counts.drafted / counts.steps, 3)
         result.batch_tau = round(counts.tau, 3) if counts.tau is not None else None
         result.batch_depths = dict(sorted(counts.by_depth.items()))
     return result
