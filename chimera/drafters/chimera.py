@@ -317,6 +317,13 @@ class ChimeraDrafter(nn.Module):
     def verified_input(self, hidden, g):
         return self.fuse(torch.cat([hidden, g], dim=-1))
 
+    def verified_keys_values(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
+        """The layer's keys and values of verified tokens at inference: ``tokens`` (..., P + 2) the two tokens before
+        them then the P themselves, ``hidden`` (..., P, d) the base's final hidden states there, at ``positions``
+        (..., P). One sequence's state (``advance``) and a running batch's rows (drafters/rows.py) alike."""
+        g = self.trigram_lookup(tokens[..., :-2], tokens[..., 1:-1], tokens[..., 2:])
+        return self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), positions)
+
     def head_state(self, k: int, h_last, u) -> torch.Tensor:
         """What head k (1-based: the token k steps after the last verified one) projects onto the vocabulary."""
         return self.head_norm(self.heads[k - 1](h_last, u))
@@ -429,9 +436,8 @@ class ChimeraDrafter(nn.Module):
     def advance(self, state: DraftState, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
         n = tokens.numel()
         ext = torch.cat([state.history, tokens])
-        g = self.trigram_lookup(ext[:-2], ext[1:-1], ext[2:])
         positions = torch.arange(state.length, state.length + n, device=tokens.device)
-        k, v = self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), positions)
+        k, v = self.verified_keys_values(ext, hidden, positions)
         if state.length + n > state.keys.shape[1]:
             grow = max(state.keys.shape[1], n)
             more = state.keys.new_zeros(state.keys.shape[0], grow, state.keys.shape[2])
@@ -453,9 +459,8 @@ class ChimeraDrafter(nn.Module):
         ``state.length`` (the host's copy) and guarantees room for P slots."""
         n = tokens.numel()
         ext = torch.cat([state.history, tokens])
-        g = self.trigram_lookup(ext[:-2], ext[1:-1], ext[2:])
         slots = state.length_on_device + torch.arange(n, device=tokens.device)
-        k, v = self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), slots)
+        k, v = self.verified_keys_values(ext, hidden, slots)
         state.keys.index_copy_(1, slots, k)
         state.values.index_copy_(1, slots, v)
         state.history.copy_(ext.index_select(0, count + torch.arange(2, device=tokens.device)))

@@ -49,11 +49,8 @@ class ChimeraRows:
         before the sequence's start). Writes the layer's keys and values of all P (a row whose verified tokens are
         fewer writes past its length, slots hidden until overwritten; slots past the capacity fold onto the last,
         which a drafting row never reaches)."""
-        drafter = self.drafter
-        tokens = self._tokens(tokens)
-        g = drafter.trigram_lookup(tokens[:, :-2], tokens[:, 1:-1], tokens[:, 2:])
         slots = (starts[:, None] + torch.arange(tokens.shape[1] - 2, device=tokens.device)).clamp(max=self.capacity - 1)
-        keys, values = drafter.layer.keys_values(drafter.verified_input(hidden.to(g.dtype), g), slots)
+        keys, values = self.drafter.verified_keys_values(self._tokens(tokens), hidden, slots)
         self.keys[rows[:, None], :, slots] = keys.transpose(1, 2)  # (rows, tokens) indexed, heads sliced
         self.values[rows[:, None], :, slots] = values.transpose(1, 2)
 
