@@ -179,6 +179,8 @@ class RunningBatch:
         # rows bucket)
         self.decoder = (CompiledDecoder.shared(self.model, backend) if compiled and self.fixed_shapes
                         and compilable(self.model) else None)
+        if self.decoder is not None and self.drafts is not None:
+            self.drafts.compile(backend)  # the drafter's chains too (drafters/rows.py): one compilation a depth
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a sequence of this size fits a row (else it must be decoded alone)."""

@@ -22,6 +22,7 @@ import time
 import torch
 
 import chimera
+from chimera.acceptance import greedy_accept_chains
 from chimera.batch import RunningBatch
 from chimera.bench.methods import synchronize
 from chimera import SpeculativeDecoder
@@ -91,26 +92,66 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
             "host_and_rest_ms": round(whole - forward, 3), "tokens_per_s": round(1000 * stayed / whole, 1)}
 
 
-def profile(batch: RunningBatch, rows: int, top: int = 15) -> dict:
-    """One plain forward of ``rows`` rows over the whole row, run as it is (not replayed, so that the profiler sees
-    each kernel; compiled where the batch is): the ``top`` kernels by device time, microseconds over all calls."""
+def profiled(run, device: torch.device):
+    """``run()`` once untimed, then once under the profiler (each kernel seen: not replayed)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    device = batch.device
-    tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-    positions = torch.full((rows, 1), batch.capacity - 1, device=device)
-    run = lambda: batch._plain_forward(batch._plain_window(batch.capacity), tokens, positions)  # noqa: E731
     run()
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         run()
         synchronize(device)
+    return prof
+
+
+def profile(batch: RunningBatch, rows: int, top: int = 15) -> dict:
+    """One plain forward of ``rows`` rows over the whole row, run as it is (not replayed, so that the profiler sees
+    each kernel; compiled where the batch is): the ``top`` kernels by device time, microseconds over all calls."""
+    device = batch.device
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+    positions = torch.full((rows, 1), batch.capacity - 1, device=device)
+    prof = profiled(lambda: batch._plain_forward(batch._plain_window(batch.capacity), tokens, positions), device)
     events = [e for e in prof.key_averages() if (e.device_time_total if device.type == "cuda" else e.cpu_time_total)]
     time_of = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
     events.sort(key=time_of, reverse=True)
     return {"rows": rows, "kernels": [{"name": e.key[:120], "calls": e.count, "us": round(time_of(e), 1)}
                                       for e in events[:top]]}
+
+
+def chain_parts(batch: RunningBatch, rows: int) -> dict:
+    """The parts of a drafted step of ``rows`` rows at the batch's deepest depth, each run as it is (compiled where
+    the batch is, not replayed): drafting the chains, the forward that verifies them, and the acceptance with the
+    drafter's read of the verified tokens. Per part, the kernels launched and their device time in microseconds (on
+    a CPU: the operators and their time)."""
+    device, depth = batch.device, batch.draft_depth
+    window = batch._plain_window(batch.capacity)
+    tokens, lengths, drafted = batch._chain_inputs([], rows)
+    index = batch.cache.row_numbers[:rows]
+    last_hidden = batch.hidden[index, lengths - 1]
+    chain = batch.drafts.propose(tokens, lengths, last_hidden, depth, window)
+    positions = lengths[:, None] + torch.arange(depth + 1, device=device)
+    logits, final = batch._forward(slice(0, rows), chain, positions, window, decoder=batch.decoder)
+
+    def accept_and_read():
+        greedy_accept_chains(chain, logits, drafted)
+        batch.drafts.read(index, torch.cat([tokens[:, :2], chain], 1), final, lengths)
+
+    parts = {"draft": lambda: batch.drafts.propose(tokens, lengths, last_hidden, depth, window),
+             "verify": lambda: batch._forward(slice(0, rows), chain, positions, window, decoder=batch.decoder),
+             "accept_and_read": accept_and_read}
+    out = {"rows": rows, "depth": depth}
+    for name, run in parts.items():
+        with torch.no_grad():
+            prof = profiled(run, device)
+        if device.type == "cuda":
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            out[name] = {"kernels": len(kernels), "device_us": round(sum(e.device_time for e in kernels), 1)}
+        else:
+            ops = [e for e in prof.events() if e.name.startswith("aten::")  # outermost operators
+                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+            out[name] = {"operators": len(ops), "cpu_us": round(sum(e.cpu_time_total for e in ops), 1)}
+    return out
 
 
 def main():
@@ -124,7 +165,8 @@ def main():
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="the plain step through torch.compile; auto: on a GPU in bfloat16 or float16")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                   help="also profile one uncaptured plain forward of ROWS rows: its 15 costliest kernels")
+                   help="also profile one uncaptured plain forward of ROWS rows: its 15 costliest kernels; with "
+                        "--draft-depth, the parts of a drafted step of each rows bucket too")
     p.add_argument("--draft-depth", type=int, default=0,
                    help="also time a batch drafting chains of this many tokens (the shipped drafter)")
     p.add_argument("--random-weights", metavar="DIR",
@@ -181,7 +223,11 @@ def main():
     if args.profile:
         report["profile"] = profile(batch, args.profile)
         print(json.dumps(report["profile"], indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k not in ("steps", "profile")}))
+        if drafter is not None:
+            report["chain_parts"] = [chain_parts(batches[1], rows) for rows in sorted({batches[1]._rows(r)
+                                                                                       for r in args.rows})]
+            print("\n".join(json.dumps(parts) for parts in report["chain_parts"]))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("steps", "profile", "chain_parts")}))
     save_json(report, args.out)
 
 

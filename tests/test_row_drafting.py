@@ -8,6 +8,7 @@ from chimera.drafters.medusa import MedusaDrafter
 from chimera.drafters.rows import PAD
 from chimera.tree import TreeBuffers, TreeTopology
 from conftest import tiny_model
+from test_batch import counting_backend
 from test_drafter import counted_drafter, perturbed_drafter
 
 DEPTH = 3
@@ -31,10 +32,13 @@ def lone_chains(drafter, sequences):
                         for prompt, hidden, root in sequences])
 
 
-def row_chains(drafter, sequences, capacity=64, split=None):
+def row_chains(drafter, sequences, capacity=64, split=None, backend=None):
     """Each sequence read into its row (in two reads at ``split`` where given, as a catch-up after a first read),
-    padded to the longest as the batch's catch-up pads, then one chain per row."""
+    padded to the longest as the batch's catch-up pads, then one chain per row (compiled with ``backend`` where
+    given)."""
     rows = drafter.rows(len(sequences) + 1, capacity, "cpu")  # a spare row: rows need not all draft
+    if backend is not None:
+        rows.compile(backend)
     parts = [(0, split), (split, None)] if split else [(0, None)]
     for lo, hi in parts:
         spans = [(prompt[lo:hi], hidden[lo:hi]) for prompt, hidden, _ in sequences]
@@ -61,6 +65,24 @@ def test_each_row_drafts_the_chain_it_drafts_alone(family, split):
     assert torch.equal(row_chains(drafter, sequences, split=split), expected)
     drafter.use_tables = False  # the trigram computed directly (on a GPU), as the lone drafter then does
     assert torch.equal(row_chains(drafter, sequences, split=split), lone_chains(drafter, sequences))
+
+
+@pytest.mark.parametrize("tables", [True, False], ids=["trigram tables", "trigram computed"])
+def test_compiled_chains_are_the_eager_ones_and_compile_once_for_any_rows(tables):
+    """The chains a compiled batch drafts (``compiled_chains``, traced by Dynamo and run as traced): each row's chain
+    as alone, for 4 rows and then 2 over buffers of another size, from one compilation (the rows and the buffers'
+    sizes symbols)."""
+    model = tiny_model("llama")
+    drafter = counted_drafter(model, heads=DEPTH)
+    drafter.use_draft_vocabulary(24)
+    counting, compilations = counting_backend()
+    sequences = prompts_and_states(model)
+    drafter.use_tables = tables
+    expected = lone_chains(drafter, sequences)
+    drafter.prepare_inference = lambda: None  # keep the route under test (the CPU's would be the tables)
+    assert torch.equal(row_chains(drafter, sequences, backend=counting), expected)
+    assert torch.equal(row_chains(drafter, sequences[:2], capacity=96, backend=counting), expected[:2])
+    assert len(compilations) == 1
 
 
 def test_rows_draft_over_a_draft_vocabulary_as_alone():

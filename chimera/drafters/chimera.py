@@ -106,9 +106,14 @@ def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dt
     and shared by its queries and keys (each kernel counts when drafting replays a few hundred of them)."""
     half = head_dim // 2
     key = (half, theta, str(positions.device))
-    if key not in _INVERSE_FREQUENCIES:
-        _INVERSE_FREQUENCIES[key] = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[..., None] * _INVERSE_FREQUENCIES[key]
+    if torch.compiler.is_compiling():  # computed in the compiled code (a global dict's contents would be guarded on)
+        frequencies = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    else:
+        if key not in _INVERSE_FREQUENCIES:
+            _INVERSE_FREQUENCIES[key] = theta ** (-torch.arange(half, device=positions.device,
+                                                                dtype=torch.float32) / half)
+        frequencies = _INVERSE_FREQUENCIES[key]
+    angles = positions.to(torch.float32)[..., None] * frequencies
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -282,6 +287,8 @@ class ChimeraDrafter(nn.Module):
 
     def trigram_tables(self) -> torch.Tensor:
         """(3, vocab + 1, d): row i of table j is E x_i · W1_j^T; recomputed only when the weights change."""
+        if torch.compiler.is_compiling() and self._tables is not None:  # a weight's version counter does not trace;
+            return self._tables  # compiled drafting runs after prepare_inference, its weights frozen
         version = self.trigram_in.weight._version
         if self._tables is None or self._tables_version != version or self._tables.device != self.trigram_in.weight.device:
             with torch.no_grad():

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..compiled import Compiled, CompiledDecoder, announced
+
 PAD = -1  # in ``tokens``: no token (a position before the sequence's start), each drafter's own pad once read
 
 
@@ -38,6 +40,7 @@ class ChimeraRows:
         self.keys = torch.zeros(count, c.num_kv_heads, capacity, c.head_dim, dtype=drafter.fuse.weight.dtype,
                                 device=device)
         self.values = torch.zeros_like(self.keys)
+        self.chains = draft_chains  # or its compiled twin (``compile``)
 
     def _tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.masked_fill(tokens == PAD, self.drafter.pad_id)
@@ -54,40 +57,74 @@ class ChimeraRows:
         self.keys[rows[:, None], :, slots] = keys.transpose(1, 2)  # (rows, tokens) indexed, heads sliced
         self.values[rows[:, None], :, slots] = values.transpose(1, 2)
 
+    def compile(self, backend: str = "inductor") -> None:
+        """Draft through the drafter's compiled chains (``compiled_chains``) from now on: where the batch's step is
+        compiled. Its trigram route and tables are settled first (``prepare_inference``): compiled code reads them
+        as they are."""
+        self.drafter.prepare_inference()
+        self.chains = compiled_chains(self.drafter, backend)
+
     @torch.no_grad()
     def propose(self, tokens: torch.Tensor, starts: torch.Tensor, last_hidden: torch.Tensor, depth: int,
                 window: int) -> torch.Tensor:
         """A chain of ``depth`` greedy drafts for each of the first R rows: ``tokens`` (R, 3) the two tokens before
         each row's root and the root, at position ``starts`` (R,) (the row's verified length, its keys' reach);
         ``last_hidden`` (R, d) the base's hidden state before the root. Attends over the first ``window`` slots.
-        Returns (R, depth + 1): the root, then the drafts. Each level drafts as the lone drafter's chain does (the
-        same functions, ``level_inputs`` and ``level_output``, with a row axis in front)."""
-        drafter = self.drafter
-        rows, c = tokens.shape[0], drafter.config
+        Returns (R, depth + 1): the root, then the drafts (``draft_chains``)."""
+        keys, values = self.keys, self.values
+        if window < self.capacity:  # uncompiled (a compiled step attends over every slot)
+            keys, values = keys[:, :, :window], values[:, :, :window]
         tokens = self._tokens(tokens)
-        keys, values = self.keys[:rows, :, :window], self.values[:rows, :, :window]
-        visible = (torch.arange(window, device=tokens.device) < starts[:, None])[:, None, None, None, :]
-        seen = torch.ones(depth, depth, dtype=torch.bool, device=tokens.device).tril()  # each draft its ancestors
-        draft_k = keys.new_empty(rows, c.num_kv_heads, depth, c.head_dim)
-        draft_v = torch.empty_like(draft_k)
-        h_last = last_hidden.to(keys.dtype)[:, None]
-        before, last, token = tokens[:, :1], tokens[:, 1:2], tokens[:, 2:]
-        chain = [tokens[:, 2]]
-        for level in range(depth):
-            g, k, v, q = drafter.level_inputs(before, last, token, (starts + level)[:, None])
-            draft_k[:, :, level:level + 1], draft_v[:, :, level:level + 1] = k, v
-            state = drafter.level_output(level + 1, h_last, g, q, keys, values, draft_k[:, :, :level + 1],
-                                         draft_v[:, :, :level + 1], seen[level:level + 1, :level + 1], visible)
-            logits, column_ids = drafter.draft_logits(level + 1, state)
-            pick = logits.argmax(-1)  # (R, 1)
-            before, last, token = last, token, pick if column_ids is None else column_ids[pick]
-            chain.append(token[:, 0])
-        return torch.stack(chain, 1)
+        if isinstance(self.chains, Compiled):  # one compilation a depth, for any rows and buffers' sizes (the rows a
+            # symbol in the inputs, the buffers whole: a view's sizes would be compiled as constants)
+            CompiledDecoder.mark_symbol(0, tokens, starts, last_hidden, keys, values)
+            CompiledDecoder.mark_symbol(2, keys, values)
+        with announced(self.chains, f"chains of {depth} for any number of rows"):
+            return self.chains(self.drafter, keys, values, tokens, starts, last_hidden, depth)
 
     @torch.no_grad()
     def move(self, source: int, target: int, length: int) -> None:
         self.keys[target, :, :length] = self.keys[source, :, :length]
         self.values[target, :, :length] = self.values[source, :, :length]
+
+@torch.no_grad()
+def draft_chains(drafter, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
+                 last_hidden: torch.Tensor, depth: int) -> torch.Tensor:
+    """``ChimeraRows.propose`` on explicit state: the layer's ``keys`` and ``values`` (rows, kv heads, window, head
+    size), of which the first R rows draft, ``tokens`` (R, 3) with the drafter's pad in place of PAD. Each level
+    drafts as the lone drafter's chain does (the same functions, ``level_inputs`` and ``level_output``, with a row
+    axis in front), then the head's argmax."""
+    rows, c = tokens.shape[0], drafter.config
+    keys, values = keys[:rows], values[:rows]
+    visible = (torch.arange(keys.shape[2], device=tokens.device) < starts[:, None])[:, None, None, None, :]
+    seen = torch.ones(depth, depth, dtype=torch.bool, device=tokens.device).tril()  # each draft its ancestors
+    draft_k = keys.new_empty(rows, c.num_kv_heads, depth, c.head_dim)
+    draft_v = torch.empty_like(draft_k)
+    h_last = last_hidden.to(keys.dtype)[:, None]
+    before, last, token = tokens[:, :1], tokens[:, 1:2], tokens[:, 2:]
+    chain = [tokens[:, 2]]
+    for level in range(depth):
+        g, k, v, q = drafter.level_inputs(before, last, token, (starts + level)[:, None])
+        draft_k[:, :, level:level + 1], draft_v[:, :, level:level + 1] = k, v
+        state = drafter.level_output(level + 1, h_last, g, q, keys, values, draft_k[:, :, :level + 1],
+                                     draft_v[:, :, :level + 1], seen[level:level + 1, :level + 1], visible)
+        logits, column_ids = drafter.draft_logits(level + 1, state)
+        pick = logits.argmax(-1)  # (R, 1)
+        before, last, token = last, token, pick if column_ids is None else column_ids[pick]
+        chain.append(token[:, 0])
+    return torch.stack(chain, 1)
+
+
+def compiled_chains(drafter, backend: str = "inductor") -> Compiled:
+    """``draft_chains`` through torch.compile, one per drafter and backend (every batch drafting with it replays what
+    the first compiled): inductor fuses each level's norms, rotary, attention, MLP and the head around the matrix
+    products, where op by op a chain of 3 levels ran some 400 operations (this CPU's profile, default model). The
+    vocabulary projection and its argmax are compiled with the rest: a chain reads no log-softmax or top-k, the
+    reductions that inductor split into many kernels in the lone drafter's trees (``compiled_levels``)."""
+    cache = drafter.__dict__.setdefault("_compiled_chains", {})
+    if backend not in cache:
+        cache[backend] = Compiled(draft_chains, "the drafter's chains for a running batch", backend)
+    return cache[backend]
 
 
 class MedusaRows:
@@ -98,6 +135,9 @@ class MedusaRows:
 
     def read(self, rows, tokens, hidden, starts) -> None:
         pass
+
+    def compile(self, backend: str = "inductor") -> None:
+        """Nothing to compile: a chain is the heads' argmax, a few kernels with nothing between them to fuse."""
 
     @torch.no_grad()
     def propose(self, tokens: torch.Tensor, starts: torch.Tensor, last_hidden: torch.Tensor, depth: int,
