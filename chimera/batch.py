@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention, target
-from .chain_depth import ChainDepth
+from .chain_depth import ChainDepth, yields
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
 from .compiled import CompiledDecoder, announced, compilable
@@ -67,6 +67,7 @@ SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a fe
 SMALLEST_PREFILL = 16  # tokens: a captured prefill's shortest padded length
 PREFILL_SHAPE = "a running batch's prefills of any padded length"  # what their one compilation serves (announced)
 DRAFT_DEPTH = 3  # drafted tokens per sequence in a batch's drafting step
+TIMED_REPLAYS = 5  # replays of each captured step timed at warm-up (a GPU step: about 1-6 ms)
 
 
 @dataclass
@@ -169,6 +170,8 @@ class RunningBatch:
         self.drafts = drafter.rows(max_batch, self.capacity, self.device) if drafter is not None else None
         self.adaptive = adaptive
         self.depths: dict[int, ChainDepth] = {}  # how deep to draft, per power-of-two number of running sequences
+        self.yields = yields(draft_depth)  # tokens a sequence emits a step by depth, shared by the sizes' choices
+        self.warm_costs: dict[int, dict[int, float]] = {}  # seconds a captured step takes, by rows and depth
         self.counts = StepCounts()
         # plain steps over a power-of-two number of rows (the idle ones padded), so that each (rows, window) shape is
         # captured once and replayed: by default on a GPU, where an eager step is bound by its ~600 launches
@@ -312,7 +315,34 @@ class RunningBatch:
                             self.runner.capture(("chains", rows, window, depth),
                                                 functools.partial(self._chain_forward, window, depth),
                                                 *self._chain_inputs([], rows))
+            if self.drafts is not None:
+                self.warm_costs[rows] = self._time_steps(rows, windows[-1])
         return time.perf_counter() - start
+
+    def _time_steps(self, rows: int, window: int) -> dict[int, float]:
+        """Seconds a captured step of ``rows`` rows over ``window`` slots takes, plain (depth 0) and drafted at each
+        depth: its replays timed (the step's host side left out), to seed the choice of depth of the sizes that run
+        these rows (chain_depth.py). The replays write what the captures' own runs wrote."""
+        plain = (torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+                 torch.full((rows, 1), self.capacity - 1, device=self.device))
+        steps = {0: (("plain", rows, window), functools.partial(self._plain_forward, window), plain)}
+        for depth in range(1, self.draft_depth + 1):
+            steps[depth] = (("chains", rows, window, depth), functools.partial(self._chain_forward, window, depth),
+                            self._chain_inputs([], rows))
+        costs = {}
+        for depth, (key, function, inputs) in steps.items():
+            self.runner.run(key, function, *inputs)  # untimed: a first replay
+            self._synchronize()
+            start = time.perf_counter()
+            for _ in range(TIMED_REPLAYS):
+                self.runner.run(key, function, *inputs)
+            self._synchronize()
+            costs[depth] = (time.perf_counter() - start) / TIMED_REPLAYS
+        return costs
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _prefill_length(self, n: int) -> int:
         """The padded length a captured prefill of ``n`` tokens reads: a power of two, at most a row."""
@@ -361,7 +391,8 @@ class RunningBatch:
     def _depth_choice(self, count: int) -> ChainDepth:
         size = power_of_two_at_least(count, 1)
         if size not in self.depths:
-            self.depths[size] = ChainDepth(self.draft_depth, adaptive=self.adaptive)
+            self.depths[size] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
+                                           costs=self.warm_costs.get(self._rows(count)))
         return self.depths[size]
 
     def _can_draft(self, active: list[Sequence]) -> bool:

@@ -10,6 +10,12 @@ changes with it): after ``EXPLORE_EVERY`` steps, and twice as long after each re
 ``LONGEST_EXPLORE``. (Every 16 steps, a return to the deepest depth where plain steps are best would cost a GPU
 batch of 64 rows about 13 %: a drafted step cost three plain ones there, below.)
 
+A batch shares the yields among its sizes (they depend on the texts, not on how many sequences decode at once) and,
+where it captures its steps (a GPU), seeds each size's costs with those steps timed at its warm-up: a size first met
+then needs no steps of its own to choose. Exploring every depth at each size had cost `chimera` 12 % and 6 % of
+`ar`'s throughput at 16 and 64 clients on an H100 in runs of about a second each (session 18): drafting lost there,
+and the batch drafted 7 and 13 % of its steps to find it out.
+
 Why a choice of depths and not only of drafting or not (the lone decoder's switch, adaptive.py): the cost of a
 drafted step grows with its depth (a drafting level, and a longer chain to verify for every row) faster than its
 yield, and by how much depends on the machine and the batch size. Measured on this project's CPU (an Intel Xeon, 2
@@ -33,17 +39,27 @@ LONGEST_EXPLORE = 256  # the interval doubles after each return that left the ch
 COUNTED_AFTER = 1  # steps of a depth not counted at first (a capture, a compilation)
 
 
+def yields(deepest: int) -> list[MovingAverage]:
+    """Tokens a sequence emits a step, by depth: a plain step one; each drafted depth's from the deepest's steps."""
+    return [MovingAverage(1.0, 1)] + [MovingAverage() for _ in range(deepest)]
+
+
 class ChainDepth:
     """Per batch size: ``next_depth()`` before a step that may draft, ``record(depth, accepted, seconds)`` after it.
     Not ``adaptive``: always the deepest."""
 
-    def __init__(self, deepest: int, adaptive: bool = True):
+    def __init__(self, deepest: int, adaptive: bool = True, tokens: list[MovingAverage] | None = None,
+                 costs: dict[int, float] | None = None):
         self.deepest = deepest
         self.adaptive = adaptive
         self.costs = [MovingAverage() for _ in range(deepest + 1)]  # seconds a step, by depth (0: plain)
         self.steps = [0] * (deepest + 1)  # steps taken at each depth
-        # tokens a sequence emits a step, by depth: a plain step one; a drafted depth from the deepest's steps
-        self.tokens = [MovingAverage(1.0, 1)] + [MovingAverage() for _ in range(deepest)]
+        # tokens a sequence emits a step, by depth (``yields``), shared where given: what a drafter guesses right
+        # depends on the texts, not on how many decode at once
+        self.tokens = tokens if tokens is not None else yields(deepest)
+        for depth, seconds in (costs or {}).items():  # measured ahead (a batch's warm-up times its captured steps):
+            self.costs[depth].add(seconds)  # the depth's steps are then counted from the first
+            self.steps[depth] = COUNTED_AFTER
         self.explore_every = EXPLORE_EVERY
         self.since_explored = 0  # choices since the last return to the deepest depth
         self.before_explore: int | None = None  # the depth chosen before a return under way

@@ -508,6 +508,10 @@ def test_a_warmed_up_compiled_drafting_batch_meets_no_new_shape_and_decodes_as_a
         batch.runner = RecordingRunner()
         batch.warm_up()
         assert {key[0] for key in batch.runner.captured} == {"prefill", "plain", "chains"}
+        # every rows bucket's steps timed, to seed each size's choice of depth: all depths, each a positive time
+        assert sorted(batch.warm_costs) == [2, 4]
+        assert all(sorted(costs) == list(range(DRAFT_DEPTH + 1)) and min(costs.values()) > 0
+                   for costs in batch.warm_costs.values())
         sequences, texts = {}, {}
         for name in ("p0", "p1"):
             sequences[name], texts[name] = batch.add(prompts[name], budgets[name])

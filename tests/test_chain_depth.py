@@ -5,7 +5,7 @@ whose depths change from step to step still decodes every sequence as alone."""
 import pytest
 
 from chimera.batch import DRAFT_DEPTH, RunningBatch
-from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, LONGEST_EXPLORE, ChainDepth
+from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, LONGEST_EXPLORE, ChainDepth, yields
 from conftest import tiny_model
 from test_batch import drain, with_references
 from test_drafter import perturbed_drafter
@@ -40,6 +40,21 @@ def test_the_depth_of_the_most_tokens_per_second_is_taken(costs, best):
     settled = depths[2 * EXPLORE_EVERY:]
     assert settled.count(best) >= len(settled) - len(settled) // EXPLORE_EVERY - 1  # but the deepest, now and then
     assert set(settled) <= {best, 3}
+
+
+@pytest.mark.parametrize("costs, best", [({0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, 3), ({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, 0)])
+def test_a_size_with_costs_measured_ahead_and_shared_yields_chooses_at_its_first_step(costs, best):
+    """The yields another size's deepest steps taught, and this size's costs seeded (a batch's warm-up): no step
+    explores; the seeded costs then follow the steps taken."""
+    shared = yields(3)
+    run(ChainDepth(3, tokens=shared), costs, accepted=[3, 0], steps=2 * (COUNTED_AFTER + 1) * 4)
+    assert shared[3].value == 2.5
+    choice = ChainDepth(3, tokens=shared, costs=costs)
+    depths = run(choice, costs, accepted=[3, 0], steps=EXPLORE_EVERY - 1)
+    assert set(depths) == {best}
+    assert choice.steps[best] == COUNTED_AFTER + EXPLORE_EVERY - 1 and choice.costs[best].count == EXPLORE_EVERY
+    unseeded = run(ChainDepth(3), costs, accepted=[3, 0], steps=EXPLORE_EVERY - 1)
+    assert unseeded[:2] == [3, 3] and len(set(unseeded)) == 4  # without them: every depth measured first
 
 
 def test_returns_to_the_deepest_depth_grow_rarer_while_they_change_nothing():
