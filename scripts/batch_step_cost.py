@@ -213,6 +213,9 @@ def main():
               "compiled": batch.decoder.describe() if batch.decoder is not None else "no",
               "warm_up_s": round(captured, 2), "compile_s": round(batch.decoder.seconds, 1) if batch.decoder else 0.0,
               "shapes_captured": len(batch.runner.captured), "steps": []}
+    if drafter is not None:  # the drafting batch's captured steps as its warm-up timed them (ms; 0: plain)
+        report["warm_step_ms"] = {rows: {depth: round(1000 * s, 3) for depth, s in costs.items()}
+                                  for rows, costs in batches[1].warm_costs.items()}
     for window in args.windows:
         for rows in args.rows:
             row = measure(batch, rows, window, args.steps, request, filler)
