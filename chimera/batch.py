@@ -27,7 +27,7 @@ Speculation in the batch: every row drafts a chain of greedy tokens from its new
 (drafters/rows.py: the drafter's per-row keys and values in one buffer; a row's two tokens before its root and the
 base's last hidden state are the batch's own), and one forward verifies every chain, (rows, depth + 1) tokens at
 each row's own positions: one capturable function per rows bucket and depth (``_chain_forward``), compiled where the
-plain step is (one compilation for every depth). A chain needs no tree mask (it is causal) and no compaction: the
+plain step is (the base's forward once for every depth, the drafter's chains once a depth: drafters/rows.py). A chain needs no tree mask (it is causal) and no compaction: the
 accepted prefix of a chain already sits in the row's next slots, and the slots of rejected tokens lie past the row's
 length, hidden until overwritten. Greedy acceptance per row is the longest run of drafts equal to the base's argmax
 before them, all rows at once. (Drafted per sequence, as until session 17, a batch of 16 paid 16 drafters' launches

@@ -16,8 +16,11 @@ What a row's drafting reads and where it lives, each fact in one place:
 Nothing else changes as a row drafts, so a step's writes are the same whatever the state it starts from: the
 graph runner's warm-up runs of a capture leave nothing behind that a replay would not write the same way.
 
-Every class here offers ``read`` (verified tokens into the drafter's per-row state), ``propose`` (a chain per row)
-and ``move`` (a row's state into another row, as the batch's rows move when a sequence leaves).
+Every class here offers ``read`` (verified tokens into the drafter's per-row state), ``propose`` (a chain per row),
+``move`` (a row's state into another row, as the batch's rows move when a sequence leaves) and ``compile`` (draft
+through torch.compile from then on, where the batch's step is compiled). Compiled, the Chimera drafter's chains are
+one compilation a depth for any number of rows (on an H100, 14, 24 and 30 s for depths 1, 2 and 3, session 18); their
+step cost there is not measured yet (op by op, a drafted step of 1 row cost 2.9 ms against a plain step's 1.4).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class ChimeraRows:
             # symbol in the inputs, the buffers whole: a view's sizes would be compiled as constants)
             CompiledDecoder.mark_symbol(0, tokens, starts, last_hidden, keys, values)
             CompiledDecoder.mark_symbol(2, keys, values)
-        with announced(self.chains, f"chains of {depth} for any number of rows"):
+        with announced(self.chains, f"{depth} drafts a row, any number of rows"):
             return self.chains(self.drafter, keys, values, tokens, starts, last_hidden, depth)
 
     @torch.no_grad()
@@ -123,7 +126,7 @@ def compiled_chains(drafter, backend: str = "inductor") -> Compiled:
     reductions that inductor split into many kernels in the lone drafter's trees (``compiled_levels``)."""
     cache = drafter.__dict__.setdefault("_compiled_chains", {})
     if backend not in cache:
-        cache[backend] = Compiled(draft_chains, "the drafter's chains for a running batch", backend)
+        cache[backend] = Compiled(draft_chains, "the drafter's chains of a running batch", backend)
     return cache[backend]
 
 
