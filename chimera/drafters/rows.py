@@ -90,6 +90,7 @@ class ChimeraRows:
         self.keys[target, :, :length] = self.keys[source, :, :length]
         self.values[target, :, :length] = self.values[source, :, :length]
 
+
 @torch.no_grad()
 def draft_chains(drafter, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
                  last_hidden: torch.Tensor, depth: int) -> torch.Tensor:
