@@ -151,7 +151,7 @@ class RunningBatch:
 
     def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None, drafter=None,
                  draft_depth: int = DRAFT_DEPTH, adaptive: bool = True, fixed_shapes: bool | None = None,
-                 compiled: bool = False, backend: str = "inductor"):
+                 compiled: bool = False, backend: str = "inductor", features: tuple[int, ...] | None = None):
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
         self.model = model = attention.batch_model(model)
@@ -166,7 +166,11 @@ class RunningBatch:
         self.hidden: torch.Tensor | None = None  # (max_batch, capacity, hidden) final hidden states, on first use
         # a graphed drafter keeps one state for its one generation: the batch drafts with the drafter inside it,
         # every row at once (drafters/rows.py)
-        drafter = getattr(drafter, "drafter", drafter) if draft_depth > 0 else None
+        drafter = getattr(drafter, "drafter", drafter)
+        # the hidden states kept per token (target.feature_states): what the drafter reads, this batch's or (where
+        # the batch does not draft) the lone decoder's, which a sequence leaving the batch takes along
+        self.features = tuple(getattr(drafter, "feature_layers", ())) if features is None else tuple(features)
+        drafter = drafter if draft_depth > 0 else None
         heads = getattr(getattr(drafter, "config", None), "num_draft_heads", draft_depth)
         if drafter is not None and heads < draft_depth:
             raise ChimeraError(f"the drafter has {heads} heads: it cannot draft chains of {draft_depth}")
@@ -524,13 +528,17 @@ class RunningBatch:
                         decoder.mark_symbol(1, tokens, positions)
                         decoder.mark_symbol(2, mask)
                 decoder.mark_symbol(3, mask)  # and the row's slots, a symbol like the buffers' (any capacity)
-                final = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache)).last_hidden_state
-                logits = target.vocab_logits(target.kept_states(final, logits_to_keep),
+                layers = {"output_hidden_states": True} if self.features else {}
+                out = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache), **layers)
+                logits = target.vocab_logits(target.kept_states(out.last_hidden_state, logits_to_keep),
                                              self.model.get_output_embeddings())
+                final = target.feature_states(out.hidden_states, self.features) if self.features else \
+                    out.last_hidden_state
             else:
                 out = self.model(**inputs, logits_to_keep=logits_to_keep, output_hidden_states=True,
                                  **cache_kwargs(self.model, self.cache))
-                final, logits = out.hidden_states[-1], out.logits  # final: (rows, n, hidden), what a drafter reads
+                final, logits = target.feature_states(out.hidden_states, self.features), out.logits
+            # final: (rows, n, hidden x (1 + feature layers)), what a drafter reads
             if self.hidden is None:
                 self.hidden = final.new_zeros(self.max_batch, self.capacity, final.shape[-1])
             if allocating and self.decoder is not None:  # one compilation for every batch size and row capacity

@@ -38,6 +38,18 @@ port_number = number(int, lambda v: 0 <= v <= 65535, "between 0 and 65535", "a p
 _token_count = number(int, lambda v: v > 0, "auto, full or a positive token count", "auto, full or a token count")
 
 
+def layer_indices(text: str) -> list[int]:
+    """--feature-layers: distinct non-negative layer indices, comma-separated (the base's own count is checked
+    when the drafter is built)."""
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"must be distinct layer numbers >= 0, got {text}")
+    return layers
+
+
 def draft_vocab_choice(text: str):
     return text if text in ("auto", "full") else _token_count(text)
 
@@ -451,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute the base's outputs once per sample and keep them in memory (small data)")
     tr.add_argument("--export-dtype", default="float32", help="dtype of the exported drafter/ (default: float32)")
     tr.add_argument("--kl", action="store_true", help="match the base distribution (KL) instead of its argmax")
+    tr.add_argument("--feature-layers", dest="feature_layers", type=layer_indices, default=[],
+                    help="comma-separated base layers (e.g. 2,15,27) whose hidden states the drafter reads beside the "
+                         "final ones, fused at its input (default: the final ones alone)")
     tr.add_argument("--init", help="a saved drafter to start from (same kind and base, at most --depth heads; "
                                    "extra heads start as copies of its last one)")
     tr.add_argument("--architecture", choices=["chimera", "medusa"], default="chimera",

@@ -204,7 +204,7 @@ class SpeculativeDecoder:
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit, compiled=compile_drafter)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route,
-                                     compiled=compile)
+                                     compiled=compile, features=getattr(drafter, "feature_layers", ()))
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive

@@ -17,19 +17,28 @@ from .tree import tree_attention_mask
 @dataclass
 class TargetOutput:
     logits: torch.Tensor  # (n, vocab) float32
-    hidden: torch.Tensor  # (n, hidden) final-norm last-layer states (what lm_head reads)
+    hidden: torch.Tensor  # (n, hidden x (1 + feature layers)) what a drafter reads (``feature_states``)
+
+
+def feature_states(hidden_states, layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """What a drafter reads of a forward's ``hidden_states`` (transformers': the embeddings, then the states after
+    each layer, the last one normed, what the vocabulary head reads): the states after each of ``layers``, then the
+    final one, joined along the last axis; the final one alone without ``layers``. Read from the forward that
+    verifies, so they cost no forward of their own."""
+    return torch.cat([hidden_states[i] for i in layers] + [hidden_states[-1]], -1) if layers else hidden_states[-1]
 
 
 @torch.inference_mode()
 def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0, head=None,
-            decoder=None) -> TargetOutput:
+            decoder=None, features: tuple[int, ...] = ()) -> TargetOutput:
     """``input_ids`` is (n,). With no mask the tokens are causal after the cache, as in ``generate``.
     ``logits_to_keep`` > 0 scores only the last that many tokens (hidden states come for all of them); a tensor of
     indices scores those tokens (as transformers' own ``logits_to_keep`` does).
     ``head``: on a CPU, the route of the vocabulary projection (``vocab_head``), where the model allows one.
     ``decoder``: what runs in place of ``model.get_decoder()`` (compiled.CompiledDecoder), for a model with a
-    plain vocabulary head; its output is then projected here, as ``model`` itself would."""
+    plain vocabulary head; its output is then projected here, as ``model`` itself would.
+    ``features``: the layers whose hidden states come beside the final ones (``feature_states``)."""
     start = cache.get_seq_length()
     if position_ids is None:
         position_ids = torch.arange(start, start + input_ids.numel(), device=input_ids.device)
@@ -37,11 +46,14 @@ def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | 
                   use_cache=True)
     if decoder is not None or (plain_vocab_head(model) and input_ids.device.type == "cpu"):
         stack = model.get_decoder()
-        hidden = (decoder or stack)(**inputs, **cache_kwargs(stack, cache)).last_hidden_state[0]
+        layers = {"output_hidden_states": True} if features else {}
+        out = (decoder or stack)(**inputs, **cache_kwargs(stack, cache), **layers)
+        hidden = out.last_hidden_state[0]
         project = head or (lambda z: vocab_logits(z, model.get_output_embeddings()))
-        return TargetOutput(logits=project(kept_states(hidden, logits_to_keep)).float(), hidden=hidden)
+        return TargetOutput(logits=project(kept_states(hidden, logits_to_keep)).float(),
+                            hidden=feature_states(out.hidden_states, features)[0] if features else hidden)
     out = model(**inputs, **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=logits_to_keep)
-    return TargetOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
+    return TargetOutput(logits=out.logits[0].float(), hidden=feature_states(out.hidden_states, features)[0])
 
 
 def kept_states(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -110,9 +122,10 @@ def _few_rows_times_vocab(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def forward_tree(model, cache, tokens: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor,
-                 head=None) -> TargetOutput:
+                 head=None, features: tuple[int, ...] = ()) -> TargetOutput:
     """Score every node of a draft tree in one pass: node i sits at position prefix + depth(i) and attends
     to the prefix and to its own ancestors, so its logits equal those of decoding its path token by token."""
     prefix = cache.get_seq_length()
     mask = tree_attention_mask(prefix, ancestors, model.dtype)
-    return forward(model, cache, tokens, position_ids=prefix + depths, attention_mask=mask, head=head)
+    return forward(model, cache, tokens, position_ids=prefix + depths, attention_mask=mask, head=head,
+                   features=features)

@@ -32,14 +32,16 @@ log = logging.getLogger("chimera")
 class GrowingSession:
     """One generation on a cache that grows by each step's tree and shrinks back to the accepted path."""
 
-    def __init__(self, model, head=None):
+    def __init__(self, model, head=None, features: tuple[int, ...] = ()):
         self.model = model
         self.head = head
+        self.features = features  # the layers whose hidden states the drafter reads beside the final ones
         self.cache = kv.new_cache()
 
     def prefill(self, prompt: torch.Tensor) -> TargetOutput:
         """Hidden states of every prompt token, logits of the last one only (all the loop needs)."""
-        return target.forward(self.model, self.cache, prompt, logits_to_keep=1, head=self.head)
+        return target.forward(self.model, self.cache, prompt, logits_to_keep=1, head=self.head,
+                              features=self.features)
 
     @property
     def length(self) -> int:
@@ -47,8 +49,9 @@ class GrowingSession:
 
     def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         if tree.topology.size == 1:
-            return target.forward(self.model, self.cache, tokens, head=self.head)
-        return target.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors, head=self.head)
+            return target.forward(self.model, self.cache, tokens, head=self.head, features=self.features)
+        return target.forward_tree(self.model, self.cache, tokens, tree.depths, tree.ancestors, head=self.head,
+                                   features=self.features)
 
     def keep(self, path: torch.Tensor, length: int, tree: TreeBuffers) -> None:
         """Keep the first ``length`` nodes of ``path`` (padded as acceptance.Accepted.path is). A chain's accepted
@@ -77,9 +80,10 @@ class GrowingSession:
 class GrowingVerifier:
     decoder = None  # never compiled (SlotVerifier's may be)
 
-    def __init__(self, model, head_route: str | None = None):
+    def __init__(self, model, head_route: str | None = None, features: tuple[int, ...] = ()):
         self.model = attention.verifying_model(model)
         self.head_route = head_route
+        self.features = features
         self.head = target.vocab_head(model, head_route) if head_route and target.plain_vocab_head(model) else None
 
     def describe(self) -> str:
@@ -89,7 +93,7 @@ class GrowingVerifier:
                 + ", KV cache grown in place")
 
     def start(self, capacity: int) -> GrowingSession:
-        return GrowingSession(self.model, self.head)
+        return GrowingSession(self.model, self.head, self.features)
 
 
 class SlotBank:
@@ -105,8 +109,9 @@ class SlotBank:
     """
 
     def __init__(self, model, capacity: int, device: torch.device, runner: GraphRunner | None = None,
-                 decoder: CompiledDecoder | None = None, padded_prefill: bool = False):
+                 decoder: CompiledDecoder | None = None, padded_prefill: bool = False, features: tuple[int, ...] = ()):
         self.model = model
+        self.features = features  # the layers whose hidden states the drafter reads beside the final ones
         self.capacity = capacity
         self.cache = kv.SlotCache(model.config.num_hidden_layers, capacity, device)
         self.prefix = torch.zeros((), dtype=torch.long, device=device)
@@ -145,7 +150,8 @@ class SlotBank:
         last = (self.prefix - 1).reshape(1)
         allowed = self.columns[None, :] <= slots[:, None]
         return target.forward(self.model, self.cache, tokens, position_ids=torch.minimum(slots, last),
-                            attention_mask=additive_mask(allowed, self.model.dtype), logits_to_keep=last)
+                              attention_mask=additive_mask(allowed, self.model.dtype), logits_to_keep=last,
+                              features=self.features)
 
     def set_length(self, length: int) -> None:
         self.cache.length = length
@@ -163,7 +169,7 @@ class SlotBank:
         if self.decoder is not None:  # the mask's slot axis, like the cache's (prefill), is a symbol
             self.decoder.mark_capacity(mask, 3)
         return target.forward(self.model, self.cache, tokens, position_ids=self.prefix + tree.depths,
-                            attention_mask=mask, decoder=self.decoder)
+                              attention_mask=mask, decoder=self.decoder, features=self.features)
 
     def keep_static(self, path: torch.Tensor) -> None:
         """Move the slots of path nodes prefix + path[k] to prefix + k; entries past the real path move junk
@@ -256,8 +262,9 @@ class SlotVerifier:
     compiled (bfloat16 and float16), whose results are compared with our own plain loop's, not ``generate``'s."""
 
     def __init__(self, model, graphs: bool, compiled: bool = False, backend: str = "inductor",
-                 padded_prefill: bool | None = None):
+                 padded_prefill: bool | None = None, features: tuple[int, ...] = ()):
         self.model = attention.verifying_model(model)
+        self.features = features
         self.device = next(model.parameters()).device
         self.runner = GraphRunner(graphs)
         self.decoder = CompiledDecoder.shared(self.model, backend) if compiled and compilable(self.model) else None
@@ -274,21 +281,23 @@ class SlotVerifier:
         size = power_of_two_at_least(capacity, SMALLEST_CAPACITY)
         if size not in self.banks:
             self.banks[size] = SlotBank(self.model, size, self.device, self.runner, self.decoder,
-                                        self.padded_prefill)
+                                        self.padded_prefill, self.features)
         return SlotSession(self.banks[size])
 
 
 def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears: bool = True,
-                 head_route: str | None = None, compiled: bool = False):
+                 head_route: str | None = None, compiled: bool = False, features: tuple[int, ...] = ()):
     """Captured slot forwards on a GPU (when asked for; ``compiled``: of the torch.compiled decoder where the model
     allows it); eager growing forwards elsewhere, on a CPU through a
     copy of the model whose linear layers are prepacked (cpu_linear) when that copy fits in memory, with the
-    vocabulary projection by ``head_route`` (target.vocab_head; None: target.vocab_logits's default)."""
+    vocabulary projection by ``head_route`` (target.vocab_head; None: target.vocab_logits's default). Every forward
+    returns the hidden states a drafter reads: after ``features`` (layers) beside the final ones
+    (target.feature_states)."""
     if cuda_graphs and device.type == "cuda":
-        return SlotVerifier(model, graphs=True, compiled=compiled)
+        return SlotVerifier(model, graphs=True, compiled=compiled, features=features)
     if packed_linears and cpu_linear.available(device, model.dtype):
         packed = cpu_linear.shared_packed_copy(model)
         if packed is not None:
-            return GrowingVerifier(packed, head_route)
+            return GrowingVerifier(packed, head_route, features)
         log.warning("not enough free memory for prepacked linear layers: decoding with the stock CPU kernels")
-    return GrowingVerifier(model, head_route)
+    return GrowingVerifier(model, head_route, features)

@@ -82,7 +82,7 @@ def as_on_a_gpu(decoder):
     from chimera.drafters.graphs import GraphedDrafter
     from chimera.verifier import SlotVerifier
 
-    decoder.verifier = SlotVerifier(decoder.model, graphs=False)
+    decoder.verifier = SlotVerifier(decoder.model, graphs=False, features=decoder.verifier.features)
     if decoder.drafter is not None and hasattr(decoder.drafter, "propose_static"):
         decoder.drafter = GraphedDrafter(decoder.drafter, decoder.tree, capacity=decoder.limit, graphs=False)
     return decoder

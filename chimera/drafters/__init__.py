@@ -25,12 +25,17 @@ def shipped_drafter_path(model, architecture: str = "chimera") -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def new_drafter(architecture: str, model, num_draft_heads: int = 6, seed: int | None = 0):
-    """A freshly initialised drafter of the named kind, sized for ``model``."""
+def new_drafter(architecture: str, model, num_draft_heads: int = 6, seed: int | None = 0, feature_layers=()):
+    """A freshly initialised drafter of the named kind, sized for ``model``; a Chimera drafter reading the base's
+    hidden states after ``feature_layers`` beside its final ones."""
     if architecture == "chimera":
         from .chimera import ChimeraDrafter
 
-        return ChimeraDrafter.for_base(model, num_draft_heads=num_draft_heads, seed=seed)
+        return ChimeraDrafter.for_base(model, num_draft_heads=num_draft_heads, seed=seed,
+                                       feature_layers=feature_layers)
+    if feature_layers:
+        raise ChimeraError(f"feature layers are the Chimera drafter's input: a {architecture} drafter reads the "
+                           "base's final hidden states only")
     if architecture == "medusa":
         from .medusa import MedusaDrafter
 

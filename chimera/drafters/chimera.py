@@ -32,6 +32,7 @@ from .rows import ChimeraRows
 
 
 MAX_DRAFT_HEADS = 64
+MAX_FEATURE_LAYERS = 8
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ChimeraConfig:
     rope_theta: float = 10000.0
     num_draft_heads: int = 6
     untied_heads: bool = False
+    # the base's hidden states read beside its final one, by index into transformers' ``hidden_states`` (0: the
+    # embeddings, i: after layer i), fused at the drafter's input (EAGLE-3's low, middle and high features); none:
+    # the final state alone, as every drafter saved before session 18
+    feature_layers: list[int] = field(default_factory=list)
     base: dict = field(default_factory=dict)  # identity.base_identity of the base it was built for
 
     def __post_init__(self):
@@ -59,14 +64,17 @@ class ChimeraConfig:
                    "num_heads * head_dim must be in 1..4 * hidden_size"),
                   (1 <= self.intermediate_size <= 16 * self.hidden_size,
                    "intermediate_size must be in 1..16 * hidden_size"),
-                  (self.rms_norm_eps > 0 and self.rope_theta > 0, "rms_norm_eps and rope_theta must be positive")]
+                  (self.rms_norm_eps > 0 and self.rope_theta > 0, "rms_norm_eps and rope_theta must be positive"),
+                  (len(self.feature_layers) <= MAX_FEATURE_LAYERS and len(set(self.feature_layers)) == len(
+                      self.feature_layers) and all(isinstance(i, int) and i >= 0 for i in self.feature_layers),
+                   f"feature_layers must be at most {MAX_FEATURE_LAYERS} distinct layer indices >= 0")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
     @classmethod
     def from_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False,
-                  identity: bool = True) -> "ChimeraConfig":
+                  identity: bool = True, feature_layers=()) -> "ChimeraConfig":
         """Sizes from the base's config; ``identity`` False leaves out the base's identity, which reads its
         weights (for a base on the meta device, sized but not materialised: scripts/drafter_memory.py)."""
         cfg = model.config.get_text_config()
@@ -83,6 +91,7 @@ class ChimeraConfig:
             rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)) or 10000.0),
             num_draft_heads=num_draft_heads,
             untied_heads=untied_heads,
+            feature_layers=list(feature_layers),
             base=base_identity(model) if identity else {},
         )
 
@@ -230,7 +239,7 @@ class ChimeraDrafter(nn.Module):
         self._frozen = {"embed": embeddings, "lm_head": lm_head}
         self.trigram_in = nn.Linear(3 * d, d)
         self.trigram_out = nn.Linear(d, d)
-        self.fuse = nn.Linear(2 * d, d)
+        self.fuse = nn.Linear((len(c.feature_layers) + 2) * d, d)  # the base's states (final last) and g
         self.layer = FullContextLayer(c)
         self.heads = nn.ModuleList(ResidualHead(d) for _ in range(c.num_draft_heads))
         self.head_norm = RMSNorm(d, c.rms_norm_eps)
@@ -248,11 +257,14 @@ class ChimeraDrafter(nn.Module):
         self._draft_heads = None  # the vocabulary projection onto those ids (callables), per head if untied
 
     @classmethod
-    def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0):
-        """A fresh drafter sized from the base model's config (random weights)."""
+    def for_base(cls, model, num_draft_heads: int = 6, untied_heads: bool = False, seed: int | None = 0,
+                 feature_layers=()):
+        """A fresh drafter sized from the base model's config (random weights), reading the base's hidden states
+        after ``feature_layers`` beside its final one."""
         if seed is not None:
             torch.manual_seed(seed)
-        config = ChimeraConfig.from_base(model, num_draft_heads, untied_heads)
+        persist.check_feature_layers(feature_layers, model, "a drafter")
+        config = ChimeraConfig.from_base(model, num_draft_heads, untied_heads, feature_layers=feature_layers)
         drafter = cls(config, model.get_input_embeddings(), model.get_output_embeddings())
         weight = model.get_input_embeddings().weight
         return drafter.to(device=weight.device, dtype=weight.dtype)
@@ -265,7 +277,7 @@ class ChimeraDrafter(nn.Module):
     def calibrate_head_norm(self, hidden: torch.Tensor) -> None:
         """Start the head norm at the scale of the base's hidden states, so that with zero-initialised
         residual heads a perfect estimate u = h scores tokens as the base does, at the base's temperature."""
-        rms = hidden.float().pow(2).mean(-1).sqrt().mean()
+        rms = self.final(hidden).float().pow(2).mean(-1).sqrt().mean()
         self.head_norm.weight.fill_(float(rms))
 
     # ----- pieces shared by training and inference -------------------------------------------------------
@@ -326,14 +338,25 @@ class ChimeraDrafter(nn.Module):
 
     def verified_keys_values(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
         """The layer's keys and values of verified tokens at inference: ``tokens`` (..., P + 2) the two tokens before
-        them then the P themselves, ``hidden`` (..., P, d) the base's final hidden states there, at ``positions``
+        them then the P themselves, ``hidden`` (..., P, features) the base's hidden states there, at ``positions``
         (..., P). One sequence's state (``advance``) and a running batch's rows (drafters/rows.py) alike."""
         g = self.trigram_lookup(tokens[..., :-2], tokens[..., 1:-1], tokens[..., 2:])
         return self.layer.keys_values(self.verified_input(hidden.to(g.dtype), g), positions)
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The base's hidden states a verifier returns for this drafter beside the final one (target.feature_states)."""
+        return tuple(self.config.feature_layers)
+
+    def final(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base's final hidden state (what its vocabulary head reads) in what a verifier returned, which ends
+        with it."""
+        return hidden[..., -self.config.hidden_size:]
+
     def head_state(self, k: int, h_last, u) -> torch.Tensor:
-        """What head k (1-based: the token k steps after the last verified one) projects onto the vocabulary."""
-        return self.head_norm(self.heads[k - 1](h_last, u))
+        """What head k (1-based: the token k steps after the last verified one) projects onto the vocabulary: from
+        the base's final state before the chain (``h_last``, or all its features, the final last)."""
+        return self.head_norm(self.heads[k - 1](self.final(h_last), u))
 
     def head_logits(self, k: int, h_last, u) -> torch.Tensor:
         """Logits of head k over the whole vocabulary."""

@@ -84,6 +84,16 @@ def check_sizes(config, model, path) -> None:
     if (config.hidden_size, config.vocab_size) != (cfg.hidden_size, vocab):
         raise ChimeraError(f"drafter config {Path(path) / CONFIG_NAME} has hidden size {config.hidden_size} and "
                            f"vocabulary {config.vocab_size}, but the base has {cfg.hidden_size} and {vocab}")
+    check_feature_layers(getattr(config, "feature_layers", []), model, f"drafter config {Path(path) / CONFIG_NAME}")
+
+
+def check_feature_layers(layers, model, what: str) -> None:
+    """A drafter reads the base's hidden states after its layers 0 (the embeddings) to L - 1 beside its final one."""
+    count = model.config.get_text_config().num_hidden_layers
+    beyond = [i for i in layers if i >= count]
+    if beyond:
+        raise ChimeraError(f"{what} reads the base's hidden states after layers {beyond}, but the base has {count} "
+                           f"layers: choose feature layers in 0..{count - 1}")
 
 
 def check_base(config_base: dict, model, path) -> None:

@@ -137,7 +137,7 @@ class Engine:
         # session 17); and its steps compiled where the decoder's forward is (bfloat16 and float16 on a GPU)
         self.batch = (RunningBatch(decoder.verifier.model, decoder.tokenizer, max_batch, batch_context,
                                    drafter=decoder.drafter if batch_drafting else None, adaptive=decoder.adaptive,
-                                   compiled=decoder.verifier.decoder is not None)
+                                   compiled=decoder.verifier.decoder is not None, features=decoder.verifier.features)
                       if max_batch > 1 else None)
         self._running: list[tuple[Sequence, Job]] = []  # the batch's members, with their jobs
         self.speeds = Speeds()

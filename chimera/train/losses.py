@@ -41,7 +41,7 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
 
     At depth k the chain rooted at r predicts the token after position t = r+k-1, so it is compared with the
     base at t: its argmax ``base_targets[:, t]`` (cross-entropy) or its full distribution ``teacher_logits``
-    (KL), and ``u`` with the base hidden state ``hidden[:, t]``. Only positions with ``loss_mask`` set
+    (KL), and ``u`` with the base's final hidden state at t (the end of ``hidden[:, t]``, target.feature_states). Only positions with ``loss_mask`` set
     (an assistant token follows them) and roots r >= 1 (a verified prefix exists) count.
 
     Each depth's terms are means over its chains. In a data-parallel run of ``processes`` processes, ``totals``
@@ -72,7 +72,8 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
         if u is None:  # drafters without a hidden-state estimate (Medusa heads)
             reg = torch.zeros((), device=ce.device)
         else:
-            h_t = torch.gather(hidden, 1, t.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))[valid]
+            final = hidden[..., -u.shape[-1]:]  # the base's final states, which end what a drafter reads
+            h_t = torch.gather(final, 1, t.unsqueeze(-1).expand(-1, -1, final.shape[-1]))[valid]
             reg = F.smooth_l1_loss(u[valid].float(), h_t.float())
         total = total + share * weight * (ce + regression_weight * reg)
         ce_log.append(float(ce.detach()))

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +27,7 @@ from ..drafters import load_any, new_drafter
 from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
 from ..inputs import read_bytes, read_json
+from ..target import feature_states
 from .data import count_tokens
 from .losses import acceptance_counts, chain_counts, chain_loss
 
@@ -59,6 +60,9 @@ class TrainConfig:
     depth_decay: float = 0.8
     regression_weight: float = 0.1
     kl: bool = False  # KL to the base distribution instead of cross-entropy on its argmax
+    # the base's hidden states after these layers, fused at a Chimera drafter's input beside the final ones
+    # (EAGLE-3's features from low, middle and high layers); none: the final ones alone
+    feature_layers: list[int] = field(default_factory=list)
     init: str | None = None  # a saved drafter to start from (fine-tuning, or adding heads to it)
     cache_base: bool = False  # keep each sample's base hidden states/argmax in memory (small data, CPU)
     heldout_fraction: float = 0.02
@@ -74,6 +78,10 @@ def warm_start(drafter, source, path) -> None:
     if type(source) is not type(drafter):
         raise ChimeraError(f"--init {path} is a {type(source).__name__}, "
                            f"but this run trains a {type(drafter).__name__}")
+    layers, wanted = getattr(source, "feature_layers", ()), getattr(drafter, "feature_layers", ())
+    if layers != wanted:
+        raise ChimeraError(f"--init {path} reads the base's states after layers {list(layers)} beside its final "
+                           f"ones, but this run's --feature-layers are {list(wanted)}: give the same")
     have, want = source.config.num_draft_heads, drafter.config.num_draft_heads
     if have > want:
         raise ChimeraError(f"--init {path} has {have} heads, more than --depth {want}")
@@ -141,23 +149,26 @@ def root_seed(seed: int, step: int, sample: int) -> int:
 
 
 @torch.no_grad()
-def base_targets(model, tokens, attention):
+def base_targets(model, tokens, attention, features: tuple[int, ...] = ()):
+    """The base's hidden states a drafter reads (after ``features`` and the final ones: target.feature_states) and
+    its logits, for a batch of right-padded samples."""
     out = model(input_ids=tokens, attention_mask=attention, output_hidden_states=True)
-    return out.hidden_states[-1], out.logits
+    return feature_states(out.hidden_states, features), out.logits
 
 
 class BaseOutputCache:
     """The frozen base's hidden states and argmax per sample, computed once. With right padding a sample's
     outputs do not depend on its batch, so cached and fresh batches are identical."""
 
-    def __init__(self, model):
+    def __init__(self, model, features: tuple[int, ...] = ()):
         self.model = model
+        self.features = features
         self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, ids, tokens, attention):
         missing = [row for row, i in enumerate(ids) if int(i) not in self.store]
         if missing:
-            hidden, logits = base_targets(self.model, tokens[missing], attention[missing])
+            hidden, logits = base_targets(self.model, tokens[missing], attention[missing], self.features)
             for j, row in enumerate(missing):
                 n = int(attention[row].sum())
                 self.store[int(ids[row])] = (hidden[j, :n].clone(), logits[j, :n].argmax(-1))
@@ -253,7 +264,7 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
     for start in range(0, len(ids), cfg.batch_size):
         tokens, attention, loss_mask = collate(samples, ids[start: start + cfg.batch_size], cfg.max_len, pad_id,
                                                device)
-        hidden, logits = base_targets(model, tokens, attention)
+        hidden, logits = base_targets(model, tokens, attention, tuple(getattr(drafter, "feature_layers", ())))
         targets = logits.argmax(-1)
         roots = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
         out_logits, out_u = drafter(tokens, hidden, cfg.depth, roots)
@@ -307,6 +318,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     train_ids, held_ids = split_heldout(len(samples), cfg.heldout_fraction, cfg.seed)
     held_ids = held_ids[: cfg.eval_samples]
+    features = tuple(cfg.feature_layers)  # what the base's forward returns for the drafter (target.feature_states)
 
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
@@ -319,12 +331,13 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         drafter = load_any(checkpoint, model, dtype=torch.float32).requires_grad_(True)
         start_step = saved["step"]
     else:
-        drafter = new_drafter(cfg.architecture, model, num_draft_heads=cfg.depth, seed=cfg.seed).float()
+        drafter = new_drafter(cfg.architecture, model, num_draft_heads=cfg.depth, seed=cfg.seed,
+                              feature_layers=cfg.feature_layers).float()
         if cfg.init:
             warm_start(drafter, load_any(cfg.init, model, dtype=torch.float32), cfg.init)
         else:
             tokens, attention, _ = collate(samples, train_ids[: cfg.batch_size], cfg.max_len, pad_id, device)
-            drafter.calibrate_head_norm(base_targets(model, tokens, attention)[0][attention.bool()])
+            drafter.calibrate_head_norm(base_targets(model, tokens, attention, features)[0][attention.bool()])
         start_step = 0
     drafter.train()
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -334,7 +347,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     drafter, optimizer = accelerator.prepare(drafter, optimizer)
     if cfg.cache_base and cfg.kl:
         raise ChimeraError("cache_base keeps only the base's argmax: it cannot be combined with kl")
-    base_cache = BaseOutputCache(model) if cfg.cache_base else None
+    base_cache = BaseOutputCache(model, features) if cfg.cache_base else None
     log_path = out_dir / "log.jsonl"
     evals = {}
     end_step = cfg.steps if max_steps_this_run is None else min(cfg.steps, start_step + max_steps_this_run)
@@ -350,7 +363,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
             hidden, targets = base_cache(ids, tokens, attention)
             logits = None
         else:
-            hidden, logits = base_targets(model, tokens, attention)
+            hidden, logits = base_targets(model, tokens, attention, features)
             targets = logits.argmax(-1)
         roots = sample_roots(loss_mask, cfg.roots_per_seq, [root_seed(cfg.seed, step, int(i)) for i in ids])
         totals = None
