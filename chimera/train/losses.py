@@ -41,8 +41,9 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
 
     At depth k the chain rooted at r predicts the token after position t = r+k-1, so it is compared with the
     base at t: its argmax ``base_targets[:, t]`` (cross-entropy) or its full distribution ``teacher_logits``
-    (KL), and ``u`` with the base's final hidden state at t (the end of ``hidden[:, t]``, target.feature_states). Only positions with ``loss_mask`` set
-    (an assistant token follows them) and roots r >= 1 (a verified prefix exists) count.
+    (KL), and ``u`` with the base's final hidden state at t (the end of ``hidden[:, t]``, target.feature_states).
+    Only positions with ``loss_mask`` set (an assistant token follows them) and roots r >= 1 (a verified prefix
+    exists) count.
 
     Each depth's terms are means over its chains. In a data-parallel run of ``processes`` processes, ``totals``
     gives each depth's chain count over all of them: the sums here are divided by those and multiplied by
