@@ -7,7 +7,10 @@ embeddings, ``W`` its frozen ``lm_head``.
   blocks, so at inference ``W1 [..]`` is three rows looked up in precomputed ``E W1_i^T`` tables.
 - Full-context layer: one pre-norm decoder layer. A verified position ``t`` enters it as
   ``fuse([h_t; g_t])``, a draft position as ``g_t`` alone (its ``h`` is unknown). Draft positions attend to
-  the verified prefix and to their own tree ancestors; the output ``u_t`` estimates ``h_t``.
+  the verified prefix and to their own tree ancestors; the output ``u_t`` estimates ``h_t``. With
+  ``feature_layers`` (since session 18; EAGLE-3's low, middle and high features) a verified position enters as
+  ``fuse([a_t; b_t; ...; h_t; g_t])``, the base's states after those layers before its final one, all read from
+  the forward that verified ``x_t`` (target.feature_states); the heads still read ``h``.
 - Residual heads: head k scores the token after a depth-(k-1) node as ``lm_head(norm(u + R_k([h_n; u])))``
   with ``h_n`` the last verified hidden state and ``R_k``'s last layer zero-initialised.
 """
