@@ -12,6 +12,7 @@
 #      and for COMPARE (a drafter directory, e.g. the one shipped before), and tau of both on TAU_LIMIT
 #      questions of each MT-bench category with the dynamic tree.
 # Session 1's drafter: DISTILL_SECONDS=420 DISTILL_BATCH=384 STEPS=6000 (defaults below otherwise).
+# FEATURE_LAYERS=2,15,27: the drafter reads the base's states after those layers too (chimera train --feature-layers).
 set -euo pipefail
 DISTILL_SECONDS=${DISTILL_SECONDS:-420}
 DISTILL_BATCH=${DISTILL_BATCH:-768}
@@ -20,6 +21,7 @@ DEPTH=${DEPTH:-6}
 LR=${LR:-2e-3}
 WARMUP=${WARMUP:-200}
 INIT=${INIT:-}
+FEATURE_LAYERS=${FEATURE_LAYERS:-}
 HELDOUT=${HELDOUT:-0}
 COMPARE=${COMPARE:-}
 TAU_LIMIT=${TAU_LIMIT:-1}
@@ -37,7 +39,8 @@ python3 -c "from chimera.train.data import DistillStore as S; print('samples', l
 python3 scripts/token_frequencies.py --data "$RUN/data" --out "$RUN/export/token_counts.safetensors"
 python3 -m chimera.cli train --data "$RUN/data" --out "$RUN/train" --steps "$STEPS" --batch-size 32 \
   --max-len 512 --roots-per-seq 64 --depth "$DEPTH" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 500 \
-  --save-every 500 --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"}
+  --save-every 500 --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"} \
+  ${FEATURE_LAYERS:+--feature-layers "$FEATURE_LAYERS"}
 cp "$RUN/train/drafter/config.json" "$RUN/train/log.jsonl" "$RUN/export/"
 split -b 15M "$RUN/train/drafter/model.safetensors" "$RUN/export/weights.part."
 sha256sum "$RUN/train/drafter/model.safetensors" > "$RUN/export/sha256.txt"
