@@ -60,7 +60,7 @@ from .compiled import CompiledDecoder, announced, compilable
 from .errors import ChimeraError
 from .generate import GenerationResult, Progress
 from .graph_runner import GraphRunner, power_of_two_at_least
-from .models import context_limit
+from .models import context_limit, synchronize
 from .acceptance import greedy_accept_chains
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, eos_token_ids, stop_condition
@@ -310,47 +310,37 @@ class RunningBatch:
                     self.runner.capture(("prefill", length), self._padded_prefill, tokens, row)
         windows = sorted({self._plain_window(1 << k) for k in range(self.capacity.bit_length() + 1)})
         for rows in sorted({self._rows(count) for count in range(1, self.max_batch + 1)}):
-            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-            positions = torch.full((rows, 1), self.capacity - 1, device=self.device)
             for window in windows:
-                key = ("plain", rows, window)
-                if not self.runner.can_run(key):
-                    with announced(self.decoder, self._compiled_shape(rows)):
-                        self.runner.capture(key, functools.partial(self._plain_forward, window), tokens, positions)
-                for depth in range(1, self.draft_depth + 1) if self.drafts is not None else ():
-                    if not self.runner.can_run(("chains", rows, window, depth)):
-                        with announced(self.decoder, self._compiled_shape(rows, chains=True)):
-                            self.runner.capture(("chains", rows, window, depth),
-                                                functools.partial(self._chain_forward, window, depth),
-                                                *self._chain_inputs([], rows))
-            if self.drafts is not None:
-                self.warm_costs[rows] = self._time_steps(rows, windows[-1])
+                for depth, (key, function, inputs) in self._idle_steps(rows, window).items():
+                    if not self.runner.can_run(key):
+                        with announced(self.decoder, self._compiled_shape(rows, chains=depth > 0)):
+                            self.runner.capture(key, function, *inputs)
+            if self.drafts is not None:  # each depth's cost, to seed the choice of the sizes that run these rows
+                self.warm_costs[rows] = {depth: self._replay_seconds(*step)
+                                         for depth, step in self._idle_steps(rows, windows[-1]).items()}
         return time.perf_counter() - start
 
-    def _time_steps(self, rows: int, window: int) -> dict[int, float]:
-        """Seconds a captured step of ``rows`` rows over ``window`` slots takes, plain (depth 0) and drafted at each
-        depth: its replays timed (the step's host side left out), to seed the choice of depth of the sizes that run
-        these rows (chain_depth.py). The replays write what the captures' own runs wrote."""
-        plain = (torch.zeros(rows, 1, dtype=torch.long, device=self.device),
-                 torch.full((rows, 1), self.capacity - 1, device=self.device))
-        steps = {0: (("plain", rows, window), functools.partial(self._plain_forward, window), plain)}
-        for depth in range(1, self.draft_depth + 1):
+    def _idle_steps(self, rows: int, window: int) -> dict[int, tuple]:
+        """Each step ``rows`` rows take over ``window`` slots, by depth (0: plain; drafted ones where the batch
+        drafts): its capture key, its function and its inputs for idle rows, which write only what a sequence writes
+        before it reads it (``_plain_inputs``, ``_chain_inputs``)."""
+        steps = {0: (("plain", rows, window), functools.partial(self._plain_forward, window),
+                     self._plain_inputs([], rows))}
+        for depth in range(1, self.draft_depth + 1) if self.drafts is not None else ():
             steps[depth] = (("chains", rows, window, depth), functools.partial(self._chain_forward, window, depth),
                             self._chain_inputs([], rows))
-        costs = {}
-        for depth, (key, function, inputs) in steps.items():
-            self.runner.run(key, function, *inputs)  # untimed: a first replay
-            self._synchronize()
-            start = time.perf_counter()
-            for _ in range(TIMED_REPLAYS):
-                self.runner.run(key, function, *inputs)
-            self._synchronize()
-            costs[depth] = (time.perf_counter() - start) / TIMED_REPLAYS
-        return costs
+        return steps
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _replay_seconds(self, key, function, inputs) -> float:
+        """Seconds a captured step takes, over TIMED_REPLAYS replays after an untimed one (its host side, the
+        members' bookkeeping, left out)."""
+        self.runner.run(key, function, *inputs)
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(TIMED_REPLAYS):
+            self.runner.run(key, function, *inputs)
+        synchronize(self.device)
+        return (time.perf_counter() - start) / TIMED_REPLAYS
 
     def _prefill_length(self, n: int) -> int:
         """The padded length a captured prefill of ``n`` tokens reads: a power of two, at most a row."""
@@ -381,15 +371,11 @@ class RunningBatch:
 
     def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
         rows = self._rows(len(active))
-        # idle rows hold no sequence: they read their last slot, which a sequence writes before it reads it
-        tokens = [[s.next_token] for s in active] + [[0]] * (rows - len(active))
-        positions = [[s.length] for s in active] + [[self.capacity - 1]] * (rows - len(active))
         window = self._plain_window(max(s.length for s in active) + 1)
         key = ("plain", rows, window)
         with announced(self.decoder, self._compiled_shape(rows), first=not self.runner.can_run(key)):
             logits = self.runner.run(key, functools.partial(self._plain_forward, window),
-                                     torch.tensor(tokens, device=self.device),
-                                     torch.tensor(positions, device=self.device))
+                                     *self._plain_inputs(active, rows))
         chosen = self._choose(logits[:len(active), -1], active)
         for sequence, token in zip(active, chosen):
             sequence.length += 1
@@ -430,6 +416,14 @@ class RunningBatch:
             out.append(row[:count] + [row[-2]])
         return out
 
+    def _plain_inputs(self, active: list[Sequence], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_plain_forward``'s inputs for ``active`` in ``rows`` rows: each row's newest token and its position. Idle
+        rows hold no sequence: they read their last slot, which a sequence writes before it reads it."""
+        idle = rows - len(active)
+        tokens = [[s.next_token] for s in active] + [[0]] * idle
+        positions = [[s.length] for s in active] + [[self.capacity - 1]] * idle
+        return torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device)
+
     def _chain_inputs(self, active: list[Sequence], rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_chain_forward``'s inputs for ``active`` in ``rows`` rows: each row's two tokens before its newest and
         the newest, its length, whether it has a drafter state. Idle rows draft from the last slots of their row (room
@@ -447,13 +441,27 @@ class RunningBatch:
         ``lengths``, verified in one forward, accepted greedily (none of it in a row not ``drafted``), and read into
         the drafter's state (the rejected part past the new length, hidden). Returns (rows, depth + 2): the drafts,
         the base's token after the accepted ones, and their count."""
-        rows = tokens.shape[0]
-        index = self.cache.row_numbers[:rows]
-        chain = self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], depth, window)
-        positions = lengths[:, None] + torch.arange(depth + 1, device=self.device)
-        logits, final = self._forward(slice(0, rows), chain, positions, window, decoder=self.decoder)
+        chain = self._draft_chains(window, depth, tokens, lengths)
+        logits, final = self._verify_chains(window, chain, lengths)
+        return self._accept_chains(chain, logits, final, tokens, lengths, drafted)
+
+    def _draft_chains(self, window: int, depth: int, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``_chain_forward``'s first part: each row's root and its ``depth`` drafts, (rows, depth + 1)."""
+        index = self.cache.row_numbers[:tokens.shape[0]]
+        return self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], depth, window)
+
+    def _verify_chains(self, window: int, chain: torch.Tensor, lengths: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its second: the base's logits and drafter states after every token of every chain, at the rows' positions."""
+        positions = lengths[:, None] + torch.arange(chain.shape[1], device=self.device)
+        return self._forward(slice(0, chain.shape[0]), chain, positions, window, decoder=self.decoder)
+
+    def _accept_chains(self, chain: torch.Tensor, logits: torch.Tensor, final: torch.Tensor, tokens: torch.Tensor,
+                       lengths: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+        """Its last: each row's accepted drafts and the base's token after them, with the chain read into the
+        drafter's state; (rows, depth + 2) as ``_chain_forward`` returns."""
         accepted, following = greedy_accept_chains(chain, logits, drafted)
-        self.drafts.read(index, torch.cat([tokens[:, :2], chain], 1), final, lengths)
+        self.drafts.read(self.cache.row_numbers[:chain.shape[0]], torch.cat([tokens[:, :2], chain], 1), final, lengths)
         return torch.cat([chain[:, 1:], following[:, None], accepted[:, None]], 1)
 
     def _catch_up(self, active: list[Sequence]) -> None:
@@ -528,12 +536,10 @@ class RunningBatch:
                         decoder.mark_symbol(1, tokens, positions)
                         decoder.mark_symbol(2, mask)
                 decoder.mark_symbol(3, mask)  # and the row's slots, a symbol like the buffers' (any capacity)
-                layers = {"output_hidden_states": True} if self.features else {}
-                out = decoder(**inputs, **cache_kwargs(self.model.get_decoder(), self.cache), **layers)
-                logits = target.vocab_logits(target.kept_states(out.last_hidden_state, logits_to_keep),
+                last, final = target.stack_forward(decoder, self.features, **inputs,
+                                                   **cache_kwargs(self.model.get_decoder(), self.cache))
+                logits = target.vocab_logits(target.kept_states(last, logits_to_keep),
                                              self.model.get_output_embeddings())
-                final = target.feature_states(out.hidden_states, self.features) if self.features else \
-                    out.last_hidden_state
             else:
                 out = self.model(**inputs, logits_to_keep=logits_to_keep, output_hidden_states=True,
                                  **cache_kwargs(self.model, self.cache))

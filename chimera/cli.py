@@ -39,14 +39,16 @@ _token_count = number(int, lambda v: v > 0, "auto, full or a positive token coun
 
 
 def layer_indices(text: str) -> list[int]:
-    """--feature-layers: distinct non-negative layer indices, comma-separated (the base's own count is checked
-    when the drafter is built)."""
+    """--feature-layers: comma-separated layer numbers, by the drafter config's own rule (the base's layer count is
+    checked when the drafter is built)."""
+    from .drafters.chimera import FEATURE_LAYERS_RULE, feature_layers_valid
+
     try:
         layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
-    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
-        raise argparse.ArgumentTypeError(f"must be distinct layer numbers >= 0, got {text}")
+    if not feature_layers_valid(layers):
+        raise argparse.ArgumentTypeError(f"must be {FEATURE_LAYERS_RULE}, got {text}")
     return layers
 
 

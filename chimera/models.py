@@ -56,6 +56,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA device's; a CPU's is done when its call returns): around a timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' picks CUDA when present; an explicit accelerator that is missing is an error, not a fallback.
     In a data-parallel process (torchrun sets LOCAL_RANK), 'auto' and 'cuda' mean that process's own GPU."""

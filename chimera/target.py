@@ -28,6 +28,15 @@ def feature_states(hidden_states, layers: tuple[int, ...] = ()) -> torch.Tensor:
     return torch.cat([hidden_states[i] for i in layers] + [hidden_states[-1]], -1) if layers else hidden_states[-1]
 
 
+def stack_forward(stack, features: tuple[int, ...] = (), **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder stack (``model.get_decoder()``, or its compiled twin) over ``inputs``: its final states (what the
+    vocabulary head reads) and what a drafter reads of the same forward (``feature_states``; asked of the stack only
+    where ``features`` are wanted, so that a compiled stack keeps its one graph otherwise)."""
+    out = stack(**inputs, **({"output_hidden_states": True} if features else {}))
+    final = out.last_hidden_state
+    return final, feature_states(out.hidden_states, features) if features else final
+
+
 @torch.inference_mode()
 def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0, head=None,
@@ -46,12 +55,9 @@ def forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | 
                   use_cache=True)
     if decoder is not None or (plain_vocab_head(model) and input_ids.device.type == "cpu"):
         stack = model.get_decoder()
-        layers = {"output_hidden_states": True} if features else {}
-        out = (decoder or stack)(**inputs, **cache_kwargs(stack, cache), **layers)
-        hidden = out.last_hidden_state[0]
+        final, states = stack_forward(decoder or stack, features, **inputs, **cache_kwargs(stack, cache))
         project = head or (lambda z: vocab_logits(z, model.get_output_embeddings()))
-        return TargetOutput(logits=project(kept_states(hidden, logits_to_keep)).float(),
-                            hidden=feature_states(out.hidden_states, features)[0] if features else hidden)
+        return TargetOutput(logits=project(kept_states(final[0], logits_to_keep)).float(), hidden=states[0])
     out = model(**inputs, **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=logits_to_keep)
     return TargetOutput(logits=out.logits[0].float(), hidden=feature_states(out.hidden_states, features)[0])
 

@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chimera.batch import RunningBatch
-from chimera.bench.methods import synchronize
+from chimera.models import synchronize
 from report_json import save_json
 
 

@@ -22,14 +22,12 @@ import time
 import torch
 
 import chimera
-from chimera.acceptance import greedy_accept_chains
 from chimera.batch import RunningBatch
-from chimera.bench.methods import synchronize
 from chimera import SpeculativeDecoder
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 from chimera.drafters.chimera import ChimeraDrafter
-from chimera.models import resolve_device
+from chimera.models import resolve_device, synchronize
 from chimera.text import encode_prompt
 from report_json import save_json
 
@@ -79,12 +77,8 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
         per_step = (counts.drafted_tokens - drafted_tokens) / max(counts.drafted - drafted, 1)
         return {"rows": rows, "draft_depth": batch.draft_depth, "window": attended, "drafted_step_ms": round(whole, 3),
                 "tokens_per_step": round(per_step, 2)}
-    padded = batch._rows(rows)
-    tokens = torch.zeros(padded, 1, dtype=torch.long, device=device)
-    positions = torch.full((padded, 1), batch.capacity - 1, device=device)
-    key = ("plain", padded, attended)
-    forward = mean_ms(lambda: batch.runner.run(key, lambda t, p: batch._plain_forward(attended, t, p),
-                                              tokens, positions), device, steps)
+    key, function, inputs = batch._idle_steps(batch._rows(rows), attended)[0]  # the captured plain step, idle rows
+    forward = mean_ms(lambda: batch.runner.run(key, function, *inputs), device, steps)
     stayed = leave()
     return {"rows": rows, "rows_at_end": stayed, "window": attended, "prompt_tokens": len(prompt),
             "add_ms": round(add, 3), "step_ms": round(whole, 3),
@@ -109,8 +103,7 @@ def profile(batch: RunningBatch, rows: int, top: int = 15) -> dict:
     """One plain forward of ``rows`` rows over the whole row, run as it is (not replayed, so that the profiler sees
     each kernel; compiled where the batch is): the ``top`` kernels by device time, microseconds over all calls."""
     device = batch.device
-    tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-    positions = torch.full((rows, 1), batch.capacity - 1, device=device)
+    tokens, positions = batch._plain_inputs([], rows)
     prof = profiled(lambda: batch._plain_forward(batch._plain_window(batch.capacity), tokens, positions), device)
     events = [e for e in prof.key_averages() if (e.device_time_total if device.type == "cuda" else e.cpu_time_total)]
     time_of = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
@@ -127,19 +120,11 @@ def chain_parts(batch: RunningBatch, rows: int) -> dict:
     device, depth = batch.device, batch.draft_depth
     window = batch._plain_window(batch.capacity)
     tokens, lengths, drafted = batch._chain_inputs([], rows)
-    index = batch.cache.row_numbers[:rows]
-    last_hidden = batch.hidden[index, lengths - 1]
-    chain = batch.drafts.propose(tokens, lengths, last_hidden, depth, window)
-    positions = lengths[:, None] + torch.arange(depth + 1, device=device)
-    logits, final = batch._forward(slice(0, rows), chain, positions, window, decoder=batch.decoder)
-
-    def accept_and_read():
-        greedy_accept_chains(chain, logits, drafted)
-        batch.drafts.read(index, torch.cat([tokens[:, :2], chain], 1), final, lengths)
-
-    parts = {"draft": lambda: batch.drafts.propose(tokens, lengths, last_hidden, depth, window),
-             "verify": lambda: batch._forward(slice(0, rows), chain, positions, window, decoder=batch.decoder),
-             "accept_and_read": accept_and_read}
+    chain = batch._draft_chains(window, depth, tokens, lengths)
+    logits, final = batch._verify_chains(window, chain, lengths)
+    parts = {"draft": lambda: batch._draft_chains(window, depth, tokens, lengths),
+             "verify": lambda: batch._verify_chains(window, chain, lengths),
+             "accept_and_read": lambda: batch._accept_chains(chain, logits, final, tokens, lengths, drafted)}
     out = {"rows": rows, "depth": depth}
     for name, run in parts.items():
         with torch.no_grad():

@@ -154,7 +154,7 @@ def test_feature_layers_the_base_lacks_are_refused(tmp_path):
     features_drafter(model).save(tmp_path / "d")
     config = json.loads((tmp_path / "d" / "config.json").read_text())
     assert config["feature_layers"] == list(LAYERS)
-    for layers, message in [([0, 7], r"layers \[7\]"), ([1, 1], "distinct"), ([-1], "distinct layer indices")]:
+    for layers, message in [([0, 7], r"layers \[7\]"), ([1, 1], "distinct"), ([-1], "distinct layer numbers >= 0")]:
         (tmp_path / "d" / "config.json").write_text(json.dumps({**config, "feature_layers": layers}))
         with pytest.raises(ChimeraError, match=message):
             load_any(tmp_path / "d", model)

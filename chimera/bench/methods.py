@@ -13,6 +13,7 @@ import torch
 
 from ..cache_argument import cache_from_kwargs
 from ..generate import SpeculativeDecoder
+from ..models import synchronize
 from ..text import eos_token_ids
 
 METHODS = ("hf", "hf-compiled", "hf-pld", "ar", "chimera", "medusa")
@@ -39,11 +40,6 @@ class Decoding:
     @property
     def sampled(self) -> bool:
         return self.temperature > 0
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class HFGenerate:

@@ -115,7 +115,7 @@ def run_hf(model, tokenizer, prompts, concurrency: int, max_new_tokens: int, sta
     batch's time. ``static``: with a static cache (``hf-compiled``), every batch ``concurrency`` rows (filled with its
     last prompt), after an untimed batch of the longest prompts that sizes the cache and compiles."""
     from ..train.distill import answer_batch
-    from .methods import synchronize
+    from ..models import synchronize
 
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)

@@ -36,6 +36,14 @@ from .rows import ChimeraRows
 
 MAX_DRAFT_HEADS = 64
 MAX_FEATURE_LAYERS = 8
+FEATURE_LAYERS_RULE = f"at most {MAX_FEATURE_LAYERS} distinct layer numbers >= 0"
+
+
+def feature_layers_valid(layers) -> bool:
+    """Whether ``layers`` can be a drafter's feature layers (FEATURE_LAYERS_RULE; the base's own count is checked
+    against it apart, persist.check_feature_layers): the config's rule and the command line's alike."""
+    return (len(layers) <= MAX_FEATURE_LAYERS and len(set(layers)) == len(layers)
+            and all(isinstance(i, int) and i >= 0 for i in layers))
 
 
 @dataclass
@@ -68,9 +76,7 @@ class ChimeraConfig:
                   (1 <= self.intermediate_size <= 16 * self.hidden_size,
                    "intermediate_size must be in 1..16 * hidden_size"),
                   (self.rms_norm_eps > 0 and self.rope_theta > 0, "rms_norm_eps and rope_theta must be positive"),
-                  (len(self.feature_layers) <= MAX_FEATURE_LAYERS and len(set(self.feature_layers)) == len(
-                      self.feature_layers) and all(isinstance(i, int) and i >= 0 for i in self.feature_layers),
-                   f"feature_layers must be at most {MAX_FEATURE_LAYERS} distinct layer indices >= 0")]
+                  (feature_layers_valid(self.feature_layers), "feature_layers must be " + FEATURE_LAYERS_RULE)]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -118,13 +124,12 @@ def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dt
     and shared by its queries and keys (each kernel counts when drafting replays a few hundred of them)."""
     half = head_dim // 2
     key = (half, theta, str(positions.device))
-    if torch.compiler.is_compiling():  # computed in the compiled code (a global dict's contents would be guarded on)
+    compiling = torch.compiler.is_compiling()  # compiled code computes them: a global dict's contents would be guarded
+    frequencies = None if compiling else _INVERSE_FREQUENCIES.get(key)
+    if frequencies is None:
         frequencies = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    else:
-        if key not in _INVERSE_FREQUENCIES:
-            _INVERSE_FREQUENCIES[key] = theta ** (-torch.arange(half, device=positions.device,
-                                                                dtype=torch.float32) / half)
-        frequencies = _INVERSE_FREQUENCIES[key]
+        if not compiling:
+            _INVERSE_FREQUENCIES[key] = frequencies
     angles = positions.to(torch.float32)[..., None] * frequencies
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

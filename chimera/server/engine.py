@@ -132,9 +132,11 @@ class Engine:
         # the verifier's model: on a CPU the copy with prepacked linear layers where the decoder made one (a
         # batch of 16 steps twice as fast through it: 51 against 104 ms for the default model on one thread)
         # ``batch_drafting``: and the decoder's drafter, with which the batch drafts chains as deep as pays at its
-        # size (batch.py, chain_depth.py); off by default: on this project's 2-core CPU it gained 6-7 % at 4 clients,
-        # nothing at 16 (with a worse p99), and on a GPU it is not yet measured as it now runs (docs/benchmarks.md,
-        # session 17); and its steps compiled where the decoder's forward is (bfloat16 and float16 on a GPU)
+        # size (batch.py, chain_depth.py); off by default: on this project's 2-core CPU it gained 3-7 % at 4 clients,
+        # nothing at 16, and on an H100 it lost (0.97x / 0.88x / 0.94x `ar` at 4 / 16 / 64 clients, session 18,
+        # docs/benchmarks.md); and its steps compiled where the decoder's forward is (bfloat16 and float16 on a GPU).
+        # The batch keeps the hidden states the decoder's drafter reads, drafting or not: a member left alone
+        # continues speculatively from them
         self.batch = (RunningBatch(decoder.verifier.model, decoder.tokenizer, max_batch, batch_context,
                                    drafter=decoder.drafter if batch_drafting else None, adaptive=decoder.adaptive,
                                    compiled=decoder.verifier.decoder is not None, features=decoder.verifier.features)

@@ -148,6 +148,12 @@ def root_seed(seed: int, step: int, sample: int) -> int:
     return (seed * 7919 + step) * 1_000_003 + sample
 
 
+def drafter_features(drafter) -> tuple[int, ...]:
+    """The layers whose hidden states ``drafter`` reads beside the final ones (a Chimera drafter's config; none for
+    Medusa heads)."""
+    return tuple(getattr(drafter, "feature_layers", ()))
+
+
 @torch.no_grad()
 def base_targets(model, tokens, attention, features: tuple[int, ...] = ()):
     """The base's hidden states a drafter reads (after ``features`` and the final ones: target.feature_states) and
@@ -264,7 +270,7 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
     for start in range(0, len(ids), cfg.batch_size):
         tokens, attention, loss_mask = collate(samples, ids[start: start + cfg.batch_size], cfg.max_len, pad_id,
                                                device)
-        hidden, logits = base_targets(model, tokens, attention, tuple(getattr(drafter, "feature_layers", ())))
+        hidden, logits = base_targets(model, tokens, attention, drafter_features(drafter))
         targets = logits.argmax(-1)
         roots = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
         out_logits, out_u = drafter(tokens, hidden, cfg.depth, roots)
@@ -318,7 +324,6 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     train_ids, held_ids = split_heldout(len(samples), cfg.heldout_fraction, cfg.seed)
     held_ids = held_ids[: cfg.eval_samples]
-    features = tuple(cfg.feature_layers)  # what the base's forward returns for the drafter (target.feature_states)
 
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
@@ -337,8 +342,10 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
             warm_start(drafter, load_any(cfg.init, model, dtype=torch.float32), cfg.init)
         else:
             tokens, attention, _ = collate(samples, train_ids[: cfg.batch_size], cfg.max_len, pad_id, device)
-            drafter.calibrate_head_norm(base_targets(model, tokens, attention, features)[0][attention.bool()])
+            drafter.calibrate_head_norm(base_targets(model, tokens, attention, drafter_features(drafter))[0][
+                attention.bool()])
         start_step = 0
+    features = drafter_features(drafter)  # what the base's forward returns for it, a resumed one's as saved
     drafter.train()
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
