@@ -11,20 +11,31 @@
 # On a fresh machine compiling takes most of the time: session 17's first attempt compiled for 438 s inside the
 # throughput run (the lone decoder's shapes 180 s, the batch's prefills, steps and chains) and measured nothing in
 # its 850 s; the step costs now come first, and the throughput run reads back what they compiled.
+# PARTS (default: all four, in this order) picks some: fp32, step-cost, throughput, bf16; CONCURRENCY the throughput's
+# client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about 180 s fresh);
+# PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs.
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
 RES=$HOME/res-drafting
+PARTS=${PARTS:-fp32 step-cost throughput bf16}
 . scripts/device/prepare.sh
-step check-fp32
-python3 scripts/batch_exactness_check.py --dtype float32 --out "$RES/batch_exactness_fp32.json" \
-  > "$RES/batch_exactness_fp32.log" 2>&1
-step batch-step-cost
-python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --out "$RES/batch_step_cost.json" \
-  > "$RES/batch_step_cost.log" 2>&1
-step throughput
-python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit 11 --concurrency 1 4 16 64 \
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+if part fp32; then
+  step check-fp32
+  python3 scripts/batch_exactness_check.py --dtype float32 --out "$RES/batch_exactness_fp32.json" \
+    > "$RES/batch_exactness_fp32.log" 2>&1
+fi
+if part step-cost; then
+  step batch-step-cost
+  python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" \
+    --out "$RES/batch_step_cost.json" > "$RES/batch_step_cost.log" 2>&1
+fi
+part throughput && step throughput && \
+python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit 11 --concurrency ${CONCURRENCY:-1 4 16 64} \
   --max-new-tokens 128 --methods ar chimera --batch-drafting --max-batch 64 --tree dynamic-64-8-3 --draft-vocab 16384 \
   --device cuda --out "$RES/throughput" > "$RES/throughput.log" 2>&1
-step check-bf16
-python3 scripts/batch_exactness_check.py --dtype bfloat16 --out "$RES/batch_exactness_bf16.json" \
-  > "$RES/batch_exactness_bf16.log" 2>&1
+if part bf16; then
+  step check-bf16
+  python3 scripts/batch_exactness_check.py --dtype bfloat16 --out "$RES/batch_exactness_bf16.json" \
+    > "$RES/batch_exactness_bf16.log" 2>&1
+fi
 step done
