@@ -11,14 +11,14 @@
 # On a fresh machine compiling takes most of the time: session 17's first attempt compiled for 438 s inside the
 # throughput run (the lone decoder's shapes 180 s, the batch's prefills, steps and chains) and measured nothing in
 # its 850 s; the step costs now come first, and the throughput run reads back what they compiled.
-# PARTS (default: all four, in this order) picks some: fp32, step-cost, throughput, bf16; CONCURRENCY the throughput's
+# RUNS (default: all four, in this order) picks some: fp32, step-cost, throughput, bf16; CONCURRENCY the throughput's
 # client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about 180 s fresh);
 # PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs.
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
 RES=$HOME/res-drafting
-PARTS=${PARTS:-fp32 step-cost throughput bf16}
+RUNS=${RUNS:-fp32 step-cost throughput bf16}
 . scripts/device/prepare.sh
-part() { [[ " $PARTS " == *" $1 "* ]]; }
+part() { [[ " $RUNS " == *" $1 "* ]]; }
 if part fp32; then
   step check-fp32
   python3 scripts/batch_exactness_check.py --dtype float32 --out "$RES/batch_exactness_fp32.json" \
