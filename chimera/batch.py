@@ -80,11 +80,13 @@ class StepCounts:
     drafted step yielded."""
 
     by_depth: dict[int, int] = field(default_factory=dict)  # steps at each chain depth (0: plain)
+    seconds_by_depth: dict[int, float] = field(default_factory=dict)  # their time, host and device (one read a step)
     drafted_rows: int = 0  # sequences in the drafted steps
     drafted_tokens: int = 0  # tokens they emitted
 
-    def add(self, depth: int, rows: int, tokens: int) -> None:
+    def add(self, depth: int, rows: int, tokens: int, seconds: float = 0.0) -> None:
         self.by_depth[depth] = self.by_depth.get(depth, 0) + 1
+        self.seconds_by_depth[depth] = self.seconds_by_depth.get(depth, 0.0) + seconds
         if depth:
             self.drafted_rows += rows
             self.drafted_tokens += tokens
@@ -286,8 +288,9 @@ class RunningBatch:
             out.append((sequence, sequence.stopper.push_step(tokens)))
             sequence.accepted.append(len(sequence.stopper.tokens) - emitted)
         drafting = [len(tokens) - 1 for sequence, tokens in zip(active, steps) if sequence.drafted is not None]
-        choice.record(depth, drafting if depth else [], time.perf_counter() - start)
-        self.counts.add(depth, len(steps), sum(len(tokens) for tokens in steps))
+        seconds = time.perf_counter() - start
+        choice.record(depth, drafting if depth else [], seconds)
+        self.counts.add(depth, len(steps), sum(len(tokens) for tokens in steps), seconds)
         return out
 
     def warm_up(self) -> float:

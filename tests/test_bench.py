@@ -186,6 +186,15 @@ def test_throughput_replays_every_question_at_every_concurrency(tmp_path, tiny_m
     assert len({r["tokens"] for r in rows if not r["method"].startswith("hf")}) == 1
     assert "| ar | 3 |" in capsys.readouterr().out and (out / "throughput.md").is_file()
     assert all(r["batch_drafted_share"] is None for r in rows)  # no drafting batch
+    for r in rows:  # where the worker's time went: parts of the run's wall time, one join per request in the batch
+        if r["method"].startswith("hf"):
+            assert r["worker"] is None
+            continue
+        work = r["worker"]
+        assert sum(part["seconds"] for part in work.values()) <= r["seconds"]
+        assert work["join"]["count"] + work["alone"]["count"] - work["out_of_batch"]["count"] == len(QUESTIONS)
+        assert (work["step"]["count"] > 0) == (r["concurrency"] > 1)  # one client: every request served alone
+    assert "Where the engine's worker spent each run" in (out / "throughput.md").read_text()
     assert main(["throughput", "--questions", str(questions), "--out", str(tmp_path / "drafting"), "--model",
                  str(tiny_model_dir), "--device", "cpu", "--drafter", "random", "--concurrency", "3",
                  "--max-new-tokens", "12", "--methods", "chimera", "--batch-drafting"]) == 0
@@ -196,6 +205,9 @@ def test_throughput_replays_every_question_at_every_concurrency(tmp_path, tiny_m
     assert set(steps) <= set(range(DRAFT_DEPTH + 1))
     assert sum(count for depth, count in steps.items() if depth) / sum(steps.values()) == pytest.approx(
         drafting["batch_drafted_share"], abs=1e-3)
+    assert drafting["batch_depth_seconds"].keys() == drafting["batch_depths"].keys()
+    assert sum(drafting["batch_depth_seconds"].values()) <= drafting["worker"]["step"]["seconds"]
+    assert sum(steps.values()) == drafting["worker"]["step"]["count"]
     assert main(["throughput", "--questions", str(questions), "--out", str(out), "--model", str(tiny_model_dir),
                  "--methods", "ar", "beam"]) == 2
     assert "unknown method beam" in capsys.readouterr().err

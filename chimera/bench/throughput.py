@@ -40,6 +40,8 @@ class LoadResult:
     batch_drafted_share: float | None = None  # of the running batch's steps, the drafted ones (a drafting batch)
     batch_tau: float | None = None  # tokens a sequence emitted per drafted batch step
     batch_depths: dict | None = None  # the running batch's steps at each chain depth (0: plain)
+    batch_depth_seconds: dict | None = None  # and their seconds
+    worker: dict | None = None  # where the engine's worker spent its time (server/engine.py: WorkerTime)
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,11 +104,13 @@ def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batc
     finally:
         engine.stop()
     result = summarize("chimera" if decoder.drafter is not None else "ar", concurrency, answers, seconds)
+    result.worker = engine.spent.to_dict()
     counts = engine.batch.counts if engine.batch is not None and engine.batch.drafts is not None else None
     if counts is not None and counts.steps:
         result.batch_drafted_share = round(counts.drafted / counts.steps, 3)
         result.batch_tau = round(counts.tau, 3) if counts.tau is not None else None
         result.batch_depths = dict(sorted(counts.by_depth.items()))
+        result.batch_depth_seconds = {depth: round(s, 4) for depth, s in sorted(counts.seconds_by_depth.items())}
     return result
 
 
@@ -147,6 +151,16 @@ def table(results: list[LoadResult]) -> str:
     for r in results:
         lines.append(f"| {r.method} | {r.concurrency} | {r.requests} | {r.tokens_per_s:.1f} | "
                      f"{r.request_tokens_per_s:.1f} | {r.latency_p50_s:.2f} / {r.latency_p99_s:.2f} |")
+    served = [r for r in results if r.worker is not None]
+    if served:
+        from ..server.engine import WORK
+
+        lines += ["", "Where the engine's worker spent each run (seconds, and how many times):", "",
+                  "| method | concurrency | wall time | " + " | ".join(WORK) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in WORK) + " |"]
+        for r in served:
+            cells = [f"{r.worker[kind]['seconds']:.3f} ({r.worker[kind]['count']})" for kind in WORK]
+            lines.append(f"| {r.method} | {r.concurrency} | {r.seconds:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
