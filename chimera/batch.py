@@ -38,7 +38,10 @@ the depth of the most tokens per second; the forward's cost grows with its token
 sequences may not for 16). On a GPU, ``warm_up`` times every captured step to seed those choices. Measured on an
 H100 (session 18, before the drafter's chains were compiled): a drafted step of depth 3 cost 2.0-2.4 plain steps
 at 1-64 rows for 1.8-2.0 tokens a row, and `chimera` served 0.97x / 0.88x / 0.94x `ar`'s throughput at 4 / 16 / 64
-clients, having drafted 1-13 % of its steps to measure every depth at every size. Only greedy batches draft (a
+clients, having drafted 1-13 % of its steps to measure every depth at every size. On an H200 with the chains
+compiled (session 19): 1.7 / 1.9 / 2.5 plain steps at 1-4 / 16 / 64 rows, the forward that verifies the chains
+1.5-3.8 ms of it (a plain forward: 1.2-1.7), and `chimera` 0.81x / 0.95x `ar` at 16 / 64 clients, drafting 4 % of
+its steps. Only greedy batches draft (a
 sampled member's draws must stay those of its plain decoding). A member whose drafter has not read some verified
 tokens (a prompt just prefilled, plain steps) catches up before it drafts; one with no drafter state (it joined with
 copied keys and values, no hidden states to read) rides along: none of its chain is accepted.

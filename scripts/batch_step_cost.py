@@ -116,7 +116,8 @@ def chain_parts(batch: RunningBatch, rows: int) -> dict:
     """The parts of a drafted step of ``rows`` rows at the batch's deepest depth, each run as it is (compiled where
     the batch is, not replayed): drafting the chains, the forward that verifies them, and the acceptance with the
     drafter's read of the verified tokens. Per part, the kernels launched and their device time in microseconds (on
-    a CPU: the operators and their time)."""
+    a CPU: the operators and their time); on a GPU the 8 costliest kernels of each part too (session 19 found the
+    verification 80 % of a drafted step on an H200, 3.8 ms at 64 rows against 1.7 for a plain forward)."""
     device, depth = batch.device, batch.draft_depth
     window = batch._plain_window(batch.capacity)
     tokens, lengths, drafted = batch._chain_inputs([], rows)
@@ -131,7 +132,12 @@ def chain_parts(batch: RunningBatch, rows: int) -> dict:
             prof = profiled(run, device)
         if device.type == "cuda":
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            out[name] = {"kernels": len(kernels), "device_us": round(sum(e.device_time for e in kernels), 1)}
+            by_name: dict[str, list[float]] = {}
+            for e in kernels:
+                by_name.setdefault(e.name[:100], []).append(e.device_time)
+            costliest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:8]
+            out[name] = {"kernels": len(kernels), "device_us": round(sum(e.device_time for e in kernels), 1),
+                         "costliest": [{"name": k, "calls": len(t), "us": round(sum(t), 1)} for k, t in costliest]}
         else:
             ops = [e for e in prof.events() if e.name.startswith("aten::")  # outermost operators
                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]

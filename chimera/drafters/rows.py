@@ -19,8 +19,10 @@ graph runner's warm-up runs of a capture leave nothing behind that a replay woul
 Every class here offers ``read`` (verified tokens into the drafter's per-row state), ``propose`` (a chain per row),
 ``move`` (a row's state into another row, as the batch's rows move when a sequence leaves) and ``compile`` (draft
 through torch.compile from then on, where the batch's step is compiled). Compiled, the Chimera drafter's chains are
-one compilation a depth for any number of rows (on an H100, 14, 24 and 30 s for depths 1, 2 and 3, session 18); their
-step cost there is not measured yet (op by op, a drafted step of 1 row cost 2.9 ms against a plain step's 1.4).
+one compilation a depth for any number of rows (on an H100, 14, 24 and 30 s for depths 1, 2 and 3, session 18). On an
+H200 a chain of 3 levels then took 108 kernels and 0.28-0.42 ms of device time at 2-64 rows, 12-17 % of a drafted
+step (session 19; op by op, session 18's H100 had spent about 1.5 ms a step drafting). What a drafted step costs is
+now the forward that verifies the chains (batch.py).
 """
 
 from __future__ import annotations
