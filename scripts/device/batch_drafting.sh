@@ -11,7 +11,9 @@
 # On a fresh machine compiling takes most of the time: session 17's first attempt compiled for 438 s inside the
 # throughput run (the lone decoder's shapes 180 s, the batch's prefills, steps and chains) and measured nothing in
 # its 850 s; the step costs now come first, and the throughput run reads back what they compiled.
-# RUNS (default: all four, in this order) picks some: fp32, step-cost, throughput, bf16; CONCURRENCY the throughput's
+# RUNS (default: fp32 step-cost throughput bf16, run in the order below) picks some of fp32, attention (one layer's
+# attention of a plain step and of a chain's verification by each route, scripts/batch_attention_kernels.py: no model,
+# its compiled routes a few minutes), step-cost, throughput and bf16; CONCURRENCY the throughput's
 # client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about 180 s fresh);
 # PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs.
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
@@ -23,6 +25,11 @@ if part fp32; then
   step check-fp32
   python3 scripts/batch_exactness_check.py --dtype float32 --out "$RES/batch_exactness_fp32.json" \
     > "$RES/batch_exactness_fp32.log" 2>&1
+fi
+if part attention; then
+  step attention
+  (cd scripts && python3 batch_attention_kernels.py --rows 16 64 --slots 1024 2048 --queries 1 4 \
+    --out "$RES/batch_attention_kernels.json") > "$RES/batch_attention_kernels.log" 2>&1
 fi
 if part step-cost; then
   step batch-step-cost

@@ -13,6 +13,7 @@
 #      questions of each MT-bench category with the dynamic tree.
 # Session 1's drafter: DISTILL_SECONDS=420 DISTILL_BATCH=384 STEPS=6000 (defaults below otherwise).
 # FEATURE_LAYERS=2,15,27: the drafter reads the base's states after those layers too (chimera train --feature-layers).
+# KL=1: the heads learn the base's whole distribution instead of its argmax (chimera train --kl).
 set -euo pipefail
 DISTILL_SECONDS=${DISTILL_SECONDS:-420}
 DISTILL_BATCH=${DISTILL_BATCH:-768}
@@ -22,6 +23,7 @@ LR=${LR:-2e-3}
 WARMUP=${WARMUP:-200}
 INIT=${INIT:-}
 FEATURE_LAYERS=${FEATURE_LAYERS:-}
+KL=${KL:-}
 HELDOUT=${HELDOUT:-0}
 COMPARE=${COMPARE:-}
 TAU_LIMIT=${TAU_LIMIT:-1}
@@ -40,7 +42,7 @@ python3 scripts/token_frequencies.py --data "$RUN/data" --out "$RUN/export/token
 python3 -m chimera.cli train --data "$RUN/data" --out "$RUN/train" --steps "$STEPS" --batch-size 32 \
   --max-len 512 --roots-per-seq 64 --depth "$DEPTH" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 500 \
   --save-every 500 --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"} \
-  ${FEATURE_LAYERS:+--feature-layers "$FEATURE_LAYERS"}
+  ${FEATURE_LAYERS:+--feature-layers "$FEATURE_LAYERS"} ${KL:+--kl}
 cp "$RUN/train/drafter/config.json" "$RUN/train/log.jsonl" "$RUN/export/"
 split -b 15M "$RUN/train/drafter/model.safetensors" "$RUN/export/weights.part."
 sha256sum "$RUN/train/drafter/model.safetensors" > "$RUN/export/sha256.txt"
