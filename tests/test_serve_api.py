@@ -160,6 +160,11 @@ def test_models_health_metrics(client, http):
     assert all(len(line.rsplit(" ", 1)) == 2 and float(line.rsplit(" ", 1)[1]) >= 0 for line in samples)
     tau = float(next(line for line in samples if line.startswith("chimera_tau ")).split()[1])
     assert tau >= 1.0
+    # where the decoding thread's time went: every kind listed, and the requests served so far among them
+    work = {line.split('"')[1]: float(line.split()[-1]) for line in samples
+            if line.startswith("chimera_worker_operations_total")}
+    assert set(work) == {"join", "step", "alone", "into_batch", "out_of_batch"}
+    assert work["alone"] + work["join"] >= 1
 
 
 def test_api_key(url):

@@ -240,7 +240,7 @@ def health_of(app: FastAPI) -> dict:
 def metrics_of(app: FastAPI) -> str:
     """What ``GET /metrics`` answers for ``create_app``'s application (Prometheus text)."""
     engine = app.state.engine
-    return app.state.metrics.render(engine.queued, engine.busy, engine.running, engine.tokens_per_s())
+    return app.state.metrics.render(engine.queued, engine.busy, engine.running, engine.tokens_per_s(), engine.spent)
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:

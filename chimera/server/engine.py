@@ -166,7 +166,8 @@ class Engine:
         # ``batch_drafting``: and the decoder's drafter, with which the batch drafts chains as deep as pays at its
         # size (batch.py, chain_depth.py); off by default: on this project's 2-core CPU it gained 3-7 % at 4 clients,
         # nothing at 16, and on an H100 it lost (0.97x / 0.88x / 0.94x `ar` at 4 / 16 / 64 clients, session 18,
-        # docs/benchmarks.md), on an H200 with its chains compiled too (0.81x / 0.95x at 16 / 64, session 19); and its steps compiled where the decoder's forward is (bfloat16 and float16 on a GPU).
+        # docs/benchmarks.md), on an H200 with its chains compiled too (0.81x / 0.95x at 16 / 64, session 19); and
+        # its steps compiled where the decoder's forward is (bfloat16 and float16 on a GPU).
         # The batch keeps the hidden states the decoder's drafter reads, drafting or not: a member left alone
         # continues speculatively from them
         self.batch = (RunningBatch(decoder.verifier.model, decoder.tokenizer, max_batch, batch_context,

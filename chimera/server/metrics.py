@@ -68,7 +68,8 @@ class Metrics:
             self.completion_tokens += completion_tokens
             self.steps += steps
 
-    def render(self, queued: int, busy: bool, running: int = 0, tokens_per_s: float = 0.0) -> str:
+    def render(self, queued: int, busy: bool, running: int = 0, tokens_per_s: float = 0.0, worker=None) -> str:
+        """Prometheus text; ``worker``: the engine's ``WorkerTime`` (where its decoding thread spent its time)."""
         with self._lock:
             out = ["# HELP chimera_requests_total HTTP requests by route and status code.",
                    "# TYPE chimera_requests_total counter"]
@@ -105,8 +106,19 @@ class Metrics:
                 f"chimera_running_generations {running}",
                 "# HELP chimera_tokens_per_second Tokens emitted per second over the last 10 seconds.",
                 "# TYPE chimera_tokens_per_second gauge",
-                f"chimera_tokens_per_second {tokens_per_s:.2f}",
-                "# HELP process_resident_memory_bytes Resident memory of the server process.",
+                f"chimera_tokens_per_second {tokens_per_s:.2f}"]
+        if worker is not None:
+            spent = worker.to_dict()
+            out += ["# HELP chimera_worker_seconds_total Seconds the decoding thread spent, by kind of work: joining "
+                    "the running batch, its steps, decoding alone, moving into and out of the batch.",
+                    "# TYPE chimera_worker_seconds_total counter"]
+            out += [f'chimera_worker_seconds_total{{work="{kind}"}} {part["seconds"]:.4f}'
+                    for kind, part in spent.items()]
+            out += ["# HELP chimera_worker_operations_total How often the decoding thread did each kind of work.",
+                    "# TYPE chimera_worker_operations_total counter"]
+            out += [f'chimera_worker_operations_total{{work="{kind}"}} {part["count"]}'
+                    for kind, part in spent.items()]
+        out += ["# HELP process_resident_memory_bytes Resident memory of the server process.",
                 "# TYPE process_resident_memory_bytes gauge",
                 f"process_resident_memory_bytes {resident_bytes()}",
                 "# HELP process_start_time_seconds Start of the server, seconds since the epoch.",
