@@ -74,6 +74,7 @@ SMALLEST_WINDOW = 64  # attention covers a power-of-two number of slots, so a fe
 SMALLEST_PREFILL = 16  # tokens: a captured prefill's shortest padded length
 PREFILL_SHAPE = "a running batch's prefills of any padded length"  # what their one compilation serves (announced)
 DRAFT_DEPTH = 3  # drafted tokens per sequence in a batch's drafting step
+VERIFY_GRAPHS = ("shared", "per-depth")  # RunningBatch's choices of compiled forwards that verify drafted chains
 TIMED_REPLAYS = 5  # replays of each captured step timed at warm-up (a GPU step: about 1-6 ms)
 
 
@@ -156,9 +157,12 @@ class RunningBatch:
 
     def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None, drafter=None,
                  draft_depth: int = DRAFT_DEPTH, adaptive: bool = True, fixed_shapes: bool | None = None,
-                 compiled: bool = False, backend: str = "inductor", features: tuple[int, ...] | None = None):
+                 compiled: bool = False, backend: str = "inductor", features: tuple[int, ...] | None = None,
+                 verify_graphs: str = "shared"):
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
+        if verify_graphs not in VERIFY_GRAPHS:
+            raise ChimeraError(f"verify_graphs must be one of {', '.join(VERIFY_GRAPHS)}, got {verify_graphs!r}")
         self.model = model = attention.batch_model(model)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -197,6 +201,11 @@ class RunningBatch:
                         and compilable(self.model) else None)
         if self.decoder is not None and self.drafts is not None:
             self.drafts.compile(backend)  # the drafter's chains too (drafters/rows.py): one compilation a depth
+        # the compiled forward that verifies drafted chains: "shared", one compilation for every depth (the chain's
+        # length a symbol), or "per-depth", one a depth (its length a constant, as a plain step's is). On an H200 the
+        # shared one verified 2 rows of 4 tokens in 1.5 ms where a plain forward of 16 rows took 1.2 (session 19):
+        # whether fixed lengths verify faster is for the GPU to measure (scripts/batch_step_cost.py --verify-graphs)
+        self.verify_graphs = verify_graphs
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a sequence of this size fits a row (else it must be decoded alone)."""
@@ -319,7 +328,7 @@ class RunningBatch:
             for window in windows:
                 for depth, (key, function, inputs) in self._idle_steps(rows, window).items():
                     if not self.runner.can_run(key):
-                        with announced(self.decoder, self._compiled_shape(rows, chains=depth > 0)):
+                        with announced(self.decoder, self._compiled_shape(rows, depth)):
                             self.runner.capture(key, function, *inputs)
             if self.drafts is not None:  # each depth's cost, to seed the choice of the sizes that run these rows
                 self.warm_costs[rows] = {depth: self._replay_seconds(*step)
@@ -360,10 +369,11 @@ class RunningBatch:
         window = self.capacity if self.decoder is not None else tokens.shape[1]  # compiled: one shape for all lengths
         return self._forward(where[:1], tokens, positions, window, logits_to_keep=where[1:], decoder=self.decoder)[0]
 
-    @staticmethod
-    def _compiled_shape(rows: int, chains: bool = False) -> str:
-        """What one compilation of a step serves (compiled.Compiled.announce): any batch size and capacity."""
-        what = ", a drafted chain of any depth each" if chains else ""
+    def _compiled_shape(self, rows: int, depth: int = 0) -> str:
+        """What one compilation of a step of ``depth`` drafts a row (0: a plain step) serves
+        (compiled.Compiled.announce): any batch size and capacity."""
+        what = "" if not depth else (f", a drafted chain of {depth} each" if self.verify_graphs == "per-depth"
+                                     else ", a drafted chain of any depth each")
         return f"{'one row' if rows == 1 else 'any number of rows'} of a running batch{what}"  # one: max_batch 1
 
     def _rows(self, count: int) -> int:
@@ -410,7 +420,7 @@ class RunningBatch:
         rows = self._rows(len(active))
         window = self._plain_window(max(s.length for s in active) + depth + 1)
         key = ("chains", rows, window, depth)
-        with announced(self.decoder, self._compiled_shape(rows, chains=True), first=not self.runner.can_run(key)):
+        with announced(self.decoder, self._compiled_shape(rows, depth), first=not self.runner.can_run(key)):
             read = self.runner.run(key, functools.partial(self._chain_forward, window, depth),
                                    *self._chain_inputs(active, rows))
         out = []
@@ -536,9 +546,9 @@ class RunningBatch:
                 if isinstance(rows, torch.Tensor):  # a prefill: its tokens
                     decoder.mark_symbol(1, tokens, positions)
                     decoder.mark_symbol(2, mask)
-                else:  # a step: its rows, and a drafted chain's length (one compilation for every depth)
-                    decoder.mark_symbol(0, tokens, positions, mask)
-                    if tokens.shape[1] > 1:
+                else:  # a step: its rows, and a drafted chain's length (one compilation for every depth, unless
+                    decoder.mark_symbol(0, tokens, positions, mask)  # verify_graphs is "per-depth")
+                    if tokens.shape[1] > 1 and self.verify_graphs == "shared":
                         decoder.mark_symbol(1, tokens, positions)
                         decoder.mark_symbol(2, mask)
                 decoder.mark_symbol(3, mask)  # and the row's slots, a symbol like the buffers' (any capacity)

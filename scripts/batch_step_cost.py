@@ -160,6 +160,10 @@ def main():
                         "--draft-depth, the parts of a drafted step of each rows bucket too")
     p.add_argument("--draft-depth", type=int, default=0,
                    help="also time a batch drafting chains of this many tokens (the shipped drafter)")
+    p.add_argument("--verify-graphs", choices=["shared", "per-depth"], default="shared",
+                   help="the drafting batch's compiled forward that verifies its chains: one for every depth (shared) "
+                        "or one a depth; in one process only the first is compiled (Dynamo reuses a shared graph for "
+                        "any length), so compare them in two runs")
     p.add_argument("--random-weights", metavar="DIR",
                    help="a model of the config in DIR (config.json and a tokenizer) with random weights, and a drafter "
                         "of random weights (timings do not depend on the weights): no model to bring to the device")
@@ -193,7 +197,8 @@ def main():
     batches = [batch]
     if drafter is not None:
         batches.append(RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows),
-                                    compiled=compiled, drafter=drafter, draft_depth=args.draft_depth, adaptive=False))
+                                    compiled=compiled, drafter=drafter, draft_depth=args.draft_depth, adaptive=False,
+                                    verify_graphs=args.verify_graphs))
     captured = 0.0
     for each in batches:
         each.add([filler] * 8, max_new_tokens=1)  # the KV memory is allocated by a first forward
@@ -201,6 +206,7 @@ def main():
         captured += each.warm_up()
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": dtype, "graphs": batch.runner.graphs,
+              "verify_graphs": args.verify_graphs if drafter is not None else None,
               "compiled": batch.decoder.describe() if batch.decoder is not None else "no",
               "warm_up_s": round(captured, 2), "compile_s": round(batch.decoder.seconds, 1) if batch.decoder else 0.0,
               "shapes_captured": len(batch.runner.captured), "steps": []}

@@ -490,6 +490,34 @@ def test_captured_prefills_padded_to_their_length_bucket_decode_as_alone(family,
         assert results[name].token_ids == alone(model, tokenizer, prompt, budgets[name]).token_ids, name
 
 
+def test_chains_verified_by_a_compiled_forward_per_depth_decode_as_alone(default_model):
+    """``verify_graphs="per-depth"``: the forward that verifies drafted chains compiled once a depth (the chain's
+    length a constant, as a plain step's is) instead of once for every depth; each sequence still decodes what it
+    does alone, the oracle's chains accepted whole. Any other choice is refused."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    counting, compilations = counting_backend()
+    prompts, budgets, expected, oracle = with_references(model, tokenizer, 12, {5: 14, 17: 7, 9: 10})
+    batch = RunningBatch(model, tokenizer, max_batch=4, capacity=64, drafter=oracle, adaptive=False,
+                         fixed_shapes=True, compiled=True, backend=counting, verify_graphs="per-depth")
+    batch.add([3, 4], 1)  # the KV memory is allocated by a first forward, uncompiled
+    batch.remove(batch.running[0])
+    batch.runner = RecordingRunner()
+    batch.warm_up()
+    sequences, texts = {}, {}
+    for name in ("p0", "p1"):
+        sequences[name], texts[name] = batch.add(prompts[name], budgets[name])
+    results = drain(batch, sequences, texts, [(1, "p2", (prompts["p2"], budgets["p2"]))])
+    assert batch.runner.uncaptured == [] and batch.decoder.failure is None
+    for name in prompts:
+        assert results[name].token_ids == expected[name].token_ids, name
+        assert max(results[name].accepted) == DRAFT_DEPTH + 1
+    # prefills and plain steps once each, the verifying forward once a depth (the oracle drafts on the host)
+    assert len(compilations) == 2 + DRAFT_DEPTH
+    with pytest.raises(ChimeraError, match="verify_graphs must be one of shared, per-depth"):
+        RunningBatch(model, tokenizer, max_batch=2, verify_graphs="each")
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_a_warmed_up_compiled_drafting_batch_meets_no_new_shape_and_decodes_as_alone(family, default_model):
     """The GPU's drafting batch run eagerly: shapes captured by ``warm_up`` (a capture runs a step three times over
