@@ -303,6 +303,11 @@ def test_a_request_decoded_alone_moves_into_the_batch_when_others_arrive(tiny):
             assert answer == short_expected[prompt].text
             assert ended < long_ended  # served beside the long one, not after it
         assert wait_idle(engine, 5)
+    # where the worker's time went: one lone decoding, ended by its move into the batch (counted apart), a join per
+    # short request, and batch steps
+    counts, seconds = engine.spent.counts, engine.spent.seconds
+    assert (counts["alone"], counts["into_batch"], counts["join"], counts["out_of_batch"]) == (1, 1, len(PROMPTS), 0)
+    assert counts["step"] > 0 and min(seconds.values()) >= 0
 
 
 @pytest.mark.slow
@@ -341,6 +346,8 @@ def test_speculation_resumes_when_the_batch_is_down_to_one(default_model):
     assert long_answer.choices[0].message.content == long_expected.text
     assert short_answer.choices[0].message.content == short_expected.text
     assert len(resumed) == 1 and 0 < resumed[0] < long_expected.new_tokens  # back to speculation mid-way
+    counts = engine.spent.counts  # alone, into the batch, out of it, alone again
+    assert (counts["alone"], counts["into_batch"], counts["out_of_batch"], counts["join"]) == (2, 1, 1, 1)
 
 
 def test_the_last_member_goes_alone_only_where_it_pays():
