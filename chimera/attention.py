@@ -33,8 +33,12 @@ own twin of the model (``batch_model``). Session 17 measured it inside the compi
 over 2,048 slots 2.7-3.6 ms, its 30 layers' attention 1.17 ms (cuDNN; docs/gpu/batch_step_cost_session17_h100.json).
 A drafted chain of a few tokens a row went on through transformers' repeated keys until the same session measured
 it (uncompiled, graphed, 1,024 slots: a chain of 4 tokens over 64 rows 13.1 ms a step against 4.2 for one token,
-docs/gpu/batch_drafting_step_cost_uncompiled_h100.json); it now takes grouped SDPA too, which is not yet measured
-on a GPU.
+docs/gpu/batch_drafting_step_cost_uncompiled_h100.json); it now takes grouped SDPA too. Compiled, the forward that
+verifies chains of 4 tokens still cost an H200 1.5 ms for 2 rows and 3.8 ms for 64, against 1.2-1.7 ms for a plain
+forward (session 19). ``batch_attention_folded`` is a candidate for it, off until measured there (``RunningBatch``'s
+``chain_attention``): a chain's query heads folded into queries of their key head, as tried for the lone verifier's
+trees above, where SDPA's grouped kernel with a mask may not serve several queries a row; one query a row stays
+grouped, which measured fastest.
 """
 
 from __future__ import annotations
@@ -76,6 +80,19 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
+def _folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 scaling: float | None) -> tuple[torch.Tensor, None]:
+    """Grouped-query attention as plain multi-head attention over the key heads: each key head's group of query heads
+    read as one longer query (the group's heads one after another, each with all its queries), the mask repeated to
+    match; the keys and values are read once, not repeated."""
+    rows, heads, queries, size = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    folded = query.reshape(rows, kv_heads, groups * queries, size)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask.repeat(1, 1, groups, 1), scale=scaling)
+    return out.reshape(rows, heads, queries, size).transpose(1, 2).contiguous(), None
+
+
 STEP_QUERIES = 8  # at most this many query tokens a row: a batch's step (a token or a drafted chain); prefills have 16+
 
 
@@ -90,11 +107,25 @@ def batch_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
+def batch_attention_folded(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs) -> tuple[torch.Tensor, None]:
+    """``batch_attention`` with a drafted chain's query heads folded (``_folded_sdpa``); a plain step (one query a
+    row) and a prefill as there."""
+    if _plain(module, attention_mask, dropout, kwargs) or query.shape[2] == 1 or query.shape[2] > STEP_QUERIES:
+        return batch_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _folded_sdpa(query, key, value, attention_mask, scaling)
+
+
 AttentionInterface.register(NAME, grouped_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # masks transformers builds itself (a prefill's) stay SDPA's
 BATCH_NAME = "chimera_batch_sdpa"
 AttentionInterface.register(BATCH_NAME, batch_attention)
 AttentionMaskInterface.register(BATCH_NAME, sdpa_mask)
+BATCH_FOLDED_NAME = "chimera_batch_sdpa_folded"
+AttentionInterface.register(BATCH_FOLDED_NAME, batch_attention_folded)
+AttentionMaskInterface.register(BATCH_FOLDED_NAME, sdpa_mask)
+CHAIN_ATTENTION = {"grouped": BATCH_NAME, "folded": BATCH_FOLDED_NAME}  # RunningBatch's chain_attention choices
 
 
 def applies(model, device_type: str = "cpu") -> bool:
@@ -124,7 +155,7 @@ def shared_copy(model):
 
 
 _TWINS: dict[str, "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]"] = {
-    NAME: weakref.WeakKeyDictionary(), BATCH_NAME: weakref.WeakKeyDictionary()}
+    name: weakref.WeakKeyDictionary() for name in (NAME, BATCH_NAME, BATCH_FOLDED_NAME)}
 
 
 def _twin(model, name: str):
@@ -145,7 +176,7 @@ def verifying_model(model):
     return _twin(model, NAME) if applies(model) else model
 
 
-def batch_model(model):
+def batch_model(model, chain_attention: str = "grouped"):
     """The model a running batch steps with: on a GPU where ``batch_attention`` applies, a twin of ``model`` running
-    it; ``verifying_model(model)`` otherwise."""
-    return _twin(model, BATCH_NAME) if applies(model, "cuda") else verifying_model(model)
+    it (``chain_attention`` "folded": ``batch_attention_folded``); ``verifying_model(model)`` otherwise."""
+    return _twin(model, CHAIN_ATTENTION[chain_attention]) if applies(model, "cuda") else verifying_model(model)

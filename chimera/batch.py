@@ -158,12 +158,17 @@ class RunningBatch:
     def __init__(self, model, tokenizer, max_batch: int, capacity: int | None = None, drafter=None,
                  draft_depth: int = DRAFT_DEPTH, adaptive: bool = True, fixed_shapes: bool | None = None,
                  compiled: bool = False, backend: str = "inductor", features: tuple[int, ...] | None = None,
-                 verify_graphs: str = "shared"):
+                 verify_graphs: str = "shared", chain_attention: str = "grouped"):
         if max_batch < 1:
             raise ChimeraError(f"the batch size must be at least 1, got {max_batch}")
         if verify_graphs not in VERIFY_GRAPHS:
             raise ChimeraError(f"verify_graphs must be one of {', '.join(VERIFY_GRAPHS)}, got {verify_graphs!r}")
-        self.model = model = attention.batch_model(model)
+        if chain_attention not in attention.CHAIN_ATTENTION:
+            raise ChimeraError(f"chain_attention must be one of {', '.join(attention.CHAIN_ATTENTION)}, got "
+                               f"{chain_attention!r}")
+        # ``chain_attention`` "folded": a drafted chain's query heads folded into queries of their key head on a GPU
+        # (attention.batch_attention_folded), a candidate for the costly verifying forward, off until measured
+        self.model = model = attention.batch_model(model, chain_attention)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.capacity = min(capacity or context_limit(model), context_limit(model))

@@ -164,6 +164,9 @@ def main():
                    help="the drafting batch's compiled forward that verifies its chains: one for every depth (shared) "
                         "or one a depth; in one process only the first is compiled (Dynamo reuses a shared graph for "
                         "any length), so compare them in two runs")
+    p.add_argument("--chain-attention", choices=["grouped", "folded"], default="grouped",
+                   help="the drafting batch's attention of a chain: grouped SDPA, or the query heads folded into "
+                        "queries of their key head (attention.batch_attention_folded)")
     p.add_argument("--random-weights", metavar="DIR",
                    help="a model of the config in DIR (config.json and a tokenizer) with random weights, and a drafter "
                         "of random weights (timings do not depend on the weights): no model to bring to the device")
@@ -198,7 +201,7 @@ def main():
     if drafter is not None:
         batches.append(RunningBatch(model, tokenizer, max_batch=max(args.rows), capacity=max(args.windows),
                                     compiled=compiled, drafter=drafter, draft_depth=args.draft_depth, adaptive=False,
-                                    verify_graphs=args.verify_graphs))
+                                    verify_graphs=args.verify_graphs, chain_attention=args.chain_attention))
     captured = 0.0
     for each in batches:
         each.add([filler] * 8, max_new_tokens=1)  # the KV memory is allocated by a first forward
@@ -207,6 +210,7 @@ def main():
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": dtype, "graphs": batch.runner.graphs,
               "verify_graphs": args.verify_graphs if drafter is not None else None,
+              "chain_attention": args.chain_attention if drafter is not None else None,
               "compiled": batch.decoder.describe() if batch.decoder is not None else "no",
               "warm_up_s": round(captured, 2), "compile_s": round(batch.decoder.seconds, 1) if batch.decoder else 0.0,
               "shapes_captured": len(batch.runner.captured), "steps": []}

@@ -63,10 +63,11 @@ def test_decoding_with_it_equals_generate_and_leaves_generate_alone(default_mode
     assert decoder.tree.topology.size > 1 and ours.plain_steps == 0  # every step verified a tree
 
 
+@pytest.mark.parametrize("function", ["batch_attention", "batch_attention_folded"])
 @pytest.mark.parametrize("queries", [1, 4], ids=["a plain step", "a drafted chain"])
-def test_the_batchs_step_attends_like_repeated_keys(queries):
-    """The batch's step on a GPU: grouped SDPA over keys and values not repeated, each row masked to its own
-    length and its chain causal."""
+def test_the_batchs_step_attends_like_repeated_keys(queries, function):
+    """The batch's step on a GPU: grouped SDPA (or, for a chain, its query heads folded into queries of their key
+    head) over keys and values not repeated, each row masked to its own length and its chain causal."""
     import types
 
     gen = torch.Generator().manual_seed(5)
@@ -78,18 +79,21 @@ def test_the_batchs_step_attends_like_repeated_keys(queries):
     mask = torch.where(torch.arange(slots) <= positions[:, :, None], 0.0, float("-inf"))[:, None]
     repeated = [t.repeat_interleave(heads // kv_heads, 1) for t in (key, value)]
     expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.3)
-    out, _ = attention.batch_attention(module, query, key, value, mask, scaling=0.3)
+    out, _ = getattr(attention, function)(module, query, key, value, mask, scaling=0.3)
     assert out.shape == (rows, queries, heads, size)
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
+@pytest.mark.parametrize("chain_attention", ["grouped", "folded"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
-    """``batch_attention`` on a twin (a GPU's, built here on a CPU): one token a row, or a chain a row, each row masked
-    to its own length, the same logits as the model's own SDPA; a prefill goes to grouped_attention."""
+def test_the_batch_twin_steps_rows_like_the_model(family, chain_attention, monkeypatch):
+    """``batch_attention`` (or ``batch_attention_folded``) on a twin (a GPU's, built here on a CPU): one token a row,
+    or a chain a row, each row masked to its own length, the same logits as the model's own SDPA; a prefill goes to
+    grouped_attention."""
     model = tiny_model(family)
-    twin = attention._twin(model, attention.BATCH_NAME)
-    assert twin is not model and twin.config._attn_implementation == attention.BATCH_NAME
+    name = attention.CHAIN_ATTENTION[chain_attention]
+    twin = attention._twin(model, name)
+    assert twin is not model and twin.config._attn_implementation == name
     assert model.config._attn_implementation == "sdpa"
     gen = torch.Generator().manual_seed(6)
     tokens = torch.randint(3, 128, (3, 16), generator=gen)
@@ -98,9 +102,10 @@ def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
     outs = [m(input_ids=tokens, attention_mask=mask, use_cache=True, **cache_kwargs(m, c))
             for m, c in zip((model, twin), caches)]
     torch.testing.assert_close(outs[0].logits, outs[1].logits)  # a prefill
-    grouped, queries = attention._grouped_sdpa, []
-    monkeypatch.setattr(attention, "_grouped_sdpa",
-                        lambda query, *args: queries.append(query.shape[2]) or grouped(query, *args))
+    queries = []  # the query tokens a row of every step attention, by the route the twin's chains take
+    for route in ("_grouped_sdpa", "_folded_sdpa"):
+        monkeypatch.setattr(attention, route, lambda query, *args, original=getattr(attention, route):
+                            queries.append((original.__name__, query.shape[2])) or original(query, *args))
     step = torch.randint(3, 128, (3, 1), generator=gen)
     lengths = torch.tensor([5, 16, 9])  # each row sees its first lengths slots and the new token
     step_mask = torch.where(torch.arange(17)[None, :] <= lengths[:, None], 0.0, float("-inf"))[:, None, None]
@@ -108,7 +113,8 @@ def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
     logits = [m(input_ids=step, attention_mask=step_mask, position_ids=lengths[:, None], **cache_kwargs(m, c)).logits
               for m, c in zip((model, twin), caches)]
     torch.testing.assert_close(logits[0], logits[1])
-    assert queries.count(1) == model.config.num_hidden_layers  # the step, every layer, through grouped SDPA
+    # the step, every layer, through grouped SDPA
+    assert queries.count(("_grouped_sdpa", 1)) == model.config.num_hidden_layers
     chain = torch.randint(3, 128, (3, 4), generator=gen)  # a drafted chain a row, causal, after the step's token
     positions = lengths[:, None] + 1 + torch.arange(4)
     chain_mask = torch.where(torch.arange(21) <= positions[:, :, None], 0.0, float("-inf"))[:, None]
@@ -117,5 +123,7 @@ def test_the_batch_twin_steps_rows_like_the_model(family, monkeypatch):
     logits = [m(input_ids=chain, attention_mask=chain_mask, position_ids=positions, **cache_kwargs(m, c)).logits
               for m, c in zip((model, twin), caches)]
     torch.testing.assert_close(logits[0], logits[1])
-    assert queries.count(4) == model.config.num_hidden_layers
-    assert attention.batch_model(model) is attention.verifying_model(model)  # a CPU: the verifier's own path
+    chains = "_folded_sdpa" if chain_attention == "folded" else "_grouped_sdpa"
+    assert queries.count((chains, 4)) == model.config.num_hidden_layers
+    # a CPU: the verifier's own path, whichever the chains' attention
+    assert attention.batch_model(model, chain_attention) is attention.verifying_model(model)

@@ -493,7 +493,8 @@ def test_captured_prefills_padded_to_their_length_bucket_decode_as_alone(family,
 def test_chains_verified_by_a_compiled_forward_per_depth_decode_as_alone(default_model):
     """``verify_graphs="per-depth"``: the forward that verifies drafted chains compiled once a depth (the chain's
     length a constant, as a plain step's is) instead of once for every depth; each sequence still decodes what it
-    does alone, the oracle's chains accepted whole. Any other choice is refused."""
+    does alone, the oracle's chains accepted whole. Any other choice is refused, as is an unknown attention of a
+    chain (attention.CHAIN_ATTENTION)."""
     _, tokenizer = default_model
     model = tiny_model("llama")
     counting, compilations = counting_backend()
@@ -516,6 +517,8 @@ def test_chains_verified_by_a_compiled_forward_per_depth_decode_as_alone(default
     assert len(compilations) == 2 + DRAFT_DEPTH
     with pytest.raises(ChimeraError, match="verify_graphs must be one of shared, per-depth"):
         RunningBatch(model, tokenizer, max_batch=2, verify_graphs="each")
+    with pytest.raises(ChimeraError, match="chain_attention must be one of grouped, folded"):
+        RunningBatch(model, tokenizer, max_batch=2, chain_attention="flat")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])

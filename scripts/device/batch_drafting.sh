@@ -14,7 +14,8 @@
 # RUNS (default: fp32 step-cost throughput bf16, run in the order below) picks some of fp32, attention (one layer's
 # attention of a plain step and of a chain's verification by each route, scripts/batch_attention_kernels.py: no model,
 # its compiled routes a few minutes), step-cost, step-cost-per-depth (the same with the chains verified by one compiled
-# forward a depth), throughput and bf16; CONCURRENCY the throughput's
+# forward a depth), step-cost-folded (with a chain's query heads folded), throughput and bf16; CONCURRENCY the
+# throughput's
 # client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about 180 s fresh);
 # PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs.
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
@@ -41,6 +42,11 @@ if part step-cost-per-depth; then  # the chains verified by one compiled forward
   step batch-step-cost-per-depth
   python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" \
     --verify-graphs per-depth --out "$RES/batch_step_cost_per_depth.json" > "$RES/batch_step_cost_per_depth.log" 2>&1
+fi
+if part step-cost-folded; then  # a chain's query heads folded into queries of their key head
+  step batch-step-cost-folded
+  python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" \
+    --chain-attention folded --out "$RES/batch_step_cost_folded.json" > "$RES/batch_step_cost_folded.log" 2>&1
 fi
 part throughput && step throughput && \
 python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit 11 --concurrency ${CONCURRENCY:-1 4 16 64} \
