@@ -87,6 +87,7 @@ class StepCounts:
     seconds_by_depth: dict[int, float] = field(default_factory=dict)  # their time, host and device (one read a step)
     drafted_rows: int = 0  # sequences in the drafted steps
     drafted_tokens: int = 0  # tokens they emitted
+    catch_up_seconds: float = 0.0  # of the drafted steps' time, the host's in ``_catch_up`` (its kernels run on)
 
     def add(self, depth: int, rows: int, tokens: int, seconds: float = 0.0) -> None:
         self.by_depth[depth] = self.by_depth.get(depth, 0) + 1
@@ -421,7 +422,9 @@ class RunningBatch:
         """Every member drafts a chain of ``depth`` tokens from its newest one, one forward verifies them all, and
         each keeps its longest correct run of drafts and the base's token after it: one capture per rows bucket and
         depth (``_chain_forward``), idle rows padded as in a plain step."""
+        start = time.perf_counter()
         self._catch_up(active)
+        self.counts.catch_up_seconds += time.perf_counter() - start
         rows = self._rows(len(active))
         window = self._plain_window(max(s.length for s in active) + depth + 1)
         key = ("chains", rows, window, depth)

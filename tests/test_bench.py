@@ -191,9 +191,12 @@ def test_throughput_replays_every_question_at_every_concurrency(tmp_path, tiny_m
             assert r["worker"] is None
             continue
         work = r["worker"]
-        assert sum(part["seconds"] for part in work.values()) <= r["seconds"]
+        # within the run's wall time, but for the worker's cleanup after the last answer (a lone decoding's cache
+        # freed once its client has the text)
+        assert sum(part["seconds"] for part in work.values()) <= 1.1 * r["seconds"] + 0.1
         assert work["join"]["count"] + work["alone"]["count"] - work["out_of_batch"]["count"] == len(QUESTIONS)
-        assert (work["step"]["count"] > 0) == (r["concurrency"] > 1)  # one client: every request served alone
+        if r["concurrency"] == 1:  # one client: every request served alone, the server idle when it comes
+            assert work["step"]["count"] == work["join"]["count"] == 0 and work["alone"]["count"] == len(QUESTIONS)
     assert "Where the engine's worker spent each run" in (out / "throughput.md").read_text()
     assert main(["throughput", "--questions", str(questions), "--out", str(tmp_path / "drafting"), "--model",
                  str(tiny_model_dir), "--device", "cpu", "--drafter", "random", "--concurrency", "3",
@@ -207,6 +210,8 @@ def test_throughput_replays_every_question_at_every_concurrency(tmp_path, tiny_m
         drafting["batch_drafted_share"], abs=1e-3)
     assert drafting["batch_depth_seconds"].keys() == drafting["batch_depths"].keys()
     assert sum(drafting["batch_depth_seconds"].values()) <= drafting["worker"]["step"]["seconds"]
+    drafted_seconds = sum(s for depth, s in drafting["batch_depth_seconds"].items() if int(depth))
+    assert 0 <= drafting["batch_catch_up_seconds"] <= drafted_seconds
     assert sum(steps.values()) == drafting["worker"]["step"]["count"]
     assert main(["throughput", "--questions", str(questions), "--out", str(out), "--model", str(tiny_model_dir),
                  "--methods", "ar", "beam"]) == 2

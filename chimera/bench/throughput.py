@@ -41,6 +41,7 @@ class LoadResult:
     batch_tau: float | None = None  # tokens a sequence emitted per drafted batch step
     batch_depths: dict | None = None  # the running batch's steps at each chain depth (0: plain)
     batch_depth_seconds: dict | None = None  # and their seconds
+    batch_catch_up_seconds: float | None = None  # of the drafted steps' seconds, the host's reading members' tokens in
     worker: dict | None = None  # where the engine's worker spent its time (server/engine.py: WorkerTime)
 
     @property
@@ -111,6 +112,7 @@ def run_engine(decoder, prompts, concurrency: int, max_new_tokens: int, max_batc
         result.batch_tau = round(counts.tau, 3) if counts.tau is not None else None
         result.batch_depths = dict(sorted(counts.by_depth.items()))
         result.batch_depth_seconds = {depth: round(s, 4) for depth, s in sorted(counts.seconds_by_depth.items())}
+        result.batch_catch_up_seconds = round(counts.catch_up_seconds, 4)
     return result
 
 
