@@ -112,7 +112,7 @@ def batch_attention_folded(module, query: torch.Tensor, key: torch.Tensor, value
                            **kwargs) -> tuple[torch.Tensor, None]:
     """``batch_attention`` with a drafted chain's query heads folded (``_folded_sdpa``); a plain step (one query a
     row) and a prefill as there."""
-    if _plain(module, attention_mask, dropout, kwargs) or query.shape[2] == 1 or query.shape[2] > STEP_QUERIES:
+    if query.shape[2] == 1 or query.shape[2] > STEP_QUERIES or _plain(module, attention_mask, dropout, kwargs):
         return batch_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return _folded_sdpa(query, key, value, attention_mask, scaling)
 

@@ -41,10 +41,10 @@ at 1-64 rows for 1.8-2.0 tokens a row, and `chimera` served 0.97x / 0.88x / 0.94
 clients, having drafted 1-13 % of its steps to measure every depth at every size. On an H200 with the chains
 compiled (session 19): 1.7 / 1.9 / 2.5 plain steps at 1-4 / 16 / 64 rows, the forward that verifies the chains
 1.5-3.8 ms of it (a plain forward: 1.2-1.7), and `chimera` 0.81x / 0.95x `ar` at 16 / 64 clients, drafting 4 % of
-its steps. Only greedy batches draft (a
-sampled member's draws must stay those of its plain decoding). A member whose drafter has not read some verified
-tokens (a prompt just prefilled, plain steps) catches up before it drafts; one with no drafter state (it joined with
-copied keys and values, no hidden states to read) rides along: none of its chain is accepted.
+its steps. Only greedy batches draft (a sampled member's draws must stay those of its plain decoding). A member
+whose drafter has not read some verified tokens (a prompt just prefilled, plain steps) catches up before it
+drafts; one with no drafter state (it joined with copied keys and values, no hidden states to read) rides along:
+none of its chain is accepted.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from .models import context_limit, synchronize
 from .acceptance import greedy_accept_chains
 from .sampling import SamplingConfig, target_probs
 from .text import StopCondition, eos_token_ids, stop_condition
+from .drafters import feature_layers_of
 from .drafters.rows import PAD
 from .tree import additive_mask
 
@@ -184,7 +185,7 @@ class RunningBatch:
         drafter = getattr(drafter, "drafter", drafter)
         # the hidden states kept per token (target.feature_states): what the drafter reads, this batch's or (where
         # the batch does not draft) the lone decoder's, which a sequence leaving the batch takes along
-        self.features = tuple(getattr(drafter, "feature_layers", ())) if features is None else tuple(features)
+        self.features = feature_layers_of(drafter) if features is None else tuple(features)
         drafter = drafter if draft_depth > 0 else None
         heads = getattr(getattr(drafter, "config", None), "num_draft_heads", draft_depth)
         if drafter is not None and heads < draft_depth:

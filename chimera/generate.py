@@ -20,7 +20,7 @@ import torch
 from . import calibration, gpu_calibration
 from .adaptive import DraftingSwitch, PauseMemory, StepCosts
 from .errors import ChimeraError
-from .drafters import apply_draft_vocabulary, pack_for_cpu
+from .drafters import apply_draft_vocabulary, feature_layers_of, pack_for_cpu
 from .device_read import StepRead
 from .drafters.graphs import GraphedDrafter
 from .models import context_limit
@@ -204,7 +204,7 @@ class SpeculativeDecoder:
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit, compiled=compile_drafter)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route,
-                                     compiled=compile, features=getattr(drafter, "feature_layers", ()))
+                                     compiled=compile, features=feature_layers_of(drafter))
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive

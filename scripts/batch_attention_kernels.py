@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from chimera.attention import _folded_sdpa
 from report_json import save_json
 
 
@@ -56,7 +57,9 @@ def routes(query, key, value, mask, lengths):
     out = {
         "repeat": lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(groups, 1),
                                                          value.repeat_interleave(groups, 1), attn_mask=mask),
-        "folded": lambda: F.scaled_dot_product_attention(folded, key, value, attn_mask=folded_mask),
+        # the running batch's own folded route (attention.batch_attention_folded, its output as (rows, queries, heads,
+        # size)); the forced kernels below run the same folding
+        "folded": lambda: _folded_sdpa(query, key, value, mask, None)[0].transpose(1, 2),
         "gqa": lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True),
     }
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -15,6 +15,13 @@ ARCHITECTURES = ("chimera", "medusa")
 AUTO_DRAFT_VOCAB = {"cpu": 8192}
 
 
+def feature_layers_of(drafter) -> tuple[int, ...]:
+    """The base's layers whose hidden states ``drafter`` reads beside the final ones (target.feature_states): a
+    Chimera drafter's ``feature_layers`` (also through a graphed drafter wrapping it); none for other drafters, or
+    none at all."""
+    return tuple(getattr(getattr(drafter, "drafter", drafter), "feature_layers", ()))
+
+
 def shipped_drafter_path(model, architecture: str = "chimera") -> Path | None:
     """The drafter committed with chimera for this base, if any (matched by the base's alias)."""
     name = getattr(model.config, "chimera_source", None)

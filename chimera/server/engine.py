@@ -126,8 +126,9 @@ class WorkerTime:
     ``step`` (the batch's steps), ``alone`` (decoding a request alone, its prefill included), ``into_batch`` (a lone
     request moved into the batch) and ``out_of_batch`` (the batch's last member taken out to go on alone). Seconds
     and how often, from the host's clock around each: a join, a step and a lone decoding end with a read of the
-    device's results, so the device's time is in them; a move's copies may run on into what follows it. ``chimera throughput`` reports it: on an H200 a drafting batch served 16 clients 19 %
-    slower than `ar` while drafting 4 % of its steps (session 19), and the totals alone could not say why."""
+    device's results, so the device's time is in them; a move's copies may run on into what follows it. ``chimera
+    throughput`` reports it: on an H200 a drafting batch served 16 clients 19 % slower than `ar` while drafting 4 %
+    of its steps (session 19), and the totals alone could not say why."""
 
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WORK, 0.0))
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORK, 0))

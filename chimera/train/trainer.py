@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from ..drafters import load_any, new_drafter
+from ..drafters import feature_layers_of, load_any, new_drafter
 from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
 from ..inputs import read_bytes, read_json
@@ -78,7 +78,7 @@ def warm_start(drafter, source, path) -> None:
     if type(source) is not type(drafter):
         raise ChimeraError(f"--init {path} is a {type(source).__name__}, "
                            f"but this run trains a {type(drafter).__name__}")
-    layers, wanted = getattr(source, "feature_layers", ()), getattr(drafter, "feature_layers", ())
+    layers, wanted = feature_layers_of(source), feature_layers_of(drafter)
     if layers != wanted:
         raise ChimeraError(f"--init {path} reads the base's states after layers {list(layers)} beside its final "
                            f"ones, but this run's --feature-layers are {list(wanted)}: give the same")
@@ -146,12 +146,6 @@ def sample_roots(loss_mask: torch.Tensor, count: int, seeds: list[int]) -> torch
 
 def root_seed(seed: int, step: int, sample: int) -> int:
     return (seed * 7919 + step) * 1_000_003 + sample
-
-
-def drafter_features(drafter) -> tuple[int, ...]:
-    """The layers whose hidden states ``drafter`` reads beside the final ones (a Chimera drafter's config; none for
-    Medusa heads)."""
-    return tuple(getattr(drafter, "feature_layers", ()))
 
 
 @torch.no_grad()
@@ -270,7 +264,7 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
     for start in range(0, len(ids), cfg.batch_size):
         tokens, attention, loss_mask = collate(samples, ids[start: start + cfg.batch_size], cfg.max_len, pad_id,
                                                device)
-        hidden, logits = base_targets(model, tokens, attention, drafter_features(drafter))
+        hidden, logits = base_targets(model, tokens, attention, feature_layers_of(drafter))
         targets = logits.argmax(-1)
         roots = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
         out_logits, out_u = drafter(tokens, hidden, cfg.depth, roots)
@@ -342,10 +336,10 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
             warm_start(drafter, load_any(cfg.init, model, dtype=torch.float32), cfg.init)
         else:
             tokens, attention, _ = collate(samples, train_ids[: cfg.batch_size], cfg.max_len, pad_id, device)
-            drafter.calibrate_head_norm(base_targets(model, tokens, attention, drafter_features(drafter))[0][
+            drafter.calibrate_head_norm(base_targets(model, tokens, attention, feature_layers_of(drafter))[0][
                 attention.bool()])
         start_step = 0
-    features = drafter_features(drafter)  # what the base's forward returns for it, a resumed one's as saved
+    features = feature_layers_of(drafter)  # what the base's forward returns for it, a resumed one's as saved
     drafter.train()
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))

@@ -14,10 +14,9 @@
 # RUNS (default: fp32 step-cost throughput bf16, run in the order below) picks some of fp32, attention (one layer's
 # attention of a plain step and of a chain's verification by each route, scripts/batch_attention_kernels.py: no model,
 # its compiled routes a few minutes), step-cost, step-cost-per-depth (the same with the chains verified by one compiled
-# forward a depth), step-cost-folded (with a chain's query heads folded), throughput and bf16; CONCURRENCY the
-# throughput's
-# client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about 180 s fresh);
-# PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs.
+# forward a depth), step-cost-folded (with a chain's query heads folded), throughput and bf16. CONCURRENCY: the
+# throughput's client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about
+# 180 s fresh). PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs.
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
 RES=$HOME/res-drafting
 RUNS=${RUNS:-fp32 step-cost throughput bf16}
@@ -30,27 +29,23 @@ if part fp32; then
 fi
 if part attention; then
   step attention
-  (cd scripts && python3 batch_attention_kernels.py --rows 16 64 --slots 1024 2048 --queries 1 4 \
-    --out "$RES/batch_attention_kernels.json") > "$RES/batch_attention_kernels.log" 2>&1
+  python3 scripts/batch_attention_kernels.py --rows 16 64 --slots 1024 2048 --queries 1 4 \
+    --out "$RES/batch_attention_kernels.json" > "$RES/batch_attention_kernels.log" 2>&1
 fi
-if part step-cost; then
-  step batch-step-cost
-  python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" \
-    --out "$RES/batch_step_cost.json" > "$RES/batch_step_cost.log" 2>&1
-fi
-if part step-cost-per-depth; then  # the chains verified by one compiled forward a depth (a process of its own)
-  step batch-step-cost-per-depth
-  python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" \
-    --verify-graphs per-depth --out "$RES/batch_step_cost_per_depth.json" > "$RES/batch_step_cost_per_depth.log" 2>&1
-fi
-if part step-cost-folded; then  # a chain's query heads folded into queries of their key head
-  step batch-step-cost-folded
-  python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" \
-    --chain-attention folded --out "$RES/batch_step_cost_folded.json" > "$RES/batch_step_cost_folded.log" 2>&1
-fi
+# step_cost NAME [ARGS]: scripts/batch_step_cost.py with the drafted step beside the plain one, in a process of its own
+# (one variant of the verifying forward a process: Dynamo reuses whichever compiled first), into $RES/NAME.json
+step_cost() {
+  local name=$1; shift
+  step "$name"
+  python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" "$@" \
+    --out "$RES/$name.json" > "$RES/$name.log" 2>&1
+}
+part step-cost && step_cost batch_step_cost
+part step-cost-per-depth && step_cost batch_step_cost_per_depth --verify-graphs per-depth
+part step-cost-folded && step_cost batch_step_cost_folded --chain-attention folded
 part throughput && step throughput && \
-python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit 11 --concurrency ${CONCURRENCY:-1 4 16 64} \
-  --max-new-tokens 128 --methods ar chimera --batch-drafting --max-batch 64 --tree dynamic-64-8-3 --draft-vocab 16384 \
+python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit 11 \
+  --concurrency ${CONCURRENCY:-1 4 16 64} --max-new-tokens 128 --methods ar chimera --batch-drafting --max-batch 64 --tree dynamic-64-8-3 --draft-vocab 16384 \
   --device cuda --out "$RES/throughput" > "$RES/throughput.log" 2>&1
 if part bf16; then
   step check-bf16
