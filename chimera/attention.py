@@ -38,16 +38,22 @@ verifies chains of 4 tokens still cost an H200 1.5 ms for 2 rows and 3.8 ms for 
 forward (session 19). ``batch_attention_folded`` is a candidate for it, off until measured there (``RunningBatch``'s
 ``chain_attention``): a chain's query heads folded into queries of their key head, as tried for the lone verifier's
 trees above, where SDPA's grouped kernel with a mask may not serve several queries a row; one query a row stays
-grouped, which measured fastest.
+grouped, which measured fastest. Session 20 measured why on an H100 (scripts/batch_attention_kernels.py, one layer,
+docs/benchmarks.md): for 4 queries a row the grouped kernel is no longer split along the slots, 37-66 us for 16 rows
+and 84-155 for 64 over 1,024-2,048 slots, where folded queries with cuDNN's kernel forced took 40-42 and 61-67; SDPA's
+own choice for folded queries took 67-92. The candidate now forces cuDNN first (``_cudnn_first``); its step is for
+a GPU to time (``--chain-attention folded``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -80,16 +86,31 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
+FOLDED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _cudnn_first():
+    """SDPA's kernels for folded queries, cuDNN's first: on an H100 (bfloat16, one layer of 64 rows of 4 queries
+    folded) cuDNN's took 61-67 us over 1,024-2,048 slots, where SDPA's own choice took 78-92 and the memory-efficient
+    kernel 72-135 (session 20). The others serve where cuDNN refuses a shape or is missing (a CPU). Traced by Dynamo
+    without a break (checked on this CPU); a torch without ``set_priority`` keeps SDPA's order among them."""
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(FOLDED_BACKENDS, set_priority=True)
+    return sdpa_kernel(FOLDED_BACKENDS)
+
+
 def _folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                  scaling: float | None) -> tuple[torch.Tensor, None]:
     """Grouped-query attention as plain multi-head attention over the key heads: each key head's group of query heads
     read as one longer query (the group's heads one after another, each with all its queries), the mask repeated to
-    match; the keys and values are read once, not repeated."""
+    match; the keys and values are read once, not repeated. cuDNN's kernel first (``_cudnn_first``)."""
     rows, heads, queries, size = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     folded = query.reshape(rows, kv_heads, groups * queries, size)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask.repeat(1, 1, groups, 1), scale=scaling)
+    with _cudnn_first():
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask.repeat(1, 1, groups, 1),
+                                             scale=scaling)
     return out.reshape(rows, heads, queries, size).transpose(1, 2).contiguous(), None
 
 

@@ -7,7 +7,8 @@ values, 1.5 GB, should take about 0.5 ms at the card's bandwidth. This script ti
 shape by each route, in bfloat16, with each row's length drawn between half the slots and all of them:
 
 - ``repeat``: keys and values repeated per query head, SDPA with the mask (transformers' path for a masked query)
-- ``folded``: attention.folded_queries, SDPA's own choice of kernel, then each kernel forced
+- ``folded``: the batch's folded route (attention._folded_sdpa: SDPA's own choice of kernel until session 20, cuDNN's
+  first since), then each kernel forced
 - ``gqa``: SDPA's ``enable_gqa`` with the mask
 - ``flex``: flex_attention (compiled) over a block mask from the lengths, which skips blocks past a row's length
 - ``compiled_math``: matmul, softmax, matmul in one torch.compile'd function
@@ -60,6 +61,7 @@ def routes(query, key, value, mask, lengths):
         # the running batch's own folded route (attention.batch_attention_folded, its output as (rows, queries, heads,
         # size)); the forced kernels below run the same folding
         "folded": lambda: _folded_sdpa(query, key, value, mask, None)[0].transpose(1, 2),
+        "folded_sdpa_choice": lambda: F.scaled_dot_product_attention(folded, key, value, attn_mask=folded_mask),
         "gqa": lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True),
     }
     from torch.nn.attention import SDPBackend, sdpa_kernel
