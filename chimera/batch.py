@@ -7,17 +7,22 @@ than a step of one. The server (server/engine.py) runs this batch whenever more 
 
 On a GPU the plain step runs in fixed shapes, a power-of-two number of rows (idle rows padded: each reads the last
 slot of its row, which a sequence writes before it ever reads it), captured once per shape and replayed
-(graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows a symbol,
-so one compilation serves every bucket, a lone member padded to two rows), attending over every slot of its rows;
-uncompiled, over a power-of-two window. Its attention is SDPA's own grouped-query kernel, the keys and values not
-repeated per query head (attention.py's ``batch_attention``, on a twin of the model; for a drafted chain too since
-session 17). A joining sequence's prompt is padded to a power-of-two length and read from a capture per length, its
-row chosen on the device (compiled too, its length a symbol: one more compilation). ``warm_up`` captures every shape
-before the first request (server start, ``chimera throughput``'s untimed setup). Measured on an H100
-(docs/benchmarks.md, sessions 14-17), total tokens/s of `ar` at 4 / 16 / 64 clients: eager forwards 125 / 274 / -,
-graphed 459 / 685 / 990 (captures inside the timing), compiled with captured prefills 1,251 / 2,675 / 3,478 (session
-16), with the KV written by index (cache.py) and grouped SDPA 2,379 / 5,970 / 11,188 (session 17), against 880 for
-one client alone: 12.7x at 64.
+(graph_runner.py), and, in bfloat16 and float16, through the compiled decoder stack (compiled.py; the rows and the
+window symbols, so one compilation serves every bucket, a lone member padded to two rows), attending over a
+power-of-two window of slots, the smallest that holds the longest member. (Until session 20 a compiled step attended
+over every slot of its rows, one shape a bucket; then an H100 showed a chain's verifying attention growing with the
+slots: one layer's, 64 rows of 4 tokens, 84 us over 1,024 slots and 155 over 2,048, of one token 31 and 39,
+scripts/batch_attention_kernels.py; the whole forward that verified chains of 4 tokens over 1,024 slots took 1.6 ms
+for 2 rows and 4.4 for 64, 2.5 of it cuDNN's attention, where a plain forward of 16 rows took 1.3.) Graphs are
+captured per rows bucket and window (and depth), in one memory pool. Its attention is SDPA's own grouped-query kernel,
+the keys and values not repeated per query head (attention.py's ``batch_attention``, on a twin of the model; for a
+drafted chain too since session 17). A joining sequence's prompt is padded to a power-of-two length and read from a
+capture per length, its row chosen on the device (compiled too, its length a symbol: one more compilation).
+``warm_up`` captures every shape before the first request (server start, ``chimera throughput``'s untimed setup).
+Measured on an H100 (docs/benchmarks.md, sessions 14-17), total tokens/s of `ar` at 4 / 16 / 64 clients: eager
+forwards 125 / 274 / -, graphed 459 / 685 / 990 (captures inside the timing), compiled with captured prefills 1,251 /
+2,675 / 3,478 (session 16), with the KV written by index (cache.py) and grouped SDPA 2,379 / 5,970 / 11,188 (session
+17), against 880 for one client alone: 12.7x at 64.
 
 Each sequence keeps what makes its output its own: its KV row, its length, its sampling settings and seeded
 generator, its stop condition. Every sequence of a batch decodes token for token what it decodes alone in
@@ -193,17 +198,18 @@ class RunningBatch:
         self.draft_depth = draft_depth
         self.drafts = drafter.rows(max_batch, self.capacity, self.device) if drafter is not None else None
         self.adaptive = adaptive
-        self.depths: dict[int, ChainDepth] = {}  # how deep to draft, per power-of-two number of running sequences
+        # how deep to draft, per power-of-two number of running sequences and window (what a step's cost depends on)
+        self.depths: dict[tuple[int, int], ChainDepth] = {}
         self.yields = yields(draft_depth)  # tokens a sequence emits a step by depth, shared by the sizes' choices
-        self.warm_costs: dict[int, dict[int, float]] = {}  # seconds a captured step takes, by rows and depth
+        # (rows, window): a captured step's seconds by depth, timed at warm-up
+        self.warm_costs: dict[tuple[int, int], dict[int, float]] = {}
         self.counts = StepCounts()
         # plain steps over a power-of-two number of rows (the idle ones padded), so that each (rows, window) shape is
         # captured once and replayed: by default on a GPU, where an eager step is bound by its ~600 launches
         self.fixed_shapes = self.device.type == "cuda" if fixed_shapes is None else fixed_shapes
-        self.runner = GraphRunner(graphs=self.fixed_shapes and self.device.type == "cuda")
+        self.runner = GraphRunner(graphs=self.fixed_shapes and self.device.type == "cuda", shared_pool=True)
         # ``compiled``: the plain step's decoder stack through torch.compile (compiled.py), one compilation for any
-        # number of rows (a symbol; one row apart), attending over every slot of a row (no windows: one shape a
-        # rows bucket)
+        # number of rows and any window (symbols; one row apart)
         self.decoder = (CompiledDecoder.shared(self.model, backend) if compiled and self.fixed_shapes
                         and compilable(self.model) else None)
         if self.decoder is not None and self.drafts is not None:
@@ -297,7 +303,7 @@ class RunningBatch:
             return []
         if len(active) != len(self.running):
             raise ChimeraError("remove finished sequences before the next step")
-        choice = self._depth_choice(len(active))
+        choice = self._depth_choice(len(active), self._window(max(s.length for s in active) + self.draft_depth + 1))
         depth = choice.next_depth() if self._can_draft(active) else 0
         start = time.perf_counter()
         steps = self._drafted_step(active, depth) if depth else self._plain_step(active)
@@ -330,16 +336,16 @@ class RunningBatch:
                 tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
                 with announced(self.decoder, PREFILL_SHAPE):
                     self.runner.capture(("prefill", length), self._padded_prefill, tokens, row)
-        windows = sorted({self._plain_window(1 << k) for k in range(self.capacity.bit_length() + 1)})
+        windows = sorted({self._window(1 << k) for k in range(self.capacity.bit_length() + 1)})
         for rows in sorted({self._rows(count) for count in range(1, self.max_batch + 1)}):
             for window in windows:
                 for depth, (key, function, inputs) in self._idle_steps(rows, window).items():
                     if not self.runner.can_run(key):
                         with announced(self.decoder, self._compiled_shape(rows, depth)):
                             self.runner.capture(key, function, *inputs)
-            if self.drafts is not None:  # each depth's cost, to seed the choice of the sizes that run these rows
-                self.warm_costs[rows] = {depth: self._replay_seconds(*step)
-                                         for depth, step in self._idle_steps(rows, windows[-1]).items()}
+                if self.drafts is not None:  # each depth's cost, to seed the choice of the sizes that run these rows
+                    self.warm_costs[rows, window] = {depth: self._replay_seconds(*step)
+                                                     for depth, step in self._idle_steps(rows, window).items()}
         return time.perf_counter() - start
 
     def _idle_steps(self, rows: int, window: int) -> dict[int, tuple]:
@@ -373,8 +379,8 @@ class RunningBatch:
         prompt's last). Reads the row and the length on the device: one capture serves every row and prompt of this
         padded length."""
         positions = torch.arange(tokens.shape[1], device=self.device)[None]
-        window = self.capacity if self.decoder is not None else tokens.shape[1]  # compiled: one shape for all lengths
-        return self._forward(where[:1], tokens, positions, window, logits_to_keep=where[1:], decoder=self.decoder)[0]
+        return self._forward(where[:1], tokens, positions, tokens.shape[1], logits_to_keep=where[1:],
+                             decoder=self.decoder)[0]
 
     def _compiled_shape(self, rows: int, depth: int = 0) -> str:
         """What one compilation of a step of ``depth`` drafts a row (0: a plain step) serves
@@ -394,7 +400,7 @@ class RunningBatch:
 
     def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
         rows = self._rows(len(active))
-        window = self._plain_window(max(s.length for s in active) + 1)
+        window = self._window(max(s.length for s in active) + 1)
         key = ("plain", rows, window)
         with announced(self.decoder, self._compiled_shape(rows), first=not self.runner.can_run(key)):
             logits = self.runner.run(key, functools.partial(self._plain_forward, window),
@@ -405,12 +411,15 @@ class RunningBatch:
             sequence.next_token = token
         return [[token] for token in chosen]
 
-    def _depth_choice(self, count: int) -> ChainDepth:
-        size = power_of_two_at_least(count, 1)
-        if size not in self.depths:
-            self.depths[size] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
-                                           costs=self.warm_costs.get(self._rows(count)))
-        return self.depths[size]
+    def _depth_choice(self, count: int, window: int) -> ChainDepth:
+        """The choice of depth for ``count`` sequences whose steps attend over ``window`` slots (a drafted step's
+        verifying attention grows with the slots faster than a plain step's: on an H100, one layer's for 64 rows of 4
+        tokens 84 us over 1,024 slots and 155 over 2,048, of one token 31 and 39; session 20)."""
+        key = power_of_two_at_least(count, 1), window
+        if key not in self.depths:
+            self.depths[key] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
+                                          costs=self.warm_costs.get((self._rows(count), window)))
+        return self.depths[key]
 
     def _can_draft(self, active: list[Sequence]) -> bool:
         """Greedy members only, each with room in its row for the deepest chain, and one at least with a drafter
@@ -427,7 +436,7 @@ class RunningBatch:
         self._catch_up(active)
         self.counts.catch_up_seconds += time.perf_counter() - start
         rows = self._rows(len(active))
-        window = self._plain_window(max(s.length for s in active) + depth + 1)
+        window = self._window(max(s.length for s in active) + depth + 1)
         key = ("chains", rows, window, depth)
         with announced(self.decoder, self._compiled_shape(rows, depth), first=not self.runner.can_run(key)):
             read = self.runner.run(key, functools.partial(self._chain_forward, window, depth),
@@ -523,11 +532,6 @@ class RunningBatch:
         """The slots attention covers for rows whose positions stay below ``extent``: a power of two."""
         return min(power_of_two_at_least(extent, SMALLEST_WINDOW), self.capacity)
 
-    def _plain_window(self, extent: int) -> int:
-        """``_window`` for a plain step; every slot where the step is compiled (a rows bucket is then one shape:
-        attention over idle slots costs little beside the copies the compiled step saves)."""
-        return self.capacity if self.decoder is not None else self._window(extent)
-
     def _plain_forward(self, window: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A plain step of the first ``len(tokens)`` rows over ``window`` slots: no host read (capturable)."""
         return self._forward(slice(0, tokens.shape[0]), tokens, positions, window, decoder=self.decoder)[0]
@@ -542,9 +546,9 @@ class RunningBatch:
         score. ``decoder``: the compiled decoder stack in place of the model's (a plain vocabulary head, projected
         here), for a step (its rows a symbol, a chain's length too) or a prefill of one row chosen on the device (its
         length a symbol)."""
-        self.cache.rows, self.cache.slots = rows, positions
-        self.cache.window = None if window == self.capacity else window  # None: no cut (nothing to specialize on)
-        allowed = torch.arange(window, device=self.device)[None, None, :] <= positions[:, :, None]
+        attended = torch.arange(window, device=self.device)
+        self.cache.rows, self.cache.slots, self.cache.attended = rows, positions, attended
+        allowed = attended[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
         inputs = dict(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True)
         allocating = not self.cache.allocated
@@ -552,7 +556,7 @@ class RunningBatch:
             decoder = None  # then be compiled again without the allocation)
         with torch.inference_mode():
             if decoder is not None:
-                if isinstance(rows, torch.Tensor):  # a prefill: its tokens
+                if isinstance(rows, torch.Tensor):  # a prefill: its tokens, which it attends over
                     decoder.mark_symbol(1, tokens, positions)
                     decoder.mark_symbol(2, mask)
                 else:  # a step: its rows, and a drafted chain's length (one compilation for every depth, unless
@@ -560,7 +564,8 @@ class RunningBatch:
                     if tokens.shape[1] > 1 and self.verify_graphs == "shared":
                         decoder.mark_symbol(1, tokens, positions)
                         decoder.mark_symbol(2, mask)
-                decoder.mark_symbol(3, mask)  # and the row's slots, a symbol like the buffers' (any capacity)
+                decoder.mark_symbol(3, mask)  # and the slots attended over (any window), a symbol as the buffers'
+                decoder.mark_symbol(0, attended)  # (any capacity) are
                 last, final = target.stack_forward(decoder, self.features, **inputs,
                                                    **cache_kwargs(self.model.get_decoder(), self.cache))
                 logits = target.vocab_logits(target.kept_states(last, logits_to_keep),

@@ -6,7 +6,7 @@ number of slots and writes each forward's tokens at explicit slot indices, so a 
 shapes every step and can be captured in a CUDA graph; the attention mask hides the unused slots.
 
 Where a forward writes is set on the cache just before the call (``slots``; the running batch's ``rows`` and
-``window``), not passed with the forward: transformers 5.17's attention calls ``update(keys, values, layer_idx)``
+``attended``), not passed with the forward: transformers 5.17's attention calls ``update(keys, values, layer_idx)``
 with nothing else (5.24 passes the forward's keyword arguments along; checked in both sources, session 15), so on
 the GPU machine's version an attribute read at the call is the only public way in. Each is set by the one function
 that runs the forward.
@@ -166,7 +166,7 @@ class RowSlotLayer(CacheLayerMixin):
     """One layer's keys and values for a running batch: ``rows`` sequences of ``capacity`` slots each. A forward
     covers the rows ``cache.rows`` (a slice: the running batch, or one row being prefilled; or a tensor of row
     indices, for a forward captured once for any row), writes its tokens at
-    ``cache.slots`` (rows x tokens), and attends over the first ``cache.window`` slots of each row."""
+    ``cache.slots`` (rows x tokens), and attends over the first ``len(cache.attended)`` slots of each row."""
 
     is_compileable = False
 
@@ -195,14 +195,13 @@ class RowSlotLayer(CacheLayerMixin):
         index = self.cache.row_index(count)[:, None]
         self.keys[index, :, slots] = key_states.transpose(1, 2)  # (rows, tokens) indexed, heads sliced: (r, t, h, d)
         self.values[index, :, slots] = value_states.transpose(1, 2)
-        keys, values = (self.keys, self.values) if window is None else (self.keys[:, :, :window],
-                                                                         self.values[:, :, :window])
+        keys, values = self.keys[:, :, :window], self.values[:, :, :window]  # views (the window a symbol, compiled)
         if isinstance(rows, torch.Tensor):  # rows chosen on the device (a captured prefill): a copy of the window
             return keys.index_select(0, rows), values.index_select(0, rows)
         return keys[rows.start:rows.start + count], values[rows.start:rows.start + count]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.window or self.cache.capacity, 0
+        return self.cache.window, 0
 
     def get_seq_length(self) -> int:
         return 0  # positions and masks are always given explicitly
@@ -214,17 +213,23 @@ class RowSlotLayer(CacheLayerMixin):
 class RowSlotCache(Cache):
     """KV slots for a running batch of sequences, one row each (batch.py). The running rows are always the first
     ones: a sequence that leaves is replaced by the last (``move_row``), so a step's forward covers a prefix of
-    rows, a view. ``rows``, ``slots`` and ``window`` (None: every slot, no cut, which a compiled forward then need
-    not specialize on) describe the forward under way."""
+    rows, a view. ``rows``, ``slots`` and ``attended`` describe the forward under way: ``attended`` (window,) the
+    slots each row attends over, 0 to window - 1, a tensor so that a compiled forward reads the window from its size,
+    a symbol (one compilation for every window, batch.py), where an integer would be compiled as a constant."""
 
     def __init__(self, num_layers: int, row_count: int, capacity: int, device):
         self.row_count = row_count
         self.capacity = capacity
         self.rows = slice(0, 0)
         self.slots = torch.zeros(0, 0, dtype=torch.long, device=device)
-        self.window: int | None = None
+        self.attended = torch.arange(capacity, device=device)
         self.row_numbers = torch.arange(row_count, device=device)  # made once: every forward's rows are a view of it
         super().__init__(layers=[RowSlotLayer(self) for _ in range(num_layers)])
+
+    @property
+    def window(self) -> int:
+        """The slots of each row the forward under way attends over (a symbol where it is compiled)."""
+        return self.attended.shape[0]
 
     def row_index(self, count: int) -> torch.Tensor:
         """The indices of the ``count`` rows of the forward under way: ``rows`` itself where it is a tensor, else a

@@ -20,10 +20,11 @@ def power_of_two_at_least(n: int, smallest: int) -> int:
     return max(smallest, 1 << max(0, n - 1).bit_length())
 
 
-def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+def capture_graph(fn: Callable[[], object], warmup: int = 2, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
     """Run ``fn`` a few times on a side stream (lazy allocations, compilation and autotuning happen there), then
     capture it. Returns the graph and what the captured call returned: tensors that every replay refills.
-    ``fn`` must read its inputs from tensors that stay in place and must not synchronise with the host."""
+    ``fn`` must read its inputs from tensors that stay in place and must not synchronise with the host. ``pool``: a
+    memory pool shared with other captures (``GraphRunner``), else the graph's own."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -31,7 +32,7 @@ def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         output = fn()
     return graph, output
 
@@ -43,10 +44,18 @@ class GraphRunner:
     later run copies the new inputs into those copies and replays. An input shorter than its copy (along the first
     axis) fills the leading part and leaves the rest as it was: the caller's way to pass a variable-length path
     into a graph that reads a padded one. ``fn`` must be deterministic in everything but its inputs' values.
+
+    ``shared_pool``: every capture allocates from one memory pool, as vLLM's captures of its batch sizes do, rather
+    than each from its own. A replay's intermediates are dead once it ends, and its outputs stay allocated as long
+    as its graph does, so graphs replayed one after another on one stream can share their memory; each would
+    otherwise keep the peak of its own capture (a running batch captures every rows bucket over every window at each
+    depth: 144 graphs for 64 rows of 2,048 slots, the largest of them holding its chains' logits, 64 x 4 x 49,152
+    floats).
     """
 
-    def __init__(self, graphs: bool):
+    def __init__(self, graphs: bool, shared_pool: bool = False):
         self.graphs = graphs
+        self.pool = torch.cuda.graph_pool_handle() if graphs and shared_pool else None
         self.captured: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], object]] = {}
 
     def can_run(self, key: Hashable) -> bool:
@@ -57,7 +66,7 @@ class GraphRunner:
         """Capture ``fn`` over copies of ``inputs`` (after ``warmup`` real runs of it, which the caller undoes where
         ``fn`` changes state); ``run`` does this itself the first time it meets a key."""
         static = tuple(x.clone() for x in inputs)
-        graph, output = capture_graph(lambda: fn(*static), warmup)
+        graph, output = capture_graph(lambda: fn(*static), warmup, self.pool)
         self.captured[key] = (graph, static, output)
 
     def run(self, key: Hashable, fn: Callable[..., object], *inputs: torch.Tensor):

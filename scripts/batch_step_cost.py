@@ -7,7 +7,8 @@ detokenization and stop check), the captured forward alone, and the host's part 
 ``RunningBatch.warm_up`` takes to capture every shape up to the largest R and W. Session 16 measured the
 uncaptured-prefill, uncompiled batch on an H100 (docs/gpu/batch_step_cost_session16_h100.jsonl: 3.1 ms a step for
 one row, 17 ms for 64 rows over 2,048 slots, 20 ms a join); ``--compile`` (on by default on a GPU in bfloat16)
-measures the compiled step, which attends over every slot (W then only sets the prompts' lengths). Runs on a CPU
+measures the compiled step, over a W-slot window too (until session 20 it attended over every slot of the
+largest W, whatever the prompts' lengths). Runs on a CPU
 too (eager forwards, no captures). ``--draft-depth D`` measures, beside each plain step, the drafted step of a second
 batch whose rows draft chains of D tokens with the shipped drafter (drafters/rows.py; every step drafts), and the
 tokens it emitted a step (on these prompts, not a measure of tau).
@@ -71,7 +72,7 @@ def measure(batch: RunningBatch, rows: int, window: int, steps: int, request: li
     counts = batch.counts
     drafted, drafted_tokens = counts.drafted, counts.drafted_tokens
     whole = mean_ms(step, device, steps)
-    attended = batch._plain_window(max(s.length for s in active) + 1)  # the slots the steps attended over
+    attended = batch._window(max(s.length for s in active) + 1)  # the slots the steps attended over
     if batch.drafts is not None:  # the drafted step alone: its forward is the plain step's plus the drafting
         leave()
         per_step = (counts.drafted_tokens - drafted_tokens) / max(counts.drafted - drafted, 1)
@@ -104,7 +105,7 @@ def profile(batch: RunningBatch, rows: int, top: int = 15) -> dict:
     each kernel; compiled where the batch is): the ``top`` kernels by device time, microseconds over all calls."""
     device = batch.device
     tokens, positions = batch._plain_inputs([], rows)
-    prof = profiled(lambda: batch._plain_forward(batch._plain_window(batch.capacity), tokens, positions), device)
+    prof = profiled(lambda: batch._plain_forward(batch._window(batch.capacity), tokens, positions), device)
     events = [e for e in prof.key_averages() if (e.device_time_total if device.type == "cuda" else e.cpu_time_total)]
     time_of = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
     events.sort(key=time_of, reverse=True)
@@ -119,7 +120,7 @@ def chain_parts(batch: RunningBatch, rows: int) -> dict:
     a CPU: the operators and their time); on a GPU the 8 costliest kernels of each part too (session 19 found the
     verification 80 % of a drafted step on an H200, 3.8 ms at 64 rows against 1.7 for a plain forward)."""
     device, depth = batch.device, batch.draft_depth
-    window = batch._plain_window(batch.capacity)
+    window = batch._window(batch.capacity)
     tokens, lengths, drafted = batch._chain_inputs([], rows)
     chain = batch._draft_chains(window, depth, tokens, lengths)
     logits, final = batch._verify_chains(window, chain, lengths)
@@ -215,8 +216,8 @@ def main():
               "warm_up_s": round(captured, 2), "compile_s": round(batch.decoder.seconds, 1) if batch.decoder else 0.0,
               "shapes_captured": len(batch.runner.captured), "steps": []}
     if drafter is not None:  # the drafting batch's captured steps as its warm-up timed them (ms; 0: plain)
-        report["warm_step_ms"] = {rows: {depth: round(1000 * s, 3) for depth, s in costs.items()}
-                                  for rows, costs in batches[1].warm_costs.items()}
+        report["warm_step_ms"] = {f"{rows}x{window}": {depth: round(1000 * s, 3) for depth, s in costs.items()}
+                                  for (rows, window), costs in batches[1].warm_costs.items()}
     for window in args.windows:
         for rows in args.rows:
             row = measure(batch, rows, window, args.steps, request, filler)

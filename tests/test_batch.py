@@ -289,7 +289,7 @@ class BatchOracle:
     reads first (from position 0)."""
 
     def __init__(self, references: dict[tuple, list[int]]):
-        self.references = {prompt: torch.tensor(list(prompt) + tokens + [0] * 64) for prompt, tokens in
+        self.references = {prompt: torch.tensor(list(prompt) + tokens + [0] * 256) for prompt, tokens in
                            references.items()}
 
     def rows(self, count, capacity, device):
@@ -439,7 +439,7 @@ def test_a_compiled_batch_decodes_as_alone_and_compiles_once_for_any_rows(family
     budgets = {"p0": 14, "p1": 6, "p2": 12}
     batch = RunningBatch(model, tokenizer, max_batch=4, capacity=128, fixed_shapes=True, compiled=True,
                          backend=counting)
-    assert batch.decoder is not None and batch._plain_window(3) == 128  # one window: all slots
+    assert batch.decoder is not None and batch._window(3) == 64
     if captured:
         batch.runner = RecordingRunner()
     sequences, texts = {}, {}
@@ -530,17 +530,18 @@ def test_a_warmed_up_compiled_drafting_batch_meets_no_new_shape_and_decodes_as_a
     _, tokenizer = default_model
     model = tiny_model(family)
     counting, compilations = counting_backend()
-    prompts, budgets, expected, oracle = with_references(model, tokenizer, 11, {5: 20, 17: 7, 9: 15, 30: 11})
+    prompts, budgets, expected, oracle = with_references(model, tokenizer, 11, {5: 20, 17: 7, 9: 15, 50: 20})
     for drafter in (oracle, perturbed_drafter(model, heads=DRAFT_DEPTH)):
-        batch = RunningBatch(model, tokenizer, max_batch=4, capacity=64, drafter=drafter, adaptive=False,
+        batch = RunningBatch(model, tokenizer, max_batch=4, capacity=128, drafter=drafter, adaptive=False,
                              fixed_shapes=True, compiled=True, backend=counting)
         batch.add([3, 4], 1)  # the KV memory is allocated by a first forward, uncompiled
         batch.remove(batch.running[0])
         batch.runner = RecordingRunner()
         batch.warm_up()
         assert {key[0] for key in batch.runner.captured} == {"prefill", "plain", "chains"}
-        # every rows bucket's steps timed, to seed each size's choice of depth: all depths, each a positive time
-        assert sorted(batch.warm_costs) == [2, 4]
+        # every rows bucket's steps over every window timed, to seed each size's choice of depth: all depths, each a
+        # positive time
+        assert sorted(batch.warm_costs) == [(2, 64), (2, 128), (4, 64), (4, 128)]
         assert all(sorted(costs) == list(range(DRAFT_DEPTH + 1)) and min(costs.values()) > 0
                    for costs in batch.warm_costs.values())
         sequences, texts = {}, {}
@@ -554,6 +555,7 @@ def test_a_warmed_up_compiled_drafting_batch_meets_no_new_shape_and_decodes_as_a
             assert results[name].text == texts[name] == expected[name].text
         if drafter is oracle:
             assert all(max(results[name].accepted) == DRAFT_DEPTH + 1 for name in prompts)
-    # prefills, plain steps and chains of any number of rows (one member padded to two): compiled once each; the
-    # Chimera drafter's chains once a depth (the oracle's are its own, read on the host)
+    # prefills, plain steps and chains of any number of rows over any window (one member padded to two; p3 steps over
+    # 64 slots, then 128): compiled once each; the Chimera drafter's chains once a depth (the oracle's are its own,
+    # read on the host)
     assert len(compilations) == 3 + DRAFT_DEPTH

@@ -41,8 +41,11 @@ class ChimeraRows:
         c = drafter.config
         self.drafter = drafter
         self.capacity = capacity
-        # zeros, not empty: attention weighs the slots past a row's length by 0, and 0 times inf or NaN is NaN
-        self.keys = torch.zeros(count, c.num_kv_heads, capacity, c.head_dim, dtype=drafter.fuse.weight.dtype,
+        # zeros, not empty: attention weighs the slots past a row's length by 0, and 0 times inf or NaN is NaN. One
+        # slot more than a row holds, never read: a step attends over a window of the slots, a view, which would be
+        # contiguous where it spans the whole buffer and not otherwise, and the drafter's compiled chains, whose
+        # attention depends on that, were compiled again for a window of every slot (a counting backend on this CPU)
+        self.keys = torch.zeros(count, c.num_kv_heads, capacity + 1, c.head_dim, dtype=drafter.fuse.weight.dtype,
                                 device=device)
         self.values = torch.zeros_like(self.keys)
         self.chains = draft_chains  # or its compiled twin (``compile``)
@@ -76,16 +79,15 @@ class ChimeraRows:
         each row's root and the root, at position ``starts`` (R,) (the row's verified length, its keys' reach);
         ``last_hidden`` (R, d) the base's hidden state before the root. Attends over the first ``window`` slots.
         Returns (R, depth + 1): the root, then the drafts (``draft_chains``)."""
-        keys, values = self.keys, self.values
-        if window < self.capacity:  # uncompiled (a compiled step attends over every slot)
-            keys, values = keys[:, :, :window], values[:, :, :window]
+        keys, values, attended = self.keys, self.values, torch.arange(window, device=self.keys.device)
         tokens = self._tokens(tokens)
-        if isinstance(self.chains, Compiled):  # one compilation a depth, for any rows and buffers' sizes (the rows a
-            # symbol in the inputs, the buffers whole: a view's sizes would be compiled as constants)
-            CompiledDecoder.mark_symbol(0, tokens, starts, last_hidden, keys, values)
+        if isinstance(self.chains, Compiled):  # one compilation a depth, for any rows, window and buffers' sizes (the
+            # rows and the window symbols in the inputs, the buffers whole: a view's sizes would be compiled as
+            # constants)
+            CompiledDecoder.mark_symbol(0, tokens, starts, last_hidden, keys, values, attended)
             CompiledDecoder.mark_symbol(2, keys, values)
         with announced(self.chains, f"{depth} drafts a row, any number of rows"):
-            return self.chains(self.drafter, keys, values, tokens, starts, last_hidden, depth)
+            return self.chains(self.drafter, keys, values, attended, tokens, starts, last_hidden, depth)
 
     @torch.no_grad()
     def move(self, source: int, target: int, length: int) -> None:
@@ -94,15 +96,15 @@ class ChimeraRows:
 
 
 @torch.no_grad()
-def draft_chains(drafter, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
-                 last_hidden: torch.Tensor, depth: int) -> torch.Tensor:
-    """``ChimeraRows.propose`` on explicit state: the layer's ``keys`` and ``values`` (rows, kv heads, window, head
-    size), of which the first R rows draft, ``tokens`` (R, 3) with the drafter's pad in place of PAD. Each level
-    drafts as the lone drafter's chain does (the same functions, ``level_inputs`` and ``level_output``, with a row
-    axis in front), then the head's argmax."""
+def draft_chains(drafter, keys: torch.Tensor, values: torch.Tensor, attended: torch.Tensor, tokens: torch.Tensor,
+                 starts: torch.Tensor, last_hidden: torch.Tensor, depth: int) -> torch.Tensor:
+    """``ChimeraRows.propose`` on explicit state: the layer's ``keys`` and ``values`` (rows, kv heads, capacity, head
+    size), of which the first R rows draft over the slots ``attended`` (window,), 0 to window - 1, ``tokens`` (R, 3)
+    with the drafter's pad in place of PAD. Each level drafts as the lone drafter's chain does (the same functions,
+    ``level_inputs`` and ``level_output``, with a row axis in front), then the head's argmax."""
     rows, c = tokens.shape[0], drafter.config
-    keys, values = keys[:rows], values[:rows]
-    visible = (torch.arange(keys.shape[2], device=tokens.device) < starts[:, None])[:, None, None, None, :]
+    keys, values = keys[:rows, :, :attended.shape[0]], values[:rows, :, :attended.shape[0]]
+    visible = (attended < starts[:, None])[:, None, None, None, :]
     seen = torch.ones(depth, depth, dtype=torch.bool, device=tokens.device).tril()  # each draft its ancestors
     draft_k = keys.new_empty(rows, c.num_kv_heads, depth, c.head_dim)
     draft_v = torch.empty_like(draft_k)

@@ -16,7 +16,9 @@
 # its compiled routes a few minutes), step-cost, step-cost-per-depth (the same with the chains verified by one compiled
 # forward a depth), step-cost-folded (with a chain's query heads folded), throughput and bf16. CONCURRENCY: the
 # throughput's client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about
-# 180 s fresh). PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs.
+# 180 s fresh). PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs;
+# WINDOWS their windows of slots (default 1024; since session 20 a compiled step attends over its window, not every
+# slot: e.g. WINDOWS="256 1024 2048").
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
 RES=$HOME/res-drafting
 RUNS=${RUNS:-fp32 step-cost throughput bf16}
@@ -37,7 +39,7 @@ fi
 step_cost() {
   local name=$1; shift
   step "$name"
-  python3 scripts/batch_step_cost.py --windows 1024 --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" "$@" \
+  python3 scripts/batch_step_cost.py --windows ${WINDOWS:-1024} --draft-depth "${DEPTH:-3}" --profile "${PROFILE:-0}" "$@" \
     --out "$RES/$name.json" > "$RES/$name.log" 2>&1
 }
 part step-cost && step_cost batch_step_cost
