@@ -415,11 +415,16 @@ class RunningBatch:
         """The choice of depth for ``count`` sequences whose steps attend over ``window`` slots (a drafted step's
         verifying attention grows with the slots faster than a plain step's: on an H100, one layer's for 64 rows of 4
         tokens 84 us over 1,024 slots and 155 over 2,048, of one token 31 and 39; session 20)."""
-        key = power_of_two_at_least(count, 1), window
-        if key not in self.depths:
-            self.depths[key] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
-                                          costs=self.warm_costs.get((self._rows(count), window)))
-        return self.depths[key]
+        size = power_of_two_at_least(count, 1)
+        if (size, window) not in self.depths:
+            costs = self.warm_costs.get((self._rows(count), window))
+            if costs is None:  # not timed at warm-up (no captures: a CPU): what this size measured over another
+                # window, if it did, rather than every depth explored again
+                known = [choice.measured() for (other, _), choice in self.depths.items() if other == size]
+                costs = next((c for c in reversed(known) if c), None)
+            self.depths[size, window] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
+                                                   costs=costs)
+        return self.depths[size, window]
 
     def _can_draft(self, active: list[Sequence]) -> bool:
         """Greedy members only, each with room in its row for the deepest chain, and one at least with a drafter

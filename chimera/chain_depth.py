@@ -1,5 +1,5 @@
-"""How deep a running batch drafts (batch.py), at each power-of-two batch size: the chain depth, from 0 (a plain
-step) to the batch's deepest, whose measured tokens per second are highest.
+"""How deep a running batch drafts (batch.py), at each power-of-two batch size and window of slots: the chain depth,
+from 0 (a plain step) to the batch's deepest, whose measured tokens per second are highest.
 
 A chain of depth d emits, for each sequence, 1 + min(a, d) tokens, where a counts the drafts of the deepest chain
 the base accepted: so the steps at the deepest depth tell what every shallower depth would have yielded, and only
@@ -12,7 +12,9 @@ batch of 64 rows about 13 %: a drafted step cost three plain ones there, below.)
 
 A batch shares the yields among its sizes (they depend on the texts, not on how many sequences decode at once) and,
 where it captures its steps (a GPU), seeds each size's costs with those steps timed at its warm-up: a size first met
-then needs no steps of its own to choose. Exploring every depth at each size had cost `chimera` 12 % and 6 % of
+then needs no steps of its own to choose. Since session 20 a choice is kept per size and window (a drafted step's
+attention grows with the slots faster than a plain step's); without warm-up timings a size's choice over a new
+window starts from what the size measured over another. Exploring every depth at each size had cost `chimera` 12 % and 6 % of
 `ar`'s throughput at 16 and 64 clients on an H100 in runs of about a second each (session 18): drafting lost there,
 and the batch drafted 7 and 13 % of its steps to find it out.
 
@@ -67,6 +69,10 @@ class ChainDepth:
     def yield_per_second(self, depth: int) -> float | None:
         cost, tokens = self.costs[depth].value, self.tokens[depth].value
         return None if cost is None or tokens is None or cost <= 0 else tokens / cost
+
+    def measured(self) -> dict[int, float]:
+        """Seconds a step, by depth, for the depths measured so far: seeds for the choice of another window."""
+        return {depth: cost.value for depth, cost in enumerate(self.costs) if cost.value is not None}
 
     def best(self) -> int:
         return max(range(self.deepest + 1), key=self.yield_per_second)

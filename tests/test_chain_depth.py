@@ -96,3 +96,22 @@ def test_a_batch_whose_depth_changes_step_by_step_decodes_as_alone(drafter, defa
     for name in prompts:
         assert results[name].token_ids == expected[name].token_ids, name
         assert results[name].text == texts[name] == expected[name].text
+
+
+def test_a_size_met_over_a_new_window_starts_from_what_it_measured_over_another(default_model):
+    """The choice is kept per batch size and window (a drafted step's attention grows with the slots faster than a
+    plain step's). Without warm-up timings (no captures: a CPU), a size's choice over a new window is seeded with
+    what the same size measured over another, and chooses at once; another size explores on its own."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=DRAFT_DEPTH)
+    batch = RunningBatch(model, tokenizer, max_batch=4, capacity=256, drafter=drafter, adaptive=True)
+    costs = {0: 1.0, 1: 1.2, 2: 1.3, 3: 1.4}
+    narrow = batch._depth_choice(2, 64)
+    run(narrow, costs, [1, 1], 2 * (DRAFT_DEPTH + 1))  # every depth measured twice
+    assert narrow.measured() == costs
+    wide = batch._depth_choice(2, 128)
+    assert wide is not narrow and wide.measured() == costs
+    assert wide.next_depth() == 1  # 2 tokens for 1.2 s: no depth explored first
+    assert batch._depth_choice(4, 128).measured() == {}
+    assert batch._depth_choice(2, 64) is narrow
