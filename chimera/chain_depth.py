@@ -13,8 +13,8 @@ batch of 64 rows about 13 %: a drafted step cost three plain ones there, below.)
 A batch shares the yields among its sizes (they depend on the texts, not on how many sequences decode at once) and,
 where it captures its steps (a GPU), seeds each size's costs with those steps timed at its warm-up: a size first met
 then needs no steps of its own to choose. Since session 20 a choice is kept per size and window (a drafted step's
-attention grows with the slots faster than a plain step's); without warm-up timings a size's choice over a new
-window starts from what the size measured over another. Exploring every depth at each size had cost `chimera` 12 % and 6 % of
+attention grows with the slots faster than a plain step's); without warm-up timings a size's choice over a new window
+starts from what the size measured over another. Exploring every depth at each size had cost `chimera` 12 % and 6 % of
 `ar`'s throughput at 16 and 64 clients on an H100 in runs of about a second each (session 18): drafting lost there,
 and the batch drafted 7 and 13 % of its steps to find it out.
 
