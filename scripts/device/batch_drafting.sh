@@ -17,8 +17,9 @@
 # forward a depth), step-cost-folded (with a chain's query heads folded), throughput and bf16. CONCURRENCY: the
 # throughput's client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about
 # 180 s fresh). PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs;
-# WINDOWS their windows of slots (default 1024; since session 20 a compiled step attends over its window, not every
-# slot: e.g. WINDOWS="256 1024 2048").
+# THROUGHPUT_LIMIT the throughput's questions a category (default 40: 240 first turns; session 19's 11 a category made
+# runs of 0.7-1.5 s on an H200). WINDOWS the step costs' windows of slots (default 1024; since session 20 a compiled
+# step attends over its window, not every slot: e.g. WINDOWS="256 1024 2048").
 # Start it with setsid; results and progress.txt in $HOME/res-drafting, copied to $OUT by each polling call.
 RES=$HOME/res-drafting
 RUNS=${RUNS:-fp32 step-cost throughput bf16}
@@ -46,7 +47,7 @@ part step-cost && step_cost batch_step_cost
 part step-cost-per-depth && step_cost batch_step_cost_per_depth --verify-graphs per-depth
 part step-cost-folded && step_cost batch_step_cost_folded --chain-attention folded
 part throughput && step throughput && \
-python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit 11 \
+python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit "${THROUGHPUT_LIMIT:-40}" \
   --concurrency ${CONCURRENCY:-1 4 16 64} --max-new-tokens 128 --methods ar chimera --batch-drafting --max-batch 64 --tree dynamic-64-8-3 --draft-vocab 16384 \
   --device cuda --out "$RES/throughput" > "$RES/throughput.log" 2>&1
 if part bf16; then
