@@ -163,10 +163,10 @@ class SlotCache(Cache):
 
 
 class RowSlotLayer(CacheLayerMixin):
-    """One layer's keys and values for a running batch: ``rows`` sequences of ``capacity`` slots each. A forward
-    covers the rows ``cache.rows`` (a slice: the running batch, or one row being prefilled; or a tensor of row
-    indices, for a forward captured once for any row), writes its tokens at
-    ``cache.slots`` (rows x tokens), and attends over the first ``len(cache.attended)`` slots of each row."""
+    """One layer's keys and values for a running batch: ``rows`` sequences of ``capacity`` slots each (and a spare).
+    A forward covers the rows ``cache.rows`` (a slice: the running batch, or one row being prefilled; or a tensor of
+    row indices, for a forward captured once for any row), writes its tokens at ``cache.slots`` (rows x tokens), and
+    attends over the first ``len(cache.attended)`` slots of each row."""
 
     is_compileable = False
 
@@ -176,8 +176,12 @@ class RowSlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, heads, _, width = key_states.shape
-        self.keys = key_states.new_zeros(self.cache.row_count, heads, self.cache.capacity, width)
-        self.values = value_states.new_zeros(self.cache.row_count, heads, self.cache.capacity, value_states.shape[-1])
+        # one slot more than a row holds, never read or written: a forward attends over a window of the slots, a view
+        # never contiguous, so that a window of every slot compiles nothing new (the drafter's row buffers measured
+        # it: drafters/rows.py)
+        slots = self.cache.capacity + 1
+        self.keys = key_states.new_zeros(self.cache.row_count, heads, slots, width)
+        self.values = value_states.new_zeros(self.cache.row_count, heads, slots, value_states.shape[-1])
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -239,7 +243,7 @@ class RowSlotCache(Cache):
 
     @property
     def buffers(self) -> list[torch.Tensor]:
-        """Every allocated layer's keys and values, (row_count, heads, capacity, head size) each."""
+        """Every allocated layer's keys and values, (row_count, heads, capacity + 1, head size) each."""
         return [t for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values)]
 
     @property
