@@ -87,6 +87,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
 
 
 FOLDED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_ORDERED = "set_priority" in inspect.signature(sdpa_kernel).parameters  # whether this torch takes the list's order
 
 
 def _cudnn_first():
@@ -94,9 +95,7 @@ def _cudnn_first():
     folded) cuDNN's took 61-67 us over 1,024-2,048 slots, where SDPA's own choice took 78-92 and the memory-efficient
     kernel 72-135 (session 20). The others serve where cuDNN refuses a shape or is missing (a CPU). Traced by Dynamo
     without a break (checked on this CPU); a torch without ``set_priority`` keeps SDPA's order among them."""
-    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
-        return sdpa_kernel(FOLDED_BACKENDS, set_priority=True)
-    return sdpa_kernel(FOLDED_BACKENDS)
+    return sdpa_kernel(FOLDED_BACKENDS, set_priority=True) if _ORDERED else sdpa_kernel(FOLDED_BACKENDS)
 
 
 def _folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

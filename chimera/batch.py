@@ -303,10 +303,12 @@ class RunningBatch:
             return []
         if len(active) != len(self.running):
             raise ChimeraError("remove finished sequences before the next step")
-        choice = self._depth_choice(len(active), self._window(max(s.length for s in active) + self.draft_depth + 1))
+        longest = max(s.length for s in active)  # the step's window holds its tokens past the longest
+        choice = self._depth_choice(len(active), self._window(longest + self.draft_depth + 1))
         depth = choice.next_depth() if self._can_draft(active) else 0
         start = time.perf_counter()
-        steps = self._drafted_step(active, depth) if depth else self._plain_step(active)
+        window = self._window(longest + depth + 1)
+        steps = self._drafted_step(active, depth, window) if depth else self._plain_step(active, window)
         out = []
         for sequence, tokens in zip(active, steps):
             emitted = len(sequence.stopper.tokens)
@@ -398,9 +400,8 @@ class RunningBatch:
             return count
         return min(power_of_two_at_least(count, 2 if self.decoder is not None else 1), self.max_batch)
 
-    def _plain_step(self, active: list[Sequence]) -> list[list[int]]:
+    def _plain_step(self, active: list[Sequence], window: int) -> list[list[int]]:
         rows = self._rows(len(active))
-        window = self._window(max(s.length for s in active) + 1)
         key = ("plain", rows, window)
         with announced(self.decoder, self._compiled_shape(rows), first=not self.runner.can_run(key)):
             logits = self.runner.run(key, functools.partial(self._plain_forward, window),
@@ -433,15 +434,14 @@ class RunningBatch:
                 and all(s.generator is None and s.length + self.draft_depth + 1 <= self.capacity for s in active))
 
     @torch.no_grad()  # not inference mode: the chains it drafts are the forward's inputs, which are ordinary
-    def _drafted_step(self, active: list[Sequence], depth: int) -> list[list[int]]:
+    def _drafted_step(self, active: list[Sequence], depth: int, window: int) -> list[list[int]]:
         """Every member drafts a chain of ``depth`` tokens from its newest one, one forward verifies them all, and
-        each keeps its longest correct run of drafts and the base's token after it: one capture per rows bucket and
-        depth (``_chain_forward``), idle rows padded as in a plain step."""
+        each keeps its longest correct run of drafts and the base's token after it, attending over ``window`` slots:
+        one capture per rows bucket, window and depth (``_chain_forward``), idle rows padded as in a plain step."""
         start = time.perf_counter()
         self._catch_up(active)
         self.counts.catch_up_seconds += time.perf_counter() - start
         rows = self._rows(len(active))
-        window = self._window(max(s.length for s in active) + depth + 1)
         key = ("chains", rows, window, depth)
         with announced(self.decoder, self._compiled_shape(rows, depth), first=not self.runner.can_run(key)):
             read = self.runner.run(key, functools.partial(self._chain_forward, window, depth),
@@ -551,7 +551,7 @@ class RunningBatch:
         score. ``decoder``: the compiled decoder stack in place of the model's (a plain vocabulary head, projected
         here), for a step (its rows a symbol, a chain's length too) or a prefill of one row chosen on the device (its
         length a symbol)."""
-        attended = torch.arange(window, device=self.device)
+        attended = self.cache.slot_numbers[:window]
         self.cache.rows, self.cache.slots, self.cache.attended = rows, positions, attended
         allowed = attended[None, None, :] <= positions[:, :, None]
         mask = additive_mask(allowed, self.model.dtype)[0, 0][:, None]  # (rows, 1, n, window)
@@ -569,8 +569,9 @@ class RunningBatch:
                     if tokens.shape[1] > 1 and self.verify_graphs == "shared":
                         decoder.mark_symbol(1, tokens, positions)
                         decoder.mark_symbol(2, mask)
-                decoder.mark_symbol(3, mask)  # and the slots attended over (any window), a symbol as the buffers'
-                decoder.mark_symbol(0, attended)  # (any capacity) are
+                # and the slots attended over: any window, as the buffers' sizes are any capacity
+                decoder.mark_symbol(3, mask)
+                decoder.mark_symbol(0, attended)
                 last, final = target.stack_forward(decoder, self.features, **inputs,
                                                    **cache_kwargs(self.model.get_decoder(), self.cache))
                 logits = target.vocab_logits(target.kept_states(last, logits_to_keep),

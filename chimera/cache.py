@@ -218,15 +218,17 @@ class RowSlotCache(Cache):
     """KV slots for a running batch of sequences, one row each (batch.py). The running rows are always the first
     ones: a sequence that leaves is replaced by the last (``move_row``), so a step's forward covers a prefix of
     rows, a view. ``rows``, ``slots`` and ``attended`` describe the forward under way: ``attended`` (window,) the
-    slots each row attends over, 0 to window - 1, a tensor so that a compiled forward reads the window from its size,
-    a symbol (one compilation for every window, batch.py), where an integer would be compiled as a constant."""
+    slots each row attends over, 0 to window - 1 (a view of ``slot_numbers``), a tensor so that a compiled forward
+    reads the window from its size, a symbol (one compilation for every window, batch.py), where an integer would be
+    compiled as a constant."""
 
     def __init__(self, num_layers: int, row_count: int, capacity: int, device):
         self.row_count = row_count
         self.capacity = capacity
         self.rows = slice(0, 0)
         self.slots = torch.zeros(0, 0, dtype=torch.long, device=device)
-        self.attended = torch.arange(capacity, device=device)
+        self.slot_numbers = torch.arange(capacity, device=device)  # made once: every forward's window is a view of it
+        self.attended = self.slot_numbers
         self.row_numbers = torch.arange(row_count, device=device)  # made once: every forward's rows are a view of it
         super().__init__(layers=[RowSlotLayer(self) for _ in range(num_layers)])
 

@@ -48,6 +48,7 @@ class ChimeraRows:
         self.keys = torch.zeros(count, c.num_kv_heads, capacity + 1, c.head_dim, dtype=drafter.fuse.weight.dtype,
                                 device=device)
         self.values = torch.zeros_like(self.keys)
+        self.slot_numbers = torch.arange(capacity, device=device)  # made once: each step's window is a view of it
         self.chains = draft_chains  # or its compiled twin (``compile``)
 
     def _tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ class ChimeraRows:
         each row's root and the root, at position ``starts`` (R,) (the row's verified length, its keys' reach);
         ``last_hidden`` (R, d) the base's hidden state before the root. Attends over the first ``window`` slots.
         Returns (R, depth + 1): the root, then the drafts (``draft_chains``)."""
-        keys, values, attended = self.keys, self.values, torch.arange(window, device=self.keys.device)
+        keys, values, attended = self.keys, self.values, self.slot_numbers[:window]
         tokens = self._tokens(tokens)
         if isinstance(self.chains, Compiled):  # one compilation a depth, for any rows, window and buffers' sizes (the
             # rows and the window symbols in the inputs, the buffers whole: a view's sizes would be compiled as
