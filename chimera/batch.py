@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention, target
-from .chain_depth import ChainDepth, yields
+from .chain_depth import ChainDepth, Exploration, yields
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
 from .compiled import CompiledDecoder, announced, compilable
@@ -201,6 +201,7 @@ class RunningBatch:
         # how deep to draft, per power-of-two number of running sequences and window (what a step's cost depends on)
         self.depths: dict[tuple[int, int], ChainDepth] = {}
         self.yields = yields(draft_depth)  # tokens a sequence emits a step by depth, shared by the sizes' choices
+        self.exploration = Exploration()  # and when they return to the deepest depth to refresh those yields
         # (rows, window): a captured step's seconds by depth, timed at warm-up
         self.warm_costs: dict[tuple[int, int], dict[int, float]] = {}
         self.counts = StepCounts()
@@ -424,7 +425,7 @@ class RunningBatch:
                 known = [choice.measured() for (other, _), choice in self.depths.items() if other == size]
                 costs = next((c for c in reversed(known) if c), None)
             self.depths[size, window] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
-                                                   costs=costs)
+                                                   costs=costs, exploration=self.exploration)
         return self.depths[size, window]
 
     def _can_draft(self, active: list[Sequence]) -> bool:

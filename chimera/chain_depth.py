@@ -28,11 +28,21 @@ plain / at depth 1 / 2 / 3: 1 row 34-36 / 40 / 46 / 63, 4 rows 53-54 / 72 / 89 /
 docs/benchmarks.md session 17) depths 1-3 were within 5 % of each other at 1 and 4 rows, and every depth lost at
 16 and 64.
 
+Since session 21 the returns to the deepest depth follow one schedule for the whole batch (``Exploration``), as the
+yields they refresh are shared: kept per size and window, every choice had returned on its own after 16 of its own
+steps, and a batch that met a dozen sizes and windows drafted that many times more to learn the same yields. (On an
+H100 `chimera` served 0.92x `ar` at 16 clients drafting 3 % of its steps, most of them returns; session 21.) And a
+cost seeded from warm-up is the replay of a captured step alone, without the host's part of a real step (the
+members' bookkeeping, the read, the text): until a depth has steps of its own, its seed counts the host's part that
+this choice's plain steps measured, so that a drafted depth does not look cheaper than it is beside real plain steps.
+
 Only what is drafted changes: every depth decodes the same tokens (greedy acceptance), so the choice is free to
 follow the clock.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .adaptive import MovingAverage
 
@@ -46,12 +56,32 @@ def yields(deepest: int) -> list[MovingAverage]:
     return [MovingAverage(1.0, 1)] + [MovingAverage() for _ in range(deepest)]
 
 
+@dataclass
+class Exploration:
+    """When the choices of one batch return to the deepest depth, whose steps refresh the yields they share: after
+    ``every`` choices of any of them, doubling after each return that changed nothing, up to LONGEST_EXPLORE."""
+
+    every: int = EXPLORE_EVERY
+    since: int = 0  # choices since the last return
+
+    def due(self) -> bool:
+        """Counts a choice; whether it is a return."""
+        self.since += 1
+        if self.since < self.every:
+            return False
+        self.since = 0
+        return True
+
+    def returned(self, changed: bool) -> None:
+        self.every = EXPLORE_EVERY if changed else min(2 * self.every, LONGEST_EXPLORE)
+
+
 class ChainDepth:
     """Per batch size: ``next_depth()`` before a step that may draft, ``record(depth, accepted, seconds)`` after it.
     Not ``adaptive``: always the deepest."""
 
     def __init__(self, deepest: int, adaptive: bool = True, tokens: list[MovingAverage] | None = None,
-                 costs: dict[int, float] | None = None):
+                 costs: dict[int, float] | None = None, exploration: Exploration | None = None):
         self.deepest = deepest
         self.adaptive = adaptive
         self.costs = [MovingAverage() for _ in range(deepest + 1)]  # seconds a step, by depth (0: plain)
@@ -59,15 +89,25 @@ class ChainDepth:
         # tokens a sequence emits a step, by depth (``yields``), shared where given: what a drafter guesses right
         # depends on the texts, not on how many decode at once
         self.tokens = tokens if tokens is not None else yields(deepest)
-        for depth, seconds in (costs or {}).items():  # measured ahead (a batch's warm-up times its captured steps):
+        self.seeds = dict(costs or {})  # measured ahead (a batch's warm-up times its captured steps, no host part)
+        for depth, seconds in self.seeds.items():
             self.costs[depth].add(seconds)  # the depth's steps are then counted from the first
             self.steps[depth] = COUNTED_AFTER
-        self.explore_every = EXPLORE_EVERY
-        self.since_explored = 0  # choices since the last return to the deepest depth
+        # the returns to the deepest depth: shared where given (a batch's choices), as the yields they refresh are
+        self.exploration = exploration if exploration is not None else Exploration()
         self.before_explore: int | None = None  # the depth chosen before a return under way
 
+    def cost(self, depth: int) -> float | None:
+        """Seconds a step at ``depth``: measured, or seeded plus the host's part that plain steps measured over
+        their own seed where the depth has no step of its own yet."""
+        cost = self.costs[depth].value
+        seed_alone = depth > 0 and depth in self.seeds and self.steps[depth] <= COUNTED_AFTER
+        if cost is None or not seed_alone or 0 not in self.seeds or self.steps[0] <= COUNTED_AFTER:
+            return cost
+        return cost + max(self.costs[0].value - self.seeds[0], 0.0)
+
     def yield_per_second(self, depth: int) -> float | None:
-        cost, tokens = self.costs[depth].value, self.tokens[depth].value
+        cost, tokens = self.cost(depth), self.tokens[depth].value
         return None if cost is None or tokens is None or cost <= 0 else tokens / cost
 
     def measured(self) -> dict[int, float]:
@@ -83,9 +123,8 @@ class ChainDepth:
         for depth in (self.deepest, *range(self.deepest)):  # each measured first, the deepest (every yield) first
             if self.yield_per_second(depth) is None:
                 return depth
-        self.since_explored += 1
-        if self.since_explored >= self.explore_every:
-            self.since_explored, self.before_explore = 0, self.best()
+        if self.exploration.due():
+            self.before_explore = self.best()
             return self.deepest
         return self.best()
 
@@ -98,6 +137,5 @@ class ChainDepth:
             for shallower in range(1, depth + 1):
                 self.tokens[shallower].add(1 + sum(min(a, shallower) for a in accepted) / len(accepted))
         if self.before_explore is not None and depth == self.deepest:  # a return: did it change the choice?
-            same = self.best() == self.before_explore
-            self.explore_every = min(2 * self.explore_every, LONGEST_EXPLORE) if same else EXPLORE_EVERY
+            self.exploration.returned(self.best() != self.before_explore)
             self.before_explore = None

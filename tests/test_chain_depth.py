@@ -5,7 +5,8 @@ whose depths change from step to step still decodes every sequence as alone."""
 import pytest
 
 from chimera.batch import DRAFT_DEPTH, RunningBatch
-from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, LONGEST_EXPLORE, ChainDepth, yields
+from chimera.adaptive import MovingAverage
+from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, LONGEST_EXPLORE, ChainDepth, Exploration, yields
 from conftest import tiny_model
 from test_batch import drain, with_references
 from test_drafter import perturbed_drafter
@@ -68,10 +69,47 @@ def test_returns_to_the_deepest_depth_grow_rarer_while_they_change_nothing():
     # the text turns predictable: the next return finds the deepest chain best and returns come often again
     for _ in range(LONGEST_EXPLORE):
         choice.record(3, [3], 4.0)  # as steps drafted elsewhere would teach it
-    choice.since_explored = choice.explore_every - 1
+    choice.exploration.since = choice.exploration.every - 1
     assert choice.next_depth() == 3
     choice.record(3, [3], 1.5)
-    assert choice.best() == 3 and choice.explore_every == EXPLORE_EVERY
+    assert choice.best() == 3 and choice.exploration.every == EXPLORE_EVERY
+
+
+def test_the_choices_of_a_batch_return_to_the_deepest_depth_on_one_schedule():
+    """A batch's choices (one per size and window) share the yields that a return to the deepest depth refreshes, and
+    so the returns' schedule: however many choices the steps go through, they return as one choice alone would."""
+    costs = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}  # drafting never pays: every depth but plain is a return
+
+    def returns(choices: list[ChainDepth], steps: int) -> list[int]:
+        depths = [run(choices[i % len(choices)], costs, accepted=[1], steps=1)[0] for i in range(steps)]
+        return [i for i, depth in enumerate(depths) if depth == 3]
+
+    tokens, exploration = yields(3), Exploration()
+    run(ChainDepth(3, tokens=tokens), costs, accepted=[1], steps=8)  # the yields learnt
+    shared = [ChainDepth(3, tokens=tokens, costs=costs, exploration=exploration) for _ in range(8)]
+    alone = [ChainDepth(3, tokens=yields(3), costs=costs)]
+    alone[0].tokens[1:] = [MovingAverage(value, 1) for value in (1.5, 1.5, 1.5)]
+    steps = 16 * EXPLORE_EVERY
+    assert returns(shared, steps) == returns(alone, steps) == [EXPLORE_EVERY - 1, 3 * EXPLORE_EVERY - 1,
+                                                               7 * EXPLORE_EVERY - 1, 15 * EXPLORE_EVERY - 1]
+    apart = [ChainDepth(3, tokens=tokens, costs=costs) for _ in range(8)]  # each on its own schedule, as until
+    assert len(returns(apart, steps)) > 4 * len(returns(alone, steps))  # session 21
+
+
+def test_a_seeded_depth_counts_the_host_part_that_plain_steps_measured():
+    """Warm-up seeds a step's cost with the replay of its capture alone; real steps add the host's part. Until a
+    drafted depth has steps of its own, its seed is compared with real plain steps plus that part, not without it:
+    here drafting looks faster on the seeds (1.4 tokens for 1.5 s against 1 for 1.0) and is, by the seeds alone, set
+    beside plain steps that really take 1.2 s; with the host's 0.2 s it is not (1.4 / 1.7 < 1 / 1.2)."""
+    tokens = yields(1)
+    tokens[1] = MovingAverage(1.4, 1)
+    choice = ChainDepth(1, tokens=tokens, costs={0: 1.0, 1: 1.5})
+    depths = run(choice, {0: 1.2, 1: 1.7}, accepted=[1, 1, 0, 0, 0], steps=EXPLORE_EVERY - 1)
+    assert depths == [0] * (EXPLORE_EVERY - 1)
+    assert choice.cost(1) == pytest.approx(1.5 + choice.costs[0].value - 1.0)
+    assert choice.next_depth() == 1  # a return: from its own steps on, its cost is what they measure
+    choice.record(1, [1, 1, 0, 0, 0], 1.7)
+    assert choice.cost(1) == choice.costs[1].value == pytest.approx(1.6)
 
 
 def test_without_adaptation_the_deepest_always():
