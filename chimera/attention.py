@@ -42,7 +42,9 @@ grouped, which measured fastest. Session 20 measured why on an H100 (scripts/bat
 docs/benchmarks.md): for 4 queries a row the grouped kernel is no longer split along the slots, 37-66 us for 16 rows
 and 84-155 for 64 over 1,024-2,048 slots, where folded queries with cuDNN's kernel forced took 40-42 and 61-67; SDPA's
 own choice for folded queries took 67-92. The candidate now forces cuDNN first (``_cudnn_first``); its step is for
-a GPU to time (``--chain-attention folded``).
+a GPU to time (``--chain-attention folded``). ``batch_attention_heads`` is another (session 21): a chain's query
+tokens read as query heads, one query each, the shape whose grouped kernel is split along the slots; for a GPU to
+time too (``--chain-attention heads``).
 """
 
 from __future__ import annotations
@@ -113,6 +115,20 @@ def _folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     return out.reshape(rows, heads, queries, size).transpose(1, 2).contiguous(), None
 
 
+def _heads_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                scaling: float | None) -> tuple[torch.Tensor, None]:
+    """Grouped-query attention with each query token of a row read as a query head of its own: (rows, heads x n, 1,
+    size), a head's tokens one after another, so that a key head's group stays contiguous (its ``groups x n`` heads),
+    each with its own row of the mask. One query a head is the shape of a plain step, whose grouped kernel is split
+    along the slots (on an H100, one layer of 64 rows over 2,048 slots: 39 us for one query a row, 155 for four;
+    session 20); the keys and values are read once, the mask repeated per head."""
+    rows, heads, queries, size = query.shape
+    as_heads = query.reshape(rows, heads * queries, 1, size)
+    mask = mask.expand(rows, heads, queries, mask.shape[-1]).reshape(rows, heads * queries, 1, mask.shape[-1])
+    out = F.scaled_dot_product_attention(as_heads, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.reshape(rows, heads, queries, size).transpose(1, 2).contiguous(), None
+
+
 STEP_QUERIES = 8  # at most this many query tokens a row: a batch's step (a token or a drafted chain); prefills have 16+
 
 
@@ -137,6 +153,16 @@ def batch_attention_folded(module, query: torch.Tensor, key: torch.Tensor, value
     return _folded_sdpa(query, key, value, attention_mask, scaling)
 
 
+def batch_attention_heads(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """``batch_attention`` with a drafted chain's query tokens read as query heads (``_heads_sdpa``); a plain step and
+    a prefill as there."""
+    if query.shape[2] == 1 or query.shape[2] > STEP_QUERIES or _plain(module, attention_mask, dropout, kwargs):
+        return batch_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _heads_sdpa(query, key, value, attention_mask, scaling)
+
+
 AttentionInterface.register(NAME, grouped_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # masks transformers builds itself (a prefill's) stay SDPA's
 BATCH_NAME = "chimera_batch_sdpa"
@@ -145,7 +171,11 @@ AttentionMaskInterface.register(BATCH_NAME, sdpa_mask)
 BATCH_FOLDED_NAME = "chimera_batch_sdpa_folded"
 AttentionInterface.register(BATCH_FOLDED_NAME, batch_attention_folded)
 AttentionMaskInterface.register(BATCH_FOLDED_NAME, sdpa_mask)
-CHAIN_ATTENTION = {"grouped": BATCH_NAME, "folded": BATCH_FOLDED_NAME}  # RunningBatch's chain_attention choices
+BATCH_HEADS_NAME = "chimera_batch_sdpa_heads"
+AttentionInterface.register(BATCH_HEADS_NAME, batch_attention_heads)
+AttentionMaskInterface.register(BATCH_HEADS_NAME, sdpa_mask)
+# RunningBatch's chain_attention choices
+CHAIN_ATTENTION = {"grouped": BATCH_NAME, "folded": BATCH_FOLDED_NAME, "heads": BATCH_HEADS_NAME}
 
 
 def applies(model, device_type: str = "cpu") -> bool:
@@ -175,7 +205,7 @@ def shared_copy(model):
 
 
 _TWINS: dict[str, "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]"] = {
-    name: weakref.WeakKeyDictionary() for name in (NAME, BATCH_NAME, BATCH_FOLDED_NAME)}
+    name: weakref.WeakKeyDictionary() for name in (NAME, *CHAIN_ATTENTION.values())}
 
 
 def _twin(model, name: str):
@@ -198,5 +228,6 @@ def verifying_model(model):
 
 def batch_model(model, chain_attention: str = "grouped"):
     """The model a running batch steps with: on a GPU where ``batch_attention`` applies, a twin of ``model`` running
-    it (``chain_attention`` "folded": ``batch_attention_folded``); ``verifying_model(model)`` otherwise."""
+    it (``chain_attention`` "folded": ``batch_attention_folded``, "heads": ``batch_attention_heads``);
+    ``verifying_model(model)`` otherwise."""
     return _twin(model, CHAIN_ATTENTION[chain_attention]) if applies(model, "cuda") else verifying_model(model)

@@ -10,6 +10,9 @@ shape by each route, in bfloat16, with each row's length drawn between half the 
 - ``folded``: the batch's folded route (attention._folded_sdpa: SDPA's own choice of kernel until session 20, cuDNN's
   first since), then each kernel forced
 - ``gqa``: SDPA's ``enable_gqa`` with the mask
+- ``heads``: each query token read as a query head of its own, one query each, grouped SDPA with the mask repeated
+  per head (attention._heads_sdpa, session 21: one query a row is the shape whose grouped kernel is split along the
+  slots)
 - ``flex``: flex_attention (compiled) over a block mask from the lengths, which skips blocks past a row's length
 - ``compiled_math``: matmul, softmax, matmul in one torch.compile'd function
 
@@ -27,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from chimera.attention import _folded_sdpa
+from chimera.attention import _folded_sdpa, _heads_sdpa
 from report_json import save_json
 
 
@@ -63,6 +66,8 @@ def routes(query, key, value, mask, lengths):
         "folded": lambda: _folded_sdpa(query, key, value, mask, None)[0].transpose(1, 2),
         "folded_sdpa_choice": lambda: F.scaled_dot_product_attention(folded, key, value, attn_mask=folded_mask),
         "gqa": lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True),
+        # the candidate of session 21 (attention.batch_attention_heads): each query token a query head, one query each
+        "heads": lambda: _heads_sdpa(query, key, value, mask, None)[0].transpose(1, 2),
     }
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

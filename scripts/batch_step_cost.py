@@ -23,6 +23,7 @@ import time
 import torch
 
 import chimera
+from chimera.attention import CHAIN_ATTENTION
 from chimera.batch import RunningBatch
 from chimera import SpeculativeDecoder
 from chimera.cli import quiet_libraries
@@ -165,9 +166,10 @@ def main():
                    help="the drafting batch's compiled forward that verifies its chains: one for every depth (shared) "
                         "or one a depth; in one process only the first is compiled (Dynamo reuses a shared graph for "
                         "any length), so compare them in two runs")
-    p.add_argument("--chain-attention", choices=["grouped", "folded"], default="grouped",
-                   help="the drafting batch's attention of a chain: grouped SDPA, or the query heads folded into "
-                        "queries of their key head (attention.batch_attention_folded)")
+    p.add_argument("--chain-attention", choices=list(CHAIN_ATTENTION), default="grouped",
+                   help="the drafting batch's attention of a chain: grouped SDPA, the query heads folded into "
+                        "queries of their key head (attention.batch_attention_folded), or the query tokens read as "
+                        "query heads (attention.batch_attention_heads)")
     p.add_argument("--random-weights", metavar="DIR",
                    help="a model of the config in DIR (config.json and a tokenizer) with random weights, and a drafter "
                         "of random weights (timings do not depend on the weights): no model to bring to the device")

@@ -63,11 +63,12 @@ def test_decoding_with_it_equals_generate_and_leaves_generate_alone(default_mode
     assert decoder.tree.topology.size > 1 and ours.plain_steps == 0  # every step verified a tree
 
 
-@pytest.mark.parametrize("function", ["batch_attention", "batch_attention_folded"])
+@pytest.mark.parametrize("function", ["batch_attention", "batch_attention_folded", "batch_attention_heads"])
 @pytest.mark.parametrize("queries", [1, 4], ids=["a plain step", "a drafted chain"])
 def test_the_batchs_step_attends_like_repeated_keys(queries, function):
     """The batch's step on a GPU: grouped SDPA (or, for a chain, its query heads folded into queries of their key
-    head) over keys and values not repeated, each row masked to its own length and its chain causal."""
+    head, or its query tokens read as query heads) over keys and values not repeated, each row masked to its own
+    length and its chain causal."""
     import types
 
     gen = torch.Generator().manual_seed(5)
@@ -84,10 +85,10 @@ def test_the_batchs_step_attends_like_repeated_keys(queries, function):
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
-@pytest.mark.parametrize("chain_attention", ["grouped", "folded"])
+@pytest.mark.parametrize("chain_attention", ["grouped", "folded", "heads"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_batch_twin_steps_rows_like_the_model(family, chain_attention, monkeypatch):
-    """``batch_attention`` (or ``batch_attention_folded``) on a twin (a GPU's, built here on a CPU): one token a row,
+    """``batch_attention`` (or ``batch_attention_folded``, ``batch_attention_heads``) on a twin (a GPU's, built here on a CPU): one token a row,
     or a chain a row, each row masked to its own length, the same logits as the model's own SDPA; a prefill goes to
     grouped_attention."""
     model = tiny_model(family)
@@ -103,7 +104,7 @@ def test_the_batch_twin_steps_rows_like_the_model(family, chain_attention, monke
             for m, c in zip((model, twin), caches)]
     torch.testing.assert_close(outs[0].logits, outs[1].logits)  # a prefill
     queries = []  # the query tokens a row of every step attention, by the route the twin's chains take
-    for route in ("_grouped_sdpa", "_folded_sdpa"):
+    for route in ("_grouped_sdpa", "_folded_sdpa", "_heads_sdpa"):
         monkeypatch.setattr(attention, route, lambda query, *args, original=getattr(attention, route):
                             queries.append((original.__name__, query.shape[2])) or original(query, *args))
     step = torch.randint(3, 128, (3, 1), generator=gen)
@@ -123,7 +124,7 @@ def test_the_batch_twin_steps_rows_like_the_model(family, chain_attention, monke
     logits = [m(input_ids=chain, attention_mask=chain_mask, position_ids=positions, **cache_kwargs(m, c)).logits
               for m, c in zip((model, twin), caches)]
     torch.testing.assert_close(logits[0], logits[1])
-    chains = "_folded_sdpa" if chain_attention == "folded" else "_grouped_sdpa"
+    chains = {"grouped": "_grouped_sdpa", "folded": "_folded_sdpa", "heads": "_heads_sdpa"}[chain_attention]
     assert queries.count((chains, 4)) == model.config.num_hidden_layers
     # a CPU: the verifier's own path, whichever the chains' attention
     assert attention.batch_model(model, chain_attention) is attention.verifying_model(model)

@@ -14,7 +14,8 @@
 # RUNS (default: fp32 step-cost throughput bf16, run in the order below) picks some of fp32, attention (one layer's
 # attention of a plain step and of a chain's verification by each route, scripts/batch_attention_kernels.py: no model,
 # its compiled routes a few minutes), step-cost, step-cost-per-depth (the same with the chains verified by one compiled
-# forward a depth), step-cost-folded (with a chain's query heads folded), throughput and bf16. CONCURRENCY: the
+# forward a depth), step-cost-folded (with a chain's query heads folded), step-cost-heads (with a chain's query tokens
+# read as query heads), throughput and bf16. CONCURRENCY: the
 # throughput's client counts (default 1 4 16 64; leaving 1 and 4 out spares the lone decoder's compilation, about
 # 180 s fresh). PROFILE=R adds the parts of a drafted step of R rows (draft, verify, accept) to the step costs;
 # THROUGHPUT_LIMIT the throughput's questions a category (default 40: 240 first turns; session 19's 11 a category made
@@ -46,6 +47,7 @@ step_cost() {
 part step-cost && step_cost batch_step_cost
 part step-cost-per-depth && step_cost batch_step_cost_per_depth --verify-graphs per-depth
 part step-cost-folded && step_cost batch_step_cost_folded --chain-attention folded
+part step-cost-heads && step_cost batch_step_cost_heads --chain-attention heads
 part throughput && step throughput && \
 python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit "${THROUGHPUT_LIMIT:-40}" \
   --concurrency ${CONCURRENCY:-1 4 16 64} --max-new-tokens 128 --methods ar chimera --batch-drafting --max-batch 64 \
