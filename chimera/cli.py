@@ -231,6 +231,7 @@ def cmd_train(args) -> int:
     from dataclasses import fields
 
     from .models import load_base, resolve_device, resolve_dtype
+    from .identity import base_identity, describe, same_base
     from .train.data import DistillStore
     from .train.trainer import TrainConfig, train
 
@@ -238,13 +239,22 @@ def cmd_train(args) -> int:
         return launch_processes(args.num_processes, args.argv)
     resolve_dtype(args.dtype)
     resolve_device(args.device)
-    store = DistillStore(args.data)
+    stores = [DistillStore(directory) for directory in args.data]
     model, _ = load_base(args.model, dtype=args.dtype, device=args.device)
-    samples = store.load(vocab_size=model.get_input_embeddings().num_embeddings)
+    identity = base_identity(model)
+    for store in stores[1:]:  # the trainer checks the first store's base; the others here, each by name
+        if not same_base(store.meta.get("base", {}), identity):
+            raise ChimeraError(f"{store.dir} holds data made with base {describe(store.meta.get('base', {}))}, but "
+                               f"the loaded base is {describe(identity)}: train on the data of one base")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    samples = [sample for store in stores for sample in store.load(vocab_size=vocab_size)]
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    meta = {**store.meta, "source": str(args.data)}
+    several = len(stores) > 1
+    meta = {**stores[0].meta, "source": [str(d) for d in args.data] if several else str(args.data[0])}
+    # several stores answer the same prompts: each prompt's answers held out together (one store: as always)
+    groups = [entry["id"] for store in stores for entry in store.index] if several else None
     result = train(model, samples, args.out, cfg, data_meta=meta, resume=not args.no_resume,
-                   export_dtype=resolve_dtype(args.export_dtype), max_steps_this_run=args.stop_after)
+                   export_dtype=resolve_dtype(args.export_dtype), max_steps_this_run=args.stop_after, groups=groups)
     if is_main_process():
         print(json.dumps(result))
     return 0
@@ -451,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = TrainConfig()
     tr = sub.add_parser("train", help="train a drafter (Chimera, or Medusa heads) on distilled data")
-    tr.add_argument("--data", required=True, help="a directory written by 'chimera distill'")
+    tr.add_argument("--data", required=True, nargs="+",
+                    help="one or more directories written by 'chimera distill' (e.g. greedy and sampled answers to "
+                         "the same prompts), trained on together")
     tr.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, drafter/")
     add_model_args(tr)
     for name, kind in [("steps", positive_int), ("batch_size", positive_int), ("max_len", positive_int),

@@ -220,3 +220,49 @@ def test_unwritable_output_paths(tmp_path, capsys):
 def test_train_on_a_directory_that_is_not_data(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
     assert "not a chimera data directory" in capsys.readouterr().err
+
+
+def test_answers_to_one_prompt_are_held_out_together():
+    """Greedy and sampled answers to the same prompts, trained on together: a prompt's answers all train or are all
+    held out, about the fraction asked of the prompts; without groups the split is by sample, as always."""
+    from chimera.train.trainer import split_heldout
+
+    groups = [str(i) for i in range(50)] * 2  # two stores' answers to the same 50 prompts
+    kept, held = split_heldout(len(groups), 0.2, 0, groups)
+    assert sorted([*kept, *held]) == list(range(100))
+    held_names = {groups[i] for i in held}
+    assert len(held_names) == 10 and len(held) == 20
+    assert not held_names & {groups[i] for i in kept}
+    assert [a.tolist() for a in split_heldout(100, 0.2, 0)] == [a.tolist() for a in split_heldout(100, 0.2, 0)]
+    assert len(split_heldout(100, 0.2, 0)[1]) == 20
+
+
+def test_training_on_greedy_and_sampled_answers_together(tmp_path, tiny_model_dir, capsys):
+    """``chimera train --data GREEDY SAMPLED``: both stores' samples trained on, each prompt's answers on one side of
+    the held-out split, both directories recorded in the drafter's config; a store of another base refused."""
+    prompts = write_prompts(tmp_path / "p.jsonl", 6)
+    greedy, sampled, run = tmp_path / "greedy", tmp_path / "sampled", tmp_path / "run"
+    common = ["--prompts", str(prompts), "--model", str(tiny_model_dir), "--max-new-tokens", "16", "--batch-size",
+              "3", "--device", "cpu"]
+    assert main(["distill", "--out", str(greedy), *common]) == 0
+    assert main(["distill", "--out", str(sampled), "--temperature", "1.0", "--seed", "3", *common]) == 0
+    assert len(DistillStore(greedy)) == len(DistillStore(sampled)) == 6
+    capsys.readouterr()
+    args = ["--out", str(run), "--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "--max-len", "64",
+            "--roots-per-seq", "8", "--depth", "2", "--eval-every", "2", "--save-every", "2", "--heldout-fraction",
+            "0.34", "--device", "cpu"]
+    assert main(["train", "--data", str(greedy), str(sampled), *args]) == 0
+    config = json.loads((run / "drafter" / "config.json").read_text())
+    assert config["training"]["data"] == [str(greedy), str(sampled)]
+    # a store made with another base: one line naming both directories, nothing trained
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((greedy / "meta.json").read_text())
+    meta["base"] = {**meta["base"], "hidden_size": meta["base"]["hidden_size"] + 1}
+    (other / "meta.json").write_text(json.dumps(meta))
+    for name in ("index.jsonl", "tokens.bin", "mask.bin"):
+        (other / name).write_bytes((greedy / name).read_bytes())
+    code = main(["train", "--data", str(greedy), str(other), *args[:1], str(tmp_path / "run2"), *args[2:]])
+    err = capsys.readouterr().err
+    assert code == 2 and "train on the data of one base" in err and str(other) in err and "Traceback" not in err
+    assert not (tmp_path / "run2").exists()

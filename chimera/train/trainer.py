@@ -102,10 +102,21 @@ def warm_start(drafter, source, path) -> None:
     drafter.load_state_dict(state)
 
 
-def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed + 12345).permutation(n)
-    held = max(1, int(round(n * fraction))) if n > 1 and fraction > 0 else 0
-    return np.sort(order[held:]), np.sort(order[:held])
+def split_heldout(n: int, fraction: float, seed: int, groups: list[str] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices to train on and to hold out, about ``fraction`` of them held out. ``groups``: a name per sample
+    (its prompt's id, where several answers to one prompt are trained on: greedy and sampled ones); every sample of
+    a group falls on the same side, so that no held-out answer has a twin to the same prompt in training."""
+    if groups is None:
+        order = np.random.default_rng(seed + 12345).permutation(n)
+        held = max(1, int(round(n * fraction))) if n > 1 and fraction > 0 else 0
+        return np.sort(order[held:]), np.sort(order[:held])
+    names = sorted(set(groups))
+    train_groups, held_groups = split_heldout(len(names), fraction, seed)
+    held_names = {names[i] for i in held_groups}
+    held = np.array([i for i, name in enumerate(groups) if name in held_names], dtype=np.int64)
+    kept = np.array([i for i, name in enumerate(groups) if name not in held_names], dtype=np.int64)
+    return kept, held
 
 
 def batch_indices(train_ids: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -288,9 +299,10 @@ def acceptance_profile(ranks: np.ndarray) -> list[list[float]]:
 
 def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None = None, resume: bool = True,
           progress: bool = True, accelerator=None, max_steps_this_run: int | None = None,
-          export_dtype: torch.dtype | None = None) -> dict:
+          export_dtype: torch.dtype | None = None, groups: list[str] | None = None) -> dict:
     """Train (or resume) a drafter; returns the final held-out evaluation. ``max_steps_this_run`` stops early
-    after that many steps (used to test resume)."""
+    after that many steps (used to test resume). ``groups``: each sample's prompt id where a prompt has several
+    answers (``split_heldout``)."""
     from accelerate import Accelerator
 
     out_dir = Path(out_dir)
@@ -316,7 +328,9 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         raise ChimeraError(f"the batch ({cfg.batch_size}) is smaller than the number of processes "
                            f"({accelerator.num_processes}): every process needs at least one sample a step")
     pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
-    train_ids, held_ids = split_heldout(len(samples), cfg.heldout_fraction, cfg.seed)
+    if groups is not None and len(groups) != len(samples):
+        raise ValueError(f"{len(groups)} groups for {len(samples)} samples")
+    train_ids, held_ids = split_heldout(len(samples), cfg.heldout_fraction, cfg.seed, groups)
     held_ids = held_ids[: cfg.eval_samples]
 
     checkpoint = latest_checkpoint(out_dir) if resume else None

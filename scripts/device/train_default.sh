@@ -14,6 +14,8 @@
 # Session 1's drafter: DISTILL_SECONDS=420 DISTILL_BATCH=384 STEPS=6000 (defaults below otherwise).
 # FEATURE_LAYERS=2,15,27: the drafter reads the base's states after those layers too (chimera train --feature-layers).
 # KL=1: the heads learn the base's whole distribution instead of its argmax (chimera train --kl).
+# SAMPLED_SECONDS=N: after the greedy answers, N seconds more of answers sampled at TEMPERATURE (default 0.8) to the
+# same prompts, trained on beside them (chimera train --data GREEDY SAMPLED; each prompt's answers held out together).
 set -euo pipefail
 DISTILL_SECONDS=${DISTILL_SECONDS:-420}
 DISTILL_BATCH=${DISTILL_BATCH:-768}
@@ -24,6 +26,8 @@ WARMUP=${WARMUP:-200}
 INIT=${INIT:-}
 FEATURE_LAYERS=${FEATURE_LAYERS:-}
 KL=${KL:-}
+SAMPLED_SECONDS=${SAMPLED_SECONDS:-0}
+TEMPERATURE=${TEMPERATURE:-0.8}
 HELDOUT=${HELDOUT:-0}
 COMPARE=${COMPARE:-}
 TAU_LIMIT=${TAU_LIMIT:-1}
@@ -38,8 +42,16 @@ head -n $((total - HELDOUT)) "$HOME/stage/train.jsonl" > "$RUN/train_prompts.jso
 timeout -s INT "$DISTILL_SECONDS" python3 -m chimera.cli distill --prompts "$RUN/train_prompts.jsonl" \
   --out "$RUN/data" --max-new-tokens 256 --batch-size "$DISTILL_BATCH" --dtype bfloat16 --device cuda || true
 python3 -c "from chimera.train.data import DistillStore as S; print('samples', len(S('$RUN/data')))"
+DATA=("$RUN/data")
+if [ "$SAMPLED_SECONDS" -gt 0 ]; then
+  timeout -s INT "$SAMPLED_SECONDS" python3 -m chimera.cli distill --prompts "$RUN/train_prompts.jsonl" \
+    --out "$RUN/sampled" --max-new-tokens 256 --batch-size "$DISTILL_BATCH" --temperature "$TEMPERATURE" --seed 1 \
+    --dtype bfloat16 --device cuda || true
+  python3 -c "from chimera.train.data import DistillStore as S; print('sampled', len(S('$RUN/sampled')))"
+  DATA+=("$RUN/sampled")
+fi
 python3 scripts/token_frequencies.py --data "$RUN/data" --out "$RUN/export/token_counts.safetensors"
-python3 -m chimera.cli train --data "$RUN/data" --out "$RUN/train" --steps "$STEPS" --batch-size 32 \
+python3 -m chimera.cli train --data "${DATA[@]}" --out "$RUN/train" --steps "$STEPS" --batch-size 32 \
   --max-len 512 --roots-per-seq 64 --depth "$DEPTH" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 500 \
   --save-every 500 --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"} \
   ${FEATURE_LAYERS:+--feature-layers "$FEATURE_LAYERS"} ${KL:+--kl}
