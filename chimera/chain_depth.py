@@ -77,8 +77,8 @@ class Exploration:
 
 
 class ChainDepth:
-    """Per batch size: ``next_depth()`` before a step that may draft, ``record(depth, accepted, seconds)`` after it.
-    Not ``adaptive``: always the deepest."""
+    """Per batch size and window: ``next_depth()`` before a step that may draft, ``record(depth, accepted, seconds)``
+    after it. Not ``adaptive``: always the deepest."""
 
     def __init__(self, deepest: int, adaptive: bool = True, tokens: list[MovingAverage] | None = None,
                  costs: dict[int, float] | None = None, exploration: Exploration | None = None):
