@@ -488,7 +488,8 @@ class RunningBatch:
     def _draft_chains(self, window: int, depth: int, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``_chain_forward``'s first part: each row's root and its ``depth`` drafts, (rows, depth + 1)."""
         index = self.cache.row_numbers[:tokens.shape[0]]
-        return self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], depth, window)
+        return self.drafts.propose(tokens, lengths, self.hidden[index, lengths - 1], depth,
+                                   self.cache.slot_numbers[:window])
 
     def _verify_chains(self, window: int, chain: torch.Tensor, lengths: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -302,7 +302,7 @@ class BatchOracle:
                     oracle.of_row[row] = next(ref for prompt, ref in self.references.items()
                                               if tuple(row_tokens[2:2 + len(prompt)]) == prompt)
 
-        def propose(tokens, starts, last_hidden, depth, window):
+        def propose(tokens, starts, last_hidden, depth, attended):
             assert last_hidden.shape[0] == tokens.shape[0] == starts.shape[0]
             return torch.stack([oracle.of_row[row][start + torch.arange(depth + 1)] if oracle.of_row[row] is not None
                                 else tokens[row, 2].repeat(depth + 1) for row, start in enumerate(starts.tolist())])

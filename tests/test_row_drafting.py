@@ -52,7 +52,7 @@ def row_chains(drafter, sequences, capacity=64, split=None, backend=None):
     tokens = torch.tensor([two + [root.item()] for two, (_, _, root) in zip(last_two, sequences)])
     starts = torch.tensor([len(prompt) for prompt, _, _ in sequences])
     last_hidden = torch.stack([hidden[-1] for _, hidden, _ in sequences])
-    return rows.propose(tokens, starts, last_hidden, DEPTH, capacity)
+    return rows.propose(tokens, starts, last_hidden, DEPTH, torch.arange(capacity))
 
 
 @pytest.mark.parametrize("split", [None, 2], ids=["one read", "read in two"])
@@ -103,7 +103,7 @@ def test_a_moved_row_drafts_as_before():
     rows.read(torch.tensor([2]), torch.cat([torch.tensor([PAD, PAD]), prompt])[None], hidden[None], torch.tensor([0]))
     rows.move(2, 0, len(prompt))
     tokens = torch.tensor([prompt[-2:].tolist() + [root.item()]])
-    chain = rows.propose(tokens, torch.tensor([len(prompt)]), hidden[-1:], DEPTH, 32)
+    chain = rows.propose(tokens, torch.tensor([len(prompt)]), hidden[-1:], DEPTH, torch.arange(32))
     assert torch.equal(chain, lone_chains(drafter, [(prompt, hidden, root)]))
 
 

@@ -233,8 +233,8 @@ def test_answers_to_one_prompt_are_held_out_together():
     held_names = {groups[i] for i in held}
     assert len(held_names) == 10 and len(held) == 20
     assert not held_names & {groups[i] for i in kept}
-    assert [a.tolist() for a in split_heldout(100, 0.2, 0)] == [a.tolist() for a in split_heldout(100, 0.2, 0)]
-    assert len(split_heldout(100, 0.2, 0)[1]) == 20
+    kept, held = split_heldout(len(groups), 0.2, 0)  # by sample: 20 held out, some with a twin in training
+    assert len(held) == 20 and {groups[i] for i in held} & {groups[i] for i in kept}
 
 
 def test_training_on_greedy_and_sampled_answers_together(tmp_path, tiny_model_dir, capsys):

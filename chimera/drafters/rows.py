@@ -48,7 +48,6 @@ class ChimeraRows:
         self.keys = torch.zeros(count, c.num_kv_heads, capacity + 1, c.head_dim, dtype=drafter.fuse.weight.dtype,
                                 device=device)
         self.values = torch.zeros_like(self.keys)
-        self.slot_numbers = torch.arange(capacity, device=device)  # made once: each step's window is a view of it
         self.chains = draft_chains  # or its compiled twin (``compile``)
 
     def _tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -75,12 +74,13 @@ class ChimeraRows:
 
     @torch.no_grad()
     def propose(self, tokens: torch.Tensor, starts: torch.Tensor, last_hidden: torch.Tensor, depth: int,
-                window: int) -> torch.Tensor:
+                attended: torch.Tensor) -> torch.Tensor:
         """A chain of ``depth`` greedy drafts for each of the first R rows: ``tokens`` (R, 3) the two tokens before
         each row's root and the root, at position ``starts`` (R,) (the row's verified length, its keys' reach);
-        ``last_hidden`` (R, d) the base's hidden state before the root. Attends over the first ``window`` slots.
-        Returns (R, depth + 1): the root, then the drafts (``draft_chains``)."""
-        keys, values, attended = self.keys, self.values, self.slot_numbers[:window]
+        ``last_hidden`` (R, d) the base's hidden state before the root. Attends over the slots ``attended`` (window,),
+        0 to window - 1: the batch's own for the step (``RowSlotCache.attended``). Returns (R, depth + 1): the root,
+        then the drafts (``draft_chains``)."""
+        keys, values = self.keys, self.values
         tokens = self._tokens(tokens)
         if isinstance(self.chains, Compiled):  # one compilation a depth, for any rows, window and buffers' sizes (the
             # rows and the window symbols in the inputs, the buffers whole: a view's sizes would be compiled as
@@ -150,7 +150,7 @@ class MedusaRows:
 
     @torch.no_grad()
     def propose(self, tokens: torch.Tensor, starts: torch.Tensor, last_hidden: torch.Tensor, depth: int,
-                window: int) -> torch.Tensor:
+                attended: torch.Tensor) -> torch.Tensor:
         """``ChimeraRows.propose``'s chains: head k's best token k steps past each row's root."""
         drafter = self.drafter
         logits = torch.stack(drafter.head_logits(last_hidden, depth), 1)  # (R, depth, vocab)
