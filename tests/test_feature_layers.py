@@ -145,6 +145,40 @@ def test_a_drafter_with_feature_layers_trains_saves_and_loads(tmp_path, default_
     assert decoder.generate(input_ids=ids, max_new_tokens=16).token_ids == expected[0, len(ids):].tolist()
 
 
+def test_a_trained_drafter_grows_feature_layers_and_drafts_as_before(tmp_path):
+    """--init from a drafter of the final states alone into one with feature layers: the new layers' fuse columns
+    start at zero, everything else as saved, so the grown drafter's chains are the source's to the last logit."""
+    model = tiny_model("llama")
+    samples = make_samples(model)
+    base = dict(steps=2, batch_size=2, max_len=64, roots_per_seq=8, depth=3, heldout_fraction=0, eval_every=100,
+                cache_base=True)
+    train(model, samples, tmp_path / "final", TrainConfig(lr=5e-3, **base), progress=False)
+    # lr 0: the steps leave the starting weights as they were, so the export shows the start
+    train(model, samples, tmp_path / "grown", TrainConfig(lr=0.0, feature_layers=list(LAYERS),
+                                                          init=str(tmp_path / "final" / "drafter"), **base),
+          progress=False)
+    source = load_any(tmp_path / "final" / "drafter", model).eval()
+    grown = load_any(tmp_path / "grown" / "drafter", model).eval()
+    d = model.config.hidden_size
+    assert grown.feature_layers == LAYERS and grown.fuse.in_features == 4 * d
+    assert not grown.fuse.weight[:, :2 * d].any()
+    assert torch.equal(grown.fuse.weight[:, 2 * d:], source.fuse.weight)
+    tokens = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        states = model(tokens, output_hidden_states=True).hidden_states
+        features = torch.cat([states[i] for i in [*LAYERS, -1]], dim=-1)
+        roots = torch.tensor([[2, 5, 8]])
+        expected = source(tokens, states[-1], 3, roots)
+        got = grown(tokens, features, 3, roots)
+    for a, b in zip([*expected[0], *expected[1]], [*got[0], *got[1]], strict=True):  # each depth's logits, then u
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ChimeraError, match=r"layers \[0, 1\] beside its final ones, but this run's --feature-layers "
+                                           r"are \[1\]: give them all"):
+        train(model, samples, tmp_path / "fewer", TrainConfig(feature_layers=[1], init=str(tmp_path / "grown" /
+                                                                                            "drafter"), **base),
+              progress=False)
+
+
 def test_feature_layers_the_base_lacks_are_refused(tmp_path):
     model = tiny_model("llama")  # two layers: 0 and 1 may be read
     with pytest.raises(ChimeraError, match=r"layers \[2\].*0\.\.1"):

@@ -74,18 +74,21 @@ class TrainConfig:
 
 def warm_start(drafter, source, path) -> None:
     """Start ``drafter`` from a trained ``source`` of the same kind and base. A deeper ``drafter`` gets each
-    extra head as a copy of the source's last one: the nearest depth is its best available guess."""
+    extra head as a copy of the source's last one: the nearest depth is its best available guess. A ``drafter`` reading
+    more feature layers than the source starts with their fuse columns at zero (grown_fuse_weight)."""
     if type(source) is not type(drafter):
         raise ChimeraError(f"--init {path} is a {type(source).__name__}, "
                            f"but this run trains a {type(drafter).__name__}")
     layers, wanted = feature_layers_of(source), feature_layers_of(drafter)
-    if layers != wanted:
+    if not set(layers) <= set(wanted):
         raise ChimeraError(f"--init {path} reads the base's states after layers {list(layers)} beside its final "
-                           f"ones, but this run's --feature-layers are {list(wanted)}: give the same")
+                           f"ones, but this run's --feature-layers are {list(wanted)}: give them all")
     have, want = source.config.num_draft_heads, drafter.config.num_draft_heads
     if have > want:
         raise ChimeraError(f"--init {path} has {have} heads, more than --depth {want}")
     source_state = source.state_dict()
+    if layers != wanted:
+        source_state["fuse.weight"] = grown_fuse_weight(source_state["fuse.weight"], layers, wanted)
     per_head = re.compile(rf"^({'|'.join(drafter.per_head_modules)})\.(\d+)\.")
     state = {}
     for key, value in drafter.state_dict().items():
@@ -100,6 +103,16 @@ def warm_start(drafter, source, path) -> None:
                                f"the saved drafter has {found}")
         state[key] = source_state[key_in_source]
     drafter.load_state_dict(state)
+
+
+def grown_fuse_weight(weight: torch.Tensor, layers, wanted) -> torch.Tensor:
+    """A Chimera drafter's fuse weight over the feature layers ``wanted`` made from one over ``layers`` (a subset):
+    the columns of a layer the source read are its own, those of a new layer zeros, so the grown drafter drafts
+    exactly as the source until training gives the new features a weight (EAGLE-3's low, middle and high features
+    added to a trained drafter, issue #18)."""
+    d = weight.shape[0]
+    blocks = dict(zip([*layers, "final", "g"], weight.split(d, dim=1)))
+    return torch.cat([blocks.get(layer, torch.zeros_like(blocks["g"])) for layer in [*wanted, "final", "g"]], dim=1)
 
 
 def split_heldout(n: int, fraction: float, seed: int, groups: list[str] | None = None

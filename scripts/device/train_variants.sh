@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
+# $HOME/stage, this call carrying .device/q4 and .device/train): issue #18's training changes, each measured alone
+# against a control, all warm-started from the shipped drafter and trained side by side on one GPU on the same answers.
+#   1. The base's greedy answers (bf16) to the training prompts of .device/train/prompts.jsonl.gz (the first lines of
+#      ../shared/data/prompts/train.jsonl, written by scripts/device/stage_train_prompts.sh), and apart to its last
+#      HELDOUT lines, which neither the shipped drafter nor these runs train on.
+#   2. One `chimera train --init SHIPPED` a variant, in parallel, each STEPS steps with the shipped drafter's settings
+#      (8 heads, batch 32, 512 tokens, 64 chain roots a sample):
+#        control   the same data and loss as the shipped drafter (what more training alone gives)
+#        kl        --kl: the base's whole distribution instead of its argmax
+#        features  --feature-layers FEATURE_LAYERS (default 2,15,27), grown from the shipped drafter with the new
+#                  layers' fuse columns at zero (chimera.train.trainer.grown_fuse_weight)
+#        sampled   the greedy answers and SAMPLED more sampled at TEMPERATURE to the first SAMPLED prompts
+#      VARIANTS picks some (default: control kl features).
+#   3. Each drafter and the shipped one scored on the unseen answers (scripts/acceptance_profile.py: top-1 agreement
+#      by depth), then tau of each on TAU_LIMIT questions of every Spec-Bench category (float32, dynamic-64 tree over
+#      the whole vocabulary; scripts/compare_trees.py), in parallel.
+# Start it with setsid; progress.txt and results in $HOME/res-variants (small ones packed into results.tar.gz, each
+# drafter's weights split into 15 MB parts), copied to $OUT by each polling call.
+RES=$HOME/res-variants
+. scripts/device/prepare.sh
+STEPS=${STEPS:-1000}
+LR=${LR:-5e-4}
+WARMUP=${WARMUP:-50}
+HELDOUT=${HELDOUT:-512}
+FEATURE_LAYERS=${FEATURE_LAYERS:-2,15,27}
+SAMPLED=${SAMPLED:-6000}
+TEMPERATURE=${TEMPERATURE:-0.8}
+TAU_LIMIT=${TAU_LIMIT:-4}
+VARIANTS=${VARIANTS:-control kl features}
+SHIPPED=chimera/assets/drafters/smollm2-135m-instruct
+RUN=$HOME/run-variants
+mkdir -p "$RUN"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$RES/gpu.txt"
+zcat .device/train/prompts.jsonl.gz > "$RUN/prompts.jsonl"
+head -n -"$HELDOUT" "$RUN/prompts.jsonl" > "$RUN/train_prompts.jsonl"
+tail -n "$HELDOUT" "$RUN/prompts.jsonl" > "$RUN/heldout_prompts.jsonl"
+distill() {  # distill NAME PROMPTS [ARGS]: the base's answers, bf16, 256 new tokens
+  local name=$1 prompts=$2; shift 2
+  python3 -m chimera.cli distill --prompts "$prompts" --out "$RUN/$name" --max-new-tokens 256 --batch-size 768 \
+    --dtype bfloat16 --device cuda "$@" > "$RES/distill_$name.log" 2>&1
+}
+step distill
+distill data "$RUN/train_prompts.jsonl" &
+distill heldout "$RUN/heldout_prompts.jsonl" &
+if [[ " $VARIANTS " == *" sampled "* ]]; then
+  head -n "$SAMPLED" "$RUN/train_prompts.jsonl" > "$RUN/sampled_prompts.jsonl"
+  distill sampled "$RUN/sampled_prompts.jsonl" --temperature "$TEMPERATURE" --seed 1 &
+fi
+wait
+step train
+for variant in $VARIANTS; do
+  case $variant in
+    control) extra=() ;;
+    kl) extra=(--kl) ;;
+    features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
+    sampled) extra=() ;;
+    *) step "unknown variant $variant"; continue ;;
+  esac
+  data=("$RUN/data"); [ "$variant" = sampled ] && data+=("$RUN/sampled")
+  python3 -m chimera.cli train --data "${data[@]}" --out "$RUN/$variant" --steps "$STEPS" --batch-size 32 --max-len 512 \
+    --roots-per-seq 64 --depth 8 --lr "$LR" --warmup-steps "$WARMUP" --eval-every 250 --save-every 250 \
+    --dtype bfloat16 --device cuda --export-dtype bfloat16 --init "$SHIPPED" "${extra[@]}" \
+    > "$RES/train_$variant.log" 2>&1 &
+done
+wait
+step profile
+mkdir -p "$RES/small"
+for variant in $VARIANTS shipped; do
+  drafter=$RUN/$variant/drafter; [ "$variant" = shipped ] && drafter=$SHIPPED
+  [ -d "$drafter" ] || { step "no drafter for $variant"; continue; }
+  python3 scripts/acceptance_profile.py --drafter "$drafter" --data "$RUN/heldout" --out "$RUN/profiled_$variant" \
+    --dtype bfloat16 --device cuda > "$RES/small/heldout_$variant.json" 2> "$RES/profile_$variant.log"
+  [ "$variant" = shipped ] || cp "$RUN/$variant/log.jsonl" "$RES/small/log_$variant.jsonl"
+done
+step tau
+for variant in $VARIANTS shipped; do
+  [ -d "$RUN/profiled_$variant" ] || continue
+  python3 scripts/compare_trees.py --questions "$HOME/stage/spec_bench.jsonl" --categories mt_bench translation \
+    summarization qa math_reasoning rag --limit "$TAU_LIMIT" --max-new-tokens 256 --device cuda \
+    --drafter "$RUN/profiled_$variant" --trees dynamic-64 --draft-vocab full --out "$RES/small/tau_$variant.json" \
+    > "$RES/tau_$variant.log" 2>&1 &
+done
+wait
+cp "$RES"/*.log "$RES/gpu.txt" "$RES/small/" 2>/dev/null
+for variant in $VARIANTS; do
+  [ -d "$RUN/profiled_$variant" ] || continue
+  cp "$RUN/profiled_$variant/config.json" "$RES/small/config_$variant.json"
+  mkdir -p "$RES/weights_$variant"
+  split -b 15M "$RUN/profiled_$variant/model.safetensors" "$RES/weights_$variant/part."
+  sha256sum "$RUN/profiled_$variant/model.safetensors" > "$RES/small/sha256_$variant.txt"
+done
+tar -czf "$RES/results.tar.gz" -C "$RES" small
+step done
