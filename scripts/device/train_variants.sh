@@ -16,6 +16,10 @@
 #   3. Each drafter and the shipped one scored on the unseen answers (scripts/acceptance_profile.py: top-1 agreement
 #      by depth), then tau of each on TAU_LIMIT questions of every Spec-Bench category (float32, dynamic-64 tree over
 #      the whole vocabulary; scripts/compare_trees.py), in parallel.
+# Session 22 (an H100, docs/training.md): `STEPS=1000 TAU_LIMIT=3 bash scripts/device/train_variants.sh`; control and
+# features ran out of memory at their first evaluation beside kl (fixed since: chimera.train.trainer.evaluate) and were
+# trained again by the same `chimera train` lines, control beside a second failing features run, then features alone;
+# then tau of all four on 10 questions a category (this script's default since).
 # Start it with setsid; progress.txt and results in $HOME/res-variants (small ones packed into results.tar.gz, each
 # drafter's weights split into 15 MB parts), copied to $OUT by each polling call.
 RES=$HOME/res-variants
@@ -27,7 +31,7 @@ HELDOUT=${HELDOUT:-512}
 FEATURE_LAYERS=${FEATURE_LAYERS:-2,15,27}
 SAMPLED=${SAMPLED:-6000}
 TEMPERATURE=${TEMPERATURE:-0.8}
-TAU_LIMIT=${TAU_LIMIT:-4}
+TAU_LIMIT=${TAU_LIMIT:-10}
 VARIANTS=${VARIANTS:-control kl features}
 SHIPPED=chimera/assets/drafters/smollm2-135m-instruct
 RUN=$HOME/run-variants
