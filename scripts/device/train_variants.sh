@@ -12,6 +12,8 @@
 #        features  --feature-layers FEATURE_LAYERS (default 2,15,27), grown from the shipped drafter with the new
 #                  layers' fuse columns at zero (chimera.train.trainer.grown_fuse_weight)
 #        sampled   the greedy answers and SAMPLED more sampled at TEMPERATURE to the first SAMPLED prompts
+#        deeper    --depth DEEPER (default 10): heads past the eighth, grown as copies of it (docs/training.md, "Deeper
+#                  drafts": untrained copies gave tau +1.6 % at 10 levels on the CPU)
 #      VARIANTS picks some (default: control kl features).
 #   3. Each drafter and the shipped one scored on the unseen answers (scripts/acceptance_profile.py: top-1 agreement
 #      by depth), then tau of each on TAU_LIMIT questions of every Spec-Bench category (float32, dynamic-64 tree over
@@ -19,7 +21,8 @@
 # Session 22 (an H100, docs/training.md): `STEPS=1000 TAU_LIMIT=3 bash scripts/device/train_variants.sh`; control and
 # features ran out of memory at their first evaluation beside kl (fixed since: chimera.train.trainer.evaluate) and were
 # trained again by the same `chimera train` lines, control beside a second failing features run, then features alone;
-# then tau of all four on 10 questions a category (this script's default since).
+# then tau of all four on 10 questions a category (this script's default since). Evaluation now takes a few GB, not 25:
+# four runs side by side on an 80 GB card are expected to fit but have not been run.
 # Start it with setsid; progress.txt and results in $HOME/res-variants (small ones packed into results.tar.gz, each
 # drafter's weights split into 15 MB parts), copied to $OUT by each polling call.
 RES=$HOME/res-variants
@@ -30,6 +33,7 @@ WARMUP=${WARMUP:-50}
 HELDOUT=${HELDOUT:-512}
 FEATURE_LAYERS=${FEATURE_LAYERS:-2,15,27}
 SAMPLED=${SAMPLED:-6000}
+DEEPER=${DEEPER:-10}
 TEMPERATURE=${TEMPERATURE:-0.8}
 TAU_LIMIT=${TAU_LIMIT:-10}
 VARIANTS=${VARIANTS:-control kl features}
@@ -60,11 +64,13 @@ for variant in $VARIANTS; do
     kl) extra=(--kl) ;;
     features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
     sampled) extra=() ;;
+    deeper) extra=() ;;
     *) step "unknown variant $variant"; continue ;;
   esac
   data=("$RUN/data"); [ "$variant" = sampled ] && data+=("$RUN/sampled")
+  depth=8; [ "$variant" = deeper ] && depth=$DEEPER
   python3 -m chimera.cli train --data "${data[@]}" --out "$RUN/$variant" --steps "$STEPS" --batch-size 32 --max-len 512 \
-    --roots-per-seq 64 --depth 8 --lr "$LR" --warmup-steps "$WARMUP" --eval-every 250 --save-every 250 \
+    --roots-per-seq 64 --depth "$depth" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 250 --save-every 250 \
     --dtype bfloat16 --device cuda --export-dtype bfloat16 --init "$SHIPPED" "${extra[@]}" \
     > "$RES/train_$variant.log" 2>&1 &
 done
