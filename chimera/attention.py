@@ -143,14 +143,21 @@ def batch_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     return _grouped_sdpa(query, key, value, attention_mask, scaling)
 
 
+def _drafted_chain(module, query: torch.Tensor, attention_mask, dropout: float, kwargs) -> bool:
+    """Whether a batch's attention call is a drafted chain's step (2 to STEP_QUERIES query tokens a row, masked), the
+    one shape whose route the ``chain_attention`` candidates change; a plain step and a prefill take
+    ``batch_attention``'s."""
+    return 1 < query.shape[2] <= STEP_QUERIES and not _plain(module, attention_mask, dropout, kwargs)
+
+
 def batch_attention_folded(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs) -> tuple[torch.Tensor, None]:
     """``batch_attention`` with a drafted chain's query heads folded (``_folded_sdpa``); a plain step (one query a
     row) and a prefill as there."""
-    if query.shape[2] == 1 or query.shape[2] > STEP_QUERIES or _plain(module, attention_mask, dropout, kwargs):
-        return batch_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return _folded_sdpa(query, key, value, attention_mask, scaling)
+    if _drafted_chain(module, query, attention_mask, dropout, kwargs):
+        return _folded_sdpa(query, key, value, attention_mask, scaling)
+    return batch_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def batch_attention_heads(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -158,9 +165,9 @@ def batch_attention_heads(module, query: torch.Tensor, key: torch.Tensor, value:
                           **kwargs) -> tuple[torch.Tensor, None]:
     """``batch_attention`` with a drafted chain's query tokens read as query heads (``_heads_sdpa``); a plain step and
     a prefill as there."""
-    if query.shape[2] == 1 or query.shape[2] > STEP_QUERIES or _plain(module, attention_mask, dropout, kwargs):
-        return batch_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return _heads_sdpa(query, key, value, attention_mask, scaling)
+    if _drafted_chain(module, query, attention_mask, dropout, kwargs):
+        return _heads_sdpa(query, key, value, attention_mask, scaling)
+    return batch_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(NAME, grouped_attention)

@@ -231,9 +231,9 @@ def cmd_train(args) -> int:
     from dataclasses import fields
 
     from .models import load_base, resolve_device, resolve_dtype
-    from .identity import base_identity, describe, same_base
+    from .identity import base_identity
     from .train.data import DistillStore
-    from .train.trainer import TrainConfig, train
+    from .train.trainer import TrainConfig, check_data_base, train
 
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.num_processes, args.argv)
@@ -242,10 +242,8 @@ def cmd_train(args) -> int:
     stores = [DistillStore(directory) for directory in args.data]
     model, _ = load_base(args.model, dtype=args.dtype, device=args.device)
     identity = base_identity(model)
-    for store in stores[1:]:  # the trainer checks the first store's base; the others here, each by name
-        if not same_base(store.meta.get("base", {}), identity):
-            raise ChimeraError(f"{store.dir} holds data made with base {describe(store.meta.get('base', {}))}, but "
-                               f"the loaded base is {describe(identity)}: train on the data of one base")
+    for store in stores:  # each directory by name, before any is loaded
+        check_data_base(store.meta, identity, str(store.dir))
     vocab_size = model.get_input_embeddings().num_embeddings
     samples = [sample for store in stores for sample in store.load(vocab_size=vocab_size)]
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})

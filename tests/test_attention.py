@@ -88,9 +88,9 @@ def test_the_batchs_step_attends_like_repeated_keys(queries, function):
 @pytest.mark.parametrize("chain_attention", ["grouped", "folded", "heads"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_batch_twin_steps_rows_like_the_model(family, chain_attention, monkeypatch):
-    """``batch_attention`` (or ``batch_attention_folded``, ``batch_attention_heads``) on a twin (a GPU's, built here on a CPU): one token a row,
-    or a chain a row, each row masked to its own length, the same logits as the model's own SDPA; a prefill goes to
-    grouped_attention."""
+    """``batch_attention`` (or ``batch_attention_folded``, ``batch_attention_heads``) on a twin (a GPU's, built here on
+    a CPU): one token a row, or a chain a row, each row masked to its own length, the same logits as the model's own
+    SDPA; a prefill goes to grouped_attention."""
     model = tiny_model(family)
     name = attention.CHAIN_ATTENTION[chain_attention]
     twin = attention._twin(model, name)

@@ -9,12 +9,12 @@ import torch
 from chimera import ChimeraError, SpeculativeDecoder, load_base
 from chimera.cli import main
 from chimera.drafters import load_any
-from chimera.drafters.chimera import ChimeraDrafter
 from chimera.train import distill as distill_mod
 from chimera.train.data import DistillStore, Prompt, count_tokens, read_prompts
 from chimera.train.trainer import TrainConfig, latest_checkpoint, train
 from chimera.tree import TreeTopology
 from conftest import tiny_model
+from test_drafter import perturbed_drafter
 
 
 def write_prompts(path, n, extra_lines=()):
@@ -276,13 +276,11 @@ def test_evaluation_in_passes_of_roots_is_the_evaluation_of_every_root_at_once()
 
     model = tiny_model("llama")
     samples = make_samples(model, n=5, length=37)
-    drafter = ChimeraDrafter.for_base(model, num_draft_heads=3)
-    for head in drafter.heads:  # heads start as the identity; make them matter
-        torch.nn.init.normal_(head.fc2.weight, std=0.2)
+    drafter = perturbed_drafter(model, heads=3)
     cfg = TrainConfig(batch_size=2, max_len=64, depth=3, roots_per_seq=8)
     ids = np.arange(len(samples))
     with torch.no_grad():
-        at_once = evaluate(model, drafter.eval(), samples, ids, cfg, drafter.pad_id, "cpu", roots_per_pass=64)
+        at_once = evaluate(model, drafter, samples, ids, cfg, drafter.pad_id, "cpu", roots_per_pass=64)
         results = [evaluate(model, drafter, samples, ids, cfg, drafter.pad_id, "cpu", roots_per_pass=n)
                    for n in (None, 5)]
     assert at_once["chains"][0] > 0 and 0 < at_once["top1"][0] < 1

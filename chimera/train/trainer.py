@@ -105,6 +105,13 @@ def warm_start(drafter, source, path) -> None:
     drafter.load_state_dict(state)
 
 
+def check_data_base(meta: dict, identity: dict, data: str = "the data") -> None:
+    """Refuse distilled data (its ``meta.json``) made with another base than the loaded one (``identity``)."""
+    if not same_base(meta.get("base", {}), identity):
+        raise ChimeraError(f"{data} was made with base {describe(meta.get('base', {}))}, but the loaded base is "
+                           f"{describe(identity)}: train on the data of one base")
+
+
 def grown_fuse_weight(weight: torch.Tensor, layers, wanted) -> torch.Tensor:
     """A Chimera drafter's fuse weight over the feature layers ``wanted`` made from one over ``layers`` (a subset):
     the columns of a layer the source read are its own, those of a new layer zeros, so the grown drafter drafts
@@ -124,12 +131,9 @@ def split_heldout(n: int, fraction: float, seed: int, groups: list[str] | None =
         order = np.random.default_rng(seed + 12345).permutation(n)
         held = max(1, int(round(n * fraction))) if n > 1 and fraction > 0 else 0
         return np.sort(order[held:]), np.sort(order[:held])
-    names = sorted(set(groups))
-    train_groups, held_groups = split_heldout(len(names), fraction, seed)
-    held_names = {names[i] for i in held_groups}
-    held = np.array([i for i, name in enumerate(groups) if name in held_names], dtype=np.int64)
-    kept = np.array([i for i, name in enumerate(groups) if name not in held_names], dtype=np.int64)
-    return kept, held
+    names, group_of = np.unique(np.asarray(groups), return_inverse=True)  # the names sorted, each sample's among them
+    is_held = np.isin(group_of, split_heldout(len(names), fraction, seed)[1])
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 def batch_indices(train_ids: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -333,10 +337,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
     except OSError as exc:
         raise ChimeraError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     if data_meta is not None:
-        identity = base_identity(model)
-        if not same_base(data_meta.get("base", {}), identity):
-            raise ChimeraError(f"the data was made with base {describe(data_meta.get('base', {}))}, "
-                               f"but the loaded base is {describe(identity)}")
+        check_data_base(data_meta, base_identity(model))
     if len(samples) < 2:
         raise ChimeraError(f"need at least 2 training samples, got {len(samples)}")
     device_type = next(model.parameters()).device.type
