@@ -422,6 +422,8 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         record = {"step": done, "loss": round(float(batch_loss), 5), "lr": optimizer.param_groups[0]["lr"],
                   "ce": [round(x, 4) for x in loss.per_depth_ce], "top1": [round(x, 4) for x in loss.per_depth_top1],
                   "elapsed_s": round(time.perf_counter() - t0, 2)}
+        if device.type == "cuda":  # what a run needs of the card, to know how many fit beside each other
+            record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             drafter.eval()
             with accelerator.autocast():

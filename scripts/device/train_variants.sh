@@ -14,9 +14,15 @@
 #        sampled   the greedy answers and SAMPLED more sampled at TEMPERATURE to the first SAMPLED prompts
 #        deeper    --depth DEEPER (default 10): heads past the eighth, grown as copies of it (docs/training.md, "Deeper
 #                  drafts": untrained copies gave tau +1.6 % at 10 levels on the CPU)
+#        long      --max-len LONG_LEN (default 1280): the window that every sample is cut to, prompt first, holds
+#                  the answers to long prompts too. At 512 (the shipped drafter's), 377 of the first 12,000 prompts
+#                  leave no answer in it and no position past 511 is ever trained, while Spec-Bench's
+#                  summarization and retrieval prompts are 683 and 770 tokens long (medians): those categories
+#                  draft where the drafter never learnt to.
+#        long-features  both of the above
 #      VARIANTS picks some (default: control kl features).
 #   3. Each drafter and the shipped one scored on the unseen answers (scripts/acceptance_profile.py: top-1 agreement
-#      by depth), then tau of each on TAU_LIMIT questions of every Spec-Bench category (float32, dynamic-64 tree over
+#      by depth, in windows of each of PROFILE_LENS tokens, default "512 1280"), then tau of each on TAU_LIMIT questions of every Spec-Bench category (float32, dynamic-64 tree over
 #      the whole vocabulary; scripts/compare_trees.py), in parallel.
 # Session 22 (an H100, docs/training.md): `STEPS=1000 TAU_LIMIT=3 bash scripts/device/train_variants.sh`; control and
 # features ran out of memory at their first evaluation beside kl (fixed since: chimera.train.trainer.evaluate) and were
@@ -35,6 +41,8 @@ FEATURE_LAYERS=${FEATURE_LAYERS:-2,15,27}
 SAMPLED=${SAMPLED:-6000}
 DEEPER=${DEEPER:-10}
 TEMPERATURE=${TEMPERATURE:-0.8}
+LONG_LEN=${LONG_LEN:-1280}
+PROFILE_LENS=${PROFILE_LENS:-512 1280}
 TAU_LIMIT=${TAU_LIMIT:-10}
 VARIANTS=${VARIANTS:-control kl features}
 SHIPPED=chimera/assets/drafters/smollm2-135m-instruct
@@ -60,16 +68,17 @@ wait
 step train
 for variant in $VARIANTS; do
   case $variant in
-    control) extra=() ;;
+    control|sampled|deeper) extra=() ;;
     kl) extra=(--kl) ;;
     features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
-    sampled) extra=() ;;
-    deeper) extra=() ;;
+    long) extra=() ;;
+    long-features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
     *) step "unknown variant $variant"; continue ;;
   esac
   data=("$RUN/data"); [ "$variant" = sampled ] && data+=("$RUN/sampled")
   depth=8; [ "$variant" = deeper ] && depth=$DEEPER
-  python3 -m chimera.cli train --data "${data[@]}" --out "$RUN/$variant" --steps "$STEPS" --batch-size 32 --max-len 512 \
+  max_len=512; [[ "$variant" == long* ]] && max_len=$LONG_LEN
+  python3 -m chimera.cli train --data "${data[@]}" --out "$RUN/$variant" --steps "$STEPS" --batch-size 32 --max-len "$max_len" \
     --roots-per-seq 64 --depth "$depth" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 250 --save-every 250 \
     --dtype bfloat16 --device cuda --export-dtype bfloat16 --init "$SHIPPED" "${extra[@]}" \
     > "$RES/train_$variant.log" 2>&1 &
@@ -80,8 +89,11 @@ mkdir -p "$RES/small"
 for variant in $VARIANTS shipped; do
   drafter=$RUN/$variant/drafter; [ "$variant" = shipped ] && drafter=$SHIPPED
   [ -d "$drafter" ] || { step "no drafter for $variant"; continue; }
-  python3 scripts/acceptance_profile.py --drafter "$drafter" --data "$RUN/heldout" --out "$RUN/profiled_$variant" \
-    --dtype bfloat16 --device cuda > "$RES/small/heldout_$variant.json" 2> "$RES/profile_$variant.log"
+  for len in $PROFILE_LENS; do  # the last window's profile goes into the drafter that the tau runs use
+    python3 scripts/acceptance_profile.py --drafter "$drafter" --data "$RUN/heldout" --out "$RUN/profiled_$variant" \
+      --max-len "$len" --dtype bfloat16 --device cuda > "$RES/small/heldout${len}_$variant.json" \
+      2>> "$RES/profile_$variant.log"
+  done
   [ "$variant" = shipped ] || cp "$RUN/$variant/log.jsonl" "$RES/small/log_$variant.jsonl"
 done
 step tau
