@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.trainer import TrainConfig
 
     defaults = TrainConfig()
+    default_help = {"max_len": "tokens a sample is cut to, prompt first (default: the longest sample, so that the "
+                               "answers to long prompts are trained too)"}
     tr = sub.add_parser("train", help="train a drafter (Chimera, or Medusa heads) on distilled data")
     tr.add_argument("--data", required=True, nargs="+",
                     help="one or more directories written by 'chimera distill' (e.g. greedy and sampled answers to "
@@ -470,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("regression_weight", non_negative_float), ("heldout_fraction", non_negative_float),
                        ("eval_every", positive_int), ("save_every", positive_int), ("seed", int)]:
         tr.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name),
-                        help=f"(default: {getattr(defaults, name)})")
+                        help=default_help.get(name, f"(default: {getattr(defaults, name)})"))
     tr.add_argument("--cache-base", action="store_true", dest="cache_base",
                     help="compute the base's outputs once per sample and keep them in memory (small data)")
     tr.add_argument("--export-dtype", default="float32", help="dtype of the exported drafter/ (default: float32)")

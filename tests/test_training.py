@@ -1,6 +1,7 @@
 """Self-distillation and drafter training: end to end on CPU, crash-safe resume, bad input."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -124,6 +125,21 @@ def test_train_resume_continues_exactly(tmp_path):
             assert torch.equal(a[key], b[key]), (name, key)
     log = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_default_window_holds_the_longest_sample(tmp_path):
+    model = tiny_model("llama")
+    samples = make_samples(model, n=4, length=40) + make_samples(model, n=2, length=70, seed=1)
+    cfg = TrainConfig(steps=2, batch_size=2, roots_per_seq=8, depth=2, heldout_fraction=0, eval_every=100)
+    assert cfg.max_len is None
+    train(model, samples, tmp_path / "run", cfg, progress=False)
+    config = json.loads((tmp_path / "run" / "drafter" / "config.json").read_text())
+    assert config["training"]["max_len"] == 70
+    # the number is what the run saved: the same command, or the number given, resumes it; another is refused
+    train(model, samples, tmp_path / "run", cfg, progress=False)
+    train(model, samples, tmp_path / "run", replace(cfg, max_len=70), progress=False)
+    with pytest.raises(ChimeraError, match="max_len"):
+        train(model, samples, tmp_path / "run", replace(cfg, max_len=64), progress=False)
 
 
 def test_train_refuses_other_settings_in_the_same_run_directory(tmp_path):

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -48,7 +48,10 @@ class TrainingState(BaseModel):
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 16
-    max_len: int = 512
+    # the window every sample is cut to, prompt first; None: the longest sample's length. (512 before session 23 cut
+    # the answers to long prompts out of training, and no position past 511 was trained: docs/training.md,
+    # "Long prompts")
+    max_len: int | None = None
     roots_per_seq: int = 64  # chains sampled per sequence and step
     depth: int = 6  # draft heads trained (and tree depth usable at inference)
     architecture: str = "chimera"  # or "medusa": the baseline heads, trained by the same pipeline
@@ -340,6 +343,8 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         check_data_base(data_meta, base_identity(model))
     if len(samples) < 2:
         raise ChimeraError(f"need at least 2 training samples, got {len(samples)}")
+    if cfg.max_len is None:  # resolved before anything reads or saves it: a resumed run compares the number
+        cfg = replace(cfg, max_len=max(len(tokens) for tokens, _ in samples))
     device_type = next(model.parameters()).device.type
     if accelerator is None:
         accelerator = Accelerator(mixed_precision="bf16" if device_type == "cuda" else "no", cpu=device_type == "cpu")
