@@ -22,7 +22,7 @@
 #        long-features  both of the above
 #      VARIANTS picks some (default: control kl features).
 #   3. Each drafter and the shipped one scored on the unseen answers (scripts/acceptance_profile.py: top-1 agreement
-#      by depth, in windows of each of PROFILE_LENS tokens, default "512 1280"), then tau of each on TAU_LIMIT questions of every Spec-Bench category (float32, dynamic-64 tree over
+#      by depth, in windows of each of PROFILE_LENS tokens, default "512 1280"), then tau of each on TAU_LIMIT questions of every Spec-Bench category (or of TAU_CATEGORIES) (float32, dynamic-64 tree over
 #      the whole vocabulary; scripts/compare_trees.py), in parallel.
 # Session 22 (an H100, docs/training.md): `STEPS=1000 TAU_LIMIT=3 bash scripts/device/train_variants.sh`; control and
 # features ran out of memory at their first evaluation beside kl (fixed since: chimera.train.trainer.evaluate) and were
@@ -44,6 +44,7 @@ TEMPERATURE=${TEMPERATURE:-0.8}
 LONG_LEN=${LONG_LEN:-1280}
 PROFILE_LENS=${PROFILE_LENS:-512 1280}
 TAU_LIMIT=${TAU_LIMIT:-10}
+TAU_CATEGORIES=${TAU_CATEGORIES:-mt_bench translation summarization qa math_reasoning rag}
 VARIANTS=${VARIANTS:-control kl features}
 SHIPPED=chimera/assets/drafters/smollm2-135m-instruct
 RUN=$HOME/run-variants
@@ -99,8 +100,8 @@ done
 step tau
 for variant in $VARIANTS shipped; do
   [ -d "$RUN/profiled_$variant" ] || continue
-  python3 scripts/compare_trees.py --questions "$HOME/stage/spec_bench.jsonl" --categories mt_bench translation \
-    summarization qa math_reasoning rag --limit "$TAU_LIMIT" --max-new-tokens 256 --device cuda \
+  python3 scripts/compare_trees.py --questions "$HOME/stage/spec_bench.jsonl" --categories $TAU_CATEGORIES \
+    --limit "$TAU_LIMIT" --max-new-tokens 256 --device cuda \
     --drafter "$RUN/profiled_$variant" --trees dynamic-64 --draft-vocab full --out "$RES/small/tau_$variant.json" \
     > "$RES/tau_$variant.log" 2>&1 &
 done
