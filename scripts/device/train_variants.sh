@@ -22,8 +22,9 @@
 #        long-features  both of the above
 #      VARIANTS picks some (default: control kl features).
 #   3. Each drafter and the shipped one scored on the unseen answers (scripts/acceptance_profile.py: top-1 agreement
-#      by depth, in windows of each of PROFILE_LENS tokens, default "512 1280"), then tau of each on TAU_LIMIT questions of every Spec-Bench category (or of TAU_CATEGORIES) (float32, dynamic-64 tree over
-#      the whole vocabulary; scripts/compare_trees.py), in parallel.
+#      by depth, in windows of each of PROFILE_LENS tokens, default "512 1280"), then tau of each on TAU_LIMIT
+#      questions of every Spec-Bench category, or of TAU_CATEGORIES (float32, dynamic-64 tree over the whole
+#      vocabulary; scripts/compare_trees.py), in parallel.
 # Session 22 (an H100, docs/training.md): `STEPS=1000 TAU_LIMIT=3 bash scripts/device/train_variants.sh`; control and
 # features ran out of memory at their first evaluation beside kl (fixed since: chimera.train.trainer.evaluate) and were
 # trained again by the same `chimera train` lines, control beside a second failing features run, then features alone;
