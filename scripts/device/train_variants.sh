@@ -70,11 +70,9 @@ wait
 step train
 for variant in $VARIANTS; do
   case $variant in
-    control|sampled|deeper) extra=() ;;
+    control|sampled|deeper|long) extra=() ;;
     kl) extra=(--kl) ;;
-    features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
-    long) extra=() ;;
-    long-features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
+    features|long-features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
     *) step "unknown variant $variant"; continue ;;
   esac
   data=("$RUN/data"); [ "$variant" = sampled ] && data+=("$RUN/sampled")
@@ -91,10 +89,10 @@ mkdir -p "$RES/small"
 for variant in $VARIANTS shipped; do
   drafter=$RUN/$variant/drafter; [ "$variant" = shipped ] && drafter=$SHIPPED
   [ -d "$drafter" ] || { step "no drafter for $variant"; continue; }
-  for len in $PROFILE_LENS; do  # the last window's profile goes into the drafter that the tau runs use
-    python3 scripts/acceptance_profile.py --drafter "$drafter" --data "$RUN/heldout" --out "$RUN/profiled_$variant" \
-      --max-len "$len" --dtype bfloat16 --device cuda > "$RES/small/heldout${len}_$variant.json" \
-      2>> "$RES/profile_$variant.log"
+  for len in $PROFILE_LENS; do  # the last window's profile goes into the copy of the drafter that the tau runs use
+    out=(); [ "$len" = "${PROFILE_LENS##* }" ] && out=(--out "$RUN/profiled_$variant")
+    python3 scripts/acceptance_profile.py --drafter "$drafter" --data "$RUN/heldout" "${out[@]}" --max-len "$len" \
+      --dtype bfloat16 --device cuda > "$RES/small/heldout${len}_$variant.json" 2>> "$RES/profile_$variant.log"
   done
   [ "$variant" = shipped ] || cp "$RUN/$variant/log.jsonl" "$RES/small/log_$variant.jsonl"
 done
