@@ -6,7 +6,8 @@
 #      ../shared/data/prompts/train.jsonl, written by scripts/device/stage_train_prompts.sh), and apart to its last
 #      HELDOUT lines, which neither the shipped drafter nor these runs train on.
 #   2. One `chimera train --init SHIPPED` a variant, in parallel, each STEPS steps with the shipped drafter's settings
-#      (8 heads, batch 32, 512 tokens, 64 chain roots a sample):
+#      (8 heads, batch 32, 64 chain roots a sample) and a window of WINDOW tokens (default 1280, the shipped drafter's
+#      since session 24; round 2's was 512):
 #        control   the same data and loss as the shipped drafter (what more training alone gives)
 #        kl        --kl: the base's whole distribution instead of its argmax
 #        features  --feature-layers FEATURE_LAYERS (default 2,15,27), grown from the shipped drafter with the new
@@ -14,13 +15,13 @@
 #        sampled   the greedy answers and SAMPLED more sampled at TEMPERATURE to the first SAMPLED prompts
 #        deeper    --depth DEEPER (default 10): heads past the eighth, grown as copies of it (docs/training.md, "Deeper
 #                  drafts": untrained copies gave tau +1.6 % at 10 levels on the CPU)
-#        long      --max-len LONG_LEN (default 1280): the window that every sample is cut to, prompt first, holds
-#                  the answers to long prompts too. At 512 (the shipped drafter's), 377 of the first 12,000 prompts
+#        long      --max-len LONG_LEN (default 1280) instead of WINDOW: the window that every sample is cut to, prompt
+#                  first, holds the answers to long prompts too. At 512 (round 2's), 377 of the first 12,000 prompts
 #                  leave no answer in it and no position past 511 is ever trained, while Spec-Bench's
 #                  summarization and retrieval prompts are 683 and 770 tokens long (medians): those categories
 #                  draft where the drafter never learnt to.
-#        long-features  both of the above
-#      VARIANTS picks some (default: control kl features).
+#      A variant may join changes with '+' (long+features+kl: all three in one run). VARIANTS picks some (default:
+#      control kl features).
 #   3. Each drafter and the shipped one scored on the unseen answers (scripts/acceptance_profile.py: top-1 agreement
 #      by depth, in windows of each of PROFILE_LENS tokens, default "512 1280"), then tau of each on TAU_LIMIT
 #      questions of every Spec-Bench category, or of TAU_CATEGORIES (float32, dynamic-64 tree over the whole
@@ -30,6 +31,9 @@
 # trained again by the same `chimera train` lines, control beside a second failing features run, then features alone;
 # then tau of all four on 10 questions a category (this script's default since). Evaluation now takes a few GB, not 25:
 # four runs side by side on an 80 GB card are expected to fit but have not been run.
+# Session 24 (an H100): `VARIANTS="control long" STEPS=1000 bash scripts/device/train_variants.sh`, with round 2 as
+# the shipped drafter and a window of 512 (now `WINDOW=512`): 14 minutes from distillation to tau, the two runs 258 s
+# side by side (peak 15.5 GB at 1,280 tokens, 12.0 at 512). `long` became round 3, the shipped drafter.
 # Start it with setsid; progress.txt and results in $HOME/res-variants (small ones packed into results.tar.gz, each
 # drafter's weights split into 15 MB parts), copied to $OUT by each polling call.
 RES=$HOME/res-variants
@@ -43,6 +47,7 @@ SAMPLED=${SAMPLED:-6000}
 DEEPER=${DEEPER:-10}
 TEMPERATURE=${TEMPERATURE:-0.8}
 LONG_LEN=${LONG_LEN:-1280}
+WINDOW=${WINDOW:-1280}
 PROFILE_LENS=${PROFILE_LENS:-512 1280}
 TAU_LIMIT=${TAU_LIMIT:-10}
 TAU_CATEGORIES=${TAU_CATEGORIES:-mt_bench translation summarization qa math_reasoning rag}
@@ -62,22 +67,25 @@ distill() {  # distill NAME PROMPTS [ARGS]: the base's answers, bf16, 256 new to
 step distill
 distill data "$RUN/train_prompts.jsonl" &
 distill heldout "$RUN/heldout_prompts.jsonl" &
-if [[ " $VARIANTS " == *" sampled "* ]]; then
+if [[ " ${VARIANTS//+/ } " == *" sampled "* ]]; then
   head -n "$SAMPLED" "$RUN/train_prompts.jsonl" > "$RUN/sampled_prompts.jsonl"
   distill sampled "$RUN/sampled_prompts.jsonl" --temperature "$TEMPERATURE" --seed 1 &
 fi
 wait
 step train
 for variant in $VARIANTS; do
-  case $variant in
-    control|sampled|deeper|long) extra=() ;;
-    kl) extra=(--kl) ;;
-    features|long-features) extra=(--feature-layers "$FEATURE_LAYERS") ;;
-    *) step "unknown variant $variant"; continue ;;
-  esac
-  data=("$RUN/data"); [ "$variant" = sampled ] && data+=("$RUN/sampled")
-  depth=8; [ "$variant" = deeper ] && depth=$DEEPER
-  max_len=512; [[ "$variant" == long* ]] && max_len=$LONG_LEN
+  extra=(); data=("$RUN/data"); depth=8; max_len=$WINDOW
+  for change in ${variant//+/ }; do
+    case $change in
+      control) ;;
+      kl) extra+=(--kl) ;;
+      features) extra+=(--feature-layers "$FEATURE_LAYERS") ;;
+      sampled) data+=("$RUN/sampled") ;;
+      deeper) depth=$DEEPER ;;
+      long) max_len=$LONG_LEN ;;
+      *) step "unknown change $change in $variant"; continue 2 ;;
+    esac
+  done
   python3 -m chimera.cli train --data "${data[@]}" --out "$RUN/$variant" --steps "$STEPS" --batch-size 32 --max-len "$max_len" \
     --roots-per-seq 64 --depth "$depth" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 250 --save-every 250 \
     --dtype bfloat16 --device cuda --export-dtype bfloat16 --init "$SHIPPED" "${extra[@]}" \
