@@ -11,8 +11,10 @@
 #   5. with HELDOUT > 0: per-depth agreement and acceptance profile on the unseen answers, for the new drafter
 #      and for COMPARE (a drafter directory, e.g. the one shipped before), and tau of both on TAU_LIMIT
 #      questions of each MT-bench category with the dynamic tree.
-# Session 1's drafter: DISTILL_SECONDS=420 DISTILL_BATCH=384 STEPS=6000 (defaults below otherwise).
+# Session 1's drafter: MAX_LEN=512 DISTILL_SECONDS=420 DISTILL_BATCH=384 STEPS=6000 (defaults below otherwise).
 # FEATURE_LAYERS=2,15,27: the drafter reads the base's states after those layers too (chimera train --feature-layers).
+# MAX_LEN=N: cut each sample to its first N tokens (chimera train --max-len; by default each trains whole, up to
+# 1,024 prompt tokens and 256 answer tokens; the drafters of rounds 1 and 2 trained with 512).
 # KL=1: the heads learn the base's whole distribution instead of its argmax (chimera train --kl).
 # SAMPLED_SECONDS=N: after the greedy answers, N seconds more of answers sampled at TEMPERATURE (default 0.8) to the
 # same prompts, trained on beside them (chimera train --data GREEDY SAMPLED; each prompt's answers held out together).
@@ -26,6 +28,7 @@ WARMUP=${WARMUP:-200}
 INIT=${INIT:-}
 FEATURE_LAYERS=${FEATURE_LAYERS:-}
 KL=${KL:-}
+MAX_LEN=${MAX_LEN:-}
 SAMPLED_SECONDS=${SAMPLED_SECONDS:-0}
 TEMPERATURE=${TEMPERATURE:-0.8}
 HELDOUT=${HELDOUT:-0}
@@ -51,9 +54,10 @@ if [ "$SAMPLED_SECONDS" -gt 0 ]; then
   DATA+=("$RUN/sampled")
 fi
 python3 scripts/token_frequencies.py --data "$RUN/data" --out "$RUN/export/token_counts.safetensors"
-python3 -m chimera.cli train --data "${DATA[@]}" --out "$RUN/train" --steps "$STEPS" --batch-size 32 \
-  --max-len 512 --roots-per-seq 64 --depth "$DEPTH" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 500 \
-  --save-every 500 --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"} \
+WINDOW=(${MAX_LEN:+--max-len "$MAX_LEN"})
+python3 -m chimera.cli train --data "${DATA[@]}" --out "$RUN/train" --steps "$STEPS" --batch-size 32 "${WINDOW[@]}" \
+  --roots-per-seq 64 --depth "$DEPTH" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 500 --save-every 500 \
+  --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"} \
   ${FEATURE_LAYERS:+--feature-layers "$FEATURE_LAYERS"} ${KL:+--kl}
 cp "$RUN/train/drafter/config.json" "$RUN/train/log.jsonl" "$RUN/export/"
 split -b 15M "$RUN/train/drafter/model.safetensors" "$RUN/export/weights.part."
@@ -64,10 +68,10 @@ if [ "$HELDOUT" -gt 0 ]; then
   python3 -m chimera.cli distill --prompts "$RUN/heldout_prompts.jsonl" --out "$RUN/heldout" --max-new-tokens 256 \
     --batch-size 512 --dtype bfloat16 --device cuda
   python3 scripts/acceptance_profile.py --drafter "$RUN/train/drafter" --data "$RUN/heldout" \
-    --out "$RUN/profiled" --dtype bfloat16 --device cuda | tee "$RUN/export/heldout_new.json"
+    --out "$RUN/profiled" "${WINDOW[@]}" --dtype bfloat16 --device cuda | tee "$RUN/export/heldout_new.json"
   cp "$RUN/profiled/config.json" "$RUN/export/config.json"
   [ -n "$COMPARE" ] && python3 scripts/acceptance_profile.py --drafter "$COMPARE" --data "$RUN/heldout" \
-    --out "$RUN/compare_profiled" --dtype bfloat16 --device cuda | tee "$RUN/export/heldout_compare.json"
+    --out "$RUN/compare_profiled" "${WINDOW[@]}" --dtype bfloat16 --device cuda | tee "$RUN/export/heldout_compare.json"
   echo PROFILE_DONE
   for d in "$RUN/profiled" $COMPARE; do
     python3 scripts/compare_trees.py --questions "$HOME/stage/spec_bench.jsonl" --categories mt_bench \
