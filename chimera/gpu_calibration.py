@@ -20,9 +20,10 @@ session 15): plain 942 tokens/s on its prompts; 64 nodes 3/4/5/6/8 levels deep 9
 16,384 tokens. On Spec-Bench that choice gave 1.08x over our plain loop against 1.10x for the former fixed tree, the
 same within the run-to-run spread of ``ar`` (846-890 tokens/s). It took 403 s on a fresh machine, 373 of them
 compiling (the base's forward for four tree sizes 226 s, of which the 1- and 64-token ones, 116 s, any decoder
-compiles; the drafter's levels and the KV compaction for five depths 146 s); each shape compiles once (compiled.py
-shares the base's forward and the drafter's levels between decoders; inductor keeps its kernels on disk), and a
-later run reads the choice from the cache. It is kept in the cache directory like the CPU's (keyed by GPU,
+compiles; the drafter's levels and the KV compaction for five depths 146 s; the compaction now compiles once for
+every depth, which on this project's CPU took its 8 path lengths from 132 s to 25 s, scripts/compaction_compiles.py);
+each shape compiles once (compiled.py shares the base's forward and the drafter's levels between decoders; inductor
+keeps its kernels on disk), and a later run reads the choice from the cache. It is kept in the cache directory like the CPU's (keyed by GPU,
 libraries, model, drafter and the decoder's compile switches); a corrupt or stale file is ignored with one warning
 and measured again; ``chimera calibrate`` re-measures. It changes what is drafted, never what is accepted.
 """

@@ -174,8 +174,11 @@ class SlotBank:
     def keep_static(self, path: torch.Tensor) -> None:
         """Move the slots of path nodes prefix + path[k] to prefix + k; entries past the real path move junk
         into slots beyond the new length, which the mask hides and the next tree overwrites."""
+        source, target = self.prefix + path, self.prefix + self.columns[:path.numel()]
+        if self.decoder is not None:  # one compilation for every path length (a tree's depth + 1): compiled per
+            self.decoder.mark_symbol(0, source, target)  # length, a first calibration on an H100 took 14-16 s each
         with torch.inference_mode():  # the cache's tensors are inference tensors, updated in place by the compiled move
-            self.move(self.prefix + path, self.prefix + self.columns[:path.numel()])
+            self.move(source, target)
 
     def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         key = ("score", self.capacity, tree.topology)
@@ -203,7 +206,7 @@ class SlotBank:
         a compaction run twice is not one run (a slot moved twice carries another's keys; a length grown twice is
         wrong): it is captured over a path that moves every slot onto itself and counts of zero."""
         if self.runner.graphs and not self.runner.can_run(key):
-            with announced(self.move, f"{path.numel()}-slot paths over {self.capacity} KV slots"):
+            with announced(self.move, f"paths over {self.capacity} KV slots"):
                 self.runner.capture(key, fn, torch.arange(path.numel(), device=path.device),
                                     *(torch.zeros_like(c) for c in counts))
         self.runner.run(key, fn, path, *counts)
