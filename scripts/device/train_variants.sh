@@ -26,6 +26,9 @@
 #      by depth, in windows of each of PROFILE_LENS tokens, default "512 1280"), then tau of each on TAU_LIMIT
 #      questions of every Spec-Bench category, or of TAU_CATEGORIES (float32, dynamic-64 tree over the whole
 #      vocabulary; scripts/compare_trees.py), in parallel.
+#   4. With BENCH=1, then alone: `chimera bench` in bf16 of hf-compiled, ar and chimera with the shipped drafter
+#      (prepare.sh's bench_bf16, LIMIT questions a category, default 8; its first run calibrates the trees, about 5
+#      minutes of compiling on a fresh machine).
 # Session 22 (an H100, docs/training.md): `STEPS=1000 TAU_LIMIT=3 bash scripts/device/train_variants.sh`; control and
 # features ran out of memory at their first evaluation beside kl (fixed since: chimera.train.trainer.evaluate) and were
 # trained again by the same `chimera train` lines, control beside a second failing features run, then features alone;
@@ -113,6 +116,10 @@ for variant in $VARIANTS shipped; do
     > "$RES/tau_$variant.log" 2>&1 &
 done
 wait
+if [ -n "${BENCH:-}" ]; then  # alone on the card by now: the shipped drafter's bf16 speed against hf-compiled (#16)
+  bench_bf16
+  cp "$RES"/gpu_bench_bf16/{summary.json,report.md} "$RES/small/" 2>/dev/null
+fi
 cp "$RES"/*.log "$RES/gpu.txt" "$RES/small/" 2>/dev/null
 for variant in $VARIANTS; do
   [ -d "$RUN/profiled_$variant" ] || continue
