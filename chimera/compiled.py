@@ -125,8 +125,8 @@ class CompiledDecoder(Compiled):
     @staticmethod
     def mark_symbol(dim: int, *tensors: torch.Tensor) -> None:
         """Compile axis ``dim`` of ``tensors`` as a symbol, so that one compilation serves every rows bucket of a
-        running batch, or every padded length of its prefills (batch.py); a size of 1 is compiled apart (Dynamo
-        specializes sizes 0 and 1)."""
+        running batch, or every padded length of its prefills (batch.py), or every path length a compaction keeps
+        (verifier.py); a size of 1 is compiled apart (Dynamo specializes sizes 0 and 1)."""
         for tensor in tensors:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
 

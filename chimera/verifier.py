@@ -175,8 +175,10 @@ class SlotBank:
         """Move the slots of path nodes prefix + path[k] to prefix + k; entries past the real path move junk
         into slots beyond the new length, which the mask hides and the next tree overwrites."""
         source, target = self.prefix + path, self.prefix + self.columns[:path.numel()]
-        if self.decoder is not None:  # one compilation for every path length (a tree's depth + 1): compiled per
-            self.decoder.mark_symbol(0, source, target)  # length, a first calibration on an H100 took 14-16 s each
+        if self.decoder is not None:
+            # the path's length (a tree's depth + 1) compiled as a symbol: one compilation for trees of every depth,
+            # where one per length had cost a first calibration 14-16 s each on an H100 (scripts/compaction_compiles.py)
+            self.decoder.mark_symbol(0, source, target)
         with torch.inference_mode():  # the cache's tensors are inference tensors, updated in place by the compiled move
             self.move(source, target)
 
