@@ -23,9 +23,10 @@ compiling (the base's forward for four tree sizes 226 s, of which the 1- and 64-
 compiles; the drafter's levels and the KV compaction for five depths 146 s; the compaction now compiles once for
 every depth, which on this project's CPU took its 8 path lengths from 132 s to 25 s, scripts/compaction_compiles.py);
 each shape compiles once (compiled.py shares the base's forward and the drafter's levels between decoders; inductor
-keeps its kernels on disk), and a later run reads the choice from the cache. It is kept in the cache directory like the CPU's (keyed by GPU,
-libraries, model, drafter and the decoder's compile switches); a corrupt or stale file is ignored with one warning
-and measured again; ``chimera calibrate`` re-measures. It changes what is drafted, never what is accepted.
+keeps its kernels on disk), and a later run reads the choice from the cache. It is kept in the cache directory like
+the CPU's (keyed by GPU, libraries, model, drafter and the decoder's compile switches); a corrupt or stale file is
+ignored with one warning and measured again; ``chimera calibrate`` re-measures. It changes what is drafted, never
+what is accepted.
 """
 
 from __future__ import annotations

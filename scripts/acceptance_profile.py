@@ -20,7 +20,7 @@ import chimera
 from chimera.cli import quiet_libraries
 from chimera.drafters import load_any
 from chimera.train.data import DistillStore
-from chimera.train.trainer import TrainConfig, evaluate
+from chimera.train.trainer import TrainConfig, evaluate, with_window
 
 
 def main():
@@ -38,20 +38,19 @@ def main():
     model, _ = chimera.load_base(args.model, dtype=args.dtype, device=args.device)
     drafter = load_any(args.drafter, model)
     samples = DistillStore(args.data).load()
-    max_len = args.max_len or max(len(tokens) for tokens, _ in samples)
-    cfg = TrainConfig(depth=drafter.config.num_draft_heads, batch_size=16, max_len=max_len)
+    cfg = with_window(TrainConfig(depth=drafter.config.num_draft_heads, batch_size=16, max_len=args.max_len), samples)
     device = next(model.parameters()).device
     pad = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     ids = np.arange(min(args.samples, len(samples)))
     result = evaluate(model, drafter, samples, ids, cfg, pad, device)
-    print(json.dumps({"top1": result["top1"], "acceptance": result["acceptance"], "max_len": max_len}))
+    print(json.dumps({"top1": result["top1"], "acceptance": result["acceptance"], "max_len": cfg.max_len}))
     if not args.out:
         return
     out = Path(args.out)
     shutil.copytree(args.drafter, out, dirs_exist_ok=True)
     config = json.loads((out / "config.json").read_text())
     config["acceptance"] = result["acceptance"]
-    config["acceptance_measured_on"] = {"data": str(args.data), "samples": int(len(ids)), "max_len": max_len,
+    config["acceptance_measured_on"] = {"data": str(args.data), "samples": int(len(ids)), "max_len": cfg.max_len,
                                         "top1": result["top1"]}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 

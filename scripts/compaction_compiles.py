@@ -23,6 +23,16 @@ import torch
 
 REPEATS = 200
 
+
+def timed(device: torch.device, fn) -> float:
+    """Seconds ``fn()`` takes, the device's queued work included."""
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny", help="tiny (a 2-layer random Llama, as the tests build) or a base")
@@ -48,25 +58,19 @@ def main():
     total = 0.0
     for depth in range(1, 9):
         tree = TreeBuffers.build(TreeTopology.from_paths([(0,) * k for k in range(1, depth + 1)]), device)
-        start = time.perf_counter()
-        bank.keep(torch.arange(depth + 1, device=device), tree)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds = timed(device, lambda: bank.keep(torch.arange(depth + 1, device=device), tree))
         total += seconds
         print(f"{depth + 1}-slot paths: {seconds:.2f} s", flush=True)
     print(f"all: {total:.1f} s; compiled: {bank.move.describe()}")
     path = torch.arange(9, device=device)  # then the cost of a compiled keep, the deepest tree's (host clock)
-    for _ in range(10):
-        bank.keep(path, tree)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(REPEATS):
-        bank.keep(path, tree)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    print(f"a 9-slot keep: {(time.perf_counter() - start) / REPEATS * 1e3:.3f} ms")
+
+    def keeps(count: int) -> None:
+        for _ in range(count):
+            bank.keep(path, tree)
+
+    timed(device, lambda: keeps(10))
+    seconds = timed(device, lambda: keeps(REPEATS))
+    print(f"a 9-slot keep: {seconds / REPEATS * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,13 @@ def batch_indices(train_ids: np.ndarray, step: int, batch_size: int, seed: int) 
     return train_ids[order[slot * batch_size: (slot + 1) * batch_size]]
 
 
+def with_window(cfg: TrainConfig, samples) -> TrainConfig:
+    """``cfg`` with its window resolved: a ``max_len`` of None becomes the longest sample's length."""
+    if cfg.max_len is not None:
+        return cfg
+    return replace(cfg, max_len=max(len(tokens) for tokens, _ in samples))
+
+
 def collate(samples, ids, max_len: int, pad_id: int, device):
     """Right-pad to the longest sample (at most max_len). loss_mask[t]: the token after t is an assistant one."""
     seqs = [samples[i] for i in ids]
@@ -343,8 +350,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
         check_data_base(data_meta, base_identity(model))
     if len(samples) < 2:
         raise ChimeraError(f"need at least 2 training samples, got {len(samples)}")
-    if cfg.max_len is None:  # resolved before anything reads or saves it: a resumed run compares the number
-        cfg = replace(cfg, max_len=max(len(tokens) for tokens, _ in samples))
+    cfg = with_window(cfg, samples)  # before anything reads or saves it: a resumed run compares the number
     device_type = next(model.parameters()).device.type
     if accelerator is None:
         accelerator = Accelerator(mixed_precision="bf16" if device_type == "cuda" else "no", cpu=device_type == "cpu")

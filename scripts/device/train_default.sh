@@ -54,10 +54,10 @@ if [ "$SAMPLED_SECONDS" -gt 0 ]; then
   DATA+=("$RUN/sampled")
 fi
 python3 scripts/token_frequencies.py --data "$RUN/data" --out "$RUN/export/token_counts.safetensors"
-WINDOW=(${MAX_LEN:+--max-len "$MAX_LEN"})
-python3 -m chimera.cli train --data "${DATA[@]}" --out "$RUN/train" --steps "$STEPS" --batch-size 32 "${WINDOW[@]}" \
-  --roots-per-seq 64 --depth "$DEPTH" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 500 --save-every 500 \
-  --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"} \
+max_len_flag=(${MAX_LEN:+--max-len "$MAX_LEN"})
+python3 -m chimera.cli train --data "${DATA[@]}" --out "$RUN/train" --steps "$STEPS" --batch-size 32 \
+  "${max_len_flag[@]}" --roots-per-seq 64 --depth "$DEPTH" --lr "$LR" --warmup-steps "$WARMUP" --eval-every 500 \
+  --save-every 500 --dtype bfloat16 --device cuda --export-dtype bfloat16 ${INIT:+--init "$INIT"} \
   ${FEATURE_LAYERS:+--feature-layers "$FEATURE_LAYERS"} ${KL:+--kl}
 cp "$RUN/train/drafter/config.json" "$RUN/train/log.jsonl" "$RUN/export/"
 split -b 15M "$RUN/train/drafter/model.safetensors" "$RUN/export/weights.part."
@@ -68,10 +68,11 @@ if [ "$HELDOUT" -gt 0 ]; then
   python3 -m chimera.cli distill --prompts "$RUN/heldout_prompts.jsonl" --out "$RUN/heldout" --max-new-tokens 256 \
     --batch-size 512 --dtype bfloat16 --device cuda
   python3 scripts/acceptance_profile.py --drafter "$RUN/train/drafter" --data "$RUN/heldout" \
-    --out "$RUN/profiled" "${WINDOW[@]}" --dtype bfloat16 --device cuda | tee "$RUN/export/heldout_new.json"
+    --out "$RUN/profiled" "${max_len_flag[@]}" --dtype bfloat16 --device cuda | tee "$RUN/export/heldout_new.json"
   cp "$RUN/profiled/config.json" "$RUN/export/config.json"
   [ -n "$COMPARE" ] && python3 scripts/acceptance_profile.py --drafter "$COMPARE" --data "$RUN/heldout" \
-    --out "$RUN/compare_profiled" "${WINDOW[@]}" --dtype bfloat16 --device cuda | tee "$RUN/export/heldout_compare.json"
+    --out "$RUN/compare_profiled" "${max_len_flag[@]}" --dtype bfloat16 --device cuda \
+    | tee "$RUN/export/heldout_compare.json"
   echo PROFILE_DONE
   for d in "$RUN/profiled" $COMPARE; do
     python3 scripts/compare_trees.py --questions "$HOME/stage/spec_bench.jsonl" --categories mt_bench \

@@ -15,8 +15,9 @@
 #        sampled   the greedy answers and SAMPLED more sampled at TEMPERATURE to the first SAMPLED prompts
 #        deeper    --depth DEEPER (default 10): heads past the eighth, grown as copies of it (docs/training.md, "Deeper
 #                  drafts": untrained copies gave tau +1.6 % at 10 levels on the CPU)
-#        long      --max-len LONG_LEN (default 1280) instead of WINDOW: the window that every sample is cut to, prompt
-#                  first, holds the answers to long prompts too. At 512 (round 2's), 377 of the first 12,000 prompts
+#        long      --max-len LONG_LEN (default 1280) instead of WINDOW (the same as control unless WINDOW is set
+#                  lower, as WINDOW=512 reproduces session 24): the window every sample is cut to, prompt first,
+#                  holds the answers to long prompts too. At 512 (round 2's), 377 of the first 12,000 prompts
 #                  leave no answer in it and no position past 511 is ever trained, while Spec-Bench's
 #                  summarization and retrieval prompts are 683 and 770 tokens long (medians): those categories
 #                  draft where the drafter never learnt to.
