@@ -589,6 +589,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("chimera: interrupted", file=sys.stderr)
         return 130
+    finally:  # processes torchrun started leave their process group closed: left to the interpreter's exit, gloo's
+        distributed = sys.modules.get("torch.distributed")  # threads aborted a rank now and then ("terminate called")
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -459,6 +459,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
             export, extra_config={"acceptance": evals.get("acceptance"),
                                   "training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
                                                "data": (data_meta or {}).get("source")}}, dtype=export_dtype)
+    accelerator.wait_for_everyone()  # no rank leaves (and tears its process group down) while rank 0 still writes
     return {"step": end_step, "heldout": evals, "size": drafter_size(accelerator.unwrap_model(drafter), model)}
 
 
