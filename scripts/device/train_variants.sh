@@ -29,7 +29,9 @@
 #      vocabulary; scripts/compare_trees.py), in parallel.
 #   4. With BENCH=1, then alone: `chimera bench` in bf16 of hf-compiled, ar and chimera with the shipped drafter
 #      (prepare.sh's bench_bf16, LIMIT questions a category, default 8; its first run calibrates the trees, about 5
-#      minutes of compiling on a fresh machine).
+#      minutes of compiling on a fresh machine). BENCH=first runs it before everything else instead (session 24's
+#      bench, left to the end, ran out of device time), then the KV compaction's compile times on the card
+#      (scripts/compaction_compiles.py).
 # Session 22 (an H100, docs/training.md): `STEPS=1000 TAU_LIMIT=3 bash scripts/device/train_variants.sh`; control and
 # features ran out of memory at their first evaluation beside kl (fixed since: chimera.train.trainer.evaluate) and were
 # trained again by the same `chimera train` lines, control beside a second failing features run, then features alone;
@@ -68,6 +70,14 @@ distill() {  # distill NAME PROMPTS [ARGS]: the base's answers, bf16, 256 new to
   python3 -m chimera.cli distill --prompts "$prompts" --out "$RUN/$name" --max-new-tokens 256 --batch-size 768 \
     --dtype bfloat16 --device cuda "$@" > "$RES/distill_$name.log" 2>&1
 }
+if [ "${BENCH:-}" = first ]; then
+  bench_bf16
+  mkdir -p "$RES/small"; cp "$RES"/gpu_bench_bf16/{summary.json,report.md} "$RES/small/" 2>/dev/null
+  step compaction-compiles
+  python3 scripts/compaction_compiles.py --model smollm2-135m-instruct --device cuda --dtype bfloat16 \
+    > "$RES/small/compaction_compiles.txt" 2>&1
+  tar -czf "$RES/results.tar.gz" -C "$RES" small gpu_bench_bf16
+fi
 step distill
 distill data "$RUN/train_prompts.jsonl" &
 distill heldout "$RUN/heldout_prompts.jsonl" &
@@ -117,7 +127,7 @@ for variant in $VARIANTS shipped; do
     > "$RES/tau_$variant.log" 2>&1 &
 done
 wait
-if [ -n "${BENCH:-}" ]; then  # alone on the card by now: the shipped drafter's bf16 speed against hf-compiled (#16)
+if [ "${BENCH:-}" = 1 ]; then  # alone on the card by now: the shipped drafter's bf16 speed against hf-compiled (#16)
   bench_bf16
   cp "$RES"/gpu_bench_bf16/{summary.json,report.md} "$RES/small/" 2>/dev/null
 fi
@@ -129,5 +139,5 @@ for variant in $VARIANTS; do
   split -b 15M "$RUN/profiled_$variant/model.safetensors" "$RES/weights_$variant/part."
   sha256sum "$RUN/profiled_$variant/model.safetensors" > "$RES/small/sha256_$variant.txt"
 done
-tar -czf "$RES/results.tar.gz" -C "$RES" small
+tar -czf "$RES/results.tar.gz" -C "$RES" small $(cd "$RES" && ls -d gpu_bench_bf16 2>/dev/null)
 step done
