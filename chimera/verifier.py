@@ -19,7 +19,7 @@ import torch
 
 from . import attention, cache as kv, cpu_linear, target
 from .target import TargetOutput
-from .compiled import Compiled, CompiledDecoder, announced, compilable
+from .compiled import CompiledDecoder, announced, compilable
 from .graph_runner import GraphRunner, power_of_two_at_least
 from .errors import ChimeraError
 from .tree import TreeBuffers, additive_mask
@@ -120,8 +120,7 @@ class SlotBank:
         self.decoder = decoder
         # compacting op by op is 4 small kernels a layer (0.46 ms of an H200 for the default model's 30 layers);
         # compiled, a few fused ones (0.007 ms; scripts/step_kernels.py). Copies: compiled or not, the same values move
-        self.move = (Compiled(self.cache.move, "the KV compaction", decoder.backend) if decoder is not None
-                     else self.cache.move)
+        self.move = decoder.compaction if decoder is not None else kv.SlotCache.move  # called with the cache first
         self.padded_prefill = padded_prefill
         self.generation = 0
 
@@ -180,7 +179,7 @@ class SlotBank:
             # where one per length had cost a first calibration 14-16 s each on an H100 (scripts/compaction_compiles.py)
             self.decoder.mark_symbol(0, source, target)
         with torch.inference_mode():  # the cache's tensors are inference tensors, updated in place by the compiled move
-            self.move(source, target)
+            self.move(self.cache, source, target)
 
     def score(self, tokens: torch.Tensor, tree: TreeBuffers) -> TargetOutput:
         key = ("score", self.capacity, tree.topology)
@@ -208,7 +207,7 @@ class SlotBank:
         a compaction run twice is not one run (a slot moved twice carries another's keys; a length grown twice is
         wrong): it is captured over a path that moves every slot onto itself and counts of zero."""
         if self.runner.graphs and not self.runner.can_run(key):
-            with announced(self.move, f"paths over {self.capacity} KV slots"):
+            with announced(self.move, "accepted paths of every length over every capacity"):
                 self.runner.capture(key, fn, torch.arange(path.numel(), device=path.device),
                                     *(torch.zeros_like(c) for c in counts))
         self.runner.run(key, fn, path, *counts)

@@ -164,3 +164,30 @@ def test_paths_of_every_length_move_through_one_compilation():
         for mine, reference in zip(compiled.cache.layers, eager.cache.layers):
             assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
     assert compiled.move.failure is None and counter.frame_count == 1
+
+
+def test_slot_banks_of_every_capacity_share_one_compaction_and_its_one_line(caplog):
+    """Every slot bank over a model compacts through its compiled decoder's one compaction: banks of other
+    capacities (a bench's prompts, a calibration's candidates) neither compile it again nor print another
+    "compiling" line, and each keeps what an uncompiled bank keeps."""
+    model = tiny_model("llama")
+    counter = CompileCounter()
+    decoder = CompiledDecoder(model, backend=counter)
+    tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (1,), (0, 0), (0, 1), (0, 1, 0)]), "cpu")
+    path = torch.tensor([0, 2, 3, 5])
+    frames = []  # compilations (the base forward's and the compaction's) after each capacity
+    with caplog.at_level(logging.INFO, logger="chimera"):
+        for capacity in (64, 128, 256):
+            banks = [SlotBank(model, capacity=capacity, device=torch.device("cpu"), runner=EagerCaptures(),
+                              decoder=compiled) for compiled in (decoder, None)]
+            for bank in banks:
+                bank.prefill(torch.arange(3, 10))
+                bank.score(torch.arange(20, 20 + tree.topology.size), tree)
+                bank.keep(path, tree)
+            assert banks[0].move is decoder.compaction
+            for mine, reference in zip(banks[0].cache.layers, banks[1].cache.layers):
+                assert torch.equal(mine.keys[:, :, :11], reference.keys[:, :, :11])
+            frames.append(counter.frame_count)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling the KV compaction")]
+    assert len(lines) == 1
+    assert decoder.compaction.failure is None and frames == [2, 2, 2]  # the forward and the compaction, once each
