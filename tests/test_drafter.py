@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chimera import ChimeraError, SpeculativeDecoder, cache as kv, target
-from chimera.drafters import load_any
-from chimera.drafters.chimera import ChimeraDrafter, load_drafter
+from chimera.drafters import load_any, persist
+from chimera.drafters.chimera import ChimeraDrafter, load_drafter, odds_line
 from chimera.train.trainer import TrainConfig, train
 from chimera.tree import DynamicTree, TreeBuffers, TreeTopology
 from chimera.verifier import SlotVerifier
@@ -392,6 +392,7 @@ def test_compiled_drafting_drafts_what_eager_drafting_drafts(shape):
     torch._dynamo.reset()
     model = tiny_model("gemma")
     drafter = perturbed_drafter(model, heads=4)
+    drafter.acceptance_odds = [(0.9, -0.2), (1.1, 0.3), (1.3, 0.8)]  # the fourth head's paths scored as they come
     levels = drafter.compiled_levels("aot_eager")
     tokens = torch.randint(3, 128, (40,))
     hidden = target.forward(model, kv.new_cache(), tokens).hidden
@@ -427,3 +428,63 @@ def test_blockwise_top_k_equals_top_k(columns):
     values, index = blockwise_top_k(scores, k, chunk=1024)
     expected = scores.topk(k)
     assert torch.equal(values, expected.values) and torch.equal(index, expected.indices)
+
+
+def test_odds_line_moves_probabilities_along_a_line_in_log_odds():
+    logp = torch.tensor([0.02, 0.25, 0.45, 0.65, 0.999]).log()
+    assert torch.allclose(odds_line(logp, 1.0, 0.0), logp, atol=1e-5)  # the identity line changes nothing
+    moved = odds_line(logp, 1.5, 1.2)
+    p = logp.exp()
+    assert torch.allclose(moved.exp(), torch.sigmoid(1.5 * torch.log(p / (1 - p)) + 1.2), atol=1e-5)
+    assert bool((moved.diff() > 0).all()) and bool((moved <= 0).all())  # the order kept, still probabilities
+    assert float(moved[2].exp()) > 0.6  # a deep head's 0.45, accepted 72 % of the time, scored as such
+
+
+def test_acceptance_odds_change_only_which_paths_a_dynamic_tree_holds(tmp_path):
+    """Lines that raise deep heads' probabilities draw the tree deeper, and drafting is otherwise what it was: the
+    identity lines draft the very same tree, the static (captured) drafting builds the same tree as the eager one,
+    and the lines survive saving and loading."""
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=4)
+    tokens = torch.randint(3, 128, (30,))
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
+    shape = DynamicTree(size=16, depth=4, beam=3)
+    root = tokens[20:21]
+
+    def drafted(odds):
+        drafter.acceptance_odds = odds
+        tree = TreeBuffers.build(shape, "cpu")
+        out = drafter.propose(drafter.start(tokens[:20], hidden[:20]), root, tree)
+        check_tree(out, tree)
+        static_tree = TreeBuffers.build(shape, "cpu")
+        static = drafter.propose_static(drafter.start(tokens[:20], hidden[:20], capacity=32), root, static_tree)
+        assert torch.equal(static, out) and torch.equal(static_tree.parents, tree.parents)
+        return tree_paths(out, tree), float(tree.depths.float().mean())
+
+    plain, plain_depth = drafted(None)
+    assert drafted([(1.0, 0.0)] * 4)[0] == plain
+    deeper = [(1.0, 0.0), (1.0, 0.0), (1.0, 10.0), (1.0, 10.0)]  # the third and fourth heads as good as certain
+    paths, depth = drafted(deeper)
+    assert paths != plain and depth > plain_depth
+    drafter.save(tmp_path / "d")
+    assert load_any(tmp_path / "d", model).acceptance_odds == deeper
+
+
+@pytest.mark.parametrize("odds", [[[1.0, 0.0]] * 9, [[0.0, 1.0]], [[-1.0, 0.0]], [[1.0, float("nan")]], [[True, 0.0]],
+                                  [[1.0]], "lines", [], [[1.0, 0.0, 2.0]]])
+def test_malformed_acceptance_odds_are_left_out(odds):
+    assert persist.acceptance_odds({"acceptance_odds": odds}, heads=8) is None
+
+
+def test_decoding_with_acceptance_odds_equals_generate(default_model):
+    _, tokenizer = default_model
+    model = tiny_model("qwen2")
+    drafter = perturbed_drafter(model, heads=4)
+    drafter.acceptance_odds = [(0.9, -0.2), (1.1, 0.3), (1.3, 0.8), (1.5, 1.2)]
+    for tree in (DynamicTree(size=12, depth=4, beam=3), DynamicTree(size=20, depth=4, beam=4)):
+        decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=tree, adaptive=False)
+        for n in (6, 13):
+            ids = torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            x = torch.tensor([ids])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)
+            assert decoder.generate(input_ids=ids, max_new_tokens=40).token_ids == ref[0, n:].tolist()

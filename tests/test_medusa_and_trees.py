@@ -11,8 +11,8 @@ import torch
 from chimera import ChimeraError, SpeculativeDecoder, cache as kv, target
 from chimera.drafters import load_any, new_drafter
 from chimera.drafters.medusa import MedusaDrafter
-from chimera.train.losses import acceptance_counts
-from chimera.train.trainer import TrainConfig, train
+from chimera.train.losses import acceptance_counts, chain_events, confidence_counts
+from chimera.train.trainer import CONFIDENCE_BINS, TrainConfig, acceptance_odds, train
 from chimera.tree import AUTO_TREE_SIZE, DYNAMIC_BEAM, DynamicTree, TreeBuffers, TreeTopology, get_topology
 from conftest import FAMILIES, tiny_model
 
@@ -90,8 +90,35 @@ def test_acceptance_counts_follow_the_chain():
     d1 = torch.tensor([[[0., 0, 5, 1], [0, 0, 0, 0]]])  # chain 1: target 2 is rank 0; chain 2: ties, rank 0
     d1[0, 1] = torch.tensor([4., 3, 2, 1])  # chain 2 (t=2): target 3 has rank 3
     d2 = torch.tensor([[[1., 0, 0, 9], [0, 0, 0, 0]]])  # chain 1 (t=2): target 3 is rank 0
-    counts = acceptance_counts([d1, d2], roots, targets, mask, max_rank=2)
+    events = chain_events([d1, d2], roots, targets, mask)
+    counts = acceptance_counts(events, max_rank=2)
     assert counts.tolist() == [[1, 0, 1], [1, 0, 0]]  # chain 2 stopped at depth 1 (rank 3 >= 2)
+    # the same chains' top-2 candidates by probability: depth 1 holds both chains (4 candidates), depth 2 chain 1 only
+    confidence = confidence_counts([d1, d2], events, bins=4, top=2)
+    assert confidence[:, 0].sum(-1).tolist() == [4, 2]
+    p1 = torch.softmax(d1[0, 0], -1)  # chain 1's top draft (token 2) was the base's token, in the bin of its probability
+    assert confidence[0, 1, int(p1[2] * 4)] == 1 and confidence[0, 1].sum() == 1
+    assert torch.isclose(confidence[1, 2].sum(), torch.softmax(d2[0, 0], -1).topk(2).values.sum().double())
+    assert confidence[1, 1].sum() == 1  # chain 1's depth-2 draft (token 3) was right
+
+
+def test_acceptance_odds_recover_the_line_the_acceptances_were_drawn_from():
+    """Candidates accepted with sigmoid(1.4 logit(p) + 0.9) at depth 2 and at their own probability at depth 1: the
+    fit finds both lines; a depth with too few candidates ends the list."""
+    rng = np.random.default_rng(0)
+    bins = CONFIDENCE_BINS
+    confidence = np.zeros((3, 3, bins))
+    for depth, (slope, intercept) in enumerate([(1.0, 0.0), (1.4, 0.9)]):
+        p = rng.uniform(0.01, 0.99, 200_000)
+        chance = 1 / (1 + np.exp(-(slope * np.log(p / (1 - p)) + intercept)))
+        accepted = rng.uniform(size=p.size) < chance
+        where = np.minimum((p * bins).astype(int), bins - 1)
+        confidence[depth] = [np.bincount(where, minlength=bins), np.bincount(where, accepted, minlength=bins),
+                             np.bincount(where, p, minlength=bins)]
+    confidence[2, :, 5] = [10, 5, 2.6]  # a deeper depth seen ten times: not fitted
+    (a1, b1), (a2, b2) = acceptance_odds(confidence)
+    assert abs(a1 - 1.0) < 0.05 and abs(b1) < 0.05 and abs(a2 - 1.4) < 0.07 and abs(b2 - 0.9) < 0.05
+    assert acceptance_odds(confidence[2:]) is None
 
 
 def test_tree_from_profile_is_optimal_among_trees_of_its_size():

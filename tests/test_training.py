@@ -9,7 +9,7 @@ import torch
 
 from chimera import ChimeraError, SpeculativeDecoder, load_base
 from chimera.cli import main
-from chimera.drafters import load_any
+from chimera.drafters import load_any, persist
 from chimera.train import distill as distill_mod
 from chimera.train.data import DistillStore, Prompt, count_tokens, read_prompts
 from chimera.train.trainer import TrainConfig, latest_checkpoint, train
@@ -47,6 +47,9 @@ def test_end_to_end_distill_train_decode(tmp_path, tiny_model_dir, capsys):
     assert size["drafter_to_base"] == round(size["drafter_parameters"] / size["base_parameters"], 4)
     assert size["inference_table_elements"] == 3 * (model.config.vocab_size + 1) * model.config.hidden_size
     drafter = load_any(run / "drafter", model)
+    odds = json.loads((run / "drafter" / "config.json").read_text())["acceptance_odds"]
+    assert odds == log[-1]["heldout"]["acceptance_odds"]  # the last evaluation's lines, loaded as they were saved
+    assert drafter.acceptance_odds == (None if odds is None else [tuple(line) for line in odds])
     decoder = SpeculativeDecoder(model, tokenizer, drafter, tree=TreeTopology.chain(3))
     for prompt in ["hello there", "what is two plus two"]:
         ids = decoder.prepare(prompt)
@@ -300,5 +303,7 @@ def test_evaluation_in_passes_of_roots_is_the_evaluation_of_every_root_at_once()
         results = [evaluate(model, drafter, samples, ids, cfg, drafter.pad_id, "cpu", roots_per_pass=n)
                    for n in (None, 5)]
     assert at_once["chains"][0] > 0 and 0 < at_once["top1"][0] < 1
+    lines = at_once["acceptance_odds"]  # fitted where a depth had enough candidates, in the form a drafter loads
+    assert lines and persist.acceptance_odds({"acceptance_odds": lines}, heads=3) == [tuple(line) for line in lines]
     for result in results:
         assert result == at_once

@@ -259,6 +259,11 @@ class ChimeraDrafter(nn.Module):
         self._tables = None
         self.use_tables = True  # trigram_lookup through the tables (prepare_inference chooses by device)
         self.acceptance_profile = None  # measured per head and rank; trees are built from it
+        # per head (slope, intercept): the log-odds that a candidate is the base's token, given the path above it was
+        # right, as a line in the log-odds of the head's probability; a dynamic tree scores its paths by it (None:
+        # by the heads' probabilities as they are)
+        self.acceptance_odds = None
+        self._odds_table = (None, None)  # (the lines and device it holds, a (heads, 2) tensor there): odds_at
         self._tables_version = None
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
         self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
@@ -447,6 +452,16 @@ class ChimeraDrafter(nn.Module):
         logp, columns = top_k(logits.log_softmax(-1, dtype=torch.float32), k)
         return logp, columns if column_ids is None else column_ids[columns]
 
+    def odds_at(self, depth: int, device) -> torch.Tensor | None:
+        """Head ``depth``'s line of ``acceptance_odds`` as a (slope, intercept) tensor on ``device`` (kept there, so a
+        captured drafting reads it without a copy from the host), or None where none was measured."""
+        if self.acceptance_odds is None or depth > len(self.acceptance_odds):
+            return None
+        key = (tuple(map(tuple, self.acceptance_odds)), str(device))
+        if self._odds_table[0] != key:
+            self._odds_table = (key, torch.tensor(self.acceptance_odds, dtype=torch.float32, device=device))
+        return self._odds_table[1][depth - 1]
+
     # ----- inference ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -575,7 +590,7 @@ class ChimeraDrafter(nn.Module):
                                        draft_v[:, :hi], nodes.visible[:, :hi], prefix_visible)
             logp, children = self.candidates(level + 1, head_state, beam)
             scores, tokens, parents, nodes = levels.expand(nodes, logp, children, sum(p[0].numel() for p in pool),
-                                                           hi, level + 1 < depth)
+                                                           hi, level + 1 < depth, self.odds_at(level + 1, device))
             pool.append((scores, tokens, parents))
         tokens, parents, depths, ancestors, siblings = levels.choose(
             *(list(column) for column in zip(*pool)), _candidate_depths(shape, device), root, shape.size, depth)
@@ -637,17 +652,27 @@ class ChimeraDrafter(nn.Module):
 
     def save(self, directory, extra_config: dict | None = None, dtype: torch.dtype | None = None) -> None:
         config = {"architecture": "chimera", **asdict(self.config), "acceptance": self.acceptance_profile,
-                  **(extra_config or {})}
+                  "acceptance_odds": self.acceptance_odds, **(extra_config or {})}
         persist.save_directory(directory, config, self.trainable_state_dict(dtype), self.token_counts)
 
 
+def odds_line(logp: torch.Tensor, slope, intercept) -> torch.Tensor:
+    """log sigmoid(slope * logit(p) + intercept) for p = exp(logp): a probability moved along a line in log-odds
+    (trainer.acceptance_odds fits one per head; floats or device scalars). Pure tensor ops."""
+    logp = logp.clamp(max=-1e-6)
+    return F.logsigmoid(slope * (logp - torch.log(-torch.expm1(logp))) + intercept)
+
+
 def expand_beam(nodes: Beam, logp: torch.Tensor, children: torch.Tensor, pool_size: int, first_row: int,
-                grow: bool):
+                grow: bool, odds: torch.Tensor | None = None):
     """One level of a dynamic tree: each queried node's ``k`` children (``children`` (m, k), their log-probabilities
-    ``logp``) scored as their parent's path score plus a log-probability capped below zero (so a child always scores
+    ``logp``, moved along the head's ``odds`` line (slope, intercept) to their chance of acceptance where it was
+    measured) scored as their parent's path score plus a log-probability capped below zero (so a child always scores
     below its parent, and a chosen set holds its parents), with their parents' places in the pool; and where the
     tree ``grow``s, the ``k`` best of them as the next level's beam, queried from row ``first_row`` on. Pure tensor
     ops: ``compiled_levels`` fuses them."""
+    if odds is not None:
+        logp = odds_line(logp, odds[0], odds[1])
     k = children.shape[-1]
     scores = (nodes.score[:, None] + logp.clamp(-30.0, -1e-4)).flatten()
     tokens = children.flatten()
@@ -786,6 +811,7 @@ def load_drafter(path, model, dtype: torch.dtype | None = None) -> ChimeraDrafte
     drafter = ChimeraDrafter(config, model.get_input_embeddings(), model.get_output_embeddings())
     persist.load_weights(drafter, path)
     drafter.acceptance_profile = persist.acceptance_profile(raw, config.num_draft_heads)
+    drafter.acceptance_odds = persist.acceptance_odds(raw, config.num_draft_heads)
     drafter.token_counts = persist.load_token_counts(path, config.vocab_size)
     weight = model.get_input_embeddings().weight
     return drafter.to(device=weight.device, dtype=dtype or weight.dtype).eval().requires_grad_(False)

@@ -7,6 +7,7 @@ directory that a later load would trust.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -137,6 +138,18 @@ def acceptance_profile(raw: dict, heads: int) -> list[list[float]] | None:
           and all(isinstance(row, list) and row and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in row)
                   for row in profile))
     return profile if ok else None
+
+
+def acceptance_odds(raw: dict, heads: int) -> list[tuple[float, float]] | None:
+    """The per-head (slope, intercept) lines in log-odds saved with a drafter (scripts/draft_calibration.py), if
+    well-formed: one finite pair per head, for at most every head, slopes positive (a line that reversed a head's
+    order of candidates would be no measurement of it)."""
+    lines = raw.get("acceptance_odds")
+    ok = (isinstance(lines, list) and 0 < len(lines) <= heads
+          and all(isinstance(pair, list) and len(pair) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+                  and 0 < pair[0] <= 100 and abs(pair[1]) <= 100 for pair in lines))
+    return [(float(a), float(b)) for a, b in lines] if ok else None
 
 
 def load_token_counts(path, vocab_size: int) -> torch.Tensor | None:

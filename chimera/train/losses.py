@@ -87,21 +87,44 @@ def chain_loss(logits, us, roots, base_targets, hidden, loss_mask, *, teacher_lo
 
 
 @torch.no_grad()
-def acceptance_counts(logits, roots, base_targets, loss_mask, max_rank: int) -> torch.Tensor:
-    """(depth, max_rank + 1) counts of the rank of the base's token among head k's candidates, over chains
-    whose drafts were right up to depth k - 1 (the event that a tree node at depth k is reached). The last
-    column counts ranks >= max_rank."""
+def chain_events(logits, roots, base_targets, loss_mask) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per depth k: the base's token where head k drafts (B, m), whether each chain reaches depth k, i.e. its drafts
+    were right up to depth k - 1 within its answer (the event that a tree node at depth k is reached), and the rank
+    of the base's token among head k's candidates (0: its top draft)."""
     B, L = base_targets.shape
     alive = roots >= 1
-    counts = torch.zeros(len(logits), max_rank + 1, dtype=torch.long)
+    events = []
     for k, lg in enumerate(logits, start=1):
         t = roots + (k - 1)
         inside = t < L
         t = t.clamp(max=L - 1)
         alive = alive & inside & torch.gather(loss_mask, 1, t)
         target = torch.gather(base_targets, 1, t)
-        score = torch.gather(lg, -1, target.unsqueeze(-1))
-        rank = (lg > score).sum(-1).clamp(max=max_rank)
-        counts[k - 1] = torch.bincount(rank[alive].cpu(), minlength=max_rank + 1)
+        rank = (lg > torch.gather(lg, -1, target.unsqueeze(-1))).sum(-1)
+        events.append((target, alive, rank))
         alive = alive & (rank == 0)
-    return counts
+    return events
+
+
+def acceptance_counts(events, max_rank: int) -> torch.Tensor:
+    """(depth, max_rank + 1) counts of the rank of the base's token among head k's candidates, over the chains that
+    reach depth k (``chain_events``). The last column counts ranks >= max_rank."""
+    return torch.stack([torch.bincount(rank.clamp(max=max_rank)[alive].cpu(), minlength=max_rank + 1)
+                        for _, alive, rank in events])
+
+
+@torch.no_grad()
+def confidence_counts(logits, events, bins: int, top: int) -> torch.Tensor:
+    """(depth, 3, bins), float64: head k's ``top`` likeliest candidates of every chain that reaches depth k, binned by
+    their probability: how many fell in each bin, how many of those were the base's token, and their summed
+    probability. How far a head's probability is its candidates' chance of acceptance (trainer.acceptance_odds)."""
+    out = torch.zeros(len(logits), 3, bins, dtype=torch.float64)
+    for k, (lg, (target, alive, _)) in enumerate(zip(logits, events)):
+        probs, tokens = lg[alive].float().softmax(-1).topk(top, dim=-1)
+        right = (tokens == target[alive].unsqueeze(-1)).flatten().double().cpu()
+        probs = probs.flatten().double().cpu()
+        where = (probs * bins).long().clamp(max=bins - 1)
+        out[k, 0] = torch.bincount(where, minlength=bins)
+        out[k, 1] = torch.bincount(where, weights=right, minlength=bins)
+        out[k, 2] = torch.bincount(where, weights=probs, minlength=bins)
+    return out

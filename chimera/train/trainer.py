@@ -29,7 +29,7 @@ from ..errors import ChimeraError
 from ..inputs import read_bytes, read_json
 from ..target import feature_states
 from .data import count_tokens
-from .losses import acceptance_counts, chain_counts, chain_loss
+from .losses import acceptance_counts, chain_counts, chain_events, chain_loss, confidence_counts
 
 STATE_WEIGHTS = "optimizer.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -293,8 +293,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 @torch.no_grad()
 def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device,
-             roots_per_pass: int | None = None) -> dict:
-    """Per-depth top-1 agreement with the base on held-out samples, over every chain root. The chains go through the
+             roots_per_pass: int | None = None, confidence_table: bool = False) -> dict:
+    """Per-depth top-1 agreement with the base on held-out samples, over every chain root, the acceptance profile and
+    the acceptance odds (``confidence_table``: and the binned counts the odds are fitted to). The chains go through the
     drafter ``roots_per_pass`` roots a sample at a time (default: the training's ``roots_per_seq``): every root at
     once made logits of batch x length x depth x vocabulary, 25 GB at the default model's settings once accelerate
     casts them to float32, which ran two of three trainings sharing an 80 GB H100 out of memory (session 22)."""
@@ -303,6 +304,7 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
     hits = np.zeros(cfg.depth)
     counts = np.zeros(cfg.depth)
     ranks = np.zeros((cfg.depth, MAX_RANK + 1))
+    confidence = np.zeros((cfg.depth, 3, CONFIDENCE_BINS))
     for start in range(0, len(ids), cfg.batch_size):
         tokens, attention, loss_mask = collate(samples, ids[start: start + cfg.batch_size], cfg.max_len, pad_id,
                                                device)
@@ -314,13 +316,48 @@ def evaluate(model, drafter, samples, ids, cfg: TrainConfig, pad_id: int, device
             loss = chain_loss(out_logits, out_u, roots, targets, hidden, loss_mask)
             hits += np.array(loss.per_depth_top1) * np.array(loss.per_depth_count)
             counts += np.array(loss.per_depth_count)
-            ranks += acceptance_counts(out_logits, roots, targets, loss_mask, MAX_RANK).numpy()
-            del out_logits, out_u
-    return {"top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts)],
-            "chains": [int(c) for c in counts], "acceptance": acceptance_profile(ranks)}
+            events = chain_events(out_logits, roots, targets, loss_mask)
+            ranks += acceptance_counts(events, MAX_RANK).numpy()
+            confidence += confidence_counts(out_logits, events, CONFIDENCE_BINS, CONFIDENCE_TOP).numpy()
+            del out_logits, out_u, events
+    result = {"top1": [round(float(h / max(c, 1)), 4) for h, c in zip(hits, counts)],
+              "chains": [int(c) for c in counts], "acceptance": acceptance_profile(ranks),
+              "acceptance_odds": acceptance_odds(confidence)}
+    if confidence_table:
+        result["confidence"] = confidence.tolist()
+    return result
 
 
 MAX_RANK = 8  # candidates per node whose acceptance the evaluation records
+CONFIDENCE_BINS = 20  # probability bins the acceptance odds are fitted over
+CONFIDENCE_TOP = 4  # candidates per chain and depth binned (a dynamic tree's beam takes 8, mostly unlikely ones)
+MIN_FITTED = 200  # candidates a depth needs before its odds are fitted
+
+
+def acceptance_odds(confidence: np.ndarray, steps: int = 50) -> list[list[float]] | None:
+    """Per head, from the first: (slope, intercept) of logit(acceptance) = slope * logit(probability) + intercept, a
+    logistic regression over the head's probability bins (``losses.confidence_counts``; each bin's candidates at their
+    mean probability) by Newton's method. A dynamic tree scores its paths by it (drafters/chimera.py, ``odds_line``).
+    Measured on the shipped drafter's unseen answers (scripts/acceptance_profile.py): the first head slightly
+    over-confident, each deeper one more under-confident given that the drafts above it were right (a depth-8
+    candidate at 0.48 was the base's token 78 % of the time). The list stops at the first head with too few
+    candidates or no increasing fit; None if that is the first."""
+    lines = []
+    for seen, right, mass in confidence:
+        used = seen > 0
+        if seen.sum() < MIN_FITTED or right.sum() == 0 or right.sum() == seen.sum():
+            break
+        p = np.clip(mass[used] / seen[used], 1e-4, 1 - 1e-4)
+        x = np.stack([np.log(p / (1 - p)), np.ones_like(p)], 1)
+        w = np.array([1.0, 0.0])
+        for _ in range(steps):
+            mu = 1 / (1 + np.exp(-(x @ w)))
+            hessian = x.T @ (x * (seen[used] * mu * (1 - mu))[:, None]) + 1e-6 * np.eye(2)
+            w = w + np.linalg.solve(hessian, x.T @ (right[used] - seen[used] * mu))
+        if not (np.all(np.isfinite(w)) and 0 < w[0] <= 100 and abs(w[1]) <= 100):
+            break
+        lines.append([round(float(w[0]), 4), round(float(w[1]), 4)])
+    return lines or None
 
 
 def acceptance_profile(ranks: np.ndarray) -> list[list[float]]:
@@ -457,6 +494,7 @@ def train(model, samples, out_dir, cfg: TrainConfig, *, data_meta: dict | None =
             final.token_counts = torch.from_numpy(count_tokens(seen, final.config.vocab_size))
         final.save(
             export, extra_config={"acceptance": evals.get("acceptance"),
+                                  "acceptance_odds": evals.get("acceptance_odds"),
                                   "training": {**asdict(cfg), "step": cfg.steps, "eval": evals,
                                                "data": (data_meta or {}).get("source")}}, dtype=export_dtype)
     accelerator.wait_for_everyone()  # no rank leaves (and tears its process group down) while rank 0 still writes
