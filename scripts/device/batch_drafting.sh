@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3 and q5..q7 copied to
 # $HOME/stage, this call carrying .device/q4): a running batch that drafts every row's chain at once
 # (chimera/drafters/rows.py) against one that does not. First scripts/batch_exactness_check.py in float32 (graphed
 # batches, plain and drafting, token for token against decoding alone), then scripts/batch_step_cost.py with

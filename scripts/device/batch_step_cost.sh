@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3 and q5..q7 copied to
 # $HOME/stage, this call carrying .device/q4): where a running batch's plain step goes in bfloat16
 # (scripts/batch_step_cost.py: the whole step, the captured forward alone, the host's rest, for 1/4/16/64 sequences
 # over 256/1024/2048-slot windows, a join's time, and the time RunningBatch.warm_up takes to capture every shape;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (.device/q1..q3, q5 and q6 copied to $HOME/stage, this call carrying
+# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
 # .device/q4), session 10:
 # 1. `chimera bench` in bfloat16: hf-compiled, ar, chimera, 8 questions a category, 256 new tokens (the headline);
 # 2. the step-cost probe's 8B plain step with inductor's default settings, then with coordinate-descent tuning of

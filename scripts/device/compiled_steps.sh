@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (.device/q1..q3, q5 and q6 copied to $HOME/stage, this call carrying
+# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
 # .device/q4): the compaction and the drafter's levels compiled (session 12), measured four ways: `chimera bench`
 # in bfloat16 (hf-compiled, ar, chimera; 8 questions a category, 256 new tokens), the float32 graph check against
 # generate (scripts/gpu_graph_check.py), the step anatomy (scripts/step_anatomy.py), and drafting inside the running

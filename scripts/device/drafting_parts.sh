@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3 and q5..q7 copied to
 # $HOME/stage, this call carrying .device/q4), session 13: drafting with its attention, the choice of candidates and
 # the tree's choice compiled and a two-pass top-k over the vocabulary, measured four ways: the step anatomy with the
 # drafting variants (scripts/step_anatomy.py), `chimera bench` in bfloat16 (hf-compiled, ar, chimera; 8 questions a

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (.device/q1..q3, q5 and q6 copied to $HOME/stage, this call carrying
+# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
 # .device/q4): each drafting variant alone on the default model (scripts/drafting_variants.py: the drafter's
 # drafting compiled or not, draft vocabulary full / 16384 / 8192, with ar and hf-compiled on the same 48
 # Spec-Bench prompts), then the step-cost probe's 8B shape with the drafter compiled and not.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3 and q5..q7 copied to
 # $HOME/stage, this call carrying .device/q4), session 15: the GPU's calibration (`chimera calibrate` in bfloat16:
 # every candidate dynamic tree and draft vocabulary decoded, its choice and time as JSON), then `chimera bench` in
 # bfloat16 (hf-compiled, ar, chimera; LIMIT questions a category, 256 new tokens), whose `chimera` takes the tree the

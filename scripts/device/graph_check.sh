@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (.device/q1..q3, q5 and q6 copied to $HOME/stage, this call carrying
+# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
 # .device/q4): float32 decoding through CUDA graphs, compiled or not, with and without the drafter, token for token
 # against model.generate (scripts/gpu_graph_check.py). Start it with setsid; results in $HOME/res-check.
 RES=$HOME/res-check

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3 and q5..q7 copied to
 # $HOME/stage, this call carrying .device/q4), session 14: the step anatomy (scripts/step_anatomy.py, ar and chimera
 # with the automatic 6-deep tree), `chimera bench` in bfloat16 (hf-compiled, ar, chimera; 8 questions a category, 256
 # new tokens), then the float32 graph check against generate. (Session 14 ran the anatomy with two more variants, the

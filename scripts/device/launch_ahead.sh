@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (.device/q1..q3, q5 and q6 copied to $HOME/stage, this call carrying
+# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
 # .device/q4): speculative steps launched before the last one is read (chimera/steps.py), measured three ways:
 # `chimera bench` in bfloat16 (hf-compiled, ar, chimera; 8 questions a category, 256 new tokens), the float32 graph
 # check against generate (scripts/gpu_graph_check.py), and the drafting variants on 4 questions a category

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (.device/q1..q3, q5 and q6 copied to $HOME/stage, this call carrying
+# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
 # .device/q4): graph launch costs, each captured graph's kernels and times, acceptance's host time and the loop's
 # host split (scripts/step_anatomy.py). Start it with setsid; results in $HOME/res-anatomy.
 RES=$HOME/res-anatomy

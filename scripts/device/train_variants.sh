@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3, q5 and q6 copied to
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3 and q5..q7 copied to
 # $HOME/stage, this call carrying .device/q4 and .device/train): issue #18's training changes, each measured alone
 # against a control, all warm-started from the shipped drafter and trained side by side on one GPU on the same answers.
 #   1. The base's greedy answers (bf16) to the training prompts of .device/train/prompts.jsonl.gz (the first lines of
