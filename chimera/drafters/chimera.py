@@ -259,11 +259,8 @@ class ChimeraDrafter(nn.Module):
         self._tables = None
         self.use_tables = True  # trigram_lookup through the tables (prepare_inference chooses by device)
         self.acceptance_profile = None  # measured per head and rank; trees are built from it
-        # per head (slope, intercept): the log-odds that a candidate is the base's token, given the path above it was
-        # right, as a line in the log-odds of the head's probability; a dynamic tree scores its paths by it (None:
-        # by the heads' probabilities as they are)
+        self._odds_tables = {}  # device -> acceptance_odds as a (heads, 2) tensor there (odds_at)
         self.acceptance_odds = None
-        self._odds_table = (None, None)  # (the lines and device it holds, a (heads, 2) tensor there): odds_at
         self._tables_version = None
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
         self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
@@ -452,15 +449,27 @@ class ChimeraDrafter(nn.Module):
         logp, columns = top_k(logits.log_softmax(-1, dtype=torch.float32), k)
         return logp, columns if column_ids is None else column_ids[columns]
 
+    @property
+    def acceptance_odds(self) -> list[tuple[float, float]] | None:
+        """Per head (slope, intercept): the log-odds that a candidate is the base's token, given the path above it was
+        right, as a line in the log-odds of the head's probability; a dynamic tree scores its paths by it (None: by
+        the heads' probabilities as they are)."""
+        return self._acceptance_odds
+
+    @acceptance_odds.setter
+    def acceptance_odds(self, lines) -> None:
+        self._acceptance_odds = None if lines is None else [tuple(line) for line in lines]
+        self._odds_tables = {}
+
     def odds_at(self, depth: int, device) -> torch.Tensor | None:
-        """Head ``depth``'s line of ``acceptance_odds`` as a (slope, intercept) tensor on ``device`` (kept there, so a
-        captured drafting reads it without a copy from the host), or None where none was measured."""
-        if self.acceptance_odds is None or depth > len(self.acceptance_odds):
+        """Head ``depth``'s line of ``acceptance_odds`` as a (slope, intercept) tensor on ``device`` (made there once,
+        so a drafting step, captured or not, reads it without a copy from the host), or None where none was measured."""
+        if self._acceptance_odds is None or depth > len(self._acceptance_odds):
             return None
-        key = (tuple(map(tuple, self.acceptance_odds)), str(device))
-        if self._odds_table[0] != key:
-            self._odds_table = (key, torch.tensor(self.acceptance_odds, dtype=torch.float32, device=device))
-        return self._odds_table[1][depth - 1]
+        table = self._odds_tables.get(device)
+        if table is None:
+            table = self._odds_tables[device] = torch.tensor(self._acceptance_odds, dtype=torch.float32, device=device)
+        return table[depth - 1]
 
     # ----- inference ---------------------------------------------------------------------------------------
 

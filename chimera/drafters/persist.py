@@ -140,15 +140,20 @@ def acceptance_profile(raw: dict, heads: int) -> list[list[float]] | None:
     return profile if ok else None
 
 
+def odds_line_valid(slope, intercept) -> bool:
+    """A line of acceptance odds worth drafting by: finite numbers, the slope positive (a line that reversed a head's
+    order of candidates would be no measurement of it), both within 100."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in (slope, intercept))
+    return numbers and 0 < slope <= 100 and abs(intercept) <= 100
+
+
 def acceptance_odds(raw: dict, heads: int) -> list[tuple[float, float]] | None:
-    """The per-head (slope, intercept) lines in log-odds saved with a drafter (scripts/draft_calibration.py), if
-    well-formed: one finite pair per head, for at most every head, slopes positive (a line that reversed a head's
-    order of candidates would be no measurement of it)."""
+    """The per-head (slope, intercept) lines in log-odds saved with a drafter (trainer.acceptance_odds fits them), if
+    well-formed: one valid pair (``odds_line_valid``) per head, for at most every head."""
     lines = raw.get("acceptance_odds")
     ok = (isinstance(lines, list) and 0 < len(lines) <= heads
-          and all(isinstance(pair, list) and len(pair) == 2
-                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
-                  and 0 < pair[0] <= 100 and abs(pair[1]) <= 100 for pair in lines))
+          and all(isinstance(pair, list) and len(pair) == 2 and odds_line_valid(*pair) for pair in lines))
     return [(float(a), float(b)) for a, b in lines] if ok else None
 
 

@@ -109,8 +109,8 @@ def chain_events(logits, roots, base_targets, loss_mask) -> list[tuple[torch.Ten
 def acceptance_counts(events, max_rank: int) -> torch.Tensor:
     """(depth, max_rank + 1) counts of the rank of the base's token among head k's candidates, over the chains that
     reach depth k (``chain_events``). The last column counts ranks >= max_rank."""
-    return torch.stack([torch.bincount(rank.clamp(max=max_rank)[alive].cpu(), minlength=max_rank + 1)
-                        for _, alive, rank in events])
+    return torch.stack([torch.bincount(rank.clamp(max=max_rank)[alive], minlength=max_rank + 1)
+                        for _, alive, rank in events]).cpu()  # one transfer, not one a depth
 
 
 @torch.no_grad()
@@ -118,13 +118,13 @@ def confidence_counts(logits, events, bins: int, top: int) -> torch.Tensor:
     """(depth, 3, bins), float64: head k's ``top`` likeliest candidates of every chain that reaches depth k, binned by
     their probability: how many fell in each bin, how many of those were the base's token, and their summed
     probability. How far a head's probability is its candidates' chance of acceptance (trainer.acceptance_odds)."""
-    out = torch.zeros(len(logits), 3, bins, dtype=torch.float64)
+    out = torch.zeros(len(logits), 3, bins, dtype=torch.float64, device=logits[0].device)
     for k, (lg, (target, alive, _)) in enumerate(zip(logits, events)):
         probs, tokens = lg[alive].float().softmax(-1).topk(top, dim=-1)
-        right = (tokens == target[alive].unsqueeze(-1)).flatten().double().cpu()
-        probs = probs.flatten().double().cpu()
+        right = (tokens == target[alive].unsqueeze(-1)).flatten().double()
+        probs = probs.flatten().double()
         where = (probs * bins).long().clamp(max=bins - 1)
         out[k, 0] = torch.bincount(where, minlength=bins)
         out[k, 1] = torch.bincount(where, weights=right, minlength=bins)
         out[k, 2] = torch.bincount(where, weights=probs, minlength=bins)
-    return out
+    return out.cpu()  # one transfer, not three a depth

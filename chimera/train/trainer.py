@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from ..drafters import feature_layers_of, load_any, new_drafter
+from ..drafters.persist import odds_line_valid
 from ..identity import base_identity, describe, same_base
 from ..errors import ChimeraError
 from ..inputs import read_bytes, read_json
@@ -354,7 +355,7 @@ def acceptance_odds(confidence: np.ndarray, steps: int = 50) -> list[list[float]
             mu = 1 / (1 + np.exp(-(x @ w)))
             hessian = x.T @ (x * (seen[used] * mu * (1 - mu))[:, None]) + 1e-6 * np.eye(2)
             w = w + np.linalg.solve(hessian, x.T @ (right[used] - seen[used] * mu))
-        if not (np.all(np.isfinite(w)) and 0 < w[0] <= 100 and abs(w[1]) <= 100):
+        if not odds_line_valid(float(w[0]), float(w[1])):
             break
         lines.append([round(float(w[0]), 4), round(float(w[1]), 4)])
     return lines or None

@@ -70,9 +70,12 @@ distill() {  # distill NAME PROMPTS [ARGS]: the base's answers, bf16, 256 new to
   python3 -m chimera.cli distill --prompts "$prompts" --out "$RUN/$name" --max-new-tokens 256 --batch-size 768 \
     --dtype bfloat16 --device cuda "$@" > "$RES/distill_$name.log" 2>&1
 }
-if [ "${BENCH:-}" = first ]; then
+bench_alone() {  # the shipped drafter's bf16 speed against hf-compiled (#16), its summary kept with the small results
   bench_bf16
   mkdir -p "$RES/small"; cp "$RES"/gpu_bench_bf16/{summary.json,report.md} "$RES/small/" 2>/dev/null
+}
+if [ "${BENCH:-}" = first ]; then
+  bench_alone
   step compaction-compiles
   python3 scripts/compaction_compiles.py --model smollm2-135m-instruct --device cuda --dtype bfloat16 \
     > "$RES/small/compaction_compiles.txt" 2>&1
@@ -127,10 +130,7 @@ for variant in $VARIANTS shipped; do
     > "$RES/tau_$variant.log" 2>&1 &
 done
 wait
-if [ "${BENCH:-}" = 1 ]; then  # alone on the card by now: the shipped drafter's bf16 speed against hf-compiled (#16)
-  bench_bf16
-  cp "$RES"/gpu_bench_bf16/{summary.json,report.md} "$RES/small/" 2>/dev/null
-fi
+[ "${BENCH:-}" = 1 ] && bench_alone  # alone on the card by now
 cp "$RES"/*.log "$RES/gpu.txt" "$RES/small/" 2>/dev/null
 for variant in $VARIANTS; do
   [ -d "$RUN/profiled_$variant" ] || continue
