@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention, target
-from .chain_depth import ChainDepth, Exploration, yields
+from .chain_depth import ChainDepth, Exploration, SeedExcess, yields
 from .cache import RowSlotCache
 from .cache_argument import cache_kwargs
 from .compiled import CompiledDecoder, announced, compilable
@@ -202,6 +202,7 @@ class RunningBatch:
         self.depths: dict[tuple[int, int], ChainDepth] = {}
         self.yields = yields(draft_depth)  # tokens a sequence emits a step by depth, shared by the sizes' choices
         self.exploration = Exploration()  # and when they return to the deepest depth to refresh those yields
+        self.seed_excess = SeedExcess()  # and what their drafted steps cost above the warm-up's replays
         # (rows, window): a captured step's seconds by depth, timed at warm-up
         self.warm_costs: dict[tuple[int, int], dict[int, float]] = {}
         self.counts = StepCounts()
@@ -425,7 +426,8 @@ class RunningBatch:
                 known = [choice.measured() for (other, _), choice in self.depths.items() if other == size]
                 costs = next((c for c in reversed(known) if c), None)
             self.depths[size, window] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
-                                                   costs=costs, exploration=self.exploration)
+                                                   costs=costs, exploration=self.exploration,
+                                                   excess=self.seed_excess)
         return self.depths[size, window]
 
     def _can_draft(self, active: list[Sequence]) -> bool:

@@ -6,7 +6,8 @@ import pytest
 
 from chimera.batch import DRAFT_DEPTH, RunningBatch
 from chimera.adaptive import MovingAverage
-from chimera.chain_depth import COUNTED_AFTER, EXPLORE_EVERY, LONGEST_EXPLORE, ChainDepth, Exploration, yields
+from chimera.chain_depth import (COUNTED_AFTER, EXPLORE_EVERY, LONGEST_EXPLORE, ChainDepth, Exploration, SeedExcess,
+                                 yields)
 from conftest import tiny_model
 from test_batch import drain, with_references
 from test_drafter import perturbed_drafter
@@ -110,6 +111,25 @@ def test_a_seeded_depth_counts_the_host_part_that_plain_steps_measured():
     assert choice.next_depth() == 1  # a return: from its own steps on, its cost is what they measure
     choice.record(1, [1, 1, 0, 0, 0], 1.7)
     assert choice.cost(1) == choice.costs[1].value == pytest.approx(1.6)
+
+
+def test_what_drafted_steps_cost_above_their_seeds_is_learnt_once_for_every_choice_of_a_batch():
+    """Seeds say drafting pays (1.4 tokens for 1.1 s against 1 for 1.0); real drafted steps cost 2.0 (a drafted
+    step's host part, more than a plain step's). The first choice drafts until its own steps say otherwise; a choice
+    of another size or window, seeded alike, then counts what they cost above their seed and never drafts, where
+    one that learnt nothing from it drafts as the first did."""
+    tokens, excess = yields(1), SeedExcess()
+    tokens[1] = MovingAverage(1.4, 1)
+    seeds, real = {0: 1.0, 1: 1.1}, {0: 1.0, 1: 2.0}
+
+    def choice(shared: SeedExcess) -> ChainDepth:
+        return ChainDepth(1, tokens=tokens, costs=seeds, excess=shared, exploration=Exploration(every=10 ** 6))
+
+    first = run(choice(excess), real, accepted=[1, 1, 0, 0, 0], steps=EXPLORE_EVERY)
+    assert first[0] == 1 and first[-1] == 0
+    assert excess.of(1) == pytest.approx(2.0 - 1.1)
+    assert run(choice(excess), real, accepted=[1, 1, 0, 0, 0], steps=EXPLORE_EVERY) == [0] * EXPLORE_EVERY
+    assert run(choice(SeedExcess()), real, accepted=[1, 1, 0, 0, 0], steps=EXPLORE_EVERY)[0] == 1
 
 
 def test_without_adaptation_the_deepest_always():
