@@ -3,12 +3,23 @@
 Builds random-weight Llama shapes (timings do not depend on the weights; the vocabulary is the default model's,
 49,152 tokens, so its tokenizer serves) and reports per shape: the bandwidth floor of one forward (weight bytes
 over the GPU's rated bandwidth, and over the bandwidth a device copy reaches here), our plain step (ms and % of
-the rated bandwidth) with the decoder compiled and without, ``hf-compiled``'s time per token, the speculative
-step split (draft / verify / other) with a 64-node dynamic tree of 8 levels, the drafter's drafting compiled or not, r, and the speedup a drafter of a
-given tau would give (tau / r). The drafter is random: it measures cost, not acceptance.
+the rated bandwidth) with the decoder compiled and without, ``hf-compiled``'s time per token, and for each tree
+asked for the speculative step split (draft / verify / other), r and the speedup a drafter of a given tau would give
+(tau / r). The drafter is random: it measures cost, not acceptance (it drafts every step: adaptive drafting off).
+
+Two clocks, both kept: ``loop_ms`` is a step as decoding runs (steps launched ahead of the last one's read, no
+synchronisation), from the difference of a short and a long turn so that the prompt's reading drops out; ``split``
+is the loop's own timing with a synchronisation after each part (``sync_timing``), which adds a wait a part. r and
+the bandwidth share come from ``loop_ms``. (Until session 26 the probe reported the synchronised step only: 5.26 ms for
+the 8B shape on an H200 in session 10.)
+
+``--kernels``: where a compiled plain step's device time goes, by kind of kernel (matrix products, attention,
+inductor's fused kernels, the rest), counted and timed by torch.profiler on the compiled forward run without a CUDA
+graph (a replayed graph's kernels are not listed one by one); against ``loop_ms``, the rest is time between kernels.
 
 Usage (on the GPU machine):
-    python scripts/step_cost_probe.py --shapes 1b 8b --out docs/step_cost_probe_h200.json
+    python scripts/step_cost_probe.py --shapes 8b --configs compiled --trees dynamic-64-8-8:full \
+        dynamic-32-8-3:16384 --kernels --no-hf --out docs/gpu/step_cost_probe_8b.json
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ SHAPES = {  # Llama 3.2 1B and Llama 3 8B, with the default model's vocabulary
                num_key_value_heads=8, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False),  # checks that the script runs (--device cpu)
 }
 RATED_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, the vendors' figures (SXM)
 TAUS = (2.0, 3.0, 4.0)
@@ -63,22 +76,90 @@ def build(shape: str, vocab_size: int, device) -> LlamaForCausalLM:
 
 CONFIGS = {  # name: (the base's forward compiled, the drafter's drafting compiled)
     "graphs": (False, False), "compiled": (True, False), "compiled_drafter": (True, True)}
+DEFAULT_TREES = ("dynamic-64-8-8:full",)  # the issues' reference: 64 nodes, beam 8, 8 levels, the whole vocabulary
+SHORT_TURN = 16  # new tokens of the short turn whose time is taken from the long one's (``loop_ms``)
+KERNEL_KINDS = (  # (kind, lower-case parts of a kernel's name), the first that matches
+    ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("fused (inductor)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in lower for p in parts)), "other")
+
+
+def tree_spec(text: str) -> tuple[str, str]:
+    """TREE:DRAFT_VOCAB (e.g. dynamic-32-8-3:16384; the vocabulary 'full' where left out)."""
+    tree, _, vocab = text.partition(":")
+    return tree, vocab or "full"
+
+
+def decoder_for(model, tokenizer, drafter, compile: bool, compile_drafter: bool, tree: str, draft_vocab: str,
+                sync_timing: bool):
+    return chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree if drafter is not None else "auto",
+                                      draft_vocab=draft_vocab if drafter is not None else "auto",
+                                      sync_timing=sync_timing, adaptive=False, calibrate=False, compile=compile,
+                                      compile_drafter=compile_drafter)
+
+
+def loop_ms(decoder, prompt: list[int], new_tokens: int) -> dict:
+    """ms a step as decoding runs: (long turn - short turn) / (their difference in steps), no synchronisation."""
+    short = decoder.generate(input_ids=prompt, max_new_tokens=SHORT_TURN)
+    long = decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
+    steps = long.steps - short.steps
+    return {"loop_ms": round(1000 * (long.seconds - short.seconds) / steps, 3), "loop_steps": steps}
 
 
 def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, compile: bool,
-              compile_drafter: bool = False) -> dict:
-    """ms per step of our loop, split as the loop times it (synchronised), after a warm-up that captures."""
-    tree = DynamicTree(size=64, depth=8, beam=8) if drafter is not None else "auto"
-    decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree, sync_timing=True, adaptive=False,
-                                         compile=compile, compile_drafter=compile_drafter)
+              compile_drafter: bool = False, tree: str = "auto", draft_vocab: str = "full") -> dict:
+    """A step of our loop, as it runs (``loop_ms``) and split as the loop times it when synchronised, after a
+    warm-up that captures (and compiles) every shape the turns need."""
     t0 = time.perf_counter()
-    decoder.generate(input_ids=prompt, max_new_tokens=16)  # captures (and compiles) every shape it needs
+    timed = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=True)
+    timed.generate(input_ids=prompt, max_new_tokens=new_tokens)
     warm = time.perf_counter() - t0
-    r = decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
+    r = timed.generate(input_ids=prompt, max_new_tokens=new_tokens)
     steps = r.steps - 1
     split = {k: round(1000 * getattr(r, f"time_{k}") / steps, 3) for k in ("draft", "verify", "other")}
-    return {"ms_per_step": round(1000 * (r.seconds - r.time_prefill) / steps, 3), "split": split,
-            "steps": steps, "warm_up_s": round(warm, 1), "forward": decoder.verifier.describe()}
+    running = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=False)
+    running.generate(input_ids=prompt, max_new_tokens=new_tokens)  # its own captures, outside the timing
+    return {**loop_ms(running, prompt, new_tokens), "synchronised_ms": round(1000 * (r.seconds - r.time_prefill) / steps, 3),
+            "split": split, "steps": steps, "warm_up_s": round(warm, 1), "forward": timed.verifier.describe()}
+
+
+def plain_kernels(model, tokenizer, prompt: list[int], new_tokens: int) -> dict:
+    """A compiled plain step's kernels by kind (``kernel_kind``): count and device microseconds a step, from the
+    difference of a short and a long turn, each under torch.profiler, the compiled forward run without a graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from chimera.verifier import SlotVerifier
+
+    decoder = decoder_for(model, tokenizer, None, True, False, "auto", "auto", sync_timing=False)
+    decoder.verifier = SlotVerifier(model, graphs=False, compiled=True)
+    decoder.generate(input_ids=prompt, max_new_tokens=SHORT_TURN)  # compiled shapes, outside the profile
+
+    def turn(tokens: int) -> tuple[dict, int]:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            r = decoder.generate(input_ids=prompt, max_new_tokens=tokens)
+            torch.cuda.synchronize()
+        kinds: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                count_us = kinds.setdefault(kernel_kind(e.name), [0, 0.0])
+                count_us[0] += 1
+                count_us[1] += e.device_time
+        return kinds, r.steps
+
+    (short, short_steps), (long, long_steps) = turn(SHORT_TURN), turn(new_tokens)
+    steps = long_steps - short_steps
+    per_step = {kind: {"kernels": round((long[kind][0] - short.get(kind, [0, 0.0])[0]) / steps, 1),
+                       "device_us": round((long[kind][1] - short.get(kind, [0, 0.0])[1]) / steps, 1)}
+                for kind in long}
+    return {"steps": steps, "per_step": per_step,
+            "kernels": round(sum(k["kernels"] for k in per_step.values()), 1),
+            "device_us": round(sum(k["device_us"] for k in per_step.values()), 1)}
 
 
 def hf_compiled_ms(model, tokenizer, prompt: list[int], new_tokens: int) -> dict:
@@ -90,6 +171,12 @@ def hf_compiled_ms(model, tokenizer, prompt: list[int], new_tokens: int) -> dict
     return {"ms_per_token": round(1000 * turn.seconds / len(turn.token_ids), 3), "warm_up_s": round(warm, 1)}
 
 
+def random_token_counts(vocab_size: int) -> torch.Tensor:
+    """Token counts for a random drafter's draft vocabulary: a fixed random order (the ids a real drafter's most
+    written tokens would be, scattered over the vocabulary)."""
+    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(0)).float()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
@@ -99,17 +186,22 @@ def main():
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="graphs: op by op in CUDA graphs; compiled: the base's forward compiled; compiled_drafter: "
                         "the drafter's levels compiled too (default: all)")
+    p.add_argument("--trees", nargs="+", default=list(DEFAULT_TREES), type=tree_spec,
+                   help="speculative steps to time, each TREE:DRAFT_VOCAB (default dynamic-64-8-8:full; the "
+                        "GPU's calibrated choice for the default model in session 25: dynamic-32-8-3:16384)")
     p.add_argument("--plain-only", action="store_true", help="our plain step only (no drafter, no tree)")
+    p.add_argument("--kernels", action="store_true", help="a compiled plain step's kernels by kind")
+    p.add_argument("--device", default="cuda", help="cuda (a CPU run only checks that the script runs)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     quiet_libraries()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     _, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="bfloat16", device="cpu")
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rated = next((v for k, v in RATED_BANDWIDTH.items() if k in name), None)
-    copied = copy_bandwidth(device)
+    copied = copy_bandwidth(device) if device.type == "cuda" else None
     report = {"device": name, "torch": torch.__version__, "rated_bandwidth_TBps": rated and rated / 1e12,
-              "copy_bandwidth_TBps": round(copied / 1e12, 2), "shapes": {}}
+              "copy_bandwidth_TBps": copied and round(copied / 1e12, 2), "shapes": {}}
     prompt = (torch.arange(args.prompt_tokens) % 1000 + 100).tolist()
     report["inductor_settings"] = {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}
     for shape in args.shapes:
@@ -118,28 +210,40 @@ def main():
         row = {"parameters_M": round(sum(t.numel() for t in model.parameters()) / 1e6, 1),
                "weight_GB": round(weight_bytes / 1e9, 3),
                "floor_ms_rated": rated and round(1000 * weight_bytes / rated, 3),
-               "floor_ms_copy": round(1000 * weight_bytes / copied, 3)}
+               "floor_ms_copy": copied and round(1000 * weight_bytes / copied, 3)}
         drafter = ChimeraDrafter.for_base(model, num_draft_heads=8).to(device=device, dtype=torch.bfloat16).eval()
+        drafter.token_counts = random_token_counts(drafter.config.vocab_size)
         row["drafter_parameters_M"] = round(sum(t.numel() for t in drafter.parameters()) / 1e6, 1)
         for tag in args.configs:
             compile, compile_drafter = CONFIGS[tag]
             plain = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile)
             row[tag] = {"plain": plain}
-            if not args.plain_only:
-                spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile, compile_drafter)
-                r = spec["ms_per_step"] / plain["ms_per_step"]
-                row[tag].update({"speculative_64_nodes": spec, "r": round(r, 3),
-                                 "verify_over_plain": round(spec["split"]["verify"] / plain["ms_per_step"], 3),
-                                 "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}})
             if rated:
-                row[tag]["plain_bandwidth_pct"] = round(100 * weight_bytes / rated / (plain["ms_per_step"] / 1000), 1)
+                row[tag]["plain_bandwidth_pct"] = round(100 * weight_bytes / rated / (plain["loop_ms"] / 1000), 1)
+            for tree, vocab in [] if args.plain_only else args.trees:
+                spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile, compile_drafter,
+                                 tree, vocab)
+                r = spec["loop_ms"] / plain["loop_ms"]
+                row[tag][f"{tree}:{vocab}"] = {
+                    **spec, "r": round(r, 3),
+                    "draft_over_plain": round(spec["split"]["draft"] / plain["loop_ms"], 3),
+                    "verify_over_plain": round(spec["split"]["verify"] / plain["loop_ms"], 3),
+                    "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
             print(shape, tag, json.dumps(row[tag]), flush=True)
+            save_json(report | {"shapes": {**report["shapes"], shape: row}}, args.out)
+        if args.kernels and device.type == "cuda":
+            row["plain_kernels"] = plain_kernels(model, tokenizer, prompt, args.new_tokens)
+            matmul_us = row["plain_kernels"]["per_step"].get("matmul", {}).get("device_us")
+            if matmul_us:
+                row["plain_kernels"]["matmul_TBps"] = round(weight_bytes / (matmul_us * 1e-6) / 1e12, 2)
+            print(shape, "kernels", json.dumps(row["plain_kernels"]), flush=True)
         if not args.no_hf:
             row["hf_compiled"] = hf_compiled_ms(model, tokenizer, prompt, args.new_tokens)
             print(shape, "hf-compiled", json.dumps(row["hf_compiled"]), flush=True)
         report["shapes"][shape] = row
         del model, drafter
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         save_json(report, args.out)
     print(json.dumps(report, indent=1))
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# On the device machine, after staging the model (scripts/device/stage_parts.sh; .device/q1..q3 and q5..q7 copied to
+# $HOME/stage, this call carrying .device/q4): issue #15's and #16's step-cost probe on random-weight Llama shapes
+# (scripts/step_cost_probe.py), bfloat16, the base's forward compiled. For each shape in SHAPES (default 8b): our plain
+# step as decoding runs and its share of the rated bandwidth, the compiled plain step's kernels by kind, and the
+# speculative step (draft / verify / other, r) with each tree of TREES (default: the issues' 64-node, 8-level tree over
+# the whole vocabulary, and the GPU's calibrated choice for the default model in session 25, 32 nodes, 3 levels, 16,384
+# draft tokens). HF=1 adds hf-compiled's time per token (its compilation takes minutes).
+# Start it with setsid; results and progress.txt in $HOME/res-probe, copied to $OUT by each polling call.
+RES=$HOME/res-probe
+. scripts/device/prepare.sh
+for shape in ${SHAPES:-8b}; do
+  step "probe-$shape"
+  python3 scripts/step_cost_probe.py --shapes "$shape" --configs compiled --kernels $([ -n "${HF:-}" ] || echo --no-hf) \
+    --trees ${TREES:-dynamic-64-8-8:full dynamic-32-8-3:16384} --out "$RES/step_cost_probe_$shape.json" \
+    > "$RES/step_cost_probe_$shape.log" 2>&1
+done
+step done
