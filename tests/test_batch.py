@@ -299,8 +299,8 @@ class BatchOracle:
             assert hidden.shape[:2] == (tokens.shape[0], tokens.shape[1] - 2)
             for row, row_tokens, start in zip(rows.tolist(), tokens.tolist(), starts.tolist()):
                 if start == 0:
-                    oracle.of_row[row] = next(ref for prompt, ref in self.references.items()
-                                              if tuple(row_tokens[2:2 + len(prompt)]) == prompt)
+                    oracle.of_row[row] = next((ref for prompt, ref in self.references.items()
+                                               if tuple(row_tokens[2:2 + len(prompt)]) == prompt), None)
 
         def propose(tokens, starts, last_hidden, depth, attended):
             assert last_hidden.shape[0] == tokens.shape[0] == starts.shape[0]
@@ -411,6 +411,28 @@ def test_the_shipped_drafter_drafts_in_a_batch_as_alone(default_model):
         assert results[i].token_ids == expected.token_ids and results[i].text == expected.text == texts[i], i
     assert results[0].finish_reason == "stop"
     assert sum(r.new_tokens for r in results.values()) > sum(len(r.accepted) - 1 for r in results.values())
+
+
+def test_a_prompt_is_read_into_the_drafter_at_its_join_as_catching_up_would_read_it(default_model):
+    """A joining sequence's prompt goes into its row's drafter state with its prefill, so a first drafted step has
+    nothing to catch up: the keys and values are those that catching up at that step would have written."""
+    from chimera.drafters import resolve_drafter
+
+    model, tokenizer = default_model
+    batch = RunningBatch(model, tokenizer, max_batch=2, capacity=64, drafter=resolve_drafter("auto", model),
+                         adaptive=False)
+    batch.add([5, 6, 7], 4)
+    sequence, _ = batch.add(encode_prompt(tokenizer, "Name three colors."), 4)
+    n = sequence.length
+    assert sequence.drafted == n
+    joined = batch.drafts.keys[1, :, :n].clone(), batch.drafts.values[1, :, :n].clone()
+    assert joined[0].abs().sum() > 0
+    batch.drafts.keys[1].zero_()
+    batch.drafts.values[1].zero_()
+    sequence.drafted = 0
+    batch._catch_up(batch.running)
+    assert sequence.drafted == n
+    assert torch.equal(batch.drafts.keys[1, :, :n], joined[0]) and torch.equal(batch.drafts.values[1, :, :n], joined[1])
 
 
 def test_the_engine_drafts_in_its_batch_only_when_asked(default_model):
