@@ -13,9 +13,12 @@ is the loop's own timing with a synchronisation after each part (``sync_timing``
 the bandwidth share come from ``loop_ms``. (Until session 26 the probe reported the synchronised step only: 5.26 ms for
 the 8B shape on an H200 in session 10.)
 
-``--kernels``: where a compiled plain step's device time goes, by kind of kernel (matrix products, attention,
-inductor's fused kernels, the rest), counted and timed by torch.profiler on the compiled forward run without a CUDA
-graph (a replayed graph's kernels are not listed one by one); against ``loop_ms``, the rest is time between kernels.
+``--kernels``: where a compiled plain step's device time goes, by kind of kernel (cuBLAS's matrix products,
+attention, inductor's fused kernels, the rest) and the costliest kernels by name, counted and timed by torch.profiler
+on the compiled forward run without a CUDA graph (a replayed graph's kernels are not listed one by one); against
+``loop_ms``, the rest is time between kernels. Inductor writes a one-token step's matrix-vector products as Triton
+reductions fused with the norm or activation around them, so on the GPU most of the products count as "fused": the
+names tell them apart (``mm`` in them).
 
 Usage (on the GPU machine):
     python scripts/step_cost_probe.py --shapes 8b --configs compiled --trees dynamic-64-8-8:full \
@@ -35,6 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import chimera
 from chimera.bench.methods import Decoding, HFGenerate, warm_up_static
 from chimera.cli import quiet_libraries
+from chimera.models import synchronize
 from chimera.drafters.chimera import ChimeraDrafter
 from chimera.tree import DynamicTree
 from report_json import save_json
@@ -78,6 +82,7 @@ CONFIGS = {  # name: (the base's forward compiled, the drafter's drafting compil
     "graphs": (False, False), "compiled": (True, False), "compiled_drafter": (True, True)}
 DEFAULT_TREES = ("dynamic-64-8-8:full",)  # the issues' reference: 64 nodes, beam 8, 8 levels, the whole vocabulary
 SHORT_TURN = 16  # new tokens of the short turn whose time is taken from the long one's (``loop_ms``)
+KERNELS_LISTED = 20  # ``--kernels``: the costliest kernels by name, beside the totals by kind
 KERNEL_KINDS = (  # (kind, lower-case parts of a kernel's name), the first that matches
     ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -138,28 +143,40 @@ def plain_kernels(model, tokenizer, prompt: list[int], new_tokens: int) -> dict:
 
     decoder = decoder_for(model, tokenizer, None, True, False, "auto", "auto", sync_timing=False)
     decoder.verifier = SlotVerifier(model, graphs=False, compiled=True)
+    device = decoder.device
+    cuda = device.type == "cuda"  # a CPU run (a check that the script runs) lists operators and their own time
+    kernels = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     decoder.generate(input_ids=prompt, max_new_tokens=SHORT_TURN)  # compiled shapes, outside the profile
 
     def turn(tokens: int) -> tuple[dict, int]:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        """Each kernel name's [count, device us] over a turn of ``tokens`` new tokens, and the turn's steps."""
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             r = decoder.generate(input_ids=prompt, max_new_tokens=tokens)
-            torch.cuda.synchronize()
-        kinds: dict[str, list[float]] = {}
+            synchronize(device)
+        names: dict[str, list[float]] = {}
         for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                count_us = kinds.setdefault(kernel_kind(e.name), [0, 0.0])
+            if e.device_type == kernels:
+                count_us = names.setdefault(e.name, [0, 0.0])
                 count_us[0] += 1
-                count_us[1] += e.device_time
-        return kinds, r.steps
+                count_us[1] += e.device_time if cuda else e.self_cpu_time_total
+        return names, r.steps
 
     (short, short_steps), (long, long_steps) = turn(SHORT_TURN), turn(new_tokens)
     steps = long_steps - short_steps
-    per_step = {kind: {"kernels": round((long[kind][0] - short.get(kind, [0, 0.0])[0]) / steps, 1),
-                       "device_us": round((long[kind][1] - short.get(kind, [0, 0.0])[1]) / steps, 1)}
-                for kind in long}
-    return {"steps": steps, "per_step": per_step,
+    by_name = {name: [(count - short.get(name, [0, 0.0])[0]) / steps, (us - short.get(name, [0, 0.0])[1]) / steps]
+               for name, (count, us) in long.items()}
+    per_step: dict[str, dict[str, float]] = {}
+    for name, (count, us) in by_name.items():
+        kind = per_step.setdefault(kernel_kind(name), {"kernels": 0.0, "device_us": 0.0})
+        kind["kernels"] += count
+        kind["device_us"] += us
+    costliest = sorted(by_name.items(), key=lambda item: -item[1][1])[:KERNELS_LISTED]
+    return {"steps": steps,
+            "per_step": {kind: {k: round(v, 1) for k, v in totals.items()} for kind, totals in per_step.items()},
             "kernels": round(sum(k["kernels"] for k in per_step.values()), 1),
-            "device_us": round(sum(k["device_us"] for k in per_step.values()), 1)}
+            "device_us": round(sum(k["device_us"] for k in per_step.values()), 1),
+            "costliest": [{"name": name[:100], "per_step": round(count, 1), "device_us": round(us, 1)}
+                          for name, (count, us) in costliest]}
 
 
 def hf_compiled_ms(model, tokenizer, prompt: list[int], new_tokens: int) -> dict:
@@ -231,7 +248,7 @@ def main():
                     "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
             print(shape, tag, json.dumps(row[tag]), flush=True)
             save_json(report | {"shapes": {**report["shapes"], shape: row}}, args.out)
-        if args.kernels and device.type == "cuda":
+        if args.kernels:
             row["plain_kernels"] = plain_kernels(model, tokenizer, prompt, args.new_tokens)
             matmul_us = row["plain_kernels"]["per_step"].get("matmul", {}).get("device_us")
             if matmul_us:
