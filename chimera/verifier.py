@@ -266,8 +266,12 @@ class SlotVerifier:
     compiled (bfloat16 and float16), whose results are compared with our own plain loop's, not ``generate``'s."""
 
     def __init__(self, model, graphs: bool, compiled: bool = False, backend: str = "inductor",
-                 padded_prefill: bool | None = None, features: tuple[int, ...] = ()):
-        self.model = attention.verifying_model(model)
+                 padded_prefill: bool | None = None, features: tuple[int, ...] = (), grouped_steps: bool = False):
+        # ``grouped_steps``: forwards of up to attention.STEP_QUERIES tokens (a plain step) through the running batch's
+        # attention on a GPU (SDPA's grouped-query kernel, the keys not copied per query head, where transformers
+        # copies them under a mask: on an H100 0.20 ms of an 8B shape's 5.89 ms step, session 26); a candidate, off
+        # until a GPU has timed it (scripts/step_cost_probe.py --grouped-steps)
+        self.model = attention.batch_model(model) if grouped_steps else attention.verifying_model(model)
         self.features = features
         self.device = next(model.parameters()).device
         self.runner = GraphRunner(graphs)

@@ -40,7 +40,7 @@ from chimera.bench.methods import Decoding, HFGenerate, warm_up_static
 from chimera.cli import quiet_libraries
 from chimera.models import synchronize
 from chimera.drafters.chimera import ChimeraDrafter
-from chimera.tree import DynamicTree
+from chimera.verifier import SlotVerifier
 from report_json import save_json
 
 SHAPES = {  # Llama 3.2 1B and Llama 3 8B, with the default model's vocabulary
@@ -102,11 +102,15 @@ def tree_spec(text: str) -> tuple[str, str]:
 
 
 def decoder_for(model, tokenizer, drafter, compile: bool, compile_drafter: bool, tree: str, draft_vocab: str,
-                sync_timing: bool):
-    return chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree if drafter is not None else "auto",
-                                      draft_vocab=draft_vocab if drafter is not None else "auto",
-                                      sync_timing=sync_timing, adaptive=False, calibrate=False, compile=compile,
-                                      compile_drafter=compile_drafter)
+                sync_timing: bool, grouped_steps: bool = False):
+    decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree if drafter is not None else "auto",
+                                         draft_vocab=draft_vocab if drafter is not None else "auto",
+                                         sync_timing=sync_timing, adaptive=False, calibrate=False, compile=compile,
+                                         compile_drafter=compile_drafter)
+    if grouped_steps:  # the candidate: one-token steps through SDPA's grouped kernel (verifier.SlotVerifier)
+        decoder.verifier = SlotVerifier(model, graphs=decoder.device.type == "cuda", compiled=compile,
+                                        grouped_steps=True, features=decoder.verifier.features)
+    return decoder
 
 
 def loop_ms(decoder, prompt: list[int], new_tokens: int) -> dict:
@@ -118,17 +122,20 @@ def loop_ms(decoder, prompt: list[int], new_tokens: int) -> dict:
 
 
 def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, compile: bool,
-              compile_drafter: bool = False, tree: str = "auto", draft_vocab: str = "full") -> dict:
+              compile_drafter: bool = False, tree: str = "auto", draft_vocab: str = "full",
+              grouped_steps: bool = False) -> dict:
     """A step of our loop, as it runs (``loop_ms``) and split as the loop times it when synchronised, after a
     warm-up that captures (and compiles) every shape the turns need."""
     t0 = time.perf_counter()
-    timed = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=True)
+    timed = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=True,
+                        grouped_steps=grouped_steps)
     timed.generate(input_ids=prompt, max_new_tokens=new_tokens)
     warm = time.perf_counter() - t0
     r = timed.generate(input_ids=prompt, max_new_tokens=new_tokens)
     steps = r.steps - 1
     split = {k: round(1000 * getattr(r, f"time_{k}") / steps, 3) for k in ("draft", "verify", "other")}
-    running = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=False)
+    running = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=False,
+                          grouped_steps=grouped_steps)
     running.generate(input_ids=prompt, max_new_tokens=new_tokens)  # its own captures, outside the timing
     return {**loop_ms(running, prompt, new_tokens), "synchronised_ms": round(1000 * (r.seconds - r.time_prefill) / steps, 3),
             "split": split, "steps": steps, "warm_up_s": round(warm, 1), "forward": timed.verifier.describe()}
@@ -138,8 +145,6 @@ def plain_kernels(model, tokenizer, prompt: list[int], new_tokens: int) -> dict:
     """A compiled plain step's kernels by kind (``kernel_kind``): count and device microseconds a step, from the
     difference of a short and a long turn, each under torch.profiler, the compiled forward run without a graph."""
     from torch.profiler import ProfilerActivity, profile
-
-    from chimera.verifier import SlotVerifier
 
     decoder = decoder_for(model, tokenizer, None, True, False, "auto", "auto", sync_timing=False)
     decoder.verifier = SlotVerifier(model, graphs=False, compiled=True)
@@ -208,6 +213,9 @@ def main():
                         "GPU's calibrated choice for the default model in session 25: dynamic-32-8-3:16384)")
     p.add_argument("--plain-only", action="store_true", help="our plain step only (no drafter, no tree)")
     p.add_argument("--kernels", action="store_true", help="a compiled plain step's kernels by kind")
+    p.add_argument("--grouped-steps", action="store_true",
+                   help="also the plain step with its attention through SDPA's grouped-query kernel (the keys not "
+                        "copied per query head; verifier.SlotVerifier's candidate)")
     p.add_argument("--device", default="cuda", help="cuda (a CPU run only checks that the script runs)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -235,6 +243,9 @@ def main():
             compile, compile_drafter = CONFIGS[tag]
             plain = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile)
             row[tag] = {"plain": plain}
+            if args.grouped_steps:
+                row[tag]["plain_grouped_steps"] = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile,
+                                                            grouped_steps=True)
             if rated:
                 row[tag]["plain_bandwidth_pct"] = round(100 * weight_bytes / rated / (plain["loop_ms"] / 1000), 1)
             for tree, vocab in [] if args.plain_only else args.trees:
