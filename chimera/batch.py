@@ -48,8 +48,8 @@ compiled (session 19): 1.7 / 1.9 / 2.5 plain steps at 1-4 / 16 / 64 rows, the fo
 1.5-3.8 ms of it (a plain forward: 1.2-1.7), and `chimera` 0.81x / 0.95x `ar` at 16 / 64 clients, drafting 4 % of
 its steps. Only greedy batches draft (a sampled member's draws must stay those of its plain decoding). A member's
 prompt is read into the drafter at its join (inside the prefill's capture); one whose drafter has not read some
-verified tokens since (plain steps) catches up before it drafts; one with no drafter state (it joined with copied keys and values, no hidden states to read) rides along:
-none of its chain is accepted.
+verified tokens since (plain steps) catches up before it drafts; one with no drafter state (it joined with copied
+keys and values, no hidden states to read) rides along: none of its chain is accepted.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, com
     running = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=False,
                           grouped_steps=grouped_steps)
     running.generate(input_ids=prompt, max_new_tokens=new_tokens)  # its own captures, outside the timing
-    return {**loop_ms(running, prompt, new_tokens), "synchronised_ms": round(1000 * (r.seconds - r.time_prefill) / steps, 3),
+    return {**loop_ms(running, prompt, new_tokens),
+            "synchronised_ms": round(1000 * (r.seconds - r.time_prefill) / steps, 3),
             "split": split, "steps": steps, "warm_up_s": round(warm, 1), "forward": timed.verifier.describe()}
 
 
