@@ -5,14 +5,16 @@
 # step as decoding runs and its share of the rated bandwidth, the compiled plain step's kernels by kind, and the
 # speculative step (draft / verify / other, r) with each tree of TREES (default: the issues' 64-node, 8-level tree over
 # the whole vocabulary, and the GPU's calibrated choice for the default model in session 25, 32 nodes, 3 levels, 16,384
-# draft tokens). HF=1 adds hf-compiled's time per token (its compilation takes minutes).
+# draft tokens). HF=1 adds hf-compiled's time per token (its compilation takes minutes); GROUPED=1 the plain step with
+# its attention through SDPA's grouped-query kernel (verifier.SlotVerifier's grouped_steps candidate); PLAIN_ONLY=1
+# leaves the trees out.
 # Start it with setsid; results and progress.txt in $HOME/res-probe, copied to $OUT by each polling call.
 RES=$HOME/res-probe
 . scripts/device/prepare.sh
 for shape in ${SHAPES:-8b}; do
   step "probe-$shape"
   python3 scripts/step_cost_probe.py --shapes "$shape" --configs compiled --kernels $([ -n "${HF:-}" ] || echo --no-hf) \
-    --trees ${TREES:-dynamic-64-8-8:full dynamic-32-8-3:16384} --out "$RES/step_cost_probe_$shape.json" \
-    > "$RES/step_cost_probe_$shape.log" 2>&1
+    ${GROUPED:+--grouped-steps} ${PLAIN_ONLY:+--plain-only} --trees ${TREES:-dynamic-64-8-8:full dynamic-32-8-3:16384} \
+    --out "$RES/step_cost_probe_$shape.json" > "$RES/step_cost_probe_$shape.log" 2>&1
 done
 step done
