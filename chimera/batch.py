@@ -438,13 +438,14 @@ class RunningBatch:
         size = power_of_two_at_least(count, 1)
         if (size, window) not in self.depths:
             costs = self.warm_costs.get((self._rows(count), window))
+            replays = costs is not None  # seeds that leave a real step's host part out: what ``seed_excess`` adds
             if costs is None:  # not timed at warm-up (no captures: a CPU): what this size measured over another
                 # window, if it did, rather than every depth explored again
                 known = [choice.measured() for (other, _), choice in self.depths.items() if other == size]
                 costs = next((c for c in reversed(known) if c), None)
             self.depths[size, window] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
                                                    costs=costs, exploration=self.exploration,
-                                                   excess=self.seed_excess)
+                                                   excess=self.seed_excess if replays else None)
         return self.depths[size, window]
 
     def _can_draft(self, active: list[Sequence]) -> bool:

@@ -129,19 +129,17 @@ def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, com
     """A step of our loop, as it runs (``loop_ms``) and split as the loop times it when synchronised, after a
     warm-up that captures (and compiles) every shape the turns need."""
     t0 = time.perf_counter()
-    timed = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=True,
-                        grouped_steps=grouped_steps)
-    timed.generate(input_ids=prompt, max_new_tokens=new_tokens)
+    decoder = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=True,
+                          grouped_steps=grouped_steps)
+    decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
     warm = time.perf_counter() - t0
-    r = timed.generate(input_ids=prompt, max_new_tokens=new_tokens)
+    r = decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
     steps = r.steps - 1
     split = {k: round(1000 * getattr(r, f"time_{k}") / steps, 3) for k in ("draft", "verify", "other")}
-    running = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=False,
-                          grouped_steps=grouped_steps)
-    running.generate(input_ids=prompt, max_new_tokens=new_tokens)  # its own captures, outside the timing
-    return {**loop_ms(running, prompt, new_tokens),
+    decoder.sync_timing = False  # the same captures, timed as decoding runs (the switch only waits in the clock)
+    return {**loop_ms(decoder, prompt, new_tokens),
             "synchronised_ms": round(1000 * (r.seconds - r.time_prefill) / steps, 3),
-            "split": split, "steps": steps, "warm_up_s": round(warm, 1), "forward": timed.verifier.describe()}
+            "split": split, "steps": steps, "warm_up_s": round(warm, 1), "forward": decoder.verifier.describe()}
 
 
 def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=None, tree: str = "auto",

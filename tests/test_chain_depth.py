@@ -170,6 +170,7 @@ def test_a_size_met_over_a_new_window_starts_from_what_it_measured_over_another(
     assert narrow.measured() == costs
     wide = batch._depth_choice(2, 128)
     assert wide is not narrow and wide.measured() == costs
+    assert wide.excess is not batch.seed_excess  # its seeds are real steps: they hold their host part already
     assert wide.next_depth() == 1  # 2 tokens for 1.2 s: no depth explored first
     assert batch._depth_choice(4, 128).measured() == {}
     assert batch._depth_choice(2, 64) is narrow

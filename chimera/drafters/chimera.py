@@ -259,8 +259,7 @@ class ChimeraDrafter(nn.Module):
         self._tables = None
         self.use_tables = True  # trigram_lookup through the tables (prepare_inference chooses by device)
         self.acceptance_profile = None  # measured per head and rank; trees are built from it
-        self._odds_tables = {}  # device -> acceptance_odds as a (heads, 2) tensor there (odds_at)
-        self.acceptance_odds = None
+        self.acceptance_odds = None  # and its tables by device (odds_at), which the setter resets
         self._tables_version = None
         self.token_counts = None  # how often the base writes each token (token_counts.safetensors), if known
         self.draft_vocab = None  # token ids the heads score when drafting; None: the whole vocabulary
@@ -459,7 +458,7 @@ class ChimeraDrafter(nn.Module):
     @acceptance_odds.setter
     def acceptance_odds(self, lines) -> None:
         self._acceptance_odds = None if lines is None else [tuple(line) for line in lines]
-        self._odds_tables = {}
+        self._odds_tables = {}  # device -> the lines as a (heads, 2) tensor there
 
     def odds_at(self, depth: int, device) -> torch.Tensor | None:
         """Head ``depth``'s line of ``acceptance_odds`` as a (slope, intercept) tensor on ``device`` (made there once,

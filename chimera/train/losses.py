@@ -91,7 +91,7 @@ def chain_events(logits, roots, base_targets, loss_mask) -> list[tuple[torch.Ten
     """Per depth k: the base's token where head k drafts (B, m), whether each chain reaches depth k, i.e. its drafts
     were right up to depth k - 1 within its answer (the event that a tree node at depth k is reached), and the rank
     of the base's token among head k's candidates (0: its top draft)."""
-    B, L = base_targets.shape
+    L = base_targets.shape[1]
     alive = roots >= 1
     events = []
     for k, lg in enumerate(logits, start=1):
