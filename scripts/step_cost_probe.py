@@ -221,10 +221,18 @@ def main():
     p.add_argument("--grouped-steps", action="store_true",
                    help="also the plain step with its attention through SDPA's grouped-query kernel (the keys not "
                         "copied per query head; verifier.SlotVerifier's candidate)")
+    p.add_argument("--max-autotune-gemm", action="store_true",
+                   help="inductor picks each matrix product's kernel by timing its Triton templates against cuBLAS "
+                        "(max_autotune_gemm): for a tree's many-token products, which are not matrix-vector "
+                        "reductions (compiles for minutes)")
     p.add_argument("--device", default="cuda", help="cuda (a CPU run only checks that the script runs)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     quiet_libraries()
+    if args.max_autotune_gemm:  # global: the shared compiled decoder passes only coordinate_descent_tuning itself
+        import torch._inductor.config
+
+        torch._inductor.config.max_autotune_gemm = True
     device = torch.device(args.device)
     _, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="bfloat16", device="cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -234,6 +242,7 @@ def main():
               "copy_bandwidth_TBps": copied and round(copied / 1e12, 2), "shapes": {}}
     prompt = (torch.arange(args.prompt_tokens) % 1000 + 100).tolist()
     report["inductor_settings"] = {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")}
+    report["inductor_settings"]["max_autotune_gemm"] = args.max_autotune_gemm
     for shape in args.shapes:
         model = build(shape, len(tokenizer), device)
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -7,14 +7,16 @@
 # the whole vocabulary, and the GPU's calibrated choice for the default model in session 25, 32 nodes, 3 levels, 16,384
 # draft tokens). HF=1 adds hf-compiled's time per token (its compilation takes minutes); GROUPED=1 the plain step with
 # its attention through SDPA's grouped-query kernel (verifier.SlotVerifier's grouped_steps candidate); PLAIN_ONLY=1
-# leaves the trees out.
+# leaves the trees out; AUTOTUNE=1 lets inductor time Triton templates against cuBLAS for the matrix products (the
+# trees' many-token products), its results under a name of their own.
 # Start it with setsid; results and progress.txt in $HOME/res-probe, copied to $OUT by each polling call.
 RES=$HOME/res-probe
 . scripts/device/prepare.sh
 for shape in ${SHAPES:-8b}; do
   step "probe-$shape"
   python3 scripts/step_cost_probe.py --shapes "$shape" --configs compiled --kernels $([ -n "${HF:-}" ] || echo --no-hf) \
-    ${GROUPED:+--grouped-steps} ${PLAIN_ONLY:+--plain-only} --trees ${TREES:-dynamic-64-8-8:full dynamic-32-8-3:16384} \
-    --out "$RES/step_cost_probe_$shape.json" > "$RES/step_cost_probe_$shape.log" 2>&1
+    ${GROUPED:+--grouped-steps} ${PLAIN_ONLY:+--plain-only} ${AUTOTUNE:+--max-autotune-gemm} \
+    --trees ${TREES:-dynamic-64-8-8:full dynamic-32-8-3:16384} \
+    --out "$RES/step_cost_probe_$shape${AUTOTUNE:+_autotune}.json" > "$RES/step_cost_probe_$shape${AUTOTUNE:+_autotune}.log" 2>&1
 done
 step done
