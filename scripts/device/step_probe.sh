@@ -8,10 +8,15 @@
 # draft tokens). HF=1 adds hf-compiled's time per token (its compilation takes minutes); GROUPED=1 the plain step with
 # its attention through SDPA's grouped-query kernel (verifier.SlotVerifier's grouped_steps candidate); PLAIN_ONLY=1
 # leaves the trees out; AUTOTUNE=1 lets inductor time Triton templates against cuBLAS for the matrix products (the
-# trees' many-token products), its results under a name of their own.
+# trees' many-token products), its results under a name of their own; GEMM=1 first times the 8B shape's products
+# alone at 1 to 128 tokens (scripts/gemm_bandwidth.py).
 # Start it with setsid; results and progress.txt in $HOME/res-probe, copied to $OUT by each polling call.
 RES=$HOME/res-probe
 . scripts/device/prepare.sh
+if [ -n "${GEMM:-}" ]; then
+  step gemm-bandwidth
+  python3 scripts/gemm_bandwidth.py --out "$RES/gemm_bandwidth.json" > "$RES/gemm_bandwidth.log" 2>&1
+fi
 for shape in ${SHAPES:-8b}; do
   step "probe-$shape"
   python3 scripts/step_cost_probe.py --shapes "$shape" --configs compiled --kernels $([ -n "${HF:-}" ] || echo --no-hf) \
