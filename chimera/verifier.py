@@ -266,12 +266,14 @@ class SlotVerifier:
     compiled (bfloat16 and float16), whose results are compared with our own plain loop's, not ``generate``'s."""
 
     def __init__(self, model, graphs: bool, compiled: bool = False, backend: str = "inductor",
-                 padded_prefill: bool | None = None, features: tuple[int, ...] = (), grouped_steps: bool = False):
-        # ``grouped_steps``: forwards of up to attention.STEP_QUERIES tokens (a plain step) through the running batch's
-        # attention on a GPU (SDPA's grouped-query kernel, the keys not copied per query head, where transformers
-        # copies them under a mask: on an H100 0.20 ms of an 8B shape's 5.89 ms step, session 26); a candidate, off
-        # until a GPU has timed it (scripts/step_cost_probe.py --grouped-steps)
-        self.model = attention.batch_model(model) if grouped_steps else attention.verifying_model(model)
+                 padded_prefill: bool | None = None, features: tuple[int, ...] = (), attention_route: str = "repeated"):
+        # ``attention_route`` (attention.VERIFIER_ATTENTION), on a GPU: "repeated", transformers' SDPA, which copies
+        # the keys and values once per query head under a mask; "grouped", one-token steps through SDPA's grouped-query
+        # kernel (an H100, 8B shape: a plain step 6.10 ms against 6.34 in one process, session 27); "folded", those
+        # steps grouped and trees' query heads folded onto their key head (the kernels copying the keys and values,
+        # rotary fused in, took 0.57 ms of a 64-node tree's forward there). Candidates, off until a GPU has timed them
+        # on the default model's shape too (scripts/step_cost_probe.py --attention)
+        self.model = attention.verifier_model(model, attention_route)
         self.features = features
         self.device = next(model.parameters()).device
         self.runner = GraphRunner(graphs)

@@ -128,3 +128,43 @@ def test_the_batch_twin_steps_rows_like_the_model(family, chain_attention, monke
     assert queries.count((chains, 4)) == model.config.num_hidden_layers
     # a CPU: the verifier's own path, whichever the chains' attention
     assert attention.batch_model(model, chain_attention) is attention.verifying_model(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_verifiers_folded_twin_scores_steps_and_trees_like_the_model(family, monkeypatch):
+    """``verifier_attention_folded`` (a GPU's lone verifier, candidate; its twin built here on a CPU): a prompt, a
+    tree over it and a one-token step give the model's own logits and hidden states; the tree's and the prompt's
+    query heads are folded onto their key heads, the step goes through grouped SDPA, every layer."""
+    model = tiny_model(family)
+    twin = attention._twin(model, attention.VERIFIER_FOLDED_NAME)
+    assert twin is not model and twin.config._attn_implementation == attention.VERIFIER_FOLDED_NAME
+    assert model.config._attn_implementation == "sdpa"
+    routes = []
+    for route in ("_grouped_sdpa", "_folded_sdpa"):
+        monkeypatch.setattr(attention, route, lambda query, *args, original=getattr(attention, route):
+                            routes.append((original.__name__, query.shape[2])) or original(query, *args))
+    tree = TreeBuffers.build(TreeTopology((-1, 0, 0, 1, 2), (0, 0, 1, 0, 0)), "cpu")
+    gen = torch.Generator().manual_seed(7)
+    prompt, tokens = torch.randint(3, 128, (40,), generator=gen), torch.randint(3, 128, (5,), generator=gen)
+    ours, theirs = tree_forward(twin, prompt, tokens, tree), tree_forward(model, prompt, tokens, tree)
+    torch.testing.assert_close(ours.logits, theirs.logits)
+    torch.testing.assert_close(ours.hidden, theirs.hidden)
+    layers = model.config.num_hidden_layers
+    assert routes.count(("_folded_sdpa", 5)) == layers  # the tree (the prompt, unmasked here, is transformers')
+    step = torch.randint(3, 128, (1,), generator=gen)
+    single = tree_forward(twin, prompt, step, TreeBuffers.build(TreeTopology((-1,), (0,)), "cpu"))
+    alone = tree_forward(model, prompt, step, TreeBuffers.build(TreeTopology((-1,), (0,)), "cpu"))
+    torch.testing.assert_close(single.logits, alone.logits)
+    assert routes.count(("_grouped_sdpa", 1)) == layers
+
+
+def test_the_verifier_keeps_transformers_attention_unless_asked_and_on_a_cpu():
+    """``verifier_model``: "repeated" is the model's own route on a GPU (here: the CPU's verifying twin), and every
+    route on a CPU is the CPU's verifying twin; an unknown route is refused."""
+    model = tiny_model("llama")
+    for route in attention.VERIFIER_ATTENTION:
+        assert attention.verifier_model(model, route) is attention.verifying_model(model)
+    elsewhere = tiny_model("llama").to("meta")  # neither a CPU nor a GPU: the model as it is
+    assert all(attention.verifier_model(elsewhere, route) is elsewhere for route in attention.VERIFIER_ATTENTION)
+    with pytest.raises(KeyError):
+        attention.verifier_model(model, "copied")
