@@ -22,6 +22,14 @@ products count as "fused": the names tell them apart (``mm`` in them). Measured 
 407 kernels and 5.80 ms of device time in a 5.89 ms plain step, the products at 85 % of the rated bandwidth, attention
 0.49 ms of which 0.20 ms copies of the keys and values per query head (docs/benchmarks.md).
 
+``--attention``: the verifier's attention routes to time, each its own plain step and trees (verifier.SlotVerifier's
+``attention_route``). On an H100 (session 27, 8B shape, one process) one-token steps through SDPA's grouped kernel
+("grouped") took 6.10 ms against 6.34 with transformers' repeated keys, but that process's compiled matrix-vector
+kernels were slower than two others' (5.53 ms a step against 5.11-5.20: inductor's coordinate-descent tuning times
+launch settings at each compilation), so only the attention kernels of each route, listed with ``--kernels``, compare
+the routes cleanly; trees folded ("folded") were not timed yet. The ``135m`` shape is the default model's, to weigh a
+route for it too.
+
 Usage (on the GPU machine):
     python scripts/step_cost_probe.py --shapes 8b --configs compiled --trees dynamic-64-8-8:full \
         dynamic-32-8-3:16384 --kernels --no-hf --out docs/gpu/step_cost_probe_8b.json
@@ -35,6 +43,7 @@ import os
 import time
 
 import torch
+import torch._inductor.config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import chimera
@@ -42,14 +51,17 @@ from chimera.bench.methods import Decoding, HFGenerate, warm_up_static
 from chimera.cli import quiet_libraries
 from chimera.models import synchronize
 from chimera.drafters.chimera import ChimeraDrafter
+from chimera.attention import VERIFIER_ATTENTION
 from chimera.verifier import SlotVerifier
 from report_json import save_json
 
-SHAPES = {  # Llama 3.2 1B and Llama 3 8B, with the default model's vocabulary
+SHAPES = {  # Llama 3.2 1B and Llama 3 8B, with the default model's vocabulary; the default model's own shape
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False),
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, tie_word_embeddings=True),  # the default model's (SmolLM2-135M) shape
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False),  # checks that the script runs (--device cpu)
 }
@@ -104,14 +116,14 @@ def tree_spec(text: str) -> tuple[str, str]:
 
 
 def decoder_for(model, tokenizer, drafter, compile: bool, compile_drafter: bool, tree: str, draft_vocab: str,
-                sync_timing: bool, grouped_steps: bool = False):
+                sync_timing: bool, attention_route: str = "repeated"):
     decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree if drafter is not None else "auto",
                                          draft_vocab=draft_vocab if drafter is not None else "auto",
                                          sync_timing=sync_timing, adaptive=False, calibrate=False, compile=compile,
                                          compile_drafter=compile_drafter)
-    if grouped_steps:  # the candidate: one-token steps through SDPA's grouped kernel (verifier.SlotVerifier)
+    if attention_route != "repeated":  # a candidate of verifier.SlotVerifier's (attention.VERIFIER_ATTENTION)
         decoder.verifier = SlotVerifier(model, graphs=decoder.device.type == "cuda", compiled=compile,
-                                        grouped_steps=True, features=decoder.verifier.features)
+                                        attention_route=attention_route, features=decoder.verifier.features)
     return decoder
 
 
@@ -125,12 +137,12 @@ def loop_ms(decoder, prompt: list[int], new_tokens: int) -> dict:
 
 def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, compile: bool,
               compile_drafter: bool = False, tree: str = "auto", draft_vocab: str = "full",
-              grouped_steps: bool = False) -> dict:
+              attention_route: str = "repeated") -> dict:
     """A step of our loop, as it runs (``loop_ms``) and split as the loop times it when synchronised, after a
     warm-up that captures (and compiles) every shape the turns need."""
     t0 = time.perf_counter()
     decoder = decoder_for(model, tokenizer, drafter, compile, compile_drafter, tree, draft_vocab, sync_timing=True,
-                          grouped_steps=grouped_steps)
+                          attention_route=attention_route)
     decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
     warm = time.perf_counter() - t0
     r = decoder.generate(input_ids=prompt, max_new_tokens=new_tokens)
@@ -143,7 +155,7 @@ def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, com
 
 
 def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=None, tree: str = "auto",
-                 draft_vocab: str = "auto") -> dict:
+                 draft_vocab: str = "auto", attention_route: str = "repeated") -> dict:
     """A compiled step's kernels by kind (``kernel_kind``) and the costliest by name: count and device microseconds
     a step, from the difference of a short and a long turn, each under torch.profiler, the base's compiled forward
     run without a graph. A plain step without ``drafter``; with it, a speculative step over ``tree``, whose
@@ -152,7 +164,8 @@ def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=N
     from torch.profiler import ProfilerActivity, profile
 
     decoder = decoder_for(model, tokenizer, drafter, True, False, tree, draft_vocab, sync_timing=False)
-    decoder.verifier = SlotVerifier(model, graphs=False, compiled=True, features=decoder.verifier.features)
+    decoder.verifier = SlotVerifier(model, graphs=False, compiled=True, features=decoder.verifier.features,
+                                    attention_route=attention_route)
     device = decoder.device
     cuda = device.type == "cuda"  # a CPU run (a check that the script runs) lists operators and their own time
     kernels = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
@@ -218,9 +231,11 @@ def main():
                         "GPU's calibrated choice for the default model in session 25: dynamic-32-8-3:16384)")
     p.add_argument("--plain-only", action="store_true", help="our plain step only (no drafter, no tree)")
     p.add_argument("--kernels", action="store_true", help="a compiled plain step's kernels by kind")
-    p.add_argument("--grouped-steps", action="store_true",
-                   help="also the plain step with its attention through SDPA's grouped-query kernel (the keys not "
-                        "copied per query head; verifier.SlotVerifier's candidate)")
+    p.add_argument("--attention", nargs="+", default=["repeated"], choices=list(VERIFIER_ATTENTION),
+                   help="the verifier's attention routes to time (verifier.SlotVerifier's attention_route): repeated "
+                        "(transformers' SDPA, the keys copied per query head under a mask), grouped (one-token steps "
+                        "through SDPA's grouped-query kernel), folded (those too, and a tree's query heads folded onto "
+                        "their key head); --kernels lists each one's")
     p.add_argument("--max-autotune-gemm", action="store_true",
                    help="inductor picks each matrix product's kernel by timing its Triton templates against cuBLAS "
                         "(max_autotune_gemm): for a tree's many-token products, which are not matrix-vector "
@@ -230,8 +245,6 @@ def main():
     args = p.parse_args()
     quiet_libraries()
     if args.max_autotune_gemm:  # global: the shared compiled decoder passes only coordinate_descent_tuning itself
-        import torch._inductor.config
-
         torch._inductor.config.max_autotune_gemm = True
     device = torch.device(args.device)
     _, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="bfloat16", device="cpu")
@@ -255,31 +268,34 @@ def main():
         row["drafter_parameters_M"] = round(sum(t.numel() for t in drafter.parameters()) / 1e6, 1)
         for tag in args.configs:
             compile, compile_drafter = CONFIGS[tag]
-            plain = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile)
-            row[tag] = {"plain": plain}
-            if args.grouped_steps:
-                row[tag]["plain_grouped_steps"] = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile,
-                                                            grouped_steps=True)
-            if rated:
-                row[tag]["plain_bandwidth_pct"] = round(100 * weight_bytes / rated / (plain["loop_ms"] / 1000), 1)
-            for tree, vocab in [] if args.plain_only else args.trees:
-                spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile, compile_drafter,
-                                 tree, vocab)
-                r = spec["loop_ms"] / plain["loop_ms"]
-                row[tag][f"{tree}:{vocab}"] = {
-                    **spec, "r": round(r, 3),
-                    "draft_over_plain": round(spec["split"]["draft"] / plain["loop_ms"], 3),
-                    "verify_over_plain": round(spec["split"]["verify"] / plain["loop_ms"], 3),
-                    "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
+            row[tag] = {}
+            for route in args.attention:
+                named = "" if route == "repeated" else f" {route}"  # the default route's rows keep their names
+                plain = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile, attention_route=route)
+                row[tag]["plain" + named] = plain
+                if rated:
+                    row[tag]["plain_bandwidth_pct" + named] = round(
+                        100 * weight_bytes / rated / (plain["loop_ms"] / 1000), 1)
+                for tree, vocab in [] if args.plain_only else args.trees:
+                    spec = our_steps(model, tokenizer, drafter, prompt, args.new_tokens, compile, compile_drafter,
+                                     tree, vocab, attention_route=route)
+                    r = spec["loop_ms"] / plain["loop_ms"]
+                    row[tag][f"{tree}:{vocab}{named}"] = {
+                        **spec, "r": round(r, 3),
+                        "draft_over_plain": round(spec["split"]["draft"] / plain["loop_ms"], 3),
+                        "verify_over_plain": round(spec["split"]["verify"] / plain["loop_ms"], 3),
+                        "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
             print(shape, tag, json.dumps(row[tag]), flush=True)
             save_json(report | {"shapes": {**report["shapes"], shape: row}}, args.out)
-        if args.kernels:
-            row["plain_kernels"] = step_kernels(model, tokenizer, prompt, args.new_tokens)
-            print(shape, "kernels", json.dumps(row["plain_kernels"]), flush=True)
+        for route in args.attention if args.kernels else []:
+            named = "" if route == "repeated" else f" {route}"
+            row["plain_kernels" + named] = step_kernels(model, tokenizer, prompt, args.new_tokens,
+                                                        attention_route=route)
+            print(shape, "kernels" + named, json.dumps(row["plain_kernels" + named]), flush=True)
             for tree, vocab in [] if args.plain_only else args.trees:
-                row[f"kernels {tree}:{vocab}"] = step_kernels(model, tokenizer, prompt, args.new_tokens, drafter,
-                                                              tree, vocab)
-                print(shape, "kernels", tree, json.dumps(row[f"kernels {tree}:{vocab}"]), flush=True)
+                key = f"kernels {tree}:{vocab}{named}"
+                row[key] = step_kernels(model, tokenizer, prompt, args.new_tokens, drafter, tree, vocab, route)
+                print(shape, key, json.dumps(row[key]), flush=True)
         if not args.no_hf:
             row["hf_compiled"] = hf_compiled_ms(model, tokenizer, prompt, args.new_tokens)
             print(shape, "hf-compiled", json.dumps(row["hf_compiled"]), flush=True)

@@ -5,8 +5,8 @@
 # step as decoding runs and its share of the rated bandwidth, the compiled plain step's kernels by kind, and the
 # speculative step (draft / verify / other, r) with each tree of TREES (default: the issues' 64-node, 8-level tree over
 # the whole vocabulary, and the GPU's calibrated choice for the default model in session 25, 32 nodes, 3 levels, 16,384
-# draft tokens). HF=1 adds hf-compiled's time per token (its compilation takes minutes); GROUPED=1 the plain step with
-# its attention through SDPA's grouped-query kernel (verifier.SlotVerifier's grouped_steps candidate); PLAIN_ONLY=1
+# draft tokens). HF=1 adds hf-compiled's time per token (its compilation takes minutes); ATTENTION="repeated grouped
+# folded" times each of the verifier's attention routes (verifier.SlotVerifier's attention_route); PLAIN_ONLY=1
 # leaves the trees out; AUTOTUNE=1 lets inductor time Triton templates against cuBLAS for the matrix products (the
 # trees' many-token products), its results under a name of their own; GEMM=1 first times the 8B shape's products
 # alone at 1 to 128 tokens (scripts/gemm_bandwidth.py).
@@ -20,7 +20,7 @@ fi
 for shape in ${SHAPES:-8b}; do
   step "probe-$shape"
   python3 scripts/step_cost_probe.py --shapes "$shape" --configs compiled --kernels $([ -n "${HF:-}" ] || echo --no-hf) \
-    ${GROUPED:+--grouped-steps} ${PLAIN_ONLY:+--plain-only} ${AUTOTUNE:+--max-autotune-gemm} \
+    --attention ${ATTENTION:-repeated} ${PLAIN_ONLY:+--plain-only} ${AUTOTUNE:+--max-autotune-gemm} \
     --trees ${TREES:-dynamic-64-8-8:full dynamic-32-8-3:16384} \
     --out "$RES/step_cost_probe_$shape${AUTOTUNE:+_autotune}.json" > "$RES/step_cost_probe_$shape${AUTOTUNE:+_autotune}.log" 2>&1
 done
