@@ -10,7 +10,9 @@ asked for the speculative step split (draft / verify / other), r and the speedup
 Two clocks, both kept: ``loop_ms`` is a step as decoding runs (steps launched ahead of the last one's read, no
 synchronisation), from the difference of a short and a long turn so that the prompt's reading drops out; ``split``
 is the loop's own timing with a synchronisation after each part (``sync_timing``), which adds a wait a part. r and
-the bandwidth share come from ``loop_ms``. (Until session 26 the probe reported the synchronised step only: 5.26 ms for
+the bandwidth share come from ``loop_ms``. ``replay_ms``: each scoring and drafting graph replayed alone (since
+session 27), so that ``forward_over_plain`` gives a tree's verifying forward over a plain one without acceptance,
+compaction or host work. (Until session 26 the probe reported the synchronised step only: 5.26 ms for
 the 8B shape on an H200 in session 10.)
 
 ``--kernels``: where a compiled plain step's device time goes (and each tree's, its drafting aside), by kind of
@@ -135,6 +137,36 @@ def loop_ms(decoder, prompt: list[int], new_tokens: int) -> dict:
     return {"loop_ms": round(1000 * (long.seconds - short.seconds) / steps, 3), "loop_steps": steps}
 
 
+REPLAYS = 20  # ``replay_ms``: timed replays of each graph, after one untimed
+
+
+def replay_ms(decoder) -> dict:
+    """ms each captured forward takes replayed alone, without the host, the acceptance or the other parts of a step:
+    the verifier's scoring graphs (a plain step is a 1-node tree) and the drafter's proposals, by key. The graphs
+    that move state along (the KV compaction, the drafter's advance) are left out: replayed over and over they
+    would walk the lengths past the cache."""
+    if decoder.device.type != "cuda":
+        return {}
+    runners = {"verify": decoder.verifier.runner, "draft": getattr(decoder.drafter, "runner", None)}
+    out = {}
+    for part, runner in runners.items():
+        for key, (graph, _, _) in ({} if runner is None else runner.captured).items():
+            if not isinstance(key, tuple) or key[0] not in ("score", "propose"):  # "advance" is a bare name
+                continue
+            graph.replay()
+            synchronize(decoder.device)
+            start = time.perf_counter()
+            for _ in range(REPLAYS):
+                graph.replay()
+            synchronize(decoder.device)
+            if part == "verify":  # ("score", capacity, topology)
+                name = f"verify {key[1]} slots {key[2].size} nodes"
+            else:  # ("propose", window)
+                name = f"draft {key[1]} slots"
+            out[name] = round(1000 * (time.perf_counter() - start) / REPLAYS, 3)
+    return out
+
+
 def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, compile: bool,
               compile_drafter: bool = False, tree: str = "auto", draft_vocab: str = "full",
               attention_route: str = "repeated") -> dict:
@@ -149,7 +181,7 @@ def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, com
     steps = r.steps - 1
     split = {k: round(1000 * getattr(r, f"time_{k}") / steps, 3) for k in ("draft", "verify", "other")}
     decoder.sync_timing = False  # the same captures, timed as decoding runs (the switch only waits in the clock)
-    return {**loop_ms(decoder, prompt, new_tokens),
+    return {**loop_ms(decoder, prompt, new_tokens), "replay_ms": replay_ms(decoder),
             "synchronised_ms": round(1000 * (r.seconds - r.time_prefill) / steps, 3),
             "split": split, "steps": steps, "warm_up_s": round(warm, 1), "forward": decoder.verifier.describe()}
 
@@ -200,6 +232,18 @@ def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=N
             "device_us": round(sum(k["device_us"] for k in per_step.values()), 1),
             "costliest": [{"name": name[:100], "per_step": round(count, 1), "device_us": round(us, 1)}
                           for name, (count, us) in costliest]}
+
+
+def forward_over_plain(spec: dict, plain: dict) -> dict:
+    """The tree's verifying forward replayed alone over the plain step's over as many slots (``replay_ms``), by
+    capacity: issue #15's verify cost without acceptance, compaction or host work."""
+    ratios = {}
+    for name, ms in spec["replay_ms"].items():
+        words = name.split()  # verify CAPACITY slots SIZE nodes
+        one = plain["replay_ms"].get(f"verify {words[1]} slots 1 nodes") if words[0] == "verify" else None
+        if one and words[3] != "1":
+            ratios[f"{words[1]} slots"] = round(ms / one, 3)
+    return ratios
 
 
 def hf_compiled_ms(model, tokenizer, prompt: list[int], new_tokens: int) -> dict:
@@ -281,7 +325,7 @@ def main():
                                      tree, vocab, attention_route=route)
                     r = spec["loop_ms"] / plain["loop_ms"]
                     row[tag][f"{tree}:{vocab}{named}"] = {
-                        **spec, "r": round(r, 3),
+                        **spec, "r": round(r, 3), "forward_over_plain": forward_over_plain(spec, plain),
                         "draft_over_plain": round(spec["split"]["draft"] / plain["loop_ms"], 3),
                         "verify_over_plain": round(spec["split"]["verify"] / plain["loop_ms"], 3),
                         "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
