@@ -61,7 +61,8 @@ class StepLauncher:
         self.ahead = ahead
         self.counted = ahead and hasattr(self.drafter, "advance_counted")  # speculative steps settle at launch
         self.unseen = []  # (tokens, hidden) verified on plain steps, which the drafter reads before it drafts again
-        self.result = result  # its time_draft and time_verify: host time launching (device time where synchronised)
+        self.result = result  # its time_draft (proposing, and reading the accepted path into the drafter's state) and
+        # time_verify (scoring, accepting, keeping): host time launching (device time where synchronised)
 
     def launch(self, drafting: bool) -> LaunchedStep:
         clock = self.decoder.clock
@@ -93,8 +94,13 @@ class StepLauncher:
             self._settled(step)
         elif self.counted:
             self.session.keep_ahead(accepted.path, accepted.length, tree)
+            kept = clock()
+            self.result.time_verify += kept - start
+            # the drafter reading the accepted path is drafting's cost (until session 27 it was counted as verifying)
             self.drafter.advance_counted(self.state, step.path_tokens, out.hidden[accepted.path], accepted.length)
             self._settled(step)
+            self.result.time_draft += clock() - kept
+            return step
         self.result.time_verify += clock() - start
         return step
 
@@ -106,9 +112,14 @@ class StepLauncher:
         """After the step's read (``length``: its path's): the host's lengths catch up, or a step not settled at
         launch keeps its path now."""
         if not step.settled:
+            clock = self.decoder.clock
+            start = clock()
             self.session.keep(step.accepted.path, length, step.tree)
+            kept = clock()
             self.drafter.advance(self.state, step.path_tokens[:length], step.hidden[step.accepted.path[:length]])
             self.root = step.accepted.next_token.reshape(1)
+            self.result.time_verify += kept - start
+            self.result.time_draft += clock() - kept
         elif self.ahead:
             self.session.confirm(length)
             if step.drafting:

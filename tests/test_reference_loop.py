@@ -273,3 +273,37 @@ def test_a_step_launched_ahead_after_the_longest_path_fits_the_cache(default_mod
         decoder.drafter = OracleDrafter(ids + reference)
         result = decoder.generate(input_ids=ids, max_new_tokens=budget)
         assert result.token_ids == reference[:len(result.token_ids)] and result.steps < budget
+
+
+@pytest.mark.parametrize("launch_ahead", [True, False], ids=["launched ahead", "read first"])
+def test_the_drafters_reading_of_the_accepted_path_is_timed_as_drafting(launch_ahead, default_model, monkeypatch):
+    """The time split (GenerationResult.time_draft / time_verify / time_other): the drafter reading each step's
+    accepted path into its state (``advance_counted`` on the device, or ``advance`` after the read) counts as
+    drafting, not as verifying or the host's rest. Each advance is slowed here by a sleep the split must place."""
+    import time
+
+    from test_drafter import perturbed_drafter
+
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=5)
+    decoder = as_on_a_gpu(SpeculativeDecoder(model, tokenizer, drafter, tree="small", adaptive=False,
+                                             launch_ahead=launch_ahead))
+    advances = []
+    pause = 0.05
+    for name in ("advance", "advance_counted"):
+        original = getattr(decoder.drafter, name)
+
+        def slowed(*args, original=original):
+            advances.append(1)
+            time.sleep(pause)
+            return original(*args)
+        monkeypatch.setattr(decoder.drafter, name, slowed)
+    ids = torch.randint(3, 128, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    result = decoder.generate(input_ids=ids, max_new_tokens=24)
+    slept = pause * len(advances)
+    assert len(advances) >= 3
+    assert result.time_draft >= slept
+    assert result.time_verify < slept / 2 and result.time_other < slept / 2
+    parts = result.time_prefill + result.time_draft + result.time_verify + result.time_other
+    assert parts <= result.seconds * 1.01 + 1e-3
