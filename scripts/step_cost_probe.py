@@ -94,7 +94,9 @@ def build(shape: str, vocab_size: int, device) -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)
 
 
-CONFIGS = {  # name: (the base's forward compiled, the drafter's drafting compiled)
+CONFIGS = {  # name: (the base's forward compiled, the drafter's levels compiled); compiled_drafter is what the
+    # decoder does by default on a GPU in bfloat16 (SpeculativeDecoder's compile and compile_drafter "auto"), which
+    # the probes of sessions 26 and 27 did not run: their trees were drafted by levels captured op by op
     "graphs": (False, False), "compiled": (True, False), "compiled_drafter": (True, True)}
 DEFAULT_TREES = ("dynamic-64-8-8:full",)  # the issues' reference: 64 nodes, beam 8, 8 levels, the whole vocabulary
 SHORT_TURN = 16  # new tokens of the short turn whose time is taken from the long one's (``loop_ms``)
@@ -187,7 +189,7 @@ def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, com
 
 
 def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=None, tree: str = "auto",
-                 draft_vocab: str = "auto", attention_route: str = "repeated") -> dict:
+                 draft_vocab: str = "auto", attention_route: str = "repeated", compile_drafter: bool = True) -> dict:
     """A compiled step's kernels by kind (``kernel_kind``) and the costliest by name: count and device microseconds
     a step, from the difference of a short and a long turn, each under torch.profiler, the base's compiled forward
     run without a graph. A plain step without ``drafter``; with it, a speculative step over ``tree``, whose
@@ -195,7 +197,7 @@ def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=N
     acceptance's kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = decoder_for(model, tokenizer, drafter, True, False, tree, draft_vocab, sync_timing=False)
+    decoder = decoder_for(model, tokenizer, drafter, True, compile_drafter, tree, draft_vocab, sync_timing=False)
     decoder.verifier = SlotVerifier(model, graphs=False, compiled=True, features=decoder.verifier.features,
                                     attention_route=attention_route)
     device = decoder.device
@@ -335,10 +337,12 @@ def main():
             named = "" if route == "repeated" else f" {route}"
             row["plain_kernels" + named] = step_kernels(model, tokenizer, prompt, args.new_tokens,
                                                         attention_route=route)
+            drafting_compiled = CONFIGS[args.configs[-1]][1]  # the trees' kernels as the last config drafts
             print(shape, "kernels" + named, json.dumps(row["plain_kernels" + named]), flush=True)
             for tree, vocab in [] if args.plain_only else args.trees:
                 key = f"kernels {tree}:{vocab}{named}"
-                row[key] = step_kernels(model, tokenizer, prompt, args.new_tokens, drafter, tree, vocab, route)
+                row[key] = step_kernels(model, tokenizer, prompt, args.new_tokens, drafter, tree, vocab, route,
+                                        drafting_compiled)
                 print(shape, key, json.dumps(row[key]), flush=True)
         if not args.no_hf:
             row["hf_compiled"] = hf_compiled_ms(model, tokenizer, prompt, args.new_tokens)
