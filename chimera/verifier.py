@@ -269,7 +269,8 @@ class SlotVerifier:
                  padded_prefill: bool | None = None, features: tuple[int, ...] = (), attention_route: str = "repeated"):
         # ``attention_route`` (attention.VERIFIER_ATTENTION), on a GPU: "repeated", transformers' SDPA, which copies
         # the keys and values once per query head under a mask; "grouped", one-token steps through SDPA's grouped-query
-        # kernel (an H100, 8B shape: a plain step 6.10 ms against 6.34 in one process, session 27); "folded", those
+        # kernel (an H100, 8B shape: a plain step 6.10 ms against 6.34 in one process, session 27, each compiled apart
+        # and a compilation's kernels varying by more than that); "folded", those
         # steps grouped and trees' query heads folded onto their key head (the kernels copying the keys and values,
         # rotary fused in, took 0.57 ms of a 64-node tree's forward there). Candidates, off until a GPU has timed them
         # on the default model's shape too (scripts/step_cost_probe.py --attention)
