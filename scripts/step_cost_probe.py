@@ -11,8 +11,8 @@ Two clocks, both kept: ``loop_ms`` is a step as decoding runs (steps launched ah
 synchronisation), from the difference of a short and a long turn so that the prompt's reading drops out; ``split``
 is the loop's own timing with a synchronisation after each part (``sync_timing``), which adds a wait a part. r and
 the bandwidth share come from ``loop_ms``. ``replay_ms``: each scoring and drafting graph replayed alone (since
-session 27), so that ``forward_over_plain`` gives a tree's verifying forward over a plain one without acceptance,
-compaction or host work. (Until session 26 the probe reported the synchronised step only: 5.26 ms for
+session 27), so that ``replayed_over_plain`` gives a tree's verifying forward, and its drafting, over a plain
+forward without acceptance, compaction or host work. (Until session 26 the probe reported the synchronised step only: 5.26 ms for
 the 8B shape on an H200 in session 10.)
 
 ``--kernels``: where a compiled plain step's device time goes (and each tree's, its drafting aside), by kind of
@@ -142,30 +142,39 @@ def loop_ms(decoder, prompt: list[int], new_tokens: int) -> dict:
 REPLAYS = 20  # ``replay_ms``: timed replays of each graph, after one untimed
 
 
+def graph_ms(graph, device) -> float:
+    """ms one replay of ``graph`` takes, over REPLAYS replays after an untimed one."""
+    graph.replay()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(REPLAYS):
+        graph.replay()
+    synchronize(device)
+    return round(1000 * (time.perf_counter() - start) / REPLAYS, 3)
+
+
 def replay_ms(decoder) -> dict:
     """ms each captured forward takes replayed alone, without the host, the acceptance or the other parts of a step:
-    the verifier's scoring graphs (a plain step is a 1-node tree) and the drafter's proposals, by key. The graphs
-    that move state along (the KV compaction, the drafter's advance) are left out: replayed over and over they
-    would walk the lengths past the cache."""
+    the verifier's scoring graphs (a plain step is a 1-node tree), the drafter's proposals, and its advance (the
+    accepted path read into its state: drafting's cost too), by key. The advance moves the drafter's length along, so
+    its state is put back after its replays; the KV compaction, which moves the cache's, is left out (a few small
+    copies)."""
     if decoder.device.type != "cuda":
         return {}
-    runners = {"verify": decoder.verifier.runner, "draft": getattr(decoder.drafter, "runner", None)}
     out = {}
-    for part, runner in runners.items():
-        for key, (graph, _, _) in ({} if runner is None else runner.captured).items():
-            if not isinstance(key, tuple) or key[0] not in ("score", "propose"):  # "advance" is a bare name
-                continue
-            graph.replay()
-            synchronize(decoder.device)
-            start = time.perf_counter()
-            for _ in range(REPLAYS):
-                graph.replay()
-            synchronize(decoder.device)
-            if part == "verify":  # ("score", capacity, topology)
-                name = f"verify {key[1]} slots {key[2].size} nodes"
-            else:  # ("propose", window)
-                name = f"draft {key[1]} slots"
-            out[name] = round(1000 * (time.perf_counter() - start) / REPLAYS, 3)
+    for key, (graph, _, _) in decoder.verifier.runner.captured.items():
+        if key[0] == "score":  # ("score", capacity, topology)
+            out[f"verify {key[1]} slots {key[2].size} nodes"] = graph_ms(graph, decoder.device)
+    drafter = decoder.drafter
+    for key, (graph, _, _) in getattr(getattr(drafter, "runner", None), "captured", {}).items():
+        if key == "advance":
+            with torch.inference_mode():
+                saved = [t.clone() for t in drafter._state_tensors(drafter.state)]
+                out["draft advance"] = graph_ms(graph, decoder.device)
+                for buffer, value in zip(drafter._state_tensors(drafter.state), saved):
+                    buffer.copy_(value)
+        elif key[0] == "propose":  # ("propose", window)
+            out[f"draft {key[1]} slots"] = graph_ms(graph, decoder.device)
     return out
 
 
@@ -236,15 +245,20 @@ def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=N
                           for name, (count, us) in costliest]}
 
 
-def forward_over_plain(spec: dict, plain: dict) -> dict:
-    """The tree's verifying forward replayed alone over the plain step's over as many slots (``replay_ms``), by
-    capacity: issue #15's verify cost without acceptance, compaction or host work."""
+def replayed_over_plain(spec: dict, plain: dict) -> dict:
+    """The tree's graphs replayed alone (``replay_ms``) over the plain step's forward: "verify N slots", its
+    verifying forward over a plain one over as many slots (issue #15's verify cost without acceptance, compaction or
+    host work); "draft", its longest proposal and the advance together (issue #16's drafting cost)."""
     ratios = {}
+    ones = {name.split()[1]: ms for name, ms in plain["replay_ms"].items() if name.endswith(" 1 nodes")}
     for name, ms in spec["replay_ms"].items():
         words = name.split()  # verify CAPACITY slots SIZE nodes
-        one = plain["replay_ms"].get(f"verify {words[1]} slots 1 nodes") if words[0] == "verify" else None
-        if one and words[3] != "1":
-            ratios[f"{words[1]} slots"] = round(ms / one, 3)
+        if words[0] == "verify" and words[3] != "1" and ones.get(words[1]):
+            ratios[f"verify {words[1]} slots"] = round(ms / ones[words[1]], 3)
+    proposals = [ms for name, ms in spec["replay_ms"].items() if name.startswith("draft") and "advance" not in name]
+    if proposals and ones:
+        drafting = max(proposals) + spec["replay_ms"].get("draft advance", 0.0)
+        ratios["draft"] = round(drafting / max(ones.values()), 3)
     return ratios
 
 
@@ -327,7 +341,7 @@ def main():
                                      tree, vocab, attention_route=route)
                     r = spec["loop_ms"] / plain["loop_ms"]
                     row[tag][f"{tree}:{vocab}{named}"] = {
-                        **spec, "r": round(r, 3), "forward_over_plain": forward_over_plain(spec, plain),
+                        **spec, "r": round(r, 3), "replayed_over_plain": replayed_over_plain(spec, plain),
                         "draft_over_plain": round(spec["split"]["draft"] / plain["loop_ms"], 3),
                         "verify_over_plain": round(spec["split"]["verify"] / plain["loop_ms"], 3),
                         "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
