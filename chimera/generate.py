@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import calibration, gpu_calibration
+from . import attention, calibration, gpu_calibration
 from .adaptive import DraftingSwitch, PauseMemory, StepCosts
 from .errors import ChimeraError
 from .drafters import apply_draft_vocabulary, feature_layers_of, pack_for_cpu
@@ -164,6 +164,11 @@ class SpeculativeDecoder:
     one's bookkeeping was done on the device (steps.py). False reads every step before the next is launched: the
     same output, for measuring what launching ahead saves.
 
+    ``attention_route``: on a GPU, the verifier's attention (verifier.SlotVerifier, attention.VERIFIER_ATTENTION):
+    "repeated" (default), transformers' SDPA, which copies each layer's keys and values per query head under a mask;
+    "grouped" and "folded", candidates without the copies, off until measured to pay on the GPU
+    (scripts/step_cost_probe.py --attention, scripts/drafting_variants.py). The same tokens in float32 either way.
+
     Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
     temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
     """
@@ -171,13 +176,18 @@ class SpeculativeDecoder:
     def __init__(self, model, tokenizer, drafter=None, tree: str | TreeTopology = "auto",
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
                  packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True,
-                 compile: bool | str = "auto", compile_drafter: bool | str = "auto", launch_ahead: bool = True):
+                 compile: bool | str = "auto", compile_drafter: bool | str = "auto", launch_ahead: bool = True,
+                 attention_route: str = "repeated"):
+        if attention_route not in attention.VERIFIER_ATTENTION:
+            raise ChimeraError(f"attention_route must be one of {', '.join(attention.VERIFIER_ATTENTION)}, got "
+                               f"{attention_route!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         setup = calibration.resolve(model, tokenizer, drafter, self.device, tree, draft_vocab, packed_linears,
                                     calibrate, gpu_calibration.decoder_options(cuda_graphs, compile, compile_drafter,
-                                                                               launch_ahead, packed_linears))
+                                                                               launch_ahead, packed_linears,
+                                                                               attention_route))
         self.calibration, self.routes = setup.calibration, setup.routes
         drafter, tree, draft_vocab, packed_linears = setup.drafter, setup.tree, setup.draft_vocab, setup.packed_linears
         self.drafter = drafter
@@ -204,7 +214,8 @@ class SpeculativeDecoder:
             self.drafter = GraphedDrafter(drafter, self.tree, capacity=self.limit, compiled=compile_drafter)
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route,
-                                     compiled=compile, features=feature_layers_of(drafter))
+                                     compiled=compile, features=feature_layers_of(drafter),
+                                     attention_route=attention_route)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive

@@ -80,11 +80,11 @@ class TreeCalibration:
 
 
 def decoder_options(cuda_graphs: bool = True, compile="auto", compile_drafter="auto", launch_ahead: bool = True,
-                    packed_linears="auto") -> dict:
+                    packed_linears="auto", attention_route: str = "repeated") -> dict:
     """The decoder's switches that the candidates are decoded with and the cached choice is keyed by (the defaults:
     what ``chimera calibrate`` measures)."""
     return {"cuda_graphs": cuda_graphs, "compile": compile, "compile_drafter": compile_drafter,
-            "launch_ahead": launch_ahead, "packed_linears": packed_linears}
+            "launch_ahead": launch_ahead, "packed_linears": packed_linears, "attention_route": attention_route}
 
 
 def applies(drafter, device: torch.device, tree) -> bool:

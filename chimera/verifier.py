@@ -297,15 +297,16 @@ class SlotVerifier:
 
 
 def new_verifier(model, device: torch.device, cuda_graphs: bool, packed_linears: bool = True,
-                 head_route: str | None = None, compiled: bool = False, features: tuple[int, ...] = ()):
+                 head_route: str | None = None, compiled: bool = False, features: tuple[int, ...] = (),
+                 attention_route: str = "repeated"):
     """Captured slot forwards on a GPU (when asked for; ``compiled``: of the torch.compiled decoder where the model
     allows it); eager growing forwards elsewhere, on a CPU through a
     copy of the model whose linear layers are prepacked (cpu_linear) when that copy fits in memory, with the
     vocabulary projection by ``head_route`` (target.vocab_head; None: target.vocab_logits's default). Every forward
     returns the hidden states a drafter reads: after ``features`` (layers) beside the final ones
-    (target.feature_states)."""
+    (target.feature_states). ``attention_route``: the slot forwards' attention on a GPU (SlotVerifier)."""
     if cuda_graphs and device.type == "cuda":
-        return SlotVerifier(model, graphs=True, compiled=compiled, features=features)
+        return SlotVerifier(model, graphs=True, compiled=compiled, features=features, attention_route=attention_route)
     if packed_linears and cpu_linear.available(device, model.dtype):
         packed = cpu_linear.shared_packed_copy(model)
         if packed is not None:

@@ -3,7 +3,8 @@ tokens/s, tau, ms per step, and r (a speculative step over a plain one), on the 
 questions, as the loop runs (nothing synchronised); then, synchronised at each stage (which serialises what the
 loop overlaps), ms per step split draft / verify / other. Variants: steps launched before the last is read or
 not, the dynamic tree's size and depth, the drafter's levels compiled by torch.compile (the default with a
-compiled base) or op by op, the draft vocabulary (full, or the N tokens the base writes most). The base forward is
+compiled base) or op by op, the draft vocabulary (full, or the N tokens the base writes most), the verifier's
+attention (SpeculativeDecoder's attention_route; `ar` is then also run over the same route). The base forward is
 compiled in all (the default in bfloat16). ``ar`` (no drafter) gives the plain step; ``--hf-compiled`` adds transformers' compiled generate
 on the same prompts.
 
@@ -36,6 +37,8 @@ VARIANTS = {  # name: SpeculativeDecoder's options
     "drafter's levels op by op": {"compile_drafter": False},
     "draft vocabulary of 16384 tokens": {"draft_vocab": 16384},
     "draft vocabulary of 8192 tokens": {"draft_vocab": 8192},
+    "verifier's one-token steps grouped": {"attention_route": "grouped"},
+    "verifier's steps grouped, trees folded": {"attention_route": "folded"},
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:6]  # draft vocabularies did not pay on the GPU in session 9 (docs/benchmarks.md)
 
@@ -98,6 +101,13 @@ def main() -> None:
     report["ar"] = plain
     print("ar", json.dumps(plain), flush=True)
     save()
+    for route in sorted({VARIANTS[name].get("attention_route", "repeated") for name in args.variants} - {"repeated"}):
+        # a variant of the verifier's attention changes the plain step too: `ar` over the same route beside it
+        row = run(chimera.SpeculativeDecoder(model, tokenizer, None, attention_route=route), prompts, args.new_tokens)
+        row["speedup_over_ar"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
+        report[f"ar {route}"] = row
+        print(f"ar {route}", json.dumps(row), flush=True)
+        save()
     for name in args.variants:
         drafter = resolve_drafter("auto", model)
         decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, calibrate=False, **VARIANTS[name])

@@ -168,3 +168,38 @@ def test_the_verifier_keeps_transformers_attention_unless_asked_and_on_a_cpu():
     assert all(attention.verifier_model(elsewhere, route) is elsewhere for route in attention.VERIFIER_ATTENTION)
     with pytest.raises(KeyError):
         attention.verifier_model(model, "copied")
+
+
+@pytest.mark.parametrize("route", ["grouped", "folded"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_through_a_gpu_route_of_the_verifier_equals_generate(family, route, default_model, monkeypatch):
+    """``SpeculativeDecoder(attention_route=...)``'s slot verifier as a GPU builds it (its twin made here on a CPU:
+    ``applies`` answers as on a GPU), trees and plain prompts verified through the route's attention: greedy
+    ``generate``'s tokens, with the route's functions called."""
+    from chimera.verifier import SlotVerifier
+    from conftest import assert_decodes_like_generate
+    from test_drafter import perturbed_drafter
+
+    _, tokenizer = default_model
+    model = tiny_model(family)
+    on_cpu = attention.applies
+    monkeypatch.setattr(attention, "applies", lambda m, device_type="cpu": on_cpu(m, "cpu"))  # a "GPU" here
+    calls = []
+    for name in ("_grouped_sdpa", "_folded_sdpa"):
+        monkeypatch.setattr(attention, name, lambda query, *args, original=getattr(attention, name):
+                            calls.append(original.__name__) or original(query, *args))
+    decoder = SpeculativeDecoder(model, tokenizer, perturbed_drafter(model, heads=5), tree="small", adaptive=False,
+                                 attention_route=route)
+    decoder.verifier = SlotVerifier(model, graphs=False, features=decoder.verifier.features, attention_route=route)
+    assert decoder.verifier.model.config._attn_implementation == attention.VERIFIER_ATTENTION[route]
+    assert_decodes_like_generate(decoder, model)
+    assert decoder.tree.topology.size > 1 and calls
+    assert ("_folded_sdpa" in calls) == (route == "folded")  # "grouped": trees over STEP_QUERIES nodes repeat
+
+
+def test_an_unknown_verifier_route_is_refused(default_model):
+    from chimera.errors import ChimeraError
+
+    _, tokenizer = default_model
+    with pytest.raises(ChimeraError, match="attention_route must be one of repeated, grouped, folded"):
+        SpeculativeDecoder(tiny_model("llama"), tokenizer, attention_route="copied")
