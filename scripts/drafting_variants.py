@@ -37,8 +37,8 @@ VARIANTS = {  # name: SpeculativeDecoder's options
     "drafter's levels op by op": {"compile_drafter": False},
     "draft vocabulary of 16384 tokens": {"draft_vocab": 16384},
     "draft vocabulary of 8192 tokens": {"draft_vocab": 8192},
-    "verifier's one-token steps grouped": {"attention_route": "grouped"},
-    "verifier's steps grouped, trees folded": {"attention_route": "folded"},
+    "verifier steps grouped": {"attention_route": "grouped"},
+    "verifier steps grouped, trees folded": {"attention_route": "folded"},
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:6]  # draft vocabularies did not pay on the GPU in session 9 (docs/benchmarks.md)
 
