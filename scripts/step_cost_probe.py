@@ -347,11 +347,11 @@ def main():
                         "speedup_at_tau": {str(t): round(t / r, 2) for t in TAUS}}
             print(shape, tag, json.dumps(row[tag]), flush=True)
             save_json(report | {"shapes": {**report["shapes"], shape: row}}, args.out)
+        drafting_compiled = CONFIGS[args.configs[-1]][1]  # the trees' kernels drafted as the last config drafts
         for route in args.attention if args.kernels else []:
             named = "" if route == "repeated" else f" {route}"
             row["plain_kernels" + named] = step_kernels(model, tokenizer, prompt, args.new_tokens,
                                                         attention_route=route)
-            drafting_compiled = CONFIGS[args.configs[-1]][1]  # the trees' kernels as the last config drafts
             print(shape, "kernels" + named, json.dumps(row["plain_kernels" + named]), flush=True)
             for tree, vocab in [] if args.plain_only else args.trees:
                 key = f"kernels {tree}:{vocab}{named}"
