@@ -167,7 +167,9 @@ class SpeculativeDecoder:
     ``attention_route``: on a GPU, the verifier's attention (verifier.SlotVerifier, attention.VERIFIER_ATTENTION):
     "repeated" (default), transformers' SDPA, which copies each layer's keys and values per query head under a mask;
     "grouped" and "folded", candidates without the copies, off until measured to pay on the GPU
-    (scripts/step_cost_probe.py --attention, scripts/drafting_variants.py). The same tokens in float32 either way.
+    (scripts/step_cost_probe.py --attention, scripts/drafting_variants.py). Built on a CPU as a GPU builds them, each
+    decodes generate's tokens in float32 (tests); on a GPU's kernels that is for scripts/gpu_graph_check.py to show
+    before a route is adopted.
 
     Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
     temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
