@@ -2,7 +2,11 @@
 decoder compiled by torch.compile, gives the same tokens as eager decoding and as model.generate (float32), what each saves per step, and tau and speed by tree (static trees
 by node count, dynamic ones as dynamic-N[-BEAM]).
 
+``--attention-route``: every decoder's verifier attention (SpeculativeDecoder's attention_route), to check a candidate
+route token for token before it is adopted.
+
 Usage: python scripts/gpu_graph_check.py [--prompts 4] [--max-new-tokens 128] [--trees 64 dynamic-64]
+       [--attention-route folded]
 """
 
 import argparse
@@ -11,6 +15,7 @@ import json
 import torch
 
 import chimera
+from chimera.attention import VERIFIER_ATTENTION
 from chimera.cli import quiet_libraries
 from chimera.drafters import resolve_drafter
 
@@ -45,7 +50,9 @@ def main():
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--trees", nargs="*", default=["32", "64", "96", "dynamic-32", "dynamic-64", "dynamic-96"])
+    p.add_argument("--attention-route", default="repeated", choices=list(VERIFIER_ATTENTION))
     args = p.parse_args()
+    route = args.attention_route
     quiet_libraries()
     model, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="float32", device="cuda")
     drafter = resolve_drafter("auto", model)
@@ -62,10 +69,10 @@ def main():
             ("chimera-compiled", True, True, True)]:
         decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter if with_drafter else None,
                                              sync_timing=True, cuda_graphs=graphs, compile=compiled,
-                                             calibrate=False)  # each path on the same default tree
+                                             calibrate=False, attention_route=route)  # each on the default tree
         print(name, json.dumps(measure(decoder, prompts, args.max_new_tokens, references)), flush=True)
     for tree in args.trees:
-        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree)
+        decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree, attention_route=route)
         print(f"graph-tree-{tree}", json.dumps(measure(decoder, prompts, args.max_new_tokens, references)),
               flush=True)
 
