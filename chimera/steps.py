@@ -94,14 +94,12 @@ class StepLauncher:
             self._settled(step)
         elif self.counted:
             self.session.keep_ahead(accepted.path, accepted.length, tree)
-            kept = clock()
-            self.result.time_verify += kept - start
-            # the drafter reading the accepted path is drafting's cost (until session 27 it was counted as verifying)
+        self.result.time_verify += clock() - start
+        if drafting and self.counted:  # the drafter reading the accepted path: drafting's time (verifying's until
+            start = clock()  # session 27)
             self.drafter.advance_counted(self.state, step.path_tokens, out.hidden[accepted.path], accepted.length)
             self._settled(step)
-            self.result.time_draft += clock() - kept
-            return step
-        self.result.time_verify += clock() - start
+            self.result.time_draft += clock() - start
         return step
 
     def _settled(self, step: LaunchedStep) -> None:
@@ -116,9 +114,9 @@ class StepLauncher:
             start = clock()
             self.session.keep(step.accepted.path, length, step.tree)
             kept = clock()
+            self.result.time_verify += kept - start
             self.drafter.advance(self.state, step.path_tokens[:length], step.hidden[step.accepted.path[:length]])
             self.root = step.accepted.next_token.reshape(1)
-            self.result.time_verify += kept - start
             self.result.time_draft += clock() - kept
         elif self.ahead:
             self.session.confirm(length)

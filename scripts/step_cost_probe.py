@@ -12,17 +12,18 @@ synchronisation), from the difference of a short and a long turn so that the pro
 is the loop's own timing with a synchronisation after each part (``sync_timing``), which adds a wait a part. r and
 the bandwidth share come from ``loop_ms``. ``replay_ms``: each scoring and drafting graph replayed alone (since
 session 27), so that ``replayed_over_plain`` gives a tree's verifying forward, and its drafting, over a plain
-forward without acceptance, compaction or host work. (Until session 26 the probe reported the synchronised step only: 5.26 ms for
-the 8B shape on an H200 in session 10.)
+forward without acceptance, compaction or host work. (Until session 26 the probe reported the synchronised step
+only: 5.26 ms for the 8B shape on an H200 in session 10.)
 
-``--kernels``: where a compiled plain step's device time goes (and each tree's, its drafting aside), by kind of
+``--kernels``: where a compiled plain step's device time goes (and each tree's, drafting included), by kind of
 kernel (cuBLAS's matrix products, attention, inductor's fused kernels, the rest) and the costliest kernels by name,
-counted and timed by torch.profiler on the compiled forward run without a CUDA graph (a replayed graph's kernels are
-not listed one by one); against ``loop_ms``, the rest is time between kernels. Inductor writes a one-token step's
-matrix-vector products as Triton reductions fused with the norm or activation around them, so on the GPU most of the
-products count as "fused": the names tell them apart (``mm`` in them). Measured on an H100 (session 26, 8B shape):
-407 kernels and 5.80 ms of device time in a 5.89 ms plain step, the products at 85 % of the rated bandwidth, attention
-0.49 ms of which 0.20 ms copies of the keys and values per query head (docs/benchmarks.md).
+counted and timed by torch.profiler, the base's compiled forward run without a CUDA graph (the drafter's graphs'
+kernels are listed one by one as well); against ``loop_ms``, the rest is time between kernels. Inductor writes a
+one-token step's matrix-vector products as Triton reductions fused with the norm or activation around them, so on
+the GPU most of the products count as "fused": the names tell them apart (``mm`` in them). Measured on an H100
+(session 26, 8B shape): 407 kernels and 5.80 ms of device time in a 5.89 ms plain step, the products at 85 % of the
+rated bandwidth, attention 0.49 ms of which 0.20 ms copies of the keys and values per query head
+(docs/benchmarks.md).
 
 ``--attention``: the verifier's attention routes to time, each its own plain step and trees (verifier.SlotVerifier's
 ``attention_route``). On an H100 (session 27, 8B shape, one process) one-token steps through SDPA's grouped kernel
@@ -33,8 +34,8 @@ the routes cleanly; trees folded ("folded") were not timed yet. The ``135m`` sha
 route for it too.
 
 Usage (on the GPU machine):
-    python scripts/step_cost_probe.py --shapes 8b --configs compiled --trees dynamic-64-8-8:full \
-        dynamic-32-8-3:16384 --kernels --no-hf --out docs/gpu/step_cost_probe_8b.json
+    python scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --trees dynamic-64-8-8:full \
+        dynamic-32-8-3:16384 --attention repeated folded --kernels --no-hf --out docs/gpu/step_cost_probe_8b.json
 """
 
 from __future__ import annotations
@@ -121,14 +122,10 @@ def tree_spec(text: str) -> tuple[str, str]:
 
 def decoder_for(model, tokenizer, drafter, compile: bool, compile_drafter: bool, tree: str, draft_vocab: str,
                 sync_timing: bool, attention_route: str = "repeated"):
-    decoder = chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree if drafter is not None else "auto",
-                                         draft_vocab=draft_vocab if drafter is not None else "auto",
-                                         sync_timing=sync_timing, adaptive=False, calibrate=False, compile=compile,
-                                         compile_drafter=compile_drafter)
-    if attention_route != "repeated":  # a candidate of verifier.SlotVerifier's (attention.VERIFIER_ATTENTION)
-        decoder.verifier = SlotVerifier(model, graphs=decoder.device.type == "cuda", compiled=compile,
-                                        attention_route=attention_route, features=decoder.verifier.features)
-    return decoder
+    return chimera.SpeculativeDecoder(model, tokenizer, drafter, tree=tree if drafter is not None else "auto",
+                                      draft_vocab=draft_vocab if drafter is not None else "auto",
+                                      sync_timing=sync_timing, adaptive=False, calibrate=False, compile=compile,
+                                      compile_drafter=compile_drafter, attention_route=attention_route)
 
 
 def loop_ms(decoder, prompt: list[int], new_tokens: int) -> dict:
@@ -155,26 +152,26 @@ def graph_ms(graph, device) -> float:
 
 def replay_ms(decoder) -> dict:
     """ms each captured forward takes replayed alone, without the host, the acceptance or the other parts of a step:
-    the verifier's scoring graphs (a plain step is a 1-node tree), the drafter's proposals, and its advance (the
-    accepted path read into its state: drafting's cost too), by key. The advance moves the drafter's length along, so
-    its state is put back after its replays; the KV compaction, which moves the cache's, is left out (a few small
-    copies)."""
+    "verify", the verifier's scoring graphs by capacity and tree size (a plain step is a 1-node tree); "draft", the
+    drafter's proposals by window; "advance", its reading of the accepted path (drafting's cost too). The advance
+    moves the drafter's length along, so its state is put back after its replays; the KV compaction, which moves the
+    cache's, is left out (a few small copies)."""
+    out = {"verify": {}, "draft": {}, "advance": None}
     if decoder.device.type != "cuda":
-        return {}
-    out = {}
+        return out
     for key, (graph, _, _) in decoder.verifier.runner.captured.items():
         if key[0] == "score":  # ("score", capacity, topology)
-            out[f"verify {key[1]} slots {key[2].size} nodes"] = graph_ms(graph, decoder.device)
+            out["verify"].setdefault(key[1], {})[key[2].size] = graph_ms(graph, decoder.device)
     drafter = decoder.drafter
     for key, (graph, _, _) in getattr(getattr(drafter, "runner", None), "captured", {}).items():
         if key == "advance":
             with torch.inference_mode():
                 saved = [t.clone() for t in drafter._state_tensors(drafter.state)]
-                out["draft advance"] = graph_ms(graph, decoder.device)
+                out["advance"] = graph_ms(graph, decoder.device)
                 for buffer, value in zip(drafter._state_tensors(drafter.state), saved):
                     buffer.copy_(value)
         elif key[0] == "propose":  # ("propose", window)
-            out[f"draft {key[1]} slots"] = graph_ms(graph, decoder.device)
+            out["draft"][key[1]] = graph_ms(graph, decoder.device)
     return out
 
 
@@ -201,14 +198,16 @@ def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=N
                  draft_vocab: str = "auto", attention_route: str = "repeated", compile_drafter: bool = True) -> dict:
     """A compiled step's kernels by kind (``kernel_kind``) and the costliest by name: count and device microseconds
     a step, from the difference of a short and a long turn, each under torch.profiler, the base's compiled forward
-    run without a graph. A plain step without ``drafter``; with it, a speculative step over ``tree``, whose
-    drafting stays in its CUDA graphs (only their launches show: the list is the verifying forward's and the
-    acceptance's kernels)."""
+    run without a graph. A plain step without ``drafter``; with it, a speculative step over ``tree``, whose drafting
+    stays in its CUDA graphs, whose kernels the profiler lists one by one too (session 27: the drafter's 8
+    vocabulary projections a step showed by name): the list is drafting's, the verifying forward's and the
+    acceptance's kernels together."""
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = decoder_for(model, tokenizer, drafter, True, compile_drafter, tree, draft_vocab, sync_timing=False)
+    decoder = decoder_for(model, tokenizer, drafter, True, compile_drafter, tree, draft_vocab, sync_timing=False,
+                          attention_route=attention_route)
     decoder.verifier = SlotVerifier(model, graphs=False, compiled=True, features=decoder.verifier.features,
-                                    attention_route=attention_route)
+                                    attention_route=attention_route)  # the base's forward ungraphed
     device = decoder.device
     cuda = device.type == "cuda"  # a CPU run (a check that the script runs) lists operators and their own time
     kernels = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
@@ -249,15 +248,12 @@ def replayed_over_plain(spec: dict, plain: dict) -> dict:
     """The tree's graphs replayed alone (``replay_ms``) over the plain step's forward: "verify N slots", its
     verifying forward over a plain one over as many slots (issue #15's verify cost without acceptance, compaction or
     host work); "draft", its longest proposal and the advance together (issue #16's drafting cost)."""
-    ratios = {}
-    ones = {name.split()[1]: ms for name, ms in plain["replay_ms"].items() if name.endswith(" 1 nodes")}
-    for name, ms in spec["replay_ms"].items():
-        words = name.split()  # verify CAPACITY slots SIZE nodes
-        if words[0] == "verify" and words[3] != "1" and ones.get(words[1]):
-            ratios[f"verify {words[1]} slots"] = round(ms / ones[words[1]], 3)
-    proposals = [ms for name, ms in spec["replay_ms"].items() if name.startswith("draft") and "advance" not in name]
-    if proposals and ones:
-        drafting = max(proposals) + spec["replay_ms"].get("draft advance", 0.0)
+    ones = {capacity: sizes[1] for capacity, sizes in plain["replay_ms"]["verify"].items() if 1 in sizes}
+    ratios = {f"verify {capacity} slots": round(ms / ones[capacity], 3)
+              for capacity, sizes in spec["replay_ms"]["verify"].items() if capacity in ones
+              for size, ms in sizes.items() if size > 1}
+    if spec["replay_ms"]["draft"] and ones:
+        drafting = max(spec["replay_ms"]["draft"].values()) + (spec["replay_ms"]["advance"] or 0.0)
         ratios["draft"] = round(drafting / max(ones.values()), 3)
     return ratios
 
@@ -269,6 +265,11 @@ def hf_compiled_ms(model, tokenizer, prompt: list[int], new_tokens: int) -> dict
     warm = time.perf_counter() - t0
     turn = method(prompt, new_tokens)
     return {"ms_per_token": round(1000 * turn.seconds / len(turn.token_ids), 3), "warm_up_s": round(warm, 1)}
+
+
+def route_suffix(route: str) -> str:
+    """What a row's name gains for an attention route: nothing for the default one, whose rows keep their names."""
+    return "" if route == "repeated" else f" {route}"
 
 
 def random_token_counts(vocab_size: int) -> torch.Tensor:
@@ -330,7 +331,7 @@ def main():
             compile, compile_drafter = CONFIGS[tag]
             row[tag] = {}
             for route in args.attention:
-                named = "" if route == "repeated" else f" {route}"  # the default route's rows keep their names
+                named = route_suffix(route)
                 plain = our_steps(model, tokenizer, None, prompt, args.new_tokens, compile, attention_route=route)
                 row[tag]["plain" + named] = plain
                 if rated:
@@ -349,7 +350,7 @@ def main():
             save_json(report | {"shapes": {**report["shapes"], shape: row}}, args.out)
         drafting_compiled = CONFIGS[args.configs[-1]][1]  # the trees' kernels drafted as the last config drafts
         for route in args.attention if args.kernels else []:
-            named = "" if route == "repeated" else f" {route}"
+            named = route_suffix(route)
             row["plain_kernels" + named] = step_kernels(model, tokenizer, prompt, args.new_tokens,
                                                         attention_route=route)
             print(shape, "kernels" + named, json.dumps(row["plain_kernels" + named]), flush=True)

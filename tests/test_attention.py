@@ -173,10 +173,11 @@ def test_the_verifier_keeps_transformers_attention_unless_asked_and_on_a_cpu():
 @pytest.mark.parametrize("route", ["grouped", "folded"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoding_through_a_gpu_route_of_the_verifier_equals_generate(family, route, default_model, monkeypatch):
-    """``SpeculativeDecoder(attention_route=...)``'s slot verifier as a GPU builds it (its twin made here on a CPU:
-    ``applies`` answers as on a GPU), trees and plain prompts verified through the route's attention: greedy
-    ``generate``'s tokens, with the route's functions called."""
-    from chimera.verifier import SlotVerifier
+    """``SpeculativeDecoder(attention_route=...)``'s slot verifier as a GPU builds it (the decoder's own
+    ``new_verifier`` call taken to a slot verifier without graphs, its twin made here on a CPU: ``applies`` answers
+    as on a GPU), trees and plain prompts verified through the route's attention: greedy ``generate``'s tokens, with
+    the route's functions called."""
+    from chimera import verifier
     from conftest import assert_decodes_like_generate
     from test_drafter import perturbed_drafter
 
@@ -184,13 +185,15 @@ def test_decoding_through_a_gpu_route_of_the_verifier_equals_generate(family, ro
     model = tiny_model(family)
     on_cpu = attention.applies
     monkeypatch.setattr(attention, "applies", lambda m, device_type="cpu": on_cpu(m, "cpu"))  # a "GPU" here
+    monkeypatch.setattr("chimera.generate.new_verifier", lambda model, device, cuda_graphs, packed_linears,
+                        head_route, compiled, features, attention_route:
+                        verifier.SlotVerifier(model, graphs=False, features=features, attention_route=attention_route))
     calls = []
     for name in ("_grouped_sdpa", "_folded_sdpa"):
         monkeypatch.setattr(attention, name, lambda query, *args, original=getattr(attention, name):
                             calls.append(original.__name__) or original(query, *args))
     decoder = SpeculativeDecoder(model, tokenizer, perturbed_drafter(model, heads=5), tree="small", adaptive=False,
                                  attention_route=route)
-    decoder.verifier = SlotVerifier(model, graphs=False, features=decoder.verifier.features, attention_route=route)
     assert decoder.verifier.model.config._attn_implementation == attention.VERIFIER_ATTENTION[route]
     assert_decodes_like_generate(decoder, model)
     assert decoder.tree.topology.size > 1 and calls
