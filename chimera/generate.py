@@ -165,11 +165,11 @@ class SpeculativeDecoder:
     same output, for measuring what launching ahead saves.
 
     ``attention_route``: on a GPU, the verifier's attention (verifier.SlotVerifier, attention.VERIFIER_ATTENTION):
-    "repeated" (default), transformers' SDPA, which copies each layer's keys and values per query head under a mask;
-    "grouped" and "folded", candidates without the copies, off until measured to pay on the GPU
-    (scripts/step_cost_probe.py --attention, scripts/drafting_variants.py). Built on a CPU as a GPU builds them, each
-    decodes generate's tokens in float32 (tests); on a GPU's kernels that is for scripts/gpu_graph_check.py to show
-    before a route is adopted.
+    "repeated", transformers' SDPA, which copies each layer's keys and values per query head under a mask; "grouped",
+    one-token steps without the copies; "folded", one-token steps grouped and a tree's query heads folded onto their
+    key head. "auto" (default): "folded" where the base's forward is compiled (bfloat16, float16), "repeated"
+    otherwise (attention.verifier_route: what an H200 measured). Built on a CPU as a GPU builds them, each decodes
+    generate's tokens in float32 (tests); on a GPU's kernels scripts/gpu_graph_check.py --attention-route checks it.
 
     Sampling is lossless too: each token is distributed exactly as ``model.generate(do_sample=True,
     temperature=, top_k=, top_p=)`` would draw it (top_k 0 = off here, not generate's default 50).
@@ -179,9 +179,9 @@ class SpeculativeDecoder:
                  sync_timing: bool = False, cuda_graphs: bool = True, draft_vocab: str | int | None = "auto",
                  packed_linears: bool | str = "auto", adaptive: bool = True, calibrate: bool = True,
                  compile: bool | str = "auto", compile_drafter: bool | str = "auto", launch_ahead: bool = True,
-                 attention_route: str = "repeated"):
-        if attention_route not in attention.VERIFIER_ATTENTION:
-            raise ChimeraError(f"attention_route must be one of {', '.join(attention.VERIFIER_ATTENTION)}, got "
+                 attention_route: str = "auto"):
+        if attention_route not in ("auto", *attention.VERIFIER_ATTENTION):
+            raise ChimeraError(f"attention_route must be one of auto, {', '.join(attention.VERIFIER_ATTENTION)}, got "
                                f"{attention_route!r}")
         self.model = model
         self.tokenizer = tokenizer
@@ -209,6 +209,7 @@ class SpeculativeDecoder:
         self.tree = TreeBuffers.build(topology if drafter is not None else TreeTopology.chain(0), self.device)
         if compile == "auto":  # float32 keeps the uncompiled forward: its token-for-token identity with generate
             compile = model.dtype in (torch.bfloat16, torch.float16)
+        self.attention_route = attention.verifier_route(attention_route, compile)
         if compile_drafter == "auto":
             compile_drafter = compile
         if (cuda_graphs and drafter is not None and self.tree.topology.size > 1
@@ -217,7 +218,7 @@ class SpeculativeDecoder:
         self.root_only = TreeBuffers.build(TreeTopology.chain(0), self.device)
         self.verifier = new_verifier(model, self.device, cuda_graphs, packed_linears, setup.head_route,
                                      compiled=compile, features=feature_layers_of(drafter),
-                                     attention_route=attention_route)
+                                     attention_route=self.attention_route)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self.adaptive = adaptive

@@ -80,7 +80,7 @@ class TreeCalibration:
 
 
 def decoder_options(cuda_graphs: bool = True, compile="auto", compile_drafter="auto", launch_ahead: bool = True,
-                    packed_linears="auto", attention_route: str = "repeated") -> dict:
+                    packed_linears="auto", attention_route: str = "auto") -> dict:
     """The decoder's switches that the candidates are decoded with and the cached choice is keyed by (the defaults:
     what ``chimera calibrate`` measures)."""
     return {"cuda_graphs": cuda_graphs, "compile": compile, "compile_drafter": compile_drafter,

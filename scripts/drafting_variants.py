@@ -4,7 +4,8 @@ questions, as the loop runs (nothing synchronised); then, synchronised at each s
 loop overlaps), ms per step split draft / verify / other. Variants: steps launched before the last is read or
 not, the dynamic tree's size and depth, the drafter's levels compiled by torch.compile (the default with a
 compiled base) or op by op, the draft vocabulary (full, or the N tokens the base writes most), the verifier's
-attention (SpeculativeDecoder's attention_route; `ar` is then also run over the same route). The base forward is
+attention (SpeculativeDecoder's attention_route, "folded" by default here since session 28; `ar` is then also run
+over the same route). The base forward is
 compiled in all (the default in bfloat16). ``ar`` (no drafter) gives the plain step; ``--hf-compiled`` adds transformers' compiled generate
 on the same prompts.
 
@@ -39,6 +40,7 @@ VARIANTS = {  # name: SpeculativeDecoder's options
     "draft vocabulary of 8192 tokens": {"draft_vocab": 8192},
     "verifier steps grouped": {"attention_route": "grouped"},
     "verifier steps grouped, trees folded": {"attention_route": "folded"},
+    "verifier attention repeated (transformers')": {"attention_route": "repeated"},
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:6]  # draft vocabularies did not pay on the GPU in session 9 (docs/benchmarks.md)
 
@@ -97,11 +99,15 @@ def main() -> None:
     def save():
         save_json(report, args.out)
 
-    plain = run(chimera.SpeculativeDecoder(model, tokenizer, None), prompts, args.new_tokens)
-    report["ar"] = plain
-    print("ar", json.dumps(plain), flush=True)
+    ar = chimera.SpeculativeDecoder(model, tokenizer, None)
+    plain = run(ar, prompts, args.new_tokens)
+    report["ar"] = {**plain, "attention_route": ar.attention_route}
+    print("ar", json.dumps(report["ar"]), flush=True)
     save()
-    for route in sorted({VARIANTS[name].get("attention_route", "repeated") for name in args.variants} - {"repeated"}):
+    default_route = ar.attention_route
+    del ar
+    for route in sorted({VARIANTS[name].get("attention_route", default_route) for name in args.variants}
+                        - {default_route}):
         # a variant of the verifier's attention changes the plain step too: `ar` over the same route beside it
         row = run(chimera.SpeculativeDecoder(model, tokenizer, None, attention_route=route), prompts, args.new_tokens)
         row["speedup_over_ar"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)

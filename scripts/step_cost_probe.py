@@ -30,8 +30,9 @@ rated bandwidth, attention 0.49 ms of which 0.20 ms copies of the keys and value
 ("grouped") took 6.10 ms against 6.34 with transformers' repeated keys, but that process's compiled matrix-vector
 kernels were slower than two others' (5.53 ms a step against 5.11-5.20: inductor's coordinate-descent tuning times
 launch settings at each compilation), so only the attention kernels of each route, listed with ``--kernels``, compare
-the routes cleanly; trees folded ("folded") were not timed yet. The ``135m`` shape is the default model's, to weigh a
-route for it too.
+the routes cleanly. On an H200 (session 28, 8B shape, one process) "folded" took 4.95 ms a plain step against 5.23 and
+6.11 ms to verify a 64-node tree against 6.34: the decoder's route with a compiled forward since (the default here).
+The ``135m`` shape is the default model's, to weigh a route for it too.
 
 Usage (on the GPU machine):
     python scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --trees dynamic-64-8-8:full \
@@ -268,7 +269,8 @@ def hf_compiled_ms(model, tokenizer, prompt: list[int], new_tokens: int) -> dict
 
 
 def route_suffix(route: str) -> str:
-    """What a row's name gains for an attention route: nothing for the default one, whose rows keep their names."""
+    """What a row's name gains for an attention route: nothing for transformers' own ("repeated"), whose rows kept
+    these names until session 28; the route's name for the others ("folded": the decoder's default since)."""
     return "" if route == "repeated" else f" {route}"
 
 
@@ -292,11 +294,12 @@ def main():
                         "GPU's calibrated choice for the default model in session 25: dynamic-32-8-3:16384)")
     p.add_argument("--plain-only", action="store_true", help="our plain step only (no drafter, no tree)")
     p.add_argument("--kernels", action="store_true", help="a compiled plain step's kernels by kind")
-    p.add_argument("--attention", nargs="+", default=["repeated"], choices=list(VERIFIER_ATTENTION),
+    p.add_argument("--attention", nargs="+", default=["folded"], choices=list(VERIFIER_ATTENTION),
                    help="the verifier's attention routes to time (verifier.SlotVerifier's attention_route): repeated "
                         "(transformers' SDPA, the keys copied per query head under a mask), grouped (one-token steps "
                         "through SDPA's grouped-query kernel), folded (those too, and a tree's query heads folded onto "
-                        "their key head); --kernels lists each one's")
+                        "their key head; the decoder's with a compiled forward, the default); --kernels lists each "
+                        "one's")
     p.add_argument("--max-autotune-gemm", action="store_true",
                    help="inductor picks each matrix product's kernel by timing its Triton templates against cuBLAS "
                         "(max_autotune_gemm): for a tree's many-token products, which are not matrix-vector "

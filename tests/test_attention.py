@@ -204,5 +204,18 @@ def test_an_unknown_verifier_route_is_refused(default_model):
     from chimera.errors import ChimeraError
 
     _, tokenizer = default_model
-    with pytest.raises(ChimeraError, match="attention_route must be one of repeated, grouped, folded"):
+    with pytest.raises(ChimeraError, match="attention_route must be one of auto, repeated, grouped, folded"):
         SpeculativeDecoder(tiny_model("llama"), tokenizer, attention_route="copied")
+
+
+def test_the_decoder_folds_its_attention_where_its_forward_is_compiled(default_model):
+    """``attention_route="auto"`` (the default): "folded" with a compiled forward (bfloat16's default, where an H200
+    measured it faster), transformers' own otherwise (float32's default); a route asked for is kept either way."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    assert SpeculativeDecoder(model, tokenizer).attention_route == "repeated"  # float32: uncompiled by default
+    assert SpeculativeDecoder(model, tokenizer, compile=True).attention_route == "folded"
+    assert SpeculativeDecoder(model, tokenizer, compile=True, attention_route="grouped").attention_route == "grouped"
+    assert SpeculativeDecoder(model, tokenizer, attention_route="folded").attention_route == "folded"
+    assert [attention.verifier_route(route, compiled) for route in ("auto", "repeated") for compiled in (True, False)] \
+        == ["folded", "repeated", "repeated", "repeated"]

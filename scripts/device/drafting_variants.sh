@@ -3,14 +3,15 @@
 # .device/q4): each drafting variant alone on the default model (scripts/drafting_variants.py: the drafter's
 # drafting compiled or not, draft vocabulary full / 16384 / 8192, with ar and hf-compiled on the same 48
 # Spec-Bench prompts), then the step-cost probe's 8B shape with the drafter compiled and not. ROUTES=1: the default
-# variant and the verifier's attention routes only (SpeculativeDecoder's attention_route, with `ar` over each route),
-# and no probe (scripts/device/step_probe.sh times the routes on the random shapes).
+# variant (its verifier's attention "folded" since session 28) and the other attention routes only
+# (SpeculativeDecoder's attention_route, with `ar` over each route), and no probe (scripts/device/step_probe.sh times
+# the routes on the random shapes).
 # Start it with setsid; results and progress.txt in $HOME/res-drafting: tar czf $OUT/res.tgz -C $HOME res-drafting
 RES=$HOME/res-drafting
 . scripts/device/prepare.sh
 step variants
 if [ -n "${ROUTES:-}" ]; then
-  variants=(--variants default "verifier steps grouped" "verifier steps grouped, trees folded")
+  variants=(--variants default "verifier steps grouped" "verifier attention repeated (transformers')")
 else
   variants=()
 fi
