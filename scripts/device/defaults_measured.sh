@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
+# .device/q4): the decoder's defaults as they stand, against the open issues' targets, most wanted first:
+#   1. the 8B shape's step-cost probe in the default configuration (base forward and drafter's levels compiled, the
+#      verifier's attention folded since session 28) with TREES (default: session 25's calibrated tree for the
+#      default model, 32 nodes, 3 levels, 16,384 draft tokens): plain step, drafting's share of it, r (#15, #16);
+#   2. `chimera bench` in bfloat16 (hf-compiled, ar, chimera; LIMIT questions a category, default 8; 256 new tokens),
+#      the headline and the "identical to ar" rate (#15, #16);
+#   3. the float32 graph check of the folded route's trees against generate (scripts/gpu_graph_check.py), which
+#      session 28's device time ended before.
+# Start it with setsid; results and progress.txt in $HOME/res-defaults, copied to $OUT by each polling call.
+RES=$HOME/res-defaults
+. scripts/device/prepare.sh
+step probe-8b
+python3 scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --kernels --no-hf --attention folded \
+  --trees ${TREES:-dynamic-32-8-3:16384} --out "$RES/step_cost_probe_8b.json" > "$RES/step_cost_probe_8b.log" 2>&1
+bench_bf16
+step check-fp32-folded
+python3 scripts/gpu_graph_check.py --prompts 3 --max-new-tokens 128 --trees dynamic-64 --attention-route folded \
+  > "$RES/graph_check_folded.txt" 2>&1
+step done
