@@ -14,15 +14,14 @@ on four families). Everything else (no mask, one head per key, dropout, another 
 SDPA function unchanged. It is installed through transformers' public ``AttentionInterface``, on the copy of the
 model the verifier runs (``verifying_model``: weights shared), so ``generate`` on the user's model is untouched.
 
-Tried on a GPU and not kept: masked grouped-query SDPA falls back to the math kernel on CUDA, so there the query
+Tried on a GPU in session 14 and not kept then: masked grouped-query SDPA falls back to the math kernel on CUDA, so there the query
 heads of a group were read as one longer query over their shared key head, the mask repeated to match. On an H100 in
 bfloat16 (torch.compile, CUDA graphs; scripts/step_anatomy.py) a 64-token tree's forward went from 529 to 507 kernels
 and 1.84/2.07/2.53 to 1.80/2.04/2.51 ms over 512/1024/2048 KV slots, but a one-token forward from 1.12/1.13/1.22 to
 1.08/1.30/1.73 ms, and our plain loop from 914 to 795 tokens/s (session 14). Taken again in session 27 with a
 one-token step through SDPA's grouped kernel instead and cuDNN's kernel first for the folded trees
-(``verifier_attention_folded``), it paid on an H200 (session 28): our plain loop on the default model 915 -> 997
-tokens/s, the 8B shape's plain step 5.23 -> 4.95 ms. The verifier takes it where its forward is compiled
-(``verifier_route``); float32 keeps transformers' own.
+(``verifier_attention_folded``), it paid on an H200 in session 28, and the verifier takes it where its forward is
+compiled (``verifier_route``, with the figures); float32 keeps transformers' own.
 
 The running batch on a GPU (batch.py) is another matter: its plain step is one query token per row over every row's
 keys and values, and the copy grows with rows x slots (an H100, bfloat16, 64 rows: 5.2 ms a step over 256 slots,
@@ -150,12 +149,11 @@ def verifier_attention_folded(module, query: torch.Tensor, key: torch.Tensor, va
                               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                               **kwargs) -> tuple[torch.Tensor, None]:
     """The lone verifier's attention on a GPU where its forward is compiled (``SlotVerifier(attention_route="folded")``,
-    ``verifier_route``): a one-token
-    step through grouped SDPA (``_grouped_sdpa``), a tree or a prompt (several masked queries) with each key head's
-    group of query heads folded into one longer query (``_folded_sdpa``): the keys and values never repeated. On an
-    H100 (8B shape, session 27) the kernels repeating the keys and values (rotary fused in) took 0.57 ms of a 64-node
-    tree's 1.07 ms of attention, and 0.25 of a one-token step's 0.54; on an H200 (session 28) folding took them away,
-    0.24 ms of each."""
+    ``verifier_route``): a one-token step through grouped SDPA (``_grouped_sdpa``), a tree or a prompt (several
+    masked queries) with each key head's group of query heads folded into one longer query (``_folded_sdpa``): the
+    keys and values never repeated. On an H100 (8B shape, session 27) the kernels repeating the keys and values
+    (rotary fused in) took 0.57 ms of a 64-node tree's 1.07 ms of attention, and 0.25 of a one-token step's 0.54
+    (what folding saved on an H200: ``verifier_route``)."""
     if _plain(module, attention_mask, dropout, kwargs):
         return grouped_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                  **kwargs)

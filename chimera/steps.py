@@ -94,12 +94,13 @@ class StepLauncher:
             self._settled(step)
         elif self.counted:
             self.session.keep_ahead(accepted.path, accepted.length, tree)
-        self.result.time_verify += clock() - start
+        verified = clock()
+        self.result.time_verify += verified - start
         if drafting and self.counted:  # the drafter reading the accepted path: drafting's time (verifying's until
-            start = clock()  # session 27)
+            # session 27)
             self.drafter.advance_counted(self.state, step.path_tokens, out.hidden[accepted.path], accepted.length)
             self._settled(step)
-            self.result.time_draft += clock() - start
+            self.result.time_draft += clock() - verified
         return step
 
     def _settled(self, step: LaunchedStep) -> None:

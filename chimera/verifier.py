@@ -271,9 +271,8 @@ class SlotVerifier:
         # the keys and values once per query head under a mask; "grouped", one-token steps through SDPA's grouped-query
         # kernel (an H100, 8B shape: a plain step 6.10 ms against 6.34 in one process, session 27, each compiled apart
         # and a compilation's kernels varying by more than that); "folded", those steps grouped and trees' query heads
-        # folded onto their key head (an H200, session 28: the 8B shape's plain step 5.23 -> 4.95 ms, its 64-node
-        # tree's verify 6.34 -> 6.11, the default model's plain loop 915 -> 997 tokens/s), the decoder's choice
-        # where the forward is compiled (attention.verifier_route)
+        # folded onto their key head, the decoder's choice where the forward is compiled (attention.verifier_route,
+        # with what an H200 measured)
         self.model = attention.verifier_model(model, attention_route)
         self.features = features
         self.device = next(model.parameters()).device

@@ -166,11 +166,8 @@ def replay_ms(decoder) -> dict:
     drafter = decoder.drafter
     for key, (graph, _, _) in getattr(getattr(drafter, "runner", None), "captured", {}).items():
         if key == "advance":
-            with torch.inference_mode():
-                saved = [t.clone() for t in drafter._state_tensors(drafter.state)]
+            with drafter.state_kept(drafter.state):
                 out["advance"] = graph_ms(graph, decoder.device)
-                for buffer, value in zip(drafter._state_tensors(drafter.state), saved):
-                    buffer.copy_(value)
         elif key[0] == "propose":  # ("propose", window)
             out["draft"][key[1]] = graph_ms(graph, decoder.device)
     return out

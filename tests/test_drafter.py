@@ -345,6 +345,35 @@ def test_static_advance_equals_advance_for_every_accepted_length():
         assert torch.equal(drafter.propose_static(static, root, tree), drafter.propose(eager, root, tree))
 
 
+def test_a_graphed_drafters_state_kept_is_its_state_before_the_block():
+    """``GraphedDrafter.state_kept`` (the advance graph's capture, a probe's timed replays): the drafter advanced for
+    real inside the block, its state's buffers are bit for bit what they were before it, also when the block fails."""
+    from chimera.drafters.graphs import GraphedDrafter
+
+    model = tiny_model("llama")
+    drafter = perturbed_drafter(model, heads=4)
+    tokens = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(5))
+    hidden = target.forward(model, kv.new_cache(), tokens).hidden
+    tree = TreeBuffers.build(TreeTopology.from_paths([(0,), (0, 0)]), "cpu")
+    graphed = GraphedDrafter(drafter, tree, capacity=64, graphs=False)
+    state = graphed.start(tokens[:6], hidden[:6])
+
+    def buffers():
+        return [t.clone() for t in (state.keys, state.values, state.history, state.last_hidden,
+                                    state.length_on_device)]
+
+    before = buffers()
+    with graphed.state_kept(state):
+        drafter.advance_static(state, tokens[6:9], hidden[6:9], torch.tensor(3))
+        assert not all(torch.equal(a, b) for a, b in zip(buffers(), before))  # the block did move it
+    assert all(torch.equal(a, b) for a, b in zip(buffers(), before))
+    with pytest.raises(RuntimeError, match="a failed capture"):
+        with graphed.state_kept(state):
+            drafter.advance_static(state, tokens[6:8], hidden[6:8], torch.tensor(2))
+            raise RuntimeError("a failed capture")
+    assert all(torch.equal(a, b) for a, b in zip(buffers(), before))
+
+
 def test_draft_vocabulary_drafts_only_frequent_tokens():
     """FR-Spec: with a draft vocabulary every drafted token is one of the most counted; with all tokens the
     drafts are those of the full projection. Without counts, or for Medusa heads, asking is an error."""

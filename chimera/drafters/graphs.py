@@ -18,6 +18,8 @@ vocabulary into many kernels.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..compiled import announced
@@ -79,21 +81,27 @@ class GraphedDrafter:
             self._advance_run = lambda padded_tokens, padded_hidden: self.drafter.advance_static(  # noqa: E731
                 self.state, padded_tokens, padded_hidden, self.count)
         if self.runner.graphs and not self.runner.can_run("advance"):
-            saved = [t.clone() for t in self._state_tensors(state)]
-            self.runner.capture("advance", self._advance_run, tokens.new_zeros(self.width),
-                                hidden.new_zeros(self.width, hidden.shape[-1]))
-            with torch.inference_mode():  # the state's tensors are inference tensors
-                for buffer, value in zip(self._state_tensors(state), saved):
-                    buffer.copy_(value)  # the warm-up runs advanced the state for real: undo them
+            with self.state_kept(state):  # the capture's warm-up runs advance the state for real
+                self.runner.capture("advance", self._advance_run, tokens.new_zeros(self.width),
+                                    hidden.new_zeros(self.width, hidden.shape[-1]))
         if isinstance(count, torch.Tensor):
             self.count.copy_(count)  # on the device: nobody reads it
         else:
             self.count.fill_(count)
         self.runner.run("advance", self._advance_run, tokens, hidden)
 
-    @staticmethod
-    def _state_tensors(state) -> tuple[torch.Tensor, ...]:
-        return state.keys, state.values, state.history, state.last_hidden, state.length_on_device
+    @contextlib.contextmanager
+    def state_kept(self, state):
+        """``state``'s buffers as they were before the block, whatever it ran: the advance graph's capture and a
+        probe's timed replays of it (scripts/step_cost_probe.py) move the drafter's state along for real."""
+        tensors = (state.keys, state.values, state.history, state.last_hidden, state.length_on_device)
+        saved = [t.clone() for t in tensors]
+        try:
+            yield
+        finally:
+            with torch.inference_mode():  # the state's tensors are inference tensors
+                for buffer, value in zip(tensors, saved):
+                    buffer.copy_(value)
 
     def window(self, length: int) -> int:
         """The smallest power-of-two window (at least SMALLEST_WINDOW) holding ``length`` slots and one path more:

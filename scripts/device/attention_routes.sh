@@ -12,9 +12,7 @@
 RES=$HOME/res-routes
 . scripts/device/prepare.sh
 ROUTES=${ROUTES:-repeated folded}
-step probe-8b
-python3 scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --kernels --no-hf --attention $ROUTES \
-  --trees dynamic-64-8-8:full --out "$RES/step_cost_probe_8b.json" > "$RES/step_cost_probe_8b.log" 2>&1
+probe_8b "$ROUTES" dynamic-64-8-8:full
 step variants
 variants=(default)
 for route in $ROUTES; do
@@ -26,9 +24,6 @@ done
 python3 scripts/drafting_variants.py --questions "$HOME/stage/spec_bench.jsonl" --limit "${LIMIT:-4}" \
   --variants "${variants[@]}" --out "$RES/drafting_variants.json" > "$RES/variants.log" 2>&1
 for route in $ROUTES; do
-  [ "$route" = repeated ] && continue
-  step "check-fp32-$route"
-  python3 scripts/gpu_graph_check.py --prompts 3 --max-new-tokens 128 --trees dynamic-64 --attention-route "$route" \
-    > "$RES/graph_check_$route.txt" 2>&1
+  [ "$route" = repeated ] || PROMPTS=${PROMPTS:-3} check_fp32 "$route"
 done
 step done

@@ -11,11 +11,7 @@
 # Start it with setsid; results and progress.txt in $HOME/res-defaults, copied to $OUT by each polling call.
 RES=$HOME/res-defaults
 . scripts/device/prepare.sh
-step probe-8b
-python3 scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --kernels --no-hf --attention folded \
-  --trees ${TREES:-dynamic-32-8-3:16384} --out "$RES/step_cost_probe_8b.json" > "$RES/step_cost_probe_8b.log" 2>&1
+probe_8b folded "${TREES:-dynamic-32-8-3:16384}"
 bench_bf16
-step check-fp32-folded
-python3 scripts/gpu_graph_check.py --prompts 3 --max-new-tokens 128 --trees dynamic-64 --attention-route folded \
-  > "$RES/graph_check_folded.txt" 2>&1
+PROMPTS=${PROMPTS:-3} check_fp32 folded
 step done

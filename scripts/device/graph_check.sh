@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
 # .device/q4): float32 decoding through CUDA graphs, compiled or not, with and without the drafter, token for token
-# against model.generate (scripts/gpu_graph_check.py; ROUTE: the verifier attention route, default repeated, as
+# against model.generate (prepare.sh's check_fp32; ROUTE: the verifier attention route, default repeated, as
 # float32 decodes by default). Start it with setsid; results in $HOME/res-check.
 RES=$HOME/res-check
 . scripts/device/prepare.sh
-step check
-python3 scripts/gpu_graph_check.py --prompts "${PROMPTS:-4}" --max-new-tokens 128 --trees ${TREES:-dynamic-64} \
-  --attention-route ${ROUTE:-repeated} \
-  > "$RES/graph_check.txt" 2>&1
+check_fp32 ${ROUTE:-}
 step done

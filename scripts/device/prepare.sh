@@ -14,7 +14,18 @@ bench_bf16() {
   python3 -m chimera.cli bench --questions "$HOME/stage/spec_bench.jsonl" --limit "${LIMIT:-8}" --max-new-tokens 256 \
     --methods hf-compiled ar chimera --device cuda --out "$RES/gpu_bench_bf16" > "$RES/gpu_bench_bf16.log" 2>&1
 }
+# check_fp32 [ROUTE]: the verifier's attention route (default repeated, float32's own), its output in
+# graph_check.txt, or graph_check_ROUTE.txt for another route; PROMPTS (default 4) and TREES (default dynamic-64).
 check_fp32() {
-  step check-fp32
-  python3 scripts/gpu_graph_check.py --prompts 4 --max-new-tokens 128 --trees dynamic-64 > "$RES/graph_check.txt" 2>&1
+  local route=${1:-repeated}
+  step "check-fp32${1:+-$route}"
+  python3 scripts/gpu_graph_check.py --prompts "${PROMPTS:-4}" --max-new-tokens 128 --trees ${TREES:-dynamic-64} \
+    --attention-route "$route" > "$RES/graph_check${1:+_$route}.txt" 2>&1
+}
+# probe_8b "ROUTES" "TREES": the 8B shape's step-cost probe as the decoder runs by default (base forward and drafter's
+# levels compiled), each verifier attention route of ROUTES with each tree of TREES, kernels listed, no hf-compiled.
+probe_8b() {
+  step probe-8b
+  python3 scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --kernels --no-hf --attention $1 \
+    --trees $2 --out "$RES/step_cost_probe_8b.json" > "$RES/step_cost_probe_8b.log" 2>&1
 }
