@@ -48,7 +48,7 @@ import time
 
 import torch
 import torch._inductor.config
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import chimera
 from chimera.bench.methods import Decoding, HFGenerate, warm_up_static
@@ -302,13 +302,19 @@ def main():
                         "(max_autotune_gemm): for a tree's many-token products, which are not matrix-vector "
                         "reductions (compiles for minutes)")
     p.add_argument("--device", default="cuda", help="cuda (a CPU run only checks that the script runs)")
+    p.add_argument("--tokenizer", help="a directory holding the default model's tokenizer (tokenizer.save_pretrained): "
+                                       "the probe then starts on the GPU machine before the model's weights are there "
+                                       "(default: the default model's own)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     quiet_libraries()
     if args.max_autotune_gemm:  # global: the shared compiled decoder passes only coordinate_descent_tuning itself
         torch._inductor.config.max_autotune_gemm = True
     device = torch.device(args.device)
-    _, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="bfloat16", device="cpu")
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        _, tokenizer = chimera.load_base("smollm2-135m-instruct", dtype="bfloat16", device="cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rated = next((v for k, v in RATED_BANDWIDTH.items() if k in name), None)
     copied = copy_bandwidth(device) if device.type == "cuda" else None

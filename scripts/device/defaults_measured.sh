@@ -8,10 +8,14 @@
 #      the headline and the "identical to ar" rate (#15, #16);
 #   3. the float32 graph check of the folded route's trees against generate (scripts/gpu_graph_check.py), which
 #      session 28's device time ended before.
-# Start it with setsid; results and progress.txt in $HOME/res-defaults, copied to $OUT by each polling call.
+# Start it with setsid in the call that stages q7 (MODEL_LATER: the probe needs only the tokenizer), then stage
+# q1..q6 while the probe runs, each staging call ending with `touch $HOME/stage/qN.done`; results and progress.txt in
+# $HOME/res-defaults, copied to $OUT by each polling call.
 RES=$HOME/res-defaults
+MODEL_LATER=1
 . scripts/device/prepare.sh
 probe_8b folded "${TREES:-dynamic-32-8-3:16384}"
+model_staged
 bench_bf16
 PROMPTS=${PROMPTS:-3} check_fp32 folded
 step done

