@@ -88,6 +88,23 @@ def as_on_a_gpu(decoder):
     return decoder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_cache(tmp_path_factory):
+    """The run's own cache directory: the calibrations that tests measure (of models in temporary directories) are
+    not left in the user's, where they piled up one file a run. Converted models and inductor's kernels are shared
+    with the user's (links), so the default model is converted and the compiled tests' kernels built once, not once
+    a run."""
+    from chimera.models import cache_root
+
+    path = tmp_path_factory.mktemp("chimera-cache")
+    for shared in ("models", "inductor"):
+        (cache_root() / shared).mkdir(parents=True, exist_ok=True)
+        (path / shared).symlink_to(cache_root() / shared, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHIMERA_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A cache directory of the test's own (calibrations, converted models): nothing read from or left in the user's."""
