@@ -18,7 +18,8 @@ only: 5.26 ms for the 8B shape on an H200 in session 10.)
 ``--kernels``: where a compiled plain step's device time goes (and each tree's, drafting included), by kind of
 kernel (cuBLAS's matrix products, attention, inductor's fused kernels, the rest) and the costliest kernels by name,
 counted and timed by torch.profiler, the base's compiled forward run without a CUDA graph (the drafter's graphs'
-kernels are listed one by one as well); against ``loop_ms``, the rest is time between kernels. Inductor writes a
+kernels are listed one by one as well, and under "drafting" by themselves: its widest proposal and its advance, each
+replayed alone); against ``loop_ms``, the rest is time between kernels. Inductor writes a
 one-token step's matrix-vector products as Triton reductions fused with the norm or activation around them, so on
 the GPU most of the products count as "fused": the names tell them apart (``mm`` in them). Measured on an H100
 (session 26, 8B shape): 407 kernels and 5.80 ms of device time in a 5.89 ms plain step, the products at 85 % of the
@@ -192,6 +193,62 @@ def our_steps(model, tokenizer, drafter, prompt: list[int], new_tokens: int, com
             "split": split, "steps": steps, "warm_up_s": round(warm, 1), "forward": decoder.verifier.describe()}
 
 
+def profiled(fn, device) -> dict[str, list[float]]:
+    """Each kernel name's [count, device us] while ``fn`` runs under torch.profiler (on a CPU, a check that the script
+    runs: operators and their own time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    kernels = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        synchronize(device)
+    names: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == kernels:
+            count_us = names.setdefault(e.name, [0, 0.0])
+            count_us[0] += 1
+            count_us[1] += e.device_time if cuda else e.self_cpu_time_total
+    return names
+
+
+def kernel_table(by_name: dict[str, list[float]]) -> dict:
+    """Kernels of one step (or replay), [count, device us] by name: totals by kind (``kernel_kind``), and the
+    costliest by name."""
+    per_step: dict[str, dict[str, float]] = {}
+    for name, (count, us) in by_name.items():
+        kind = per_step.setdefault(kernel_kind(name), {"kernels": 0.0, "device_us": 0.0})
+        kind["kernels"] += count
+        kind["device_us"] += us
+    costliest = sorted(by_name.items(), key=lambda item: -item[1][1])[:KERNELS_LISTED]
+    return {"per_step": {kind: {k: round(v, 1) for k, v in totals.items()} for kind, totals in per_step.items()},
+            "kernels": round(sum(k["kernels"] for k in per_step.values()), 1),
+            "device_us": round(sum(k["device_us"] for k in per_step.values()), 1),
+            "costliest": [{"name": name[:100], "per_step": round(count, 1), "device_us": round(us, 1)}
+                          for name, (count, us) in costliest]}
+
+
+def drafting_kernels(drafter, device) -> dict:
+    """The drafter's own graphs, each replayed alone REPLAYS times under the profiler: the kernels of one proposal
+    (its widest window) and of one advance, by kind and by name, apart from the verifying forward's that a tree
+    step's list mixes them with (issue #16: on an H100 in session 26 three levels of the 8B shape's drafter took
+    three times the time their bytes take to read)."""
+    captured = getattr(getattr(drafter, "runner", None), "captured", {})
+    proposals = sorted((key for key in captured if key != "advance" and key[0] == "propose"), key=lambda k: k[1])
+    out = {}
+    for name, key in (("propose", proposals[-1] if proposals else None), ("advance", "advance")):
+        if key not in captured:
+            continue
+        graph = captured[key][0]
+        with drafter.state_kept(drafter.state):
+            graph.replay()
+            names = profiled(lambda: [graph.replay() for _ in range(REPLAYS)], device)
+        out[name] = kernel_table({n: [count / REPLAYS, us / REPLAYS] for n, (count, us) in names.items()})
+        if name == "propose":
+            out[name]["window"] = key[1]
+    return out
+
+
 def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=None, tree: str = "auto",
                  draft_vocab: str = "auto", attention_route: str = "repeated", compile_drafter: bool = True) -> dict:
     """A compiled step's kernels by kind (``kernel_kind``) and the costliest by name: count and device microseconds
@@ -199,47 +256,28 @@ def step_kernels(model, tokenizer, prompt: list[int], new_tokens: int, drafter=N
     run without a graph. A plain step without ``drafter``; with it, a speculative step over ``tree``, whose drafting
     stays in its CUDA graphs, whose kernels the profiler lists one by one too (session 27: the drafter's 8
     vocabulary projections a step showed by name): the list is drafting's, the verifying forward's and the
-    acceptance's kernels together."""
-    from torch.profiler import ProfilerActivity, profile
-
+    acceptance's kernels together; "drafting" lists the drafter's graphs' alone (``drafting_kernels``)."""
     decoder = decoder_for(model, tokenizer, drafter, True, compile_drafter, tree, draft_vocab, sync_timing=False,
                           attention_route=attention_route)
     decoder.verifier = SlotVerifier(model, graphs=False, compiled=True, features=decoder.verifier.features,
                                     attention_route=attention_route)  # the base's forward ungraphed
     device = decoder.device
-    cuda = device.type == "cuda"  # a CPU run (a check that the script runs) lists operators and their own time
-    kernels = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     decoder.generate(input_ids=prompt, max_new_tokens=SHORT_TURN)  # compiled shapes, outside the profile
 
     def turn(tokens: int) -> tuple[dict, int]:
         """Each kernel name's [count, device us] over a turn of ``tokens`` new tokens, and the turn's steps."""
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            r = decoder.generate(input_ids=prompt, max_new_tokens=tokens)
-            synchronize(device)
-        names: dict[str, list[float]] = {}
-        for e in prof.events():
-            if e.device_type == kernels:
-                count_us = names.setdefault(e.name, [0, 0.0])
-                count_us[0] += 1
-                count_us[1] += e.device_time if cuda else e.self_cpu_time_total
-        return names, r.steps
+        result = []
+        names = profiled(lambda: result.append(decoder.generate(input_ids=prompt, max_new_tokens=tokens)), device)
+        return names, result[0].steps
 
     (short, short_steps), (long, long_steps) = turn(SHORT_TURN), turn(new_tokens)
     steps = long_steps - short_steps
     by_name = {name: [(count - short.get(name, [0, 0.0])[0]) / steps, (us - short.get(name, [0, 0.0])[1]) / steps]
                for name, (count, us) in long.items()}
-    per_step: dict[str, dict[str, float]] = {}
-    for name, (count, us) in by_name.items():
-        kind = per_step.setdefault(kernel_kind(name), {"kernels": 0.0, "device_us": 0.0})
-        kind["kernels"] += count
-        kind["device_us"] += us
-    costliest = sorted(by_name.items(), key=lambda item: -item[1][1])[:KERNELS_LISTED]
-    return {"steps": steps,
-            "per_step": {kind: {k: round(v, 1) for k, v in totals.items()} for kind, totals in per_step.items()},
-            "kernels": round(sum(k["kernels"] for k in per_step.values()), 1),
-            "device_us": round(sum(k["device_us"] for k in per_step.values()), 1),
-            "costliest": [{"name": name[:100], "per_step": round(count, 1), "device_us": round(us, 1)}
-                          for name, (count, us) in costliest]}
+    table = {"steps": steps, **kernel_table(by_name)}
+    if drafter is not None and device.type == "cuda":
+        table["drafting"] = drafting_kernels(decoder.drafter, device)
+    return table
 
 
 def replayed_over_plain(spec: dict, plain: dict) -> dict:
