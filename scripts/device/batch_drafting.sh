@@ -48,10 +48,7 @@ part step-cost && step_cost batch_step_cost
 part step-cost-per-depth && step_cost batch_step_cost_per_depth --verify-graphs per-depth
 part step-cost-folded && step_cost batch_step_cost_folded --chain-attention folded
 part step-cost-heads && step_cost batch_step_cost_heads --chain-attention heads
-part throughput && step throughput && \
-python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit "${THROUGHPUT_LIMIT:-40}" \
-  --concurrency ${CONCURRENCY:-1 4 16 64} --max-new-tokens 128 --methods ar chimera --batch-drafting --max-batch 64 \
-  --tree dynamic-64-8-3 --draft-vocab 16384 --device cuda --out "$RES/throughput" > "$RES/throughput.log" 2>&1
+part throughput && throughput_run
 if part bf16; then
   step check-bf16
   python3 scripts/batch_exactness_check.py --dtype bfloat16 --out "$RES/batch_exactness_bf16.json" \

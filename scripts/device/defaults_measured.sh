@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# On the device machine, after staging the model (.device/q1..q3 and q5..q7 copied to $HOME/stage, this call carrying
-# .device/q4): the decoder's defaults as they stand, against the open issues' targets, most wanted first:
+# On the device machine, staging the model as it runs (below): the decoder's defaults as they stand, against the open
+# issues' targets, most wanted first:
 #   1. the 8B shape's step-cost probe in the default configuration (base forward and drafter's levels compiled, the
 #      verifier's attention folded since session 28) with TREES (default: session 25's calibrated tree for the
 #      default model, 32 nodes, 3 levels, 16,384 draft tokens): plain step, drafting's share of it, r (#15, #16);
 #   2. `chimera bench` in bfloat16 (hf-compiled, ar, chimera; LIMIT questions a category, default 8; 256 new tokens),
 #      the headline and the "identical to ar" rate (#15, #16);
 #   3. the float32 graph check of the folded route's trees against generate (scripts/gpu_graph_check.py), which
-#      session 28's device time ended before.
-# Start it with setsid in the call that stages q7 (MODEL_LATER: the probe needs only the tokenizer), then stage
-# q1..q6 while the probe runs, each staging call ending with `touch $HOME/stage/qN.done`; results and progress.txt in
-# $HOME/res-defaults, copied to $OUT by each polling call.
+#      session 28's device time ended before;
+#   4. `chimera throughput` at 1, 16 and 64 clients (#17), if the lease lasts.
+# Start it with setsid in the call that stages q7 (MODEL_LATER: the probe needs only the tokenizer), carrying .device/q7:
+#   mkdir -p $HOME/stage && cp -r .device/q7/* $HOME/stage/ && cp -r . $HOME/proj && cd $HOME/proj &&
+#   (setsid nohup bash scripts/device/defaults_measured.sh > $HOME/x.out 2>&1 &)
+# then stage q1..q6 while the probe runs, one call each carrying .device/qN:
+#   mkdir -p $HOME/stage && cp -r .device/qN/* $HOME/stage/ && touch $HOME/stage/qN.done && ls -la $HOME/stage
+# Results and progress.txt in $HOME/res-defaults, copied to $OUT by each polling call.
 RES=$HOME/res-defaults
 MODEL_LATER=1
 . scripts/device/prepare.sh
@@ -18,4 +22,5 @@ probe_8b folded "${TREES:-dynamic-32-8-3:16384}"
 model_staged
 bench_bf16
 PROMPTS=${PROMPTS:-3} check_fp32 folded
+CONCURRENCY=${CONCURRENCY:-1 16 64} throughput_run  # last, if the lease lasts: issue #17's 16 and 64 clients
 step done

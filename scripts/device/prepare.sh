@@ -36,6 +36,17 @@ check_fp32() {
   python3 scripts/gpu_graph_check.py --prompts "${PROMPTS:-4}" --max-new-tokens 128 --trees ${TREES:-dynamic-64} \
     --attention-route "$route" > "$RES/graph_check${1:+_$route}.txt" 2>&1
 }
+# throughput_run: `chimera throughput`, `ar` and `chimera` with --batch-drafting (the batch drafts where its switch
+# measures that it pays, per power-of-two size), a request alone drafting the tree the calibration chose on an H100 in
+# session 15; CONCURRENCY (default 1 4 16 64) clients, THROUGHPUT_LIMIT questions a category (default 40), into
+# $RES/throughput.
+throughput_run() {
+  step throughput
+  python3 -m chimera.cli throughput --questions "$HOME/stage/spec_bench.jsonl" --limit "${THROUGHPUT_LIMIT:-40}" \
+    --concurrency ${CONCURRENCY:-1 4 16 64} --max-new-tokens 128 --methods ar chimera --batch-drafting \
+    --max-batch 64 --tree dynamic-64-8-3 --draft-vocab 16384 --device cuda --out "$RES/throughput" \
+    > "$RES/throughput.log" 2>&1
+}
 # probe_8b "ROUTES" "TREES": the 8B shape's step-cost probe as the decoder runs by default (base forward and drafter's
 # levels compiled), each verifier attention route of ROUTES with each tree of TREES, kernels listed, no hf-compiled.
 probe_8b() {
