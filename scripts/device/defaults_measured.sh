@@ -9,6 +9,7 @@
 #   3. the float32 graph check of the folded route's trees against generate (scripts/gpu_graph_check.py), which
 #      session 28's device time ended before;
 #   4. `chimera throughput` at 1, 16 and 64 clients (#17), if the lease lasts.
+# AFTER_PROBE: the parts after the probe, in order (default "bench check throughput").
 # Start it with setsid in the call that stages q7 (MODEL_LATER: the probe needs only the tokenizer), carrying .device/q7:
 #   mkdir -p $HOME/stage && cp -r .device/q7/* $HOME/stage/ && cp -r . $HOME/proj && cd $HOME/proj &&
 #   (setsid nohup bash scripts/device/defaults_measured.sh > $HOME/x.out 2>&1 &)
@@ -20,7 +21,11 @@ MODEL_LATER=1
 . scripts/device/prepare.sh
 probe_8b folded "${TREES:-dynamic-32-8-3:16384}"
 model_staged
-bench_bf16
-PROMPTS=${PROMPTS:-3} check_fp32 folded
-CONCURRENCY=${CONCURRENCY:-1 16 64} throughput_run  # last, if the lease lasts: issue #17's 16 and 64 clients
+for part in ${AFTER_PROBE:-bench check throughput}; do  # a short lease: AFTER_PROBE="check bench" (the check ~3 min)
+  case $part in
+    bench) bench_bf16 ;;
+    check) PROMPTS=${PROMPTS:-3} check_fp32 folded ;;
+    throughput) CONCURRENCY=${CONCURRENCY:-1 16 64} throughput_run ;;  # issue #17's 16 and 64 clients
+  esac
+done
 step done
