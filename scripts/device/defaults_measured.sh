@@ -10,7 +10,8 @@
 #      session 28's device time ended before;
 #   4. `chimera throughput` at 1, 16 and 64 clients (#17), if the lease lasts.
 # AFTER_PROBE: the parts after the probe, in order (default "bench check throughput").
-# Start it with setsid in the call that stages q7 (MODEL_LATER: the probe needs only the tokenizer), carrying .device/q7:
+# Start it with setsid in the call that stages q7, carrying .device/q7 (MODEL_LATER: the probe needs only the
+# tokenizer):
 #   mkdir -p $HOME/stage && cp -r .device/q7/* $HOME/stage/ && cp -r . $HOME/proj && cd $HOME/proj &&
 #   (setsid nohup bash scripts/device/defaults_measured.sh > $HOME/x.out 2>&1 &)
 # then stage q1..q6 while the probe runs, one call each carrying .device/qN:

@@ -24,7 +24,7 @@ pip_for_device -d .device/q7/wheels "$(pinned pydantic)"  # with its dependencie
 cp ../shared/data/bench/spec_bench.jsonl .device/q7/
 # the default model's tokenizer alone (3.4 MB), so that a probe of random-weight shapes starts before the weights are
 # staged (prepare.sh's MODEL_LATER)
-.venv/bin/python -c "import chimera, sys; chimera.load_base('smollm2-135m-instruct', device='cpu')[1].save_pretrained(sys.argv[1])" \
-  .device/q7/tokenizer
+.venv/bin/python -c "import chimera, sys
+chimera.load_base('smollm2-135m-instruct', device='cpu')[1].save_pretrained(sys.argv[1])" .device/q7/tokenizer
 rm -rf .device/tmp
 du -sh .device/q*; ls -la .device/q*
