@@ -9,7 +9,8 @@
 #   3. the float32 graph check of the folded route's trees against generate (scripts/gpu_graph_check.py), which
 #      session 28's device time ended before;
 #   4. `chimera throughput` at 1, 16 and 64 clients (#17), if the lease lasts.
-# AFTER_PROBE: the parts after the probe, in order (default "bench check throughput").
+# PARTS: the parts, in order (default "probe bench check throughput"); a probe named first runs while the model is
+# staged, one named later after the parts before it. A short lease: PARTS="bench check".
 # Start it with setsid in the call that stages q7, carrying .device/q7 (MODEL_LATER: the probe needs only the
 # tokenizer):
 #   mkdir -p $HOME/stage && cp -r .device/q7/* $HOME/stage/ && cp -r . $HOME/proj && cd $HOME/proj &&
@@ -20,13 +21,17 @@
 RES=$HOME/res-defaults
 MODEL_LATER=1
 . scripts/device/prepare.sh
-probe_8b folded "${TREES:-dynamic-32-8-3:16384}"
+probe() { probe_8b folded "${TREES:-dynamic-32-8-3:16384}"; }
+parts=${PARTS:-probe bench check throughput}
+if [ "${parts%% *}" = probe ]; then probe; parts=${parts#probe}; fi
 model_staged
-for part in ${AFTER_PROBE:-bench check throughput}; do  # a short lease: AFTER_PROBE="check bench" (the check ~3 min)
+for part in $parts; do
   case $part in
+    probe) probe ;;
     bench) bench_bf16 ;;
-    check) PROMPTS=${PROMPTS:-3} check_fp32 folded ;;
+    check) PROMPTS=${PROMPTS:-3} check_fp32 folded ;;  # ~3 min
     throughput) CONCURRENCY=${CONCURRENCY:-1 16 64} throughput_run ;;  # issue #17's 16 and 64 clients
+    *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done
 step done
