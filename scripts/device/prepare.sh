@@ -18,11 +18,13 @@ model_staged() {
 bash scripts/device/stage_model.sh ${MODEL_LATER:+deps-only} 2>> "$RES/progress.txt" ||
   { step "staging failed: nothing was run"; exit 1; }
 # The two runs most device scripts start with: `chimera bench` in bfloat16 (hf-compiled, ar, chimera; $LIMIT questions
-# a category, 256 new tokens) and the float32 graph check against generate (scripts/gpu_graph_check.py).
+# a category, 256 new tokens; the tree `auto` unless BENCH_TREE and BENCH_VOCAB give one, which skips the calibration's
+# ~6 min on a fresh machine) and the float32 graph check against generate (scripts/gpu_graph_check.py).
 bench_bf16() {
   step bench-bf16
   python3 -m chimera.cli bench --questions "$HOME/stage/spec_bench.jsonl" --limit "${LIMIT:-8}" --max-new-tokens 256 \
-    --methods hf-compiled ar chimera --device cuda --out "$RES/gpu_bench_bf16" > "$RES/gpu_bench_bf16.log" 2>&1
+    --methods hf-compiled ar chimera ${BENCH_TREE:+--tree "$BENCH_TREE"} ${BENCH_VOCAB:+--draft-vocab "$BENCH_VOCAB"} \
+    --device cuda --out "$RES/gpu_bench_bf16" > "$RES/gpu_bench_bf16.log" 2>&1
 }
 # check_fp32 [ROUTE]: the verifier's attention route (default repeated, float32's own), its output in
 # graph_check.txt, or graph_check_ROUTE.txt for another route; PROMPTS (default 4) and TREES (default dynamic-64).
