@@ -9,8 +9,9 @@
 #   3. the float32 graph check of the folded route's trees against generate (scripts/gpu_graph_check.py), which
 #      session 28's device time ended before;
 #   4. `chimera throughput` at 1, 16 and 64 clients (#17), if the lease lasts.
-# PARTS: the parts, in order (default "probe bench check throughput"); a probe named first runs while the model is
-# staged, one named later after the parts before it. A short lease: PARTS="bench check".
+# PARTS: the parts, in order (default "probe bench check throughput"); the model is waited for before the first part
+# that needs it, so a probe named first runs while the model is staged. A short lease: PARTS="bench check", or
+# PARTS=probe, which needs no staging call at all.
 # Start it with setsid in the call that stages q7, carrying .device/q7 (MODEL_LATER: the probe needs only the
 # tokenizer):
 #   mkdir -p $HOME/stage && cp -r .device/q7/* $HOME/stage/ && cp -r . $HOME/proj && cd $HOME/proj &&
@@ -22,15 +23,14 @@ RES=$HOME/res-defaults
 MODEL_LATER=1
 . scripts/device/prepare.sh
 probe() { probe_8b folded "${TREES:-dynamic-32-8-3:16384}"; }
-parts=${PARTS:-probe bench check throughput}
-if [ "${parts%% *}" = probe ]; then probe; parts=${parts#probe}; fi
-model_staged
-for part in $parts; do
+staged=
+with_model() { [ -n "$staged" ] || { model_staged; staged=1; }; }  # waits for the staging calls, once
+for part in ${PARTS:-probe bench check throughput}; do
   case $part in
-    probe) probe ;;
-    bench) bench_bf16 ;;
-    check) PROMPTS=${PROMPTS:-3} check_fp32 folded ;;  # ~3 min
-    throughput) CONCURRENCY=${CONCURRENCY:-1 16 64} throughput_run ;;  # issue #17's 16 and 64 clients
+    probe) probe ;;  # needs no weights: first, it runs while the model is staged
+    bench) with_model; bench_bf16 ;;
+    check) with_model; PROMPTS=${PROMPTS:-3} check_fp32 folded ;;  # ~3 min
+    throughput) with_model; CONCURRENCY=${CONCURRENCY:-1 16 64} throughput_run ;;  # issue #17's 16 and 64 clients
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done

@@ -10,7 +10,8 @@
 # minutes); ATTENTION="repeated grouped folded" times each of the verifier's attention routes
 # (verifier.SlotVerifier's attention_route; default folded, the decoder's with a compiled forward since session 28);
 # PLAIN_ONLY=1 leaves the trees out; AUTOTUNE=1 lets inductor time Triton templates against cuBLAS for the matrix
-# products (the trees' many-token products), its results under a name of their own; GEMM=1 first times the 8B shape's products alone at 1 to 128 tokens (scripts/gemm_bandwidth.py).
+# products (the trees' many-token products), its results under a name of their own; GEMM=1 first times the 8B shape's
+# products alone at 1 to 128 tokens (scripts/gemm_bandwidth.py).
 # Start it with setsid; results and progress.txt in $HOME/res-probe, copied to $OUT by each polling call.
 RES=$HOME/res-probe
 . scripts/device/prepare.sh
