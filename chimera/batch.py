@@ -439,14 +439,26 @@ class RunningBatch:
         if (size, window) not in self.depths:
             costs = self.warm_costs.get((self._rows(count), window))
             replays = costs is not None  # seeds that leave a real step's host part out: what ``seed_excess`` adds
+            proportions = None
             if costs is None:  # not timed at warm-up (no captures: a CPU): what this size measured over another
-                # window, if it did, rather than every depth explored again
-                known = [choice.measured() for (other, _), choice in self.depths.items() if other == size]
-                costs = next((c for c in reversed(known) if c), None)
+                # window, if it did, rather than every depth explored again; else how the depths compared at the
+                # nearest size that measured them
+                costs = self._measured_at(size)
+                if costs is None:
+                    nearest = sorted({other for other, _ in self.depths if other != size},
+                                     key=lambda other: (abs(other.bit_length() - size.bit_length()), -other))
+                    proportions = next(filter(None, map(self._measured_at, nearest)), None)
             self.depths[size, window] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
                                                    costs=costs, exploration=self.exploration,
-                                                   excess=self.seed_excess if replays else None)
+                                                   excess=self.seed_excess if replays else None,
+                                                   proportions=proportions)
         return self.depths[size, window]
+
+    def _measured_at(self, size: int) -> dict[int, float] | None:
+        """Seconds a step by depth at ``size`` sequences, over the window of the most depths measured (the latest of
+        those); None where it measured none."""
+        known = [choice.measured() for (other, _), choice in self.depths.items() if other == size]
+        return max(reversed(known), key=len, default=None) or None
 
     def _can_draft(self, active: list[Sequence]) -> bool:
         """Greedy members only, each with room in its row for the deepest chain, and one at least with a drafter

@@ -132,6 +132,26 @@ def test_what_drafted_steps_cost_above_their_seeds_is_learnt_once_for_every_choi
     assert run(choice(SeedExcess()), real, accepted=[1, 1, 0, 0, 0], steps=EXPLORE_EVERY)[0] == 1
 
 
+def test_a_size_without_costs_of_its_own_compares_its_depths_as_another_size_did():
+    """No seeds (a CPU times nothing at warm-up), but another size's measured costs: the depths compare as they did
+    there, so the first step chooses without exploring; a depth not yet taken here costs what it cost there, scaled by
+    what this size's own steps of another depth cost against that size's."""
+    shared = yields(3)
+    run(ChainDepth(3, tokens=shared), {0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6}, accepted=[3, 0], steps=8)
+    there = {0: 1.0, 1: 1.1, 2: 2.5, 3: 3.0}  # 1.5 tokens for 1.1 s is best
+    choice = ChainDepth(3, tokens=shared, proportions=there)
+    assert choice.next_depth() == 1 and choice.measured() == {}
+    depths = run(choice, {0: 0.5, 1: 0.55, 2: 1.25, 3: 1.5}, accepted=[3, 0], steps=EXPLORE_EVERY - 2)
+    assert set(depths) == {1}
+    assert choice.measured() == {1: pytest.approx(0.55)}
+    assert [choice.cost(d) for d in range(4)] == pytest.approx([0.5, 0.55, 1.25, 1.5])
+    # where this size's own steps of a depth disagree with the proportions, they count for that depth
+    choice.record(3, [3, 0], 0.6)
+    choice.record(3, [3, 0], 0.6)
+    assert choice.cost(3) == pytest.approx(0.6) and choice.best() == 3
+    assert ChainDepth(3, tokens=shared, proportions={3: 3.0}).next_depth() == 0  # the others explored first
+
+
 def test_without_adaptation_the_deepest_always():
     choice = ChainDepth(2, adaptive=False)
     assert run(choice, {0: 1.0, 1: 9.0, 2: 9.0}, accepted=[0], steps=20) == [2] * 20
@@ -172,5 +192,24 @@ def test_a_size_met_over_a_new_window_starts_from_what_it_measured_over_another(
     assert wide is not narrow and wide.measured() == costs
     assert wide.excess is not batch.seed_excess  # its seeds are real steps: they hold their host part already
     assert wide.next_depth() == 1  # 2 tokens for 1.2 s: no depth explored first
-    assert batch._depth_choice(4, 128).measured() == {}
     assert batch._depth_choice(2, 64) is narrow
+
+
+def test_a_new_size_starts_from_how_the_depths_compared_at_the_nearest_size_measured(default_model):
+    """Without warm-up timings, a size met for the first time compares its depths as the nearest size that measured
+    them did (the larger of two as near), and chooses at once; its own costs start empty."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    batch = RunningBatch(model, tokenizer, max_batch=16, capacity=128, drafter=perturbed_drafter(model, heads=3),
+                         draft_depth=3, adaptive=True)
+    pairs = {1: {0: 1.0, 1: 1.2, 2: 1.3, 3: 1.4}, 4: {0: 1.0, 1: 3.0, 2: 3.0, 3: 3.0},
+             16: {0: 1.0, 1: 1.1, 2: 5.0, 3: 5.0}}
+    run(ChainDepth(3, tokens=batch.yields), pairs[1], [1, 1], 2 * 4)  # the yields learnt: 2 tokens a drafted step
+    for size, costs in pairs.items():
+        batch.depths[size, 64] = ChainDepth(3, tokens=batch.yields, costs=costs)  # as if measured
+    assert batch._depth_choice(2, 64).proportions == pairs[4]  # 1 and 4 are as near: the larger
+    assert batch._depth_choice(2, 64).measured() == {} and batch._depth_choice(2, 64).next_depth() == 0
+    assert batch._depth_choice(8, 128).proportions == pairs[16]
+    assert batch._depth_choice(8, 128).next_depth() == 1
+    assert batch._depth_choice(16, 128).proportions == {}  # the same size over another window: its own seeds
+    assert batch._depth_choice(16, 128).measured() == pairs[16]
