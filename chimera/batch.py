@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -443,21 +444,22 @@ class RunningBatch:
             if costs is None:  # not timed at warm-up (no captures: a CPU): what this size measured over another
                 # window, if it did, rather than every depth explored again; else how the depths compared at the
                 # nearest size that measured them
-                costs = self._measured_at(size)
+                costs = self._costs_at(size, ChainDepth.measured)
                 if costs is None:
                     nearest = sorted({other for other, _ in self.depths if other != size},
                                      key=lambda other: (abs(other.bit_length() - size.bit_length()), -other))
-                    proportions = next(filter(None, map(self._measured_at, nearest)), None)
+                    proportions = next(filter(None, (self._costs_at(other, ChainDepth.estimated)
+                                                     for other in nearest)), None)
             self.depths[size, window] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
                                                    costs=costs, exploration=self.exploration,
                                                    excess=self.seed_excess if replays else None,
                                                    proportions=proportions)
         return self.depths[size, window]
 
-    def _measured_at(self, size: int) -> dict[int, float] | None:
-        """Seconds a step by depth at ``size`` sequences, over the window of the most depths measured (the latest of
-        those); None where it measured none."""
-        known = [choice.measured() for (other, _), choice in self.depths.items() if other == size]
+    def _costs_at(self, size: int, costs: Callable[[ChainDepth], dict[int, float]]) -> dict[int, float] | None:
+        """Seconds a step by depth at ``size`` sequences (``costs``: ChainDepth.measured or .estimated), over the
+        window of the most depths known (the latest of those); None where none is."""
+        known = [costs(choice) for (other, _), choice in self.depths.items() if other == size]
         return max(reversed(known), key=len, default=None) or None
 
     def _can_draft(self, active: list[Sequence]) -> bool:

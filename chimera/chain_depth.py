@@ -138,7 +138,8 @@ class ChainDepth:
     def cost(self, depth: int) -> float | None:
         """Seconds a step at ``depth``: measured, or, where a drafted depth has no step of its own yet, seeded plus
         what the batch's drafted steps of that depth cost above their seeds (``SeedExcess``) or, until there are
-        any, the host's part that this choice's plain steps measured over their own seed."""
+        any, the host's part that this choice's plain steps measured over their own seed; where it has neither,
+        proportional (``_proportional``)."""
         cost = self.costs[depth].value
         if cost is None:
             return self._proportional(depth)
@@ -170,6 +171,12 @@ class ChainDepth:
     def measured(self) -> dict[int, float]:
         """Seconds a step, by depth, for the depths measured so far: seeds for the choice of another window."""
         return {depth: cost.value for depth, cost in enumerate(self.costs) if cost.value is not None}
+
+    def estimated(self) -> dict[int, float]:
+        """Seconds a step, by depth, for the depths with a cost, measured or proportional: another size's
+        proportions (a size that borrowed its own passes them on, scaled to its steps)."""
+        costs = {depth: self.cost(depth) for depth in range(self.deepest + 1)}
+        return {depth: seconds for depth, seconds in costs.items() if seconds is not None}
 
     def best(self) -> int:
         return max(range(self.deepest + 1), key=self.yield_per_second)

@@ -213,3 +213,20 @@ def test_a_new_size_starts_from_how_the_depths_compared_at_the_nearest_size_meas
     assert batch._depth_choice(8, 128).next_depth() == 1
     assert batch._depth_choice(16, 128).proportions == {}  # the same size over another window: its own seeds
     assert batch._depth_choice(16, 128).measured() == pairs[16]
+
+
+def test_a_size_that_borrowed_proportions_passes_them_on_scaled_to_its_own_steps(default_model):
+    """Size 2 measured every depth; size 4 borrowed its proportions and took depth 1 only, at twice size 2's cost; size
+    8, nearest to 4, gets 4's estimates for every depth and explores none."""
+    _, tokenizer = default_model
+    model = tiny_model("llama")
+    batch = RunningBatch(model, tokenizer, max_batch=8, capacity=128, drafter=perturbed_drafter(model, heads=3),
+                         draft_depth=3, adaptive=True)
+    costs = {0: 1.0, 1: 1.1, 2: 2.5, 3: 3.0}
+    run(batch._depth_choice(2, 64), costs, [1, 1], 2 * 4)  # explored: every depth measured
+    four = batch._depth_choice(4, 64)
+    run(four, {depth: 2 * seconds for depth, seconds in costs.items()}, [1, 1], 4)
+    assert four.measured() == {1: pytest.approx(2.2)}
+    eight = batch._depth_choice(8, 64)
+    assert eight.proportions == pytest.approx({depth: 2 * seconds for depth, seconds in costs.items()})
+    assert eight.next_depth() == 1
