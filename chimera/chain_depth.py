@@ -51,7 +51,11 @@ starts from how the depths' costs compared at the nearest size that measured the
 own steps as they come, instead of measuring every depth again, two steps each, the deepest first: at 64 rows on this
 project's CPU that exploration took 8 of a run's 57 steps, the depth-3 ones 0.89 s against 0.46-0.51 for a plain step
 (session 30), and a batch draining meets every smaller size in turn. A depth this size has taken counts its own
-steps; the returns to the deepest depth still measure that one here.
+steps; the returns to the deepest depth still measure that one here; a size that borrowed passes on its estimates.
+On this CPU (`chimera throughput`, 66 first turns, 128 new tokens, runs alternated) steps at depths 2 and 3 went from
+74 and 38 to 39, 28 and 19 at 16 clients, from 21 to 14 and 6 at 64, while tokens/s stayed within the runs' spread
+(`ar` itself moved up to 17 %): `chimera` over `ar` 0.96-1.03x before, 1.06-1.08x after at 16 clients, 1.08-1.11x
+before and 1.04-1.07x after at 64 (docs/benchmarks.md, session 31).
 
 Only what is drafted changes: every depth decodes the same tokens (greedy acceptance), so the choice is free to
 follow the clock.
