@@ -442,14 +442,13 @@ class RunningBatch:
             replays = costs is not None  # seeds that leave a real step's host part out: what ``seed_excess`` adds
             proportions = None
             if costs is None:  # not timed at warm-up (no captures: a CPU): what this size measured over another
-                # window, if it did, rather than every depth explored again; else how the depths compared at the
-                # nearest size that measured them
+                # window, if it did, and for the depths it did not, how the depths compared at the nearest size that
+                # knows them, this one first (rather than every depth explored again)
                 costs = self._costs_at(size, ChainDepth.measured)
-                if costs is None:
-                    nearest = sorted({other for other, _ in self.depths if other != size},
-                                     key=lambda other: (abs(other.bit_length() - size.bit_length()), -other))
-                    proportions = next(filter(None, (self._costs_at(other, ChainDepth.estimated)
-                                                     for other in nearest)), None)
+                nearest = sorted({other for other, _ in self.depths},
+                                 key=lambda other: (abs(other.bit_length() - size.bit_length()), -other))
+                proportions = next(filter(None, (self._costs_at(other, ChainDepth.estimated) for other in nearest)),
+                                   None)
             self.depths[size, window] = ChainDepth(self.draft_depth, adaptive=self.adaptive, tokens=self.yields,
                                                    costs=costs, exploration=self.exploration,
                                                    excess=self.seed_excess if replays else None,

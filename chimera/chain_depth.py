@@ -51,7 +51,8 @@ starts from how the depths' costs compared at the nearest size that measured the
 own steps as they come, instead of measuring every depth again, two steps each, the deepest first: at 64 rows on this
 project's CPU that exploration took 8 of a run's 57 steps, the depth-3 ones 0.89 s against 0.46-0.51 for a plain step
 (session 30), and a batch draining meets every smaller size in turn. A depth this size has taken counts its own
-steps; the returns to the deepest depth still measure that one here; a size that borrowed passes on its estimates.
+steps; the returns to the deepest depth still measure that one here; a size that borrowed passes on its estimates,
+to other sizes and to its own choices over new windows (seeded with what it measured, the other depths proportional).
 On this CPU (`chimera throughput`, 66 first turns, 128 new tokens, runs alternated) steps at depths 2 and 3 went from
 74 and 38 to 39, 28 and 19 at 16 clients, from 21 to 14 and 6 at 64, while tokens/s stayed within the runs' spread
 (`ar` itself moved up to 17 %): `chimera` over `ar` 0.96-1.03x before, 1.06-1.08x after at 16 clients, 1.08-1.11x
@@ -135,8 +136,8 @@ class ChainDepth:
         # what drafted steps cost above their seeds: shared where given (a batch's choices), as their host part is
         self.excess = excess if excess is not None else SeedExcess()
         self.before_explore: int | None = None  # the depth chosen before a return under way
-        # seconds a step by depth that another size measured, where nothing was measured ahead for this one (a CPU):
-        # how the depths' costs compare, scaled to this size's own steps (``cost``)
+        # seconds a step by depth that another size or window knew, where nothing was measured ahead for this one (a
+        # CPU): how the depths' costs compare, for the depths with no cost here, scaled to this one's own (``cost``)
         self.proportions = {depth: seconds for depth, seconds in (proportions or {}).items() if seconds > 0}
 
     def cost(self, depth: int) -> float | None:
@@ -179,8 +180,7 @@ class ChainDepth:
     def estimated(self) -> dict[int, float]:
         """Seconds a step, by depth, for the depths with a cost, measured or proportional: another size's
         proportions (a size that borrowed its own passes them on, scaled to its steps)."""
-        costs = {depth: self.cost(depth) for depth in range(self.deepest + 1)}
-        return {depth: seconds for depth, seconds in costs.items() if seconds is not None}
+        return {depth: seconds for depth in range(self.deepest + 1) if (seconds := self.cost(depth)) is not None}
 
     def best(self) -> int:
         return max(range(self.deepest + 1), key=self.yield_per_second)

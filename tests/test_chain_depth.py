@@ -211,7 +211,8 @@ def test_a_new_size_starts_from_how_the_depths_compared_at_the_nearest_size_meas
     assert batch._depth_choice(2, 64).measured() == {} and batch._depth_choice(2, 64).next_depth() == 0
     assert batch._depth_choice(8, 128).proportions == pairs[16]
     assert batch._depth_choice(8, 128).next_depth() == 1
-    assert batch._depth_choice(16, 128).proportions == {}  # the same size over another window: its own seeds
+    # the same size over another window: its own seeds, and its own proportions for depths it did not measure
+    assert batch._depth_choice(16, 128).proportions == pairs[16]
     assert batch._depth_choice(16, 128).measured() == pairs[16]
 
 
@@ -230,3 +231,8 @@ def test_a_size_that_borrowed_proportions_passes_them_on_scaled_to_its_own_steps
     eight = batch._depth_choice(8, 64)
     assert eight.proportions == pytest.approx({depth: 2 * seconds for depth, seconds in costs.items()})
     assert eight.next_depth() == 1
+    # size 4 over a new window: its one measured depth seeded, the others from its own estimates, none explored
+    wide = batch._depth_choice(4, 128)
+    assert wide.measured() == {1: pytest.approx(2.2)}
+    assert [wide.cost(depth) for depth in range(4)] == pytest.approx([2 * costs[d] for d in range(4)])
+    assert wide.next_depth() == 1
